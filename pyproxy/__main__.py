@@ -1,0 +1,3 @@
+from pyproxy.cli import main_exit
+
+main_exit()

@@ -1,0 +1,157 @@
+"""Assembles a running proxy from a config: source -> store -> sync runner -> kernel + relay.
+
+Start-up order keeps the kernel untouched until the input is known good: load (and
+validate) the input first, then install policy routing, start the listener, and only then
+program nftables with the first sync. Shutdown stops accepting, drains open connections
+up to `drainTimeout`, and leaves the rules in place (`--cleanup` removes them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import signal
+import socket
+from pathlib import Path
+
+from pyproxy.config import ProxyConfig
+from pyproxy.dataplane.nft import NftConfig, NftRunner
+from pyproxy.dataplane.relay import Relay, RelayConfig
+from pyproxy.dataplane.routing import PolicyRouting, local_addresses, node_port_addresses
+from pyproxy.dataplane.stats import DataplaneStats
+from pyproxy.model.objects import ServiceKey
+from pyproxy.model.store import ClusterStore
+from pyproxy.model.table import Frontend, ServiceTable
+from pyproxy.proxier import Proxier, SyncResult, parse_cidrs
+from pyproxy.sources.manifests import ManifestSnapshot, fingerprint, load_manifests, watch_manifests
+from pyproxy.sync import SyncRunner
+
+log = logging.getLogger("pyproxy")
+
+
+class StartupError(RuntimeError):
+    pass
+
+
+def node_name_of(config: ProxyConfig) -> str:
+    return config.hostnameOverride or socket.gethostname()
+
+
+def policy_routing(config: ProxyConfig) -> PolicyRouting:
+    dp = config.dataplane
+    return PolicyRouting(mark=dp.mark, table=dp.routeTable, priority=dp.rulePriority)
+
+
+class ProxyApp:
+    def __init__(self, config: ProxyConfig) -> None:
+        self.config = config
+        self.node_name = node_name_of(config)
+        dp = config.dataplane
+        self.store = ClusterStore()
+        self.stats = DataplaneStats()
+        self.table = ServiceTable(
+            self.node_name,
+            capacity=dp.affinityCapacity,
+            consistent_seed=dp.consistentAffinitySeed or None,
+            rng=random.Random(),
+            on_conflict=_log_conflict,
+        )
+        self.proxier = Proxier(
+            store=self.store,
+            table=self.table,
+            nft=NftRunner(),
+            nft_config=NftConfig(
+                mark=dp.mark,
+                tcp_port=dp.tcpProxyPort,
+                udp_port=dp.udpProxyPort,
+                local_sources=tuple(str(n) for n in parse_cidrs(config.clusterCIDR)),
+            ),
+            node_addresses=lambda: node_port_addresses(local_addresses(), config.nodePortAddresses),
+            on_synced=self._synced,
+            cluster_cidrs=parse_cidrs(config.clusterCIDR),
+        )
+        self.runner = SyncRunner(self.proxier.sync, config.minSyncPeriod, config.syncPeriod)
+        self.relay = Relay(
+            table=self.table,
+            is_local_source=self.proxier.is_local_source,
+            stats=self.stats,
+            config=RelayConfig(
+                dial_timeouts=dp.dialTimeouts,
+                idle_timeout=dp.tcpIdleTimeout,
+                half_close_timeout=dp.tcpHalfCloseTimeout,
+            ),
+        )
+        self.stop = asyncio.Event()
+        self.force = False
+
+    def _synced(self, result: SyncResult) -> None:
+        log.info(
+            "synced %d services (%s write: +%d -%d elements) in %.1f ms",
+            result.changed, "full" if result.full else "incremental", result.added, result.removed,
+            result.seconds * 1000,
+        )
+
+    def apply_manifests(self, snapshot: ManifestSnapshot) -> None:
+        for problem in snapshot.problems:
+            log.error("skipping invalid object: %s", problem)
+        self.store.replace_all(snapshot.services, snapshot.slices)
+        self.store.set_node(snapshot.node)
+        if self.store.has_changes:
+            self.runner.request()
+
+    async def run(self) -> int:
+        manifests = Path(self.config.manifests) if self.config.manifests else None
+        if manifests is None:
+            raise StartupError("no source: give --manifests DIR (standalone) or --kubeconfig/--master (cluster)")
+        first_fingerprint = fingerprint(manifests)
+        self.apply_manifests(load_manifests(manifests, self.node_name, self.config.proxyName or None))
+        await asyncio.to_thread(policy_routing(self.config).install)  # pyroute2 runs its own loop
+        await self.relay.start("127.0.0.1", self.config.dataplane.tcpProxyPort)
+        self._install_signals()
+        log.info("pyproxy serving on node %s", self.node_name)
+        self.runner.request()
+        tasks = [
+            asyncio.create_task(self.runner.run(self.stop), name="sync-runner"),
+            asyncio.create_task(
+                watch_manifests(
+                    manifests, self.node_name, self.config.proxyName or None, self.apply_manifests,
+                    self.config.manifestPollInterval, self.stop, first_fingerprint,
+                ),
+                name="manifest-watch",
+            ),
+        ]
+        try:
+            await self.stop.wait()
+        finally:
+            await self._shutdown(tasks)
+        return 0
+
+    def _install_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal)
+
+    def _on_signal(self) -> None:
+        if self.stop.is_set():
+            log.warning("second signal: exiting without waiting for connections")
+            self.force = True
+            for pair in list(self.relay.pairs):
+                pair.close(abort=True)
+        self.stop.set()
+
+    async def _shutdown(self, tasks: list[asyncio.Task[None]]) -> None:
+        self.relay.stop_accepting()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        open_connections = len(self.relay.pairs)
+        if open_connections:
+            log.info("draining %d open connections (up to %.0fs)", open_connections, self.config.dataplane.drainTimeout)
+        cut = await self.relay.drain(0 if self.force else self.config.dataplane.drainTimeout)
+        log.info("stopped; %d connections cut at the drain bound; rules left in place", cut)
+
+
+def _log_conflict(key: ServiceKey, frontend: Frontend, owner: ServiceKey) -> None:
+    ip, protocol, port = frontend
+    log.error("Service %s: %s:%d/%s is already served for Service %s; not serving it", key, ip, port, protocol, owner)

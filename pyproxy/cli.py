@@ -1,0 +1,143 @@
+"""Command line: kube-proxy's flags where they carry over; `pyproxy demo` runs the demo.
+
+`main(argv) -> int` holds all the logic; the console script, `python -m pyproxy` and
+`cmd/pyproxy` only call it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pyproxy.config import ConfigError, ProxyConfig, dump_config, load_config, validate
+
+log = logging.getLogger("pyproxy")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pyproxy", description="A userspace kube-proxy replacement.")
+    p.add_argument("--config", help="versioned YAML config file (PyProxyConfiguration)")
+    p.add_argument("--write-config-to", metavar="FILE", help="write the effective config ('-' for stdout) and exit")
+    p.add_argument("--manifests", metavar="DIR", help="standalone: Service/EndpointSlice YAML files, reloaded on change")
+    p.add_argument("--kubeconfig", help="cluster mode: kubeconfig file")
+    p.add_argument("--master", help="cluster mode: API server address, overrides the kubeconfig's")
+    p.add_argument("--hostname-override", help="this node's name (default: the hostname)")
+    p.add_argument("--healthz-bind-address", help="host:port of /healthz and /livez (default 0.0.0.0:10256)")
+    p.add_argument("--metrics-bind-address", help="host:port of /metrics (default 127.0.0.1:10249)")
+    p.add_argument("--nodeport-addresses", help="comma-separated CIDRs whose local addresses serve NodePorts")
+    p.add_argument("--cluster-cidr", help="comma-separated pod CIDRs: traffic from them counts as in-cluster")
+    p.add_argument("--proxy-port", type=int, help="local port of the transparent listeners (default 15001)")
+    p.add_argument("--cleanup", action="store_true", help="remove everything pyproxy installed, then exit")
+    p.add_argument("-v", "--v", dest="verbosity", type=int, default=0, help="log verbosity (0-5)")
+    return p
+
+
+def effective_config(args: argparse.Namespace) -> ProxyConfig:
+    """The config file (or defaults), with the flags given on the command line on top."""
+    config = load_config(Path(args.config).read_text(), args.config) if args.config else ProxyConfig()
+    top: dict[str, Any] = {}
+    for flag, name in (
+        ("hostname_override", "hostnameOverride"),
+        ("healthz_bind_address", "healthzBindAddress"),
+        ("metrics_bind_address", "metricsBindAddress"),
+        ("cluster_cidr", "clusterCIDR"),
+        ("manifests", "manifests"),
+    ):
+        value = getattr(args, flag)
+        if value is not None:
+            top[name] = value
+    if args.nodeport_addresses is not None:
+        top["nodePortAddresses"] = tuple(c.strip() for c in args.nodeport_addresses.split(",") if c.strip())
+    client = config.clientConnection
+    if args.kubeconfig is not None:
+        client = dataclasses.replace(client, kubeconfig=args.kubeconfig)
+    if args.master is not None:
+        client = dataclasses.replace(client, apiServer=args.master)
+    dataplane = config.dataplane
+    if args.proxy_port is not None:
+        dataplane = dataclasses.replace(dataplane, tcpProxyPort=args.proxy_port, udpProxyPort=args.proxy_port)
+    config = dataclasses.replace(config, clientConnection=client, dataplane=dataplane, **top)
+    validate(config)
+    return config
+
+
+def setup_logging(verbosity: int) -> None:
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=logging.DEBUG if verbosity >= 4 else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["demo"]:
+        from pyproxy.demo.main import main as demo_main
+
+        return demo_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbosity)
+    try:
+        config = effective_config(args)
+    except (ConfigError, OSError) as err:
+        log.error("invalid configuration: %s", err)
+        return 2
+    if args.write_config_to:
+        text = dump_config(config)
+        if args.write_config_to == "-":
+            sys.stdout.write(text)
+        else:
+            Path(args.write_config_to).write_text(text)
+        return 0
+    if args.cleanup:
+        return cleanup(config)
+    return run(config)
+
+
+def run(config: ProxyConfig) -> int:
+    from pyproxy.app import ProxyApp, StartupError
+    from pyproxy.sources.manifests import ManifestError
+
+    async def _main() -> int:
+        return await ProxyApp(config).run()
+
+    try:
+        return _run_loop(_main())
+    except (StartupError, ManifestError) as err:
+        log.error("cannot start: %s", err)
+        return 1
+    except PermissionError as err:
+        log.error("cannot start: %s (pyproxy needs root or CAP_NET_ADMIN)", err)
+        return 1
+
+
+def _run_loop(coro: Any) -> int:
+    try:
+        import uvloop
+    except ImportError:  # asyncio is the fallback event loop
+        return int(asyncio.run(coro))
+    return int(uvloop.run(coro))
+
+
+def cleanup(config: ProxyConfig) -> int:
+    from pyproxy.app import policy_routing
+    from pyproxy.dataplane.nft import render_cleanup
+
+    result = subprocess.run(["nft", "-f", "-"], input=render_cleanup(), text=True, capture_output=True)
+    if result.returncode != 0:
+        log.error("removing nftables table failed: %s", result.stderr.strip())
+        return 1
+    policy_routing(config).remove()
+    log.info("removed pyproxy's nftables table and policy routing")
+    return 0
+
+
+def main_exit() -> None:
+    sys.exit(main())

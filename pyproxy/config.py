@@ -1,0 +1,204 @@
+"""pyproxy's configuration: one versioned YAML document, defaults in one place.
+
+Rules kept here:
+- The file is `apiVersion: pyproxy.io/v1alpha1`, `kind: PyProxyConfiguration`, with
+  kube-proxy's field names where the meaning carries over (`healthzBindAddress`,
+  `metricsBindAddress`, `hostnameOverride`, `clusterCIDR`, `nodePortAddresses`,
+  `syncPeriod`, `minSyncPeriod`, `clientConnection.kubeconfig`), and pyproxy's own under
+  `dataplane` and `standalone`.
+- Every error names its field path; unknown fields are errors (a typo must not pass).
+- Durations are written the Kubernetes way: `30s`, `100ms`, `1h30m`.
+- Flags given on the command line override the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+API_VERSION = "pyproxy.io/v1alpha1"
+KIND = "PyProxyConfiguration"
+
+
+class ConfigError(ValueError):
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+
+
+@dataclass(frozen=True)
+class DataplaneConfig:
+    tcpProxyPort: int = 15001
+    udpProxyPort: int = 15001
+    mark: int = 0x200000
+    routeTable: int = 2010
+    rulePriority: int = 9000
+    dialTimeouts: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0)
+    tcpIdleTimeout: float = 3600.0
+    tcpHalfCloseTimeout: float = 300.0
+    udpIdleTimeout: float = 30.0
+    maxUDPFlows: int = 16384
+    drainTimeout: float = 30.0
+    affinityCapacity: int = 65536
+    consistentAffinitySeed: str = ""
+
+
+@dataclass(frozen=True)
+class ClientConnection:
+    kubeconfig: str = ""
+    apiServer: str = ""
+    qps: float = 50.0
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    hostnameOverride: str = ""
+    healthzBindAddress: str = "0.0.0.0:10256"
+    metricsBindAddress: str = "127.0.0.1:10249"
+    clusterCIDR: str = ""
+    nodePortAddresses: tuple[str, ...] = ()
+    proxyName: str = ""
+    syncPeriod: float = 30.0
+    minSyncPeriod: float = 0.1
+    manifests: str = ""
+    manifestPollInterval: float = 0.5
+    clientConnection: ClientConnection = field(default_factory=ClientConnection)
+    dataplane: DataplaneConfig = field(default_factory=DataplaneConfig)
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(value: Any, path: str) -> float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    text = str(value).strip()
+    parts = _DURATION.findall(text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        raise ConfigError(path, f"{value!r} is not a duration like 30s, 100ms or 1h30m")
+    return sum(float(n) * _UNITS[u] for n, u in parts)
+
+
+def format_duration(seconds: float) -> str:
+    if seconds < 1 or seconds != int(seconds):
+        return f"{round(seconds * 1000)}ms"
+    return f"{int(seconds)}s"
+
+
+def load_config(text: str, source: str = "config") -> ProxyConfig:
+    """Parse a config document, reporting the first problem with its field path."""
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(source, f"not valid YAML: {err}") from None
+    if not isinstance(doc, Mapping):
+        raise ConfigError(source, "must be a mapping")
+    doc = dict(doc)
+    if doc.pop("apiVersion", None) != API_VERSION:
+        raise ConfigError("apiVersion", f"must be {API_VERSION}")
+    if doc.pop("kind", None) != KIND:
+        raise ConfigError("kind", f"must be {KIND}")
+    config = _build(ProxyConfig, doc, "")
+    validate(config)
+    return config
+
+
+def _build(cls: type[Any], doc: Mapping[str, Any], prefix: str) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+    for name, raw in doc.items():
+        path = f"{prefix}{name}"
+        if name not in fields:
+            raise ConfigError(path, "unknown field")
+        values[name] = _convert(fields[name], raw, path)
+    return cls(**values)
+
+
+def _convert(f: dataclasses.Field[Any], raw: Any, path: str) -> Any:
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+    if dataclasses.is_dataclass(default):
+        if not isinstance(raw, Mapping):
+            raise ConfigError(path, "must be a mapping")
+        return _build(type(default), raw, path + ".")
+    if isinstance(default, tuple):
+        if not isinstance(raw, list):
+            raise ConfigError(path, "must be a list")
+        if f.name == "dialTimeouts":
+            return tuple(parse_duration(v, f"{path}[{i}]") for i, v in enumerate(raw))
+        return tuple(str(v) for v in raw)
+    if isinstance(default, bool) or isinstance(default, str):
+        if not isinstance(raw, type(default)):
+            raise ConfigError(path, f"must be a {type(default).__name__}")
+        return raw
+    if isinstance(default, float):
+        return parse_duration(raw, path) if f.name != "qps" else float(raw)
+    if isinstance(default, int):
+        if isinstance(raw, bool) or not isinstance(raw, int):
+            raise ConfigError(path, "must be an integer")
+        return raw
+    raise ConfigError(path, "unsupported field")
+
+
+def validate(config: ProxyConfig) -> None:
+    for path in ("healthzBindAddress", "metricsBindAddress"):
+        value = getattr(config, path)
+        if value:
+            split_host_port(value, path)
+    for i, cidr in enumerate(config.nodePortAddresses):
+        _cidr(cidr, f"nodePortAddresses[{i}]")
+    for i, cidr in enumerate(c for c in config.clusterCIDR.split(",") if c):
+        _cidr(cidr, f"clusterCIDR[{i}]")
+    dp = config.dataplane
+    for path, port in (("dataplane.tcpProxyPort", dp.tcpProxyPort), ("dataplane.udpProxyPort", dp.udpProxyPort)):
+        if not 1 <= port <= 65535:
+            raise ConfigError(path, f"{port} is not a port number")
+    if dp.mark <= 0 or dp.mark & (dp.mark - 1):
+        raise ConfigError("dataplane.mark", f"{dp.mark:#x} must be a single bit")
+    if not dp.dialTimeouts or any(t <= 0 for t in dp.dialTimeouts):
+        raise ConfigError("dataplane.dialTimeouts", "needs at least one positive timeout")
+    for name in ("maxUDPFlows", "affinityCapacity"):
+        if getattr(dp, name) < 1:
+            raise ConfigError(f"dataplane.{name}", "must be at least 1")
+    if config.minSyncPeriod < 0 or config.syncPeriod <= 0:
+        raise ConfigError("syncPeriod", "sync periods must be positive")
+
+
+def _cidr(value: str, path: str) -> None:
+    try:
+        ipaddress.IPv4Network(value, strict=False)
+    except ValueError:
+        raise ConfigError(path, f"{value!r} is not an IPv4 CIDR") from None
+
+
+def split_host_port(value: str, path: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(path, f"{value!r} is not host:port")
+    return host or "0.0.0.0", int(port)
+
+
+def dump_config(config: ProxyConfig) -> str:
+    """The config as a document `load_config` accepts (used by --write-config-to)."""
+    def plain(obj: Any) -> Any:
+        if dataclasses.is_dataclass(obj):
+            return {f.name: plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        if isinstance(obj, tuple):
+            return [plain(v) for v in obj]
+        return obj
+
+    body = plain(config)
+    for key in ("syncPeriod", "minSyncPeriod", "manifestPollInterval"):
+        body[key] = format_duration(body[key])
+    dp = body["dataplane"]
+    for key in ("tcpIdleTimeout", "tcpHalfCloseTimeout", "udpIdleTimeout", "drainTimeout"):
+        dp[key] = format_duration(dp[key])
+    dp["dialTimeouts"] = [format_duration(t) for t in dp["dialTimeouts"]]
+    doc = {"apiVersion": API_VERSION, "kind": KIND, **body}
+    return yaml.safe_dump(doc, sort_keys=False)

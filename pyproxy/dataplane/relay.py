@@ -1,0 +1,363 @@
+"""The TCP relay: one transparent listener, one upstream connection per client connection.
+
+Rules kept here (SPEC.md §5, §8):
+- The accepted socket's local address *is* the original destination (TPROXY); the service
+  table maps it to a service port. An unknown destination, or a service port with no
+  endpoint for this client, is answered with a TCP reset.
+- Which endpoint, in which order, and whether the client's source address is kept are
+  decided by the pure model (`plan_connection`, `Balancer.pick`); this module only dials.
+- Dialing tries up to `len(dial_timeouts)` endpoints, one timeout each; a failed endpoint
+  is excluded and the pick (and the affinity entry) is made again.
+- Bytes are copied as they come; a side whose peer's write buffer is full stops being
+  read (backpressure both ways). The client's first bytes are held until the upstream
+  is connected (uvloop may deliver them before reading can be paused).
+- EOF on one side becomes `write_eof()` (shutdown SHUT_WR) on the other; the pair closes
+  when both directions are done, or when it has been idle past its timeout (shorter once
+  half-closed), so nothing leaks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import cast
+
+from pyproxy.dataplane.stats import DataplaneStats, PortStats
+from pyproxy.model.endpoints import Endpoint
+from pyproxy.model.table import Route, ServiceTable, plan_connection
+
+log = logging.getLogger("pyproxy.relay")
+
+IP_TRANSPARENT = 19
+IP_BIND_ADDRESS_NO_PORT = 24
+LINGER_RESET = struct.pack("ii", 1, 0)
+EARLY_BUFFER_LIMIT = 256 * 1024
+
+
+@dataclass(frozen=True)
+class RelayConfig:
+    dial_timeouts: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0)
+    idle_timeout: float = 3600.0
+    half_close_timeout: float = 300.0
+    write_buffer_high: int = 256 * 1024
+    write_buffer_low: int = 64 * 1024
+
+
+def transparent_listener(host: str, port: int, kind: int = socket.SOCK_STREAM) -> socket.socket:
+    """A socket that accepts TPROXY'd traffic for any destination."""
+    sock = socket.socket(socket.AF_INET, kind)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+        sock.bind((host, port))
+        if kind == socket.SOCK_STREAM:
+            sock.listen(4096)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def reset(transport: asyncio.BaseTransport) -> None:
+    """Close a TCP connection with RST: the client sees 'connection refused/reset' at once."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+        except OSError:
+            pass
+    transport.abort()
+
+
+@dataclass
+class Relay:
+    table: ServiceTable
+    is_local_source: Callable[[str], bool]
+    stats: DataplaneStats
+    config: RelayConfig = field(default_factory=RelayConfig)
+    clock: Callable[[], float] = time.monotonic
+    pairs: set[Pair] = field(default_factory=set)
+    _server: asyncio.AbstractServer | None = None
+
+    async def start(self, host: str, port: int) -> None:
+        loop = asyncio.get_running_loop()
+        sock = transparent_listener(host, port)
+        self._server = await loop.create_server(lambda: ClientSide(self), sock=sock)
+
+    def stop_accepting(self) -> None:
+        if self._server is not None:
+            self._server.close()
+
+    async def drain(self, timeout: float) -> int:
+        """Wait for open connections to finish, up to `timeout`; abort the rest. Returns how many were cut."""
+        deadline = self.clock() + timeout
+        while self.pairs and self.clock() < deadline:
+            await asyncio.sleep(min(0.05, max(0.0, deadline - self.clock())))
+        cut = len(self.pairs)
+        for pair in list(self.pairs):
+            pair.close(abort=True)
+        return cut
+
+    def route(self, client: tuple[str, int], destination: tuple[str, int]) -> Route | None:
+        return self.table.routes.get((destination[0], "TCP", destination[1]))
+
+
+class ClientSide(asyncio.Protocol):
+    """The accepted (client-facing) side of a proxied connection."""
+
+    def __init__(self, relay: Relay) -> None:
+        self.relay = relay
+        self.pair: Pair | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, transport)  # uvloop's transports don't subclass asyncio's
+        client = transport.get_extra_info("peername")
+        destination = transport.get_extra_info("sockname")
+        route = self.relay.route(client, destination)
+        if route is None:
+            self.relay.stats.unknown_destination += 1
+            reset(transport)
+            return
+        port_stats = self.relay.stats.port(route.port.name)
+        plan = plan_connection(route, self.relay.is_local_source(client[0]))
+        if not plan.candidates:
+            port_stats.refused += 1
+            reset(transport)
+            return
+        self.pair = Pair(self.relay, transport, client, port_stats)
+        self.pair.start_dial(route, plan.candidates, plan.transparent)
+
+    def data_received(self, data: bytes) -> None:
+        if self.pair is not None:
+            self.pair.from_client(data)
+
+    def eof_received(self) -> bool:
+        if self.pair is not None:
+            return self.pair.client_eof()
+        return False
+
+    def pause_writing(self) -> None:
+        if self.pair is not None:
+            self.pair.pause(upstream=True)
+
+    def resume_writing(self) -> None:
+        if self.pair is not None:
+            self.pair.resume(upstream=True)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.pair is not None:
+            self.pair.lost()
+
+
+class UpstreamSide(asyncio.Protocol):
+    """The endpoint-facing side."""
+
+    def __init__(self, pair: Pair) -> None:
+        self.pair = pair
+
+    def data_received(self, data: bytes) -> None:
+        self.pair.from_upstream(data)
+
+    def eof_received(self) -> bool:
+        return self.pair.upstream_eof()
+
+    def pause_writing(self) -> None:
+        self.pair.pause(upstream=False)
+
+    def resume_writing(self) -> None:
+        self.pair.resume(upstream=False)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.pair.lost()
+
+
+class Pair:
+    """One proxied connection: the client transport, the upstream transport, and their state."""
+
+    def __init__(
+        self, relay: Relay, client: asyncio.Transport, client_address: tuple[str, int], stats: PortStats
+    ) -> None:
+        self.relay = relay
+        self.client = client
+        self.client_address = client_address
+        self.stats = stats
+        self.upstream: asyncio.Transport | None = None
+        self.endpoint: Endpoint | None = None
+        self.early: list[bytes] = []
+        self.early_size = 0
+        self.client_done = False  # client sent EOF
+        self.upstream_done = False  # upstream sent EOF
+        self.closed = False
+        self.last_activity = relay.clock()
+        self.timer: asyncio.TimerHandle | None = None
+        self.dialer: asyncio.Task[None] | None = None
+        relay.pairs.add(self)
+        stats.active += 1
+        stats.total += 1
+        client.set_write_buffer_limits(relay.config.write_buffer_high, relay.config.write_buffer_low)
+
+    # dialing
+
+    def start_dial(self, route: Route, candidates: tuple[Endpoint, ...], transparent: bool) -> None:
+        self.dialer = asyncio.get_running_loop().create_task(
+            self._dial(route, candidates, transparent), name=f"dial {self.client_address}"
+        )
+
+    async def _dial(self, route: Route, candidates: tuple[Endpoint, ...], transparent: bool) -> None:
+        loop = asyncio.get_running_loop()
+        balancer = self.relay.table.balancers.get(route.port.name)
+        client_ip = self.client_address[0]
+        failed: set[tuple[str, int]] = set()
+        for timeout in self.relay.config.dial_timeouts:
+            if balancer is None or self.closed:
+                break
+            endpoint = balancer.pick(client_ip, candidates, self.relay.clock(), exclude=failed)
+            if endpoint is None:
+                break
+            sock: socket.socket | None = None
+            try:
+                sock = _upstream_socket(client_ip if transparent else None)
+                await asyncio.wait_for(loop.sock_connect(sock, endpoint.address), timeout)
+                if self.closed:
+                    sock.close()
+                    return
+                transport, _ = await loop.create_connection(lambda: UpstreamSide(self), sock=sock)
+            except (OSError, asyncio.TimeoutError) as err:
+                if sock is not None:
+                    sock.close()
+                failed.add(endpoint.address)
+                self.relay.stats.dial_failed(route.port.name, endpoint.address)
+                log.info("dial %s for %s failed: %s", endpoint, route.port.name, err or "timeout")
+                continue
+            self._connected(transport, endpoint)  # type: ignore[arg-type]
+            return
+        if not self.closed:
+            self.stats.refused += 1
+            reset(self.client)
+            self.lost()
+
+    def _connected(self, transport: asyncio.Transport, endpoint: Endpoint) -> None:
+        self.upstream = transport
+        self.endpoint = endpoint
+        config = self.relay.config
+        transport.set_write_buffer_limits(config.write_buffer_high, config.write_buffer_low)
+        if self.early:
+            transport.write(b"".join(self.early))
+            self.early.clear()
+            self.early_size = 0
+            self.client.resume_reading()
+        if self.client_done:
+            transport.write_eof()
+        self._arm_timer()
+
+    # byte path
+
+    def from_client(self, data: bytes) -> None:
+        self.stats.bytes_in += len(data)
+        self.last_activity = self.relay.clock()
+        if self.upstream is not None:
+            self.upstream.write(data)
+            return
+        self.early.append(data)
+        self.early_size += len(data)
+        if self.early_size > EARLY_BUFFER_LIMIT:
+            self.client.pause_reading()
+
+    def from_upstream(self, data: bytes) -> None:
+        self.stats.bytes_out += len(data)
+        self.last_activity = self.relay.clock()
+        self.client.write(data)
+
+    def pause(self, upstream: bool) -> None:
+        """`upstream`: the client's write buffer is full, so stop reading the upstream."""
+        if upstream:
+            if self.upstream is not None:
+                self.upstream.pause_reading()
+        else:
+            self.client.pause_reading()
+
+    def resume(self, upstream: bool) -> None:
+        if upstream:
+            if self.upstream is not None and not self.upstream_done:
+                self.upstream.resume_reading()
+        elif not self.client_done:
+            self.client.resume_reading()
+
+    # closing
+
+    def client_eof(self) -> bool:
+        self.client_done = True
+        if self.upstream is not None and self.upstream.can_write_eof():
+            self.upstream.write_eof()
+        return self._half_closed()
+
+    def upstream_eof(self) -> bool:
+        self.upstream_done = True
+        if self.client.can_write_eof():
+            self.client.write_eof()
+        return self._half_closed()
+
+    def _half_closed(self) -> bool:
+        """Keep a half-closed pair open until the other direction ends too."""
+        if self.client_done and self.upstream_done:
+            self.close()
+            return False
+        return True
+
+    def lost(self) -> None:
+        self.close()
+
+    def close(self, abort: bool = False) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.relay.pairs.discard(self)
+        self.stats.active -= 1
+        if self.timer is not None:
+            self.timer.cancel()
+        if self.dialer is not None and not self.dialer.done():
+            self.dialer.cancel()
+        for transport in (self.client, self.upstream):
+            if transport is not None and not transport.is_closing():
+                transport.abort() if abort else transport.close()
+
+    def _arm_timer(self) -> None:
+        loop = asyncio.get_running_loop()
+        timeout = self._timeout()
+        self.timer = loop.call_at(loop.time() + timeout, self._check_idle)
+
+    def _timeout(self) -> float:
+        config = self.relay.config
+        return config.half_close_timeout if (self.client_done or self.upstream_done) else config.idle_timeout
+
+    def _check_idle(self) -> None:
+        if self.closed:
+            return
+        idle = self.relay.clock() - self.last_activity
+        remaining = self._timeout() - idle
+        if remaining <= 0:
+            log.info("closing idle connection from %s:%s to %s", *self.client_address, self.endpoint)
+            self.close(abort=True)
+            return
+        self.timer = asyncio.get_running_loop().call_later(remaining, self._check_idle)
+
+
+def _upstream_socket(source_ip: str | None) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if source_ip is not None:
+        try:
+            sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+            sock.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+            sock.bind((source_ip, 0))
+        except OSError:
+            sock.close()
+            raise
+    return sock

@@ -1,0 +1,72 @@
+"""Policy routing for TPROXY, and the node's addresses, through netlink (pyroute2).
+
+Rules kept here:
+- Marked packets (`fwmark MARK/MARK`) look up a table of pyproxy's own whose only route
+  is `local 0.0.0.0/0 dev lo`: they are delivered to this host, where TPROXY's socket
+  assignment hands them to the proxy.
+- Installing is idempotent; `remove` takes away exactly what `install` added.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import socket
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+SCOPE_HOST = 254  # a local route must say so, as `ip route add local` does
+
+
+@dataclass(frozen=True)
+class PolicyRouting:
+    mark: int
+    table: int
+    priority: int
+
+    def install(self) -> None:
+        with IPRoute() as ipr:
+            lo = ipr.link_lookup(ifname="lo")[0]
+            _ignore(errno.EEXIST, lambda: ipr.rule(
+                "add", family=socket.AF_INET, fwmark=self.mark, fwmask=self.mark,
+                table=self.table, priority=self.priority,
+            ))
+            _ignore(errno.EEXIST, lambda: ipr.route(
+                "add", dst="0.0.0.0/0", type="local", scope=SCOPE_HOST, oif=lo, table=self.table,
+            ))
+
+    def remove(self) -> None:
+        with IPRoute() as ipr:
+            lo = ipr.link_lookup(ifname="lo")[0]
+            _ignore(errno.ENOENT, lambda: ipr.rule(
+                "del", family=socket.AF_INET, fwmark=self.mark, fwmask=self.mark,
+                table=self.table, priority=self.priority,
+            ))
+            _ignore(errno.ESRCH, lambda: ipr.route(
+                "del", dst="0.0.0.0/0", type="local", scope=SCOPE_HOST, oif=lo, table=self.table,
+            ))
+
+
+def _ignore(code: int, call: Callable[[], object]) -> None:
+    try:
+        call()
+    except NetlinkError as err:
+        if err.code not in (code, errno.ENOENT, errno.ESRCH, errno.EEXIST):
+            raise
+
+
+def local_addresses() -> list[str]:
+    """Every IPv4 address on this host (its network namespace)."""
+    with IPRoute() as ipr:
+        return sorted({str(msg.get_attr("IFA_ADDRESS")) for msg in ipr.get_addr(family=socket.AF_INET)})
+
+
+def node_port_addresses(addresses: Iterable[str], cidrs: Iterable[str]) -> list[str]:
+    """The addresses NodePorts are served on: those inside `cidrs`, or all when none are given."""
+    networks = [ipaddress.IPv4Network(c, strict=False) for c in cidrs]
+    if not networks:
+        return sorted(addresses)
+    return sorted(a for a in addresses if any(ipaddress.IPv4Address(a) in n for n in networks))

@@ -1,0 +1,36 @@
+"""Data-plane counters: plain integers bumped on the hot path, read by the metrics exporter.
+
+Counting is an attribute increment; nothing here allocates per byte or per packet.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from pyproxy.model.objects import ServicePortName
+
+
+@dataclass
+class PortStats:
+    active: int = 0
+    total: int = 0
+    bytes_in: int = 0  # client -> endpoint
+    bytes_out: int = 0  # endpoint -> client
+    refused: int = 0
+
+
+@dataclass
+class DataplaneStats:
+    ports: dict[ServicePortName, PortStats] = field(default_factory=dict)
+    dial_failures: Counter[tuple[ServicePortName, tuple[str, int]]] = field(default_factory=Counter)
+    unknown_destination: int = 0
+
+    def port(self, name: ServicePortName) -> PortStats:
+        stats = self.ports.get(name)
+        if stats is None:
+            stats = self.ports[name] = PortStats()
+        return stats
+
+    def dial_failed(self, name: ServicePortName, address: tuple[str, int]) -> None:
+        self.dial_failures[(name, address)] += 1

@@ -1,0 +1,205 @@
+"""A throwaway cluster made of network namespaces, for the demo and the real-kernel tests.
+
+Shape (SCENARIOS.md S5's addresses):
+
+    client 192.168.56.100 ─┐
+    node1  192.168.56.101 ─┼─ lan (a bridge in a namespace of its own)
+    node2  192.168.56.102 ─┘
+    node1: pods 10.244.1.0/24 on routed veths (kindnet-style, no bridge)
+    node2: pods 10.244.2.0/24 likewise
+
+Rules kept here:
+- Every namespace carries a unique prefix, is recorded the moment it is made, and is
+  deleted by `close()` (also on failure, and from `with` blocks); processes started here
+  are ended by their PID and nothing else.
+- Traffic only ever flows between namespaces made here; the root namespace's firewall and
+  routes are never touched.
+- Every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+LAN_PREFIX = "192.168.56"
+CLIENT_IP = f"{LAN_PREFIX}.100"
+SERVICE_CIDR = "10.96.0.0/16"
+
+
+def node_ip(index: int) -> str:
+    return f"{LAN_PREFIX}.{100 + index}"
+
+
+def pod_cidr(index: int) -> str:
+    return f"10.244.{index}.0/24"
+
+
+class LabError(RuntimeError):
+    pass
+
+
+def sh(*args: str, check: bool = True, timeout: float = 20) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise LabError(f"{' '.join(args)}: {result.stderr.strip()}")
+    return result
+
+
+@dataclass
+class Pod:
+    name: str
+    node: str
+    ip: str
+    netns: str
+
+
+@dataclass
+class Lab:
+    prefix: str = field(default_factory=lambda: f"pp{os.getpid() % 100000}{int(time.time() * 1000) % 1000:03d}")
+    namespaces: list[str] = field(default_factory=list)
+    processes: list[subprocess.Popen[Any]] = field(default_factory=list)
+    pods: dict[str, Pod] = field(default_factory=dict)
+    nodes: dict[str, int] = field(default_factory=dict)
+    _pod_count: dict[str, int] = field(default_factory=dict)
+    _veths: int = 0
+
+    # namespaces and links
+
+    def ns(self, name: str) -> str:
+        return f"{self.prefix}-{name}"
+
+    def add_ns(self, name: str) -> str:
+        full = self.ns(name)
+        sh("ip", "netns", "add", full)
+        self.namespaces.append(full)
+        self.exec(name, "ip", "link", "set", "lo", "up")
+        return full
+
+    def exec(self, name: str, *args: str, check: bool = True, timeout: float = 20) -> subprocess.CompletedProcess[str]:
+        return sh("ip", "netns", "exec", self.ns(name), *args, check=check, timeout=timeout)
+
+    def sysctl(self, name: str, key: str, value: str) -> None:
+        self.exec(name, "sysctl", "-q", "-w", f"{key}={value}")
+
+    def veth(self, a: str, a_if: str, b: str, b_if: str) -> None:
+        self._veths += 1
+        tmp_a, tmp_b = f"{self.prefix}a{self._veths}", f"{self.prefix}b{self._veths}"
+        sh("ip", "link", "add", tmp_a[:15], "netns", self.ns(a), "type", "veth",
+           "peer", "name", tmp_b[:15], "netns", self.ns(b))
+        self.exec(a, "ip", "link", "set", tmp_a[:15], "name", a_if)
+        self.exec(b, "ip", "link", "set", tmp_b[:15], "name", b_if)
+        self.exec(a, "ip", "link", "set", a_if, "up")
+        self.exec(b, "ip", "link", "set", b_if, "up")
+
+    # cluster shape
+
+    def build_lan(self) -> None:
+        self.add_ns("lan")
+        self.exec("lan", "ip", "link", "add", "br0", "type", "bridge")
+        self.exec("lan", "ip", "link", "set", "br0", "up")
+        self.add_ns("client")
+        self._join_lan("client", CLIENT_IP)
+
+    def _join_lan(self, name: str, ip: str) -> None:
+        port = f"p{len(self.namespaces)}"
+        self.veth(name, "eth0", "lan", port)
+        self.exec("lan", "ip", "link", "set", port, "master", "br0")
+        self.exec(name, "ip", "addr", "add", f"{ip}/24", "dev", "eth0")
+
+    def add_node(self, name: str, index: int) -> None:
+        """A node on the LAN with a pod CIDR; routes to every other node's pods."""
+        self.add_ns(name)
+        self.nodes[name] = index
+        self._join_lan(name, node_ip(index))
+        self.sysctl(name, "net.ipv4.ip_forward", "1")
+        self.exec(name, "ip", "route", "add", SERVICE_CIDR, "dev", "eth0")
+        for other, other_index in self.nodes.items():
+            if other != name:
+                self.exec(name, "ip", "route", "add", pod_cidr(other_index), "via", node_ip(other_index))
+                self.exec(other, "ip", "route", "add", pod_cidr(index), "via", node_ip(index))
+        self.exec("client", "ip", "route", "replace", pod_cidr(index), "via", node_ip(index))
+
+    def add_pod(self, name: str, node: str) -> Pod:
+        """A pod namespace on a routed veth (a /32 route on the node, default via the node)."""
+        index = self.nodes[node]
+        count = self._pod_count.get(node, 1) + 1
+        self._pod_count[node] = count
+        ip = f"10.244.{index}.{count}"
+        gateway = f"10.244.{index}.1"
+        self.add_ns(name)
+        host_if = f"v{name}"[:15]
+        self.veth(name, "eth0", node, host_if)
+        self.exec(name, "ip", "addr", "add", f"{ip}/32", "dev", "eth0")
+        self.exec(name, "ip", "route", "add", gateway, "dev", "eth0")
+        self.exec(name, "ip", "route", "add", "default", "via", gateway)
+        self.exec(node, "ip", "addr", "add", f"{gateway}/32", "dev", host_if)
+        self.exec(node, "ip", "route", "add", f"{ip}/32", "dev", host_if)
+        pod = Pod(name, node, ip, self.ns(name))
+        self.pods[name] = pod
+        return pod
+
+    def route_client(self, cidr: str, node: str) -> None:
+        self.exec("client", "ip", "route", "replace", cidr, "via", node_ip(self.nodes[node]))
+
+    # processes
+
+    def spawn(self, name: str, args: Sequence[str], log: IO[Any] | None = None) -> subprocess.Popen[Any]:
+        proc = subprocess.Popen(
+            ["ip", "netns", "exec", self.ns(name), *args],
+            stdout=log or subprocess.PIPE, stderr=log or subprocess.STDOUT, text=True,
+        )
+        self.processes.append(proc)
+        return proc
+
+    def start_echo(self, pod: str, tcp: Sequence[int] = (80,), udp: Sequence[int] = ()) -> subprocess.Popen[Any]:
+        args = [sys.executable, "-m", "pyproxy.demo.echo", "--name", pod]
+        args += [a for p in tcp for a in ("--tcp", str(p))] + [a for p in udp for a in ("--udp", str(p))]
+        proc = self.spawn(pod, args)
+        assert proc.stdout is not None
+        line = proc.stdout.readline()  # bounded: the echo server prints 'ready' or exits
+        if not line.startswith("ready"):
+            raise LabError(f"echo server in {pod} did not start: {line}{proc.stdout.read()}")
+        return proc
+
+    def stop(self, proc: subprocess.Popen[Any], timeout: float = 10) -> int | None:
+        """End a process started here, by its PID: SIGTERM, then SIGKILL after `timeout`."""
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+        return proc.returncode
+
+    def close(self) -> None:
+        for proc in reversed(self.processes):
+            try:
+                self.stop(proc, timeout=5)
+            except Exception:  # keep tearing down
+                pass
+        self.processes.clear()
+        for full in reversed(self.namespaces):
+            sh("ip", "netns", "del", full, check=False)
+        self.namespaces.clear()
+
+    def __enter__(self) -> Lab:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def write_manifest(directory: Path, name: str, text: str) -> None:
+    """Replace a manifest file atomically, so the proxy never reads half of it."""
+    tmp = directory / f".{name}.tmp"
+    tmp.write_text(text)
+    os.replace(tmp, directory / name)

@@ -1,0 +1,196 @@
+"""The service table: what every captured address means, and what the kernel must capture.
+
+Rules kept here:
+- A frontend is one captured address: (ip, protocol, port) of a ClusterIP, externalIP,
+  load-balancer IP, or node address + nodePort. ClusterIPs are internal traffic; the rest
+  is external traffic (SPEC.md §2).
+- The first Service to claim a frontend keeps it; a later claimant is reported, not served.
+- Each frontend lands in exactly one kernel set (see `Verdict`): captured to the proxy,
+  refused (no endpoints at all), or dropped (Local policy with no local endpoint).
+- `update()` rebuilds only the Services it is told changed, and returns the kernel set
+  elements to add and remove, so a sync costs what changed, not the table's size.
+- Balancers (and so affinity state) outlive rebuilds: they are keyed by service port.
+"""
+
+from __future__ import annotations
+
+import enum
+import random
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from pyproxy.model.affinity import Balancer
+from pyproxy.model.endpoints import Endpoint, EndpointSets, categorize, merge_slices
+from pyproxy.model.objects import Service, ServiceKey, ServicePort, ServicePortName
+from pyproxy.model.store import ClusterStore
+
+Frontend = tuple[str, str, int]  # (ip, protocol, port)
+
+
+class Verdict(enum.Enum):
+    CAPTURE = "capture"  # to the proxy's transparent listener
+    REJECT = "reject"  # no endpoints at all: connection refused
+    DROP_INTERNAL = "drop_internal"  # internalTrafficPolicy Local, no local endpoint
+    DROP_EXTERNAL = "drop_external"  # externalTrafficPolicy Local, no local endpoint (non-local clients)
+
+
+Element = tuple[Verdict, Frontend]
+
+
+@dataclass(frozen=True)
+class PortState:
+    """Everything the data plane needs to know about one service port, as of the last sync."""
+
+    name: ServicePortName
+    endpoints: EndpointSets
+    affinity_timeout: int | None
+    internal_local: bool
+    external_local: bool
+
+
+@dataclass(frozen=True)
+class Route:
+    port: PortState
+    external: bool
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How a new connection is served: from which endpoints, and whether the source is kept."""
+
+    candidates: tuple[Endpoint, ...]
+    transparent: bool
+
+
+def plan_connection(route: Route, client_is_local: bool) -> Plan:
+    """Choose the endpoint set and source address policy for one new connection.
+
+    Traffic from the node itself or its pods to an external address is served from the
+    cluster set with the node's address (kube-proxy's short-circuit; hairpin cannot keep
+    the source).
+    """
+    port = route.port
+    if route.external:
+        if port.external_local and not client_is_local:
+            return Plan(port.endpoints.local, transparent=True)
+        return Plan(port.endpoints.cluster, transparent=False)
+    if port.internal_local:
+        return Plan(port.endpoints.local, transparent=False)
+    return Plan(port.endpoints.cluster, transparent=False)
+
+
+def verdicts(port: PortState) -> tuple[Verdict, Verdict]:
+    """The kernel verdict for (internal, external) frontends of a service port."""
+    sets = port.endpoints
+    if not sets.cluster:
+        return Verdict.REJECT, Verdict.REJECT
+    internal = Verdict.DROP_INTERNAL if port.internal_local and not sets.local else Verdict.CAPTURE
+    external = Verdict.DROP_EXTERNAL if port.external_local and not sets.local else Verdict.CAPTURE
+    return internal, external
+
+
+@dataclass
+class ServiceTable:
+    node_name: str
+    capacity: int = 65536
+    consistent_seed: str | None = None
+    rng: random.Random = field(default_factory=random.Random)
+    on_conflict: Callable[[ServiceKey, Frontend, ServiceKey], None] = lambda *_: None
+    routes: dict[Frontend, Route] = field(default_factory=dict)
+    ports: dict[ServicePortName, PortState] = field(default_factory=dict)
+    balancers: dict[ServicePortName, Balancer] = field(default_factory=dict)
+    _owners: dict[Frontend, ServiceKey] = field(default_factory=dict)
+    _frontends_of: dict[ServiceKey, list[Frontend]] = field(default_factory=dict)
+    _ports_of: dict[ServiceKey, list[ServicePortName]] = field(default_factory=dict)
+    _elements: dict[ServiceKey, frozenset[Element]] = field(default_factory=dict)
+
+    def update(
+        self, changed: Iterable[ServiceKey], store: ClusterStore, node_addresses: Iterable[str]
+    ) -> tuple[set[Element], set[Element]]:
+        """Rebuild the changed Services; return (elements to add, elements to remove)."""
+        addresses = tuple(node_addresses)
+        zone = store.node.zone if store.node else None
+        added: set[Element] = set()
+        removed: set[Element] = set()
+        for key in sorted(changed):
+            old = self._elements.pop(key, frozenset())
+            old_ports = self._forget(key)
+            service = store.services.get(key)
+            new = self._build(service, store, addresses, zone) if service else frozenset()
+            for name in old_ports - set(self._ports_of.get(key, ())):
+                del self.balancers[name]  # the port is gone: so is its affinity state
+            if new:
+                self._elements[key] = new
+            added |= new - old
+            removed |= old - new
+        return added - removed, removed - added
+
+    def all_elements(self) -> set[Element]:
+        return set().union(*self._elements.values()) if self._elements else set()
+
+    def balancer(self, name: ServicePortName) -> Balancer:
+        return self.balancers[name]
+
+    def _forget(self, key: ServiceKey) -> set[ServicePortName]:
+        """Drop a Service's routes and port states; return its port names (balancers stay)."""
+        for frontend in self._frontends_of.pop(key, ()):
+            del self._owners[frontend]
+            del self.routes[frontend]
+        names = self._ports_of.pop(key, [])
+        for name in names:
+            del self.ports[name]
+        return set(names)
+
+    def _build(
+        self, service: Service, store: ClusterStore, addresses: tuple[str, ...], zone: str | None
+    ) -> frozenset[Element]:
+        elements: set[Element] = set()
+        slices = list(store.slices_of(service.key))
+        for service_port in service.ports:
+            state = PortState(
+                name=service_port.name,
+                endpoints=categorize(merge_slices(service_port.name, slices, self.node_name), zone),
+                affinity_timeout=service.affinity_timeout,
+                internal_local=service.internal_local,
+                external_local=service.external_local,
+            )
+            self.ports[state.name] = state
+            self._ports_of.setdefault(service.key, []).append(state.name)
+            self._configure_balancer(state)
+            internal_verdict, external_verdict = verdicts(state)
+            for frontend, external in _frontends(service, service_port, addresses):
+                if self._claim(service.key, frontend, Route(state, external)):
+                    elements.add((external_verdict if external else internal_verdict, frontend))
+        return frozenset(elements)
+
+    def _configure_balancer(self, state: PortState) -> None:
+        balancer = self.balancers.get(state.name)
+        if balancer is None:
+            balancer = Balancer(self.capacity, rng=self.rng, consistent_seed=self.consistent_seed)
+            self.balancers[state.name] = balancer
+        usable = {e.address for e in state.endpoints.cluster + state.endpoints.local}
+        balancer.configure(state.affinity_timeout, usable)
+
+    def _claim(self, key: ServiceKey, frontend: Frontend, route: Route) -> bool:
+        owner = self._owners.get(frontend)
+        if owner is not None and owner != key:
+            self.on_conflict(key, frontend, owner)
+            return False
+        if owner is None:
+            self._owners[frontend] = key
+            self._frontends_of.setdefault(key, []).append(frontend)
+        self.routes[frontend] = route
+        return True
+
+
+def _frontends(
+    service: Service, port: ServicePort, node_addresses: tuple[str, ...]
+) -> Iterable[tuple[Frontend, bool]]:
+    protocol = port.name.protocol
+    for ip in service.cluster_ips:
+        yield (ip, protocol, port.port), False
+    for ip in service.external_ips + service.load_balancer_ips:
+        yield (ip, protocol, port.port), True
+    if port.node_port is not None:
+        for ip in node_addresses:
+            yield (ip, protocol, port.node_port), True
