@@ -18,6 +18,7 @@ import asyncio
 import hashlib
 import socket
 from collections.abc import Sequence
+from typing import cast
 
 READ_SIZE = 1 << 16
 
@@ -86,8 +87,7 @@ class UdpEcho(asyncio.DatagramProtocol):
         self.transport: asyncio.DatagramTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.DatagramTransport)
-        self.transport = transport
+        self.transport = cast(asyncio.DatagramTransport, transport)  # uvloop's don't subclass asyncio's
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         assert self.transport is not None

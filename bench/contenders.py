@@ -1,0 +1,226 @@
+"""The contenders of shared/BENCH.md: what each one is, and its configuration text.
+
+Rules kept here:
+- A `Contender` is a frozen description: the address the client targets, the files to
+  write, the command to run in the node namespace (none for `direct` and `dnat`), the nft
+  script loaded while it is measured (dnat), and whether it must run alone (pyproxy owns
+  its own nftables table and listeners, so it is started for its own measurement only, and
+  its `--cleanup` removes what it left, so the other contenders never run beside its rules).
+- Config renderers are pure functions of addresses; nothing here starts anything.
+- Affinity: contenders whose backend set the bench can change (dnat: a reduced ruleset;
+  pyproxy: a reduced EndpointSlice, with `sessionAffinity: ClientIP` for that workload) carry a
+  `remove_hook` that drops the last backend; the others report stickiness only.
+- Each contender listens on its own address or port in the node, so the persistent ones
+  (haproxy, nginx, socat) can stay up across rounds without meeting each other's traffic.
+- `--contenders` takes families (direct, dnat, haproxy, nginx, socat, pyproxy) or ids.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+FAMILIES = ("direct", "dnat", "haproxy", "nginx", "socat", "pyproxy")
+PYPROXY_CLUSTER_IP = "10.96.0.10"
+DNAT_VIP = "10.96.0.20"
+SERVICE_PORT = 80
+BACKEND_PORT = 8080
+DNAT_TABLE = "pbbench"
+PyproxyVariant = tuple[str, Sequence[str]]
+PYPROXY_VARIANTS: tuple[PyproxyVariant, ...] = (("pyproxy", ()),)
+
+Backends = Sequence[tuple[str, int]]
+
+
+@dataclass(frozen=True)
+class Contender:
+    id: str
+    family: str
+    target: tuple[str, int]
+    argv: tuple[str, ...] = ()  # run in the node namespace; () = no process
+    files: Mapping[str, str] = field(default_factory=dict)  # name -> text, in its work dir
+    nft_up: str = ""  # nft script loaded before each measurement
+    nft_down: str = ""  # and this after it
+    exclusive: bool = False  # started before, stopped after each of its measurements
+    cleanup: tuple[str, ...] = ()  # run in the node namespace after it stops (pyproxy --cleanup)
+    mode_files: Mapping[str, Mapping[str, str]] = field(default_factory=dict)  # load mode -> overlay
+    remove_hook: tuple[str, ...] = ()  # affinity: removes the last backend (run by the load tool)
+    ready_timeout: float = 15.0
+    kernel: bool = False  # no proxy process: no per-core figures
+
+    @property
+    def has_process(self) -> bool:
+        return bool(self.argv)
+
+
+def max_proxied(nofile: int) -> int:
+    """Connections a single-process proxy can carry within an open-files limit: two
+    sockets each, less a margin for listeners, logs and the like."""
+    return max(64, (nofile - 200) // 2)
+
+
+def haproxy_config(threads: int, listen: tuple[str, int], backends: Backends) -> str:
+    """No maxconn: HAProxy then derives it from the open-files limit, pipes for splice included."""
+    servers = "\n".join(f"    server be{i} {h}:{p}" for i, (h, p) in enumerate(backends, 1))
+    return f"""global
+    nbthread {threads}
+
+defaults
+    mode tcp
+    option splice-auto
+    timeout connect 5s
+    timeout client 120s
+    timeout server 120s
+
+frontend bench
+    bind {listen[0]}:{listen[1]}
+    default_backend bench
+
+backend bench
+    balance roundrobin
+{servers}
+"""
+
+
+def nginx_config(workers: int, listen: tuple[str, int], backends: Backends, workdir: Path,
+                 nofile: int = 20000) -> str:
+    servers = "\n".join(f"        server {h}:{p};" for h, p in backends)
+    return f"""load_module /usr/lib/nginx/modules/ngx_stream_module.so;
+daemon off;
+master_process on;
+worker_processes {workers};
+worker_rlimit_nofile {nofile};
+pid {workdir}/nginx.pid;
+error_log {workdir}/error.log warn;
+events {{
+    worker_connections {nofile - 100};
+}}
+stream {{
+    upstream bench {{
+{servers}
+    }}
+    server {{
+        listen {listen[0]}:{listen[1]} reuseport backlog=4096;
+        proxy_pass bench;
+        proxy_connect_timeout 5s;
+        proxy_timeout 120s;
+        proxy_half_close on;
+    }}
+}}
+"""
+
+
+def socat_argv(listen: tuple[str, int], backend: tuple[str, int]) -> tuple[str, ...]:
+    return ("socat", f"TCP4-LISTEN:{listen[1]},bind={listen[0]},fork,reuseaddr,backlog=4096,nodelay",
+            f"TCP4:{backend[0]}:{backend[1]},nodelay")
+
+
+def dnat_ruleset(vip: tuple[str, int], backends: Backends, table: str = DNAT_TABLE) -> str:
+    """kube-proxy's nftables shape: a service-ips verdict map, then numgen over endpoints."""
+    n = len(backends)
+    picks = ", ".join(f"{i} : goto endpoint-{i}" for i in range(n))
+    endpoints = "\n".join(
+        f"    chain endpoint-{i} {{\n        meta l4proto tcp dnat to {h}:{p}\n    }}"
+        for i, (h, p) in enumerate(backends)
+    )
+    return f"""table ip {table} {{
+    map service-ips {{
+        type ipv4_addr . inet_proto . inet_service : verdict
+        elements = {{ {vip[0]} . tcp . {vip[1]} : goto service-default-bench-tcp }}
+    }}
+    chain nat-prerouting {{
+        type nat hook prerouting priority -100; policy accept;
+        ip daddr . meta l4proto . th dport vmap @service-ips
+    }}
+    chain service-default-bench-tcp {{
+        numgen random mod {n} vmap {{ {picks} }}
+    }}
+{endpoints}
+}}
+"""
+
+
+def pyproxy_manifest(backend_hosts: Sequence[str], client_ip_affinity: bool = False) -> str:
+    spec: dict[str, object] = {"clusterIP": PYPROXY_CLUSTER_IP, "ports": [
+        {"name": "", "protocol": "TCP", "port": SERVICE_PORT, "targetPort": BACKEND_PORT}]}
+    if client_ip_affinity:
+        spec["sessionAffinity"] = "ClientIP"
+    service = {
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"namespace": "default", "name": "bench"},
+        "spec": spec,
+    }
+    slice_ = {
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"namespace": "default", "name": "bench-1",
+                     "labels": {"kubernetes.io/service-name": "bench"}},
+        "addressType": "IPv4",
+        "ports": [{"name": "", "protocol": "TCP", "port": BACKEND_PORT}],
+        "endpoints": [{"addresses": [h], "conditions": {"ready": True}, "nodeName": "node2"}
+                      for h in backend_hosts],
+    }
+    return str(yaml.safe_dump_all([service, slice_], sort_keys=False))
+
+
+def build(families: Sequence[str], listen_host: str, backends: Backends, workdir: Path,
+          variants: Sequence[PyproxyVariant] = PYPROXY_VARIANTS, nofile: int = 20000,
+          node_ns: str = "") -> list[Contender]:
+    """The contenders of the chosen families, in a stable order; `nofile` is the open-files
+    limit they will run under (the proxies are configured to fit inside it)."""
+    out: list[Contender] = []
+    for family in FAMILIES:
+        if family not in families:
+            continue
+        if family == "direct":
+            out.append(Contender("direct", family, backends[0], kernel=True))
+        elif family == "dnat":
+            vip = (DNAT_VIP, SERVICE_PORT)
+            reduced = f"delete table ip {DNAT_TABLE}\n" + dnat_ruleset(vip, backends[:-1])
+            out.append(Contender("dnat", family, vip, kernel=True, nft_up=dnat_ruleset(vip, backends),
+                                 nft_down=f"delete table ip {DNAT_TABLE}\n", files={"reduced.nft": reduced},
+                                 remove_hook=("ip", "netns", "exec", node_ns, "nft", "-f",
+                                              str(workdir / "dnat" / "reduced.nft"))))
+        elif family == "haproxy":
+            for port, n in ((8001, 1), (8002, 2)):
+                d = workdir / f"haproxy-{n}t"
+                out.append(Contender(f"haproxy-{n}t", family, (listen_host, port),
+                                     argv=("haproxy", "-db", "-f", str(d / "haproxy.cfg")),
+                                     files={"haproxy.cfg": haproxy_config(n, (listen_host, port), backends)}))
+        elif family == "nginx":
+            for port, n in ((8003, 1), (8004, 2)):
+                d = workdir / f"nginx-{n}w"
+                out.append(Contender(f"nginx-{n}w", family, (listen_host, port),
+                                     argv=("nginx", "-e", str(d / "error.log"), "-p", str(d), "-c", str(d / "nginx.conf")),
+                                     files={"nginx.conf": nginx_config(n, (listen_host, port), backends, d, nofile)}))
+        elif family == "socat":
+            out.append(Contender("socat", family, (listen_host, 8005),
+                                 argv=socat_argv((listen_host, 8005), backends[0])))
+        elif family == "pyproxy":
+            hosts = [h for h, _ in backends]
+            for label, extra in variants:
+                d = workdir / label
+                out.append(Contender(label, family, (PYPROXY_CLUSTER_IP, SERVICE_PORT), exclusive=True,
+                                     argv=(sys.executable, "-m", "pyproxy", "--manifests", str(d / "manifests"),
+                                           "--hostname-override", "node1", *extra),
+                                     files={"manifests/bench.yaml": pyproxy_manifest(hosts)},
+                                     mode_files={"affinity": {
+                                         "manifests/bench.yaml": pyproxy_manifest(hosts, True),
+                                         "reduced.yaml": pyproxy_manifest(hosts[:-1], True)}},
+                                     remove_hook=("mv", str(d / "reduced.yaml"), str(d / "manifests" / "bench.yaml")),
+                                     cleanup=(sys.executable, "-m", "pyproxy", "--cleanup"),
+                                     ready_timeout=30.0))
+    return out
+
+
+def select(all_contenders: Sequence[Contender], text: str) -> list[Contender]:
+    """`--contenders`: comma-separated families (haproxy) or ids (haproxy-1t)."""
+    tokens = [t.strip() for t in text.split(",") if t.strip()]
+    known = {c.id for c in all_contenders} | set(FAMILIES)
+    unknown = [t for t in tokens if t not in known]
+    if unknown or not tokens:
+        raise ValueError(f"unknown contenders {unknown}; choose from {', '.join(sorted(known))}")
+    return [c for c in all_contenders if c.id in tokens or c.family in tokens]

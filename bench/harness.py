@@ -1,0 +1,168 @@
+"""The runner's hands: start backends and contenders in the namespaces, measure one cell.
+
+Rules kept here:
+- Everything is started through the `Registry` (so teardown stops exactly that) and inside
+  the run's own namespaces; the load tool runs in the client namespace, proxies in the node,
+  one backend per backend namespace.
+- A contender is ready when `bench.probe` completes one exchange through it from the client
+  namespace within its bound; otherwise it is skipped with the reason (and its log's tail).
+- A measurement samples the proxy's process-tree CPU right before and after the load run, and
+  (idle) its Pss before and at peak during the hold. The load run itself is bounded in time;
+  past the bound it is stopped and the measurement records a timeout.
+- `--pin`: proxies on CPU 0, load and backends on CPU 1 (taskset), else the scheduler decides.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench import procs
+from bench.contenders import BACKEND_PORT, Contender
+from bench.summary import Measurement
+from bench.topology import Topology, in_ns
+from bench.workloads import Workload
+
+LOAD_SLACK_S = 40.0  # beyond the load tool's own hard deadline
+
+
+@dataclass
+class Harness:
+    topo: Topology
+    workdir: Path
+    registry: procs.Registry
+    repo: Path
+    pin: bool = False
+
+    def _py(self, *args: str) -> list[str]:
+        return [sys.executable, *args]
+
+    def _pinned(self, cpu: int, argv: list[str]) -> list[str]:
+        return ["taskset", "-c", str(cpu), *argv] if self.pin else argv
+
+    def backend_targets(self) -> list[tuple[str, int]]:
+        return [(self.topo.backend_addr(i), BACKEND_PORT) for i in self.topo.backend_ids]
+
+    def start_backends(self) -> None:
+        for i in self.topo.backend_ids:
+            argv = self._pinned(1, self._py("-m", "bench.backend", "--port", str(BACKEND_PORT), "--name", f"be{i}"))
+            self.registry.start(f"backend-{i}", in_ns(self.topo.backend_ns(i), argv),
+                                self.workdir / f"backend-{i}.log", cwd=self.repo)
+        for target in self.backend_targets():
+            error = self.probe(target, 10.0)
+            if error:
+                raise RuntimeError(f"backend {target} not ready: {error}")
+
+    def probe(self, target: tuple[str, int], timeout: float) -> str:
+        argv = in_ns(self.topo.client_ns, self._py("-m", "bench.probe", "--target", f"{target[0]}:{target[1]}",
+                                                    "--timeout", f"{timeout:g}"))
+        try:
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout + 10, cwd=self.repo)
+        except subprocess.TimeoutExpired:
+            return "probe timed out"
+        return "" if done.returncode == 0 else (done.stderr.strip() or f"probe exit {done.returncode}")
+
+    def _nft(self, script: str) -> None:
+        done = subprocess.run(in_ns(self.topo.node_ns, ["nft", "-f", "-"]), input=script, text=True,
+                              capture_output=True, timeout=30)
+        if done.returncode != 0:
+            raise RuntimeError(f"nft: {done.stderr.strip()}")
+
+    def start(self, c: Contender, mode: str = "") -> None:
+        """Write the contender's files (with the load mode's overlay) and start its process."""
+        d = self.workdir / c.id
+        d.mkdir(parents=True, exist_ok=True)
+        for name, text in {**c.files, **c.mode_files.get(mode, {})}.items():
+            (d / name).parent.mkdir(parents=True, exist_ok=True)
+            (d / name).write_text(text)
+        if c.has_process:
+            self.registry.start(c.id, in_ns(self.topo.node_ns, self._pinned(0, list(c.argv))), d / "run.log", cwd=self.repo)
+
+    def proc(self, c: Contender) -> procs.Started | None:
+        return next((p for p in self.registry.started if p.name == c.id), None)
+
+    def stop(self, c: Contender) -> None:
+        p = self.proc(c)
+        if p is not None:
+            self.registry.stop(p)
+
+    def activate(self, c: Contender, mode: str = "") -> str:
+        """Make the contender serve (exclusive ones start here); '' or the reason it can't."""
+        try:
+            if c.exclusive:
+                self.start(c, mode)
+            if c.nft_up:
+                self._nft(c.nft_up)
+                subprocess.run(in_ns(self.topo.node_ns, ["sysctl", "-qw", "-e",
+                               "net.netfilter.nf_conntrack_tcp_timeout_time_wait=2",
+                               "net.netfilter.nf_conntrack_tcp_timeout_fin_wait=2",
+                               "net.netfilter.nf_conntrack_tcp_timeout_close_wait=2",
+                               "net.netfilter.nf_conntrack_tcp_timeout_last_ack=2"]),
+                               capture_output=True, timeout=30)
+        except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+            return str(exc)
+        p = self.proc(c)
+        if c.has_process and (p is None or not p.alive()):
+            return f"{c.id} exited at start: {p.log_tail() if p else 'not started'}"
+        return self.probe(c.target, c.ready_timeout if c.exclusive else 5.0)
+
+    def deactivate(self, c: Contender) -> None:
+        if c.nft_down:
+            try:
+                self._nft(c.nft_down)
+            except RuntimeError:
+                pass
+        if c.exclusive:
+            self.stop(c)
+            if c.cleanup:
+                try:
+                    subprocess.run(in_ns(self.topo.node_ns, list(c.cleanup)), capture_output=True,
+                                   timeout=60, cwd=self.repo)
+                except subprocess.TimeoutExpired:
+                    pass  # the namespace goes at teardown anyway
+
+    def backend_cpu(self) -> float:
+        return sum(procs.cpu_seconds(p.pid) for p in self.registry.started if p.name.startswith("backend-"))
+
+    def measure(self, c: Contender, w: Workload, round_no: int, rate: float | None) -> Measurement:
+        proc = self.proc(c)
+        root = proc.pid if proc is not None else None
+        sources = self.topo.source_list if w.use_sources else ""
+        extra = ["--remove-hook", shlex.join(c.remove_hook), "--removed-name", f"be{self.topo.backends}"] \
+            if w.mode == "affinity" and c.remove_hook and self.topo.backends > 1 else []
+        argv = in_ns(self.topo.client_ns, self._pinned(1, self._py(
+            "-m", "bench.load", *w.load_args(c.target, sources, rate), *extra)))
+        tag = f"{w.name}-{c.id}-r{round_no}"
+        out_path, log_path = self.workdir / "load" / f"{tag}.json", self.workdir / "load" / f"{tag}.log"
+        out_path.parent.mkdir(exist_ok=True)
+        pss0 = procs.pss_bytes(root) if root and w.mode == "idle" else None
+        by0 = procs.cpu_by_process(root) if root else {}
+        cpu0, be0, t0 = procs.cpu_seconds(root) if root else None, self.backend_cpu(), time.monotonic()
+        load = self.registry.start(f"load-{tag}", argv, log_path, cwd=self.repo, stdout=out_path)
+        peak, error = pss0, ""
+        bound = t0 + (2 if w.mode in ("idle", "affinity") else 1) * w.duration + 2 * 5.0 + LOAD_SLACK_S
+        while load.alive() and time.monotonic() < bound:
+            time.sleep(0.25)
+            if pss0 is not None and root:
+                peak = max(peak or 0, procs.pss_bytes(root))
+        if load.alive():
+            error = "load run exceeded its time bound"
+        self.registry.stop(load)
+        cpu1, be1, wall = procs.cpu_seconds(root) if root else None, self.backend_cpu(), time.monotonic() - t0
+        by_process = procs.busiest_deltas(by0, procs.cpu_by_process(root)) if root else {}
+        summary: dict[str, object] = {}
+        try:
+            doc = json.loads(out_path.read_text())
+            summary = {**doc["summary"], **(doc.get("affinity") or {})}
+        except (OSError, ValueError, KeyError) as exc:
+            error = error or f"no result from the load tool ({type(exc).__name__}): {load.log_tail(3)}"
+        return Measurement(
+            workload=w.name, mode=w.mode, contender=c.id, round=round_no, error=error, summary=summary,
+            proxy_cpu_s=(cpu1 - cpu0) if cpu0 is not None and cpu1 is not None else None,
+            backend_cpu_s=be1 - be0, wall_s=wall, pss_before=pss0, pss_peak=peak, rate=rate,
+            proxy_cpu_by_process=by_process)

