@@ -5,7 +5,8 @@ Rules kept here (DATAPLANE.md):
 - The rules never change while running; services come and go as set elements:
   `capture` (TPROXY to the proxy), `reject` (no endpoints: TCP reset / ICMP unreachable),
   `drop_internal` and `drop_external` (Local policy without a local endpoint; external
-  drops spare the node itself and `local_sources`, i.e. the cluster CIDR).
+  drops spare the node itself and `local_sources`, i.e. the cluster CIDR, whose traffic
+  is captured and served from the cluster set: kube-proxy's short-circuit).
 - Order in prerouting: refusals and drops, then capture, then `socket transparent` (the
   reply path of Local mode; before the capture rules it would steal new UDP queries).
 - An output `route` chain marks the node's own traffic to service addresses so that the
@@ -56,14 +57,18 @@ def render_ruleset(config: NftConfig, elements: Iterable[Element]) -> str:
         f"        {MATCH} @svc_reject reject",
         f"        {MATCH} @svc_drop_internal drop",
         f"        {MATCH} @svc_drop_external fib saddr type != local ip saddr != @local_sources drop",
-        f"        {MATCH} @svc_capture meta l4proto tcp tproxy to 127.0.0.1:{config.tcp_port} {set_mark} accept",
-        f"        {MATCH} @svc_capture meta l4proto udp tproxy to 127.0.0.1:{config.udp_port} {set_mark} accept",
+        *(
+            f"        {MATCH} @{name} meta l4proto {proto} tproxy to 127.0.0.1:{port} {set_mark} accept"
+            for name in ("svc_capture", "svc_drop_external")
+            for proto, port in (("tcp", config.tcp_port), ("udp", config.udp_port))
+        ),
         f"        socket transparent 1 {set_mark}",
         "    }",
         "    chain output {",
         "        type route hook output priority mangle; policy accept;",
         f"        {MATCH} @svc_drop_internal drop",
         f"        {MATCH} @svc_capture {set_mark}",
+        f"        {MATCH} @svc_drop_external {set_mark}",
         f"        {MATCH} @svc_reject {set_mark}",
         "    }",
         "}",

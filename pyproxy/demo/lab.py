@@ -20,6 +20,7 @@ Rules kept here:
 from __future__ import annotations
 
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -27,7 +28,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 LAN_PREFIX = "192.168.56"
 CLIENT_IP = f"{LAN_PREFIX}.100"
@@ -151,22 +152,29 @@ class Lab:
 
     # processes
 
-    def spawn(self, name: str, args: Sequence[str], log: IO[Any] | None = None) -> subprocess.Popen[Any]:
-        proc = subprocess.Popen(
-            ["ip", "netns", "exec", self.ns(name), *args],
-            stdout=log or subprocess.PIPE, stderr=log or subprocess.STDOUT, text=True,
-        )
+    def spawn(self, name: str, args: Sequence[str], log: Path | None = None) -> subprocess.Popen[Any]:
+        """Start a process in namespace `name`; its output goes to `log` (else nowhere)."""
+        with open(log, "a") if log else open(os.devnull, "w") as out:
+            proc = subprocess.Popen(["ip", "netns", "exec", self.ns(name), *args],
+                                    stdout=out, stderr=subprocess.STDOUT, text=True)
         self.processes.append(proc)
         return proc
 
-    def start_echo(self, pod: str, tcp: Sequence[int] = (80,), udp: Sequence[int] = ()) -> subprocess.Popen[Any]:
+    def start_echo(self, pod: str, tcp: Sequence[int] = (80,), udp: Sequence[int] = (),
+                   log: Path | None = None) -> subprocess.Popen[Any]:
+        """An echo pod; returns once it listens (it prints 'ready'), or raises within `timeout`."""
         args = [sys.executable, "-m", "pyproxy.demo.echo", "--name", pod]
         args += [a for p in tcp for a in ("--tcp", str(p))] + [a for p in udp for a in ("--udp", str(p))]
-        proc = self.spawn(pod, args)
+        with open(log, "a") if log else open(os.devnull, "w") as err:
+            proc = subprocess.Popen(["ip", "netns", "exec", self.ns(pod), *args],
+                                    stdout=subprocess.PIPE, stderr=err, text=True)
+        self.processes.append(proc)
         assert proc.stdout is not None
-        line = proc.stdout.readline()  # bounded: the echo server prints 'ready' or exits
+        with proc.stdout:
+            ready, _, _ = select.select([proc.stdout], [], [], 20)
+            line = proc.stdout.readline() if ready else ""
         if not line.startswith("ready"):
-            raise LabError(f"echo server in {pod} did not start: {line}{proc.stdout.read()}")
+            raise LabError(f"echo server in {pod} did not start (exit code {proc.poll()})")
         return proc
 
     def stop(self, proc: subprocess.Popen[Any], timeout: float = 10) -> int | None:

@@ -43,7 +43,7 @@ class Cluster:
         self.logs[node] = log_path
         args = [sys.executable, "-m", "pyproxy", "--manifests", str(self.manifest_dir(node)),
                 "--hostname-override", node, "--healthz-bind-address", "0.0.0.0:10256", *extra]
-        proc = self.lab.spawn(node, args, log=open(log_path, "a"))
+        proc = self.lab.spawn(node, args, log=log_path)
         self.proxies[node] = proc
         self.wait_for_log(node, "synced", 0)
         return proc
@@ -95,7 +95,7 @@ def cluster() -> Iterator[Cluster]:
         lab.add_node("node2", 2)
         for pod, node in PODS.items():
             lab.add_pod(pod, node)
-            lab.start_echo(pod, tcp=TCP_PORTS, udp=UDP_PORTS)
+            lab.start_echo(pod, tcp=TCP_PORTS, udp=UDP_PORTS, log=workdir / f"{pod}.log")
         lab.route_client("10.96.0.0/16", "node1")
         cluster = Cluster(lab, workdir)
         for node in ("node1", "node2"):
