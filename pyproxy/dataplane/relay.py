@@ -83,6 +83,7 @@ class Relay:
     config: RelayConfig = field(default_factory=RelayConfig)
     clock: Callable[[], float] = time.monotonic
     pairs: set[Pair] = field(default_factory=set)
+    draining: bool = False
     _server: asyncio.AbstractServer | None = None
 
     async def start(self, host: str, port: int) -> None:
@@ -91,17 +92,21 @@ class Relay:
         self._server = await loop.create_server(lambda: ClientSide(self), sock=sock)
 
     def stop_accepting(self) -> None:
-        if self._server is not None:
-            self._server.close()
+        """Refuse new connections with a reset from now on (the listener stays open while
+        draining, so TPROXY still finds it: without it, new SYNs would vanish silently)."""
+        self.draining = True
 
     async def drain(self, timeout: float) -> int:
-        """Wait for open connections to finish, up to `timeout`; abort the rest. Returns how many were cut."""
+        """Wait for open connections to finish, up to `timeout`; abort the rest and close
+        the listener. Returns how many connections were cut."""
         deadline = self.clock() + timeout
         while self.pairs and self.clock() < deadline:
             await asyncio.sleep(min(0.05, max(0.0, deadline - self.clock())))
         cut = len(self.pairs)
         for pair in list(self.pairs):
             pair.close(abort=True)
+        if self._server is not None:
+            self._server.close()
         return cut
 
     def route(self, client: tuple[str, int], destination: tuple[str, int]) -> Route | None:
@@ -119,6 +124,9 @@ class ClientSide(asyncio.Protocol):
         transport = cast(asyncio.Transport, transport)  # uvloop's transports don't subclass asyncio's
         client = transport.get_extra_info("peername")
         destination = transport.get_extra_info("sockname")
+        if self.relay.draining:
+            reset(transport)
+            return
         route = self.relay.route(client, destination)
         if route is None:
             self.relay.stats.unknown_destination += 1
