@@ -1,0 +1,102 @@
+"""A two-node pyproxy cluster in namespaces, driven the way a standalone user drives it.
+
+Shared by the demo and the real-kernel tests. Rules kept here:
+- The cluster is a `Lab` (client, node1, node2, echo pods on routed veths) with pyproxy
+  running standalone on each node from a manifest directory of its own.
+- Services change only by rewriting manifest files atomically, exactly as a user would;
+  `apply` returns once every proxy has logged the sync that follows.
+- Every wait is bounded; a proxy that exits while awaited is an error with its log tail.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from pyproxy.demo import manifests as m
+from pyproxy.demo.lab import Lab, write_manifest
+
+PODS = {"pa": "node1", "pb": "node2", "pc": "node2"}
+TCP_PORTS = (80, 8080, 8443)
+UDP_PORTS = (53, 5353)
+SERVICE_CIDR = "10.96.0.0/16"
+
+
+class Cluster:
+    def __init__(self, lab: Lab, workdir: Path) -> None:
+        self.lab = lab
+        self.workdir = workdir
+        self.proxies: dict[str, subprocess.Popen[Any]] = {}
+        self.logs: dict[str, Path] = {}
+
+    def manifest_dir(self, node: str) -> Path:
+        path = self.workdir / node / "manifests"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def start_proxy(self, node: str, *extra: str) -> subprocess.Popen[Any]:
+        log_path = self.workdir / node / "pyproxy.log"
+        self.manifest_dir(node)
+        self.logs[node] = log_path
+        args = [sys.executable, "-m", "pyproxy", "--manifests", str(self.manifest_dir(node)),
+                "--hostname-override", node, "--healthz-bind-address", "0.0.0.0:10256", *extra]
+        proc = self.lab.spawn(node, args, log=log_path)
+        self.proxies[node] = proc
+        self.wait_for_log(node, "synced", 0)
+        return proc
+
+    def syncs(self, node: str) -> int:
+        return self.log(node).count(" synced ")
+
+    def log(self, node: str) -> str:
+        path = self.logs[node]
+        return path.read_text() if path.exists() else ""
+
+    def wait_for_log(self, node: str, text: str, seen: int, timeout: float = 15) -> None:
+        """Wait until `text` appears in the node's log more than `seen` times."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.log(node).count(text) > seen:
+                return
+            if self.proxies[node].poll() is not None:
+                raise AssertionError(f"pyproxy on {node} exited: {self.log(node)[-2000:]}")
+            time.sleep(0.05)
+        raise AssertionError(f"pyproxy on {node} did not log {text!r} in {timeout}s: {self.log(node)[-2000:]}")
+
+    def apply(self, *docs: dict[str, Any], name: str = "services.yaml", nodes: Sequence[str] | None = None) -> None:
+        """Write the manifest file on every node and wait until each proxy has synced it."""
+        nodes = list(nodes or self.proxies)
+        before = {n: self.syncs(n) for n in nodes}
+        for node in nodes:
+            write_manifest(self.manifest_dir(node), name, m.dump(*docs))
+        for node in nodes:
+            self.wait_for_log(node, " synced ", before[node])
+
+    def run(self, ns: str, mode: str, address: str, *args: str, timeout: float = 60) -> list[str]:
+        """Run the demo client in namespace `ns`; one line per result."""
+        result = self.lab.exec(ns, sys.executable, "-m", "pyproxy.demo.client", mode, address, *args,
+                               timeout=timeout)
+        return result.stdout.strip().splitlines()
+
+    def backends(self, *pods: str, **kwargs: Any) -> list[m.Backend]:
+        return [m.Backend(self.lab.pods[p].ip, self.lab.pods[p].node, **kwargs) for p in pods]
+
+
+def build(lab: Lab, workdir: Path, pods: Mapping[str, str] = PODS, proxy_args: Sequence[str] = ()) -> Cluster:
+    """Client, node1 and node2 with pyproxy running, and echo pods; the client routes the
+    service CIDR to node1."""
+    lab.build_lan()
+    lab.add_node("node1", 1)
+    lab.add_node("node2", 2)
+    for pod, node in pods.items():
+        lab.add_pod(pod, node)
+        lab.start_echo(pod, tcp=TCP_PORTS, udp=UDP_PORTS, log=workdir / f"{pod}.log")
+    lab.route_client(SERVICE_CIDR, "node1")
+    cluster = Cluster(lab, workdir)
+    for node in ("node1", "node2"):
+        cluster.start_proxy(node, *proxy_args)
+    return cluster
