@@ -124,11 +124,30 @@ def _meta(obj: Mapping[str, Any]) -> tuple[str, str, Mapping[str, str], Mapping[
         raise InvalidObject(str(obj.get("kind", "object")), "?", "metadata is not a mapping")
     name = meta.get("name")
     namespace = meta.get("namespace") or "default"
-    labels = meta.get("labels") or {}
-    annotations = meta.get("annotations") or {}
     if not isinstance(name, str) or not name:
         raise InvalidObject(str(obj.get("kind", "object")), f"{namespace}/?", "metadata.name is missing")
+    kind, key = str(obj.get("kind", "object")), f"{namespace}/{name}"
+    labels = _mapping(meta.get("labels"), kind, key, "metadata.labels")
+    annotations = _mapping(meta.get("annotations"), kind, key, "metadata.annotations")
     return str(namespace), name, labels, annotations
+
+
+def _mapping(value: Any, kind: str, key: str, field: str) -> Mapping[str, Any]:
+    """`value` as a mapping (missing: empty); any other shape is an InvalidObject, never a crash."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise InvalidObject(kind, key, f"{field}: expected a mapping, got {type(value).__name__}")
+    return value
+
+
+def _list(value: Any, kind: str, key: str, field: str) -> list[Any]:
+    """`value` as a list (missing: empty); any other shape is an InvalidObject, never a crash."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise InvalidObject(kind, key, f"{field}: expected a list, got {type(value).__name__}")
+    return value
 
 
 def _ipv4(value: Any, kind: str, key: str, field: str) -> str:
@@ -178,7 +197,9 @@ def parse_service(obj: Mapping[str, Any], proxy_name: str | None = None) -> Serv
         key=service_key,
         type=svc_type,
         cluster_ips=cluster_ips,
-        external_ips=tuple(_ipv4(ip, "Service", key, "spec.externalIPs") for ip in spec.get("externalIPs") or ()),
+        external_ips=tuple(
+            _ipv4(ip, "Service", key, "spec.externalIPs") for ip in _list(spec.get("externalIPs"), "Service", key, "spec.externalIPs")
+        ),
         load_balancer_ips=_lb_ips(obj, key) if svc_type == "LoadBalancer" else (),
         ports=ports,
         affinity_timeout=_affinity_timeout(spec, key),
@@ -224,8 +245,10 @@ def _service_ports(spec: Mapping[str, Any], key: ServiceKey, svc_type: str) -> t
 
 
 def _lb_ips(obj: Mapping[str, Any], key: str) -> tuple[str, ...]:
-    status = obj.get("status") or {}
-    ingress = ((status.get("loadBalancer") or {}).get("ingress")) or ()
+    status = _mapping(obj.get("status"), "Service", key, "status")
+    balancer = _mapping(status.get("loadBalancer"), "Service", key, "status.loadBalancer")
+    ingress = _list(balancer.get("ingress"), "Service", key, "status.loadBalancer.ingress")
+    ingress = [_mapping(i, "Service", key, f"status.loadBalancer.ingress[{n}]") for n, i in enumerate(ingress)]
     return tuple(_ipv4(i["ip"], "Service", key, "status.loadBalancer.ingress") for i in ingress if i.get("ip"))
 
 
@@ -235,7 +258,8 @@ def _affinity_timeout(spec: Mapping[str, Any], key: str) -> int | None:
         return None
     if affinity != "ClientIP":
         raise InvalidObject("Service", key, f"spec.sessionAffinity: {affinity!r} is not None or ClientIP")
-    config = ((spec.get("sessionAffinityConfig") or {}).get("clientIP")) or {}
+    config = _mapping(spec.get("sessionAffinityConfig"), "Service", key, "spec.sessionAffinityConfig")
+    config = _mapping(config.get("clientIP"), "Service", key, "spec.sessionAffinityConfig.clientIP")
     timeout = config.get("timeoutSeconds", DEFAULT_AFFINITY_TIMEOUT)
     if isinstance(timeout, bool) or not isinstance(timeout, int) or not 1 <= timeout <= MAX_AFFINITY_TIMEOUT:
         raise InvalidObject(
@@ -272,8 +296,9 @@ def parse_endpoint_slice(obj: Mapping[str, Any]) -> EndpointSlice | None:
     if address_type != "IPv4":
         return None
     ports = []
-    for i, raw in enumerate(obj.get("ports") or ()):
+    for i, raw in enumerate(_list(obj.get("ports"), "EndpointSlice", key, "ports")):
         field = f"ports[{i}]"
+        raw = _mapping(raw, "EndpointSlice", key, field)
         if raw.get("port") is None:
             continue  # a port the controller could not resolve: no traffic can use it
         ports.append(SlicePort(
@@ -282,7 +307,8 @@ def parse_endpoint_slice(obj: Mapping[str, Any]) -> EndpointSlice | None:
             port=_port_number(raw.get("port"), "EndpointSlice", key, f"{field}.port"),
         ))
     endpoints = tuple(
-        _slice_endpoint(raw, key, f"endpoints[{i}]") for i, raw in enumerate(obj.get("endpoints") or ())
+        _slice_endpoint(_mapping(raw, "EndpointSlice", key, f"endpoints[{i}]"), key, f"endpoints[{i}]")
+        for i, raw in enumerate(_list(obj.get("endpoints"), "EndpointSlice", key, "endpoints"))
     )
     return EndpointSlice(
         namespace=namespace,
@@ -295,16 +321,20 @@ def parse_endpoint_slice(obj: Mapping[str, Any]) -> EndpointSlice | None:
 
 
 def _slice_endpoint(raw: Mapping[str, Any], key: str, field: str) -> SliceEndpoint | None:
-    addresses = raw.get("addresses") or ()
+    addresses = _list(raw.get("addresses"), "EndpointSlice", key, f"{field}.addresses")
     if not addresses:
         raise InvalidObject("EndpointSlice", key, f"{field}.addresses: at least one address is required")
-    conditions = raw.get("conditions") or {}
+    conditions = _mapping(raw.get("conditions"), "EndpointSlice", key, f"{field}.conditions")
     ready = conditions.get("ready")
     serving = conditions.get("serving")
-    hints = raw.get("hints")
+    hints = _mapping(raw.get("hints"), "EndpointSlice", key, f"{field}.hints")
+    for_zones = _list(hints.get("forZones"), "EndpointSlice", key, f"{field}.hints.forZones")
     zones = None
-    if hints and hints.get("forZones"):
-        zones = frozenset(str(z.get("name")) for z in hints["forZones"])
+    if for_zones:
+        zones = frozenset(
+            str(_mapping(z, "EndpointSlice", key, f"{field}.hints.forZones[{n}]").get("name"))
+            for n, z in enumerate(for_zones)
+        )
     return SliceEndpoint(
         ip=_ipv4(addresses[0], "EndpointSlice", key, f"{field}.addresses[0]"),
         ready=True if ready is None else bool(ready),
@@ -318,7 +348,9 @@ def _slice_endpoint(raw: Mapping[str, Any], key: str, field: str) -> SliceEndpoi
 def parse_node(obj: Mapping[str, Any]) -> Node:
     _, name, labels, _ = _meta(obj)
     metadata = obj.get("metadata") or {}
-    taints = (obj.get("spec") or {}).get("taints") or ()
+    spec = _mapping(obj.get("spec"), "Node", name, "spec")
+    taints = [_mapping(t, "Node", name, f"spec.taints[{n}]")
+              for n, t in enumerate(_list(spec.get("taints"), "Node", name, "spec.taints"))]
     return Node(
         name=name,
         zone=labels.get(ZONE_LABEL),
