@@ -198,7 +198,9 @@ def parse_service(obj: Mapping[str, Any], proxy_name: str | None = None) -> Serv
         type=svc_type,
         cluster_ips=cluster_ips,
         external_ips=tuple(
-            _ipv4(ip, "Service", key, "spec.externalIPs") for ip in _list(spec.get("externalIPs"), "Service", key, "spec.externalIPs")
+            _ipv4(ip, "Service", key, "spec.externalIPs")
+            for ip in _list(spec.get("externalIPs"), "Service", key, "spec.externalIPs")
+            if ":" not in str(ip)  # IPv6: the other family's proxier serves it, as with clusterIPs
         ),
         load_balancer_ips=_lb_ips(obj, key) if svc_type == "LoadBalancer" else (),
         ports=ports,
@@ -249,7 +251,11 @@ def _lb_ips(obj: Mapping[str, Any], key: str) -> tuple[str, ...]:
     balancer = _mapping(status.get("loadBalancer"), "Service", key, "status.loadBalancer")
     ingress = _list(balancer.get("ingress"), "Service", key, "status.loadBalancer.ingress")
     ingress = [_mapping(i, "Service", key, f"status.loadBalancer.ingress[{n}]") for n, i in enumerate(ingress)]
-    return tuple(_ipv4(i["ip"], "Service", key, "status.loadBalancer.ingress") for i in ingress if i.get("ip"))
+    return tuple(
+        _ipv4(i["ip"], "Service", key, "status.loadBalancer.ingress")
+        for i in ingress
+        if i.get("ip") and ":" not in str(i["ip"])  # IPv6 ingress: not this IPv4 proxier's
+    )
 
 
 def _affinity_timeout(spec: Mapping[str, Any], key: str) -> int | None:

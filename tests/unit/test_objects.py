@@ -162,6 +162,18 @@ def test_load_balancer_ingress_ips_and_external_ips() -> None:
     assert service.ports[0].node_port == 30080
 
 
+def test_dual_stack_service_keeps_its_ipv4_addresses() -> None:
+    """IPv6 external and ingress addresses belong to the other family's proxier, like
+    IPv6 clusterIPs: they are left out, not a reason to drop the whole Service."""
+    obj = service_dict(type="LoadBalancer", clusterIPs=["10.96.0.10", "fd00::10"],
+                       externalIPs=["192.0.2.7", "2001:db8::7"], ports=[{"port": 80, "nodePort": 30080}])
+    obj["status"] = {"loadBalancer": {"ingress": [{"ip": "2001:db8::1"}, {"ip": "203.0.113.1"}]}}
+    service = parse_ok(obj)
+    assert service.cluster_ips == ("10.96.0.10",)
+    assert service.external_ips == ("192.0.2.7",)
+    assert service.load_balancer_ips == ("203.0.113.1",)
+
+
 def test_load_balancer_ips_only_for_type_load_balancer() -> None:
     obj = service_dict(type="NodePort", ports=[{"port": 80, "nodePort": 30080}])
     obj["status"] = {"loadBalancer": {"ingress": [{"ip": "203.0.113.1"}]}}
