@@ -21,7 +21,8 @@ from pyproxy.dataplane.relay import Relay, RelayConfig
 from pyproxy.dataplane.routing import PolicyRouting, local_addresses, node_port_addresses
 from pyproxy.dataplane.stats import DataplaneStats
 from pyproxy.model.objects import ServiceKey
-from pyproxy.model.store import ClusterStore
+from pyproxy.observe.metrics import CountingStore
+from pyproxy.observe.observer import Observer
 from pyproxy.model.table import Frontend, ServiceTable
 from pyproxy.proxier import Proxier, SyncResult, parse_cidrs
 from pyproxy.sources.manifests import ManifestSnapshot, fingerprint, load_manifests, watch_manifests
@@ -48,7 +49,7 @@ class ProxyApp:
         self.config = config
         self.node_name = node_name_of(config)
         dp = config.dataplane
-        self.store = ClusterStore()
+        self.store = CountingStore()  # a ClusterStore that also counts changes for the metrics
         self.stats = DataplaneStats()
         self.table = ServiceTable(
             self.node_name,
@@ -72,6 +73,7 @@ class ProxyApp:
             cluster_cidrs=parse_cidrs(config.clusterCIDR),
         )
         self.runner = SyncRunner(self.proxier.sync, config.minSyncPeriod, config.syncPeriod)
+        self.observer = Observer(config, self.store, self.table, self.stats, self.runner)
         self.relay = Relay(
             table=self.table,
             is_local_source=self.proxier.is_local_source,
@@ -86,6 +88,7 @@ class ProxyApp:
         self.force = False
 
     def _synced(self, result: SyncResult) -> None:
+        self.observer.synced(result.seconds)  # sync metrics; health check endpoint counts
         log.info(
             "synced %d services (%s write: +%d -%d elements) in %.1f ms",
             result.changed, "full" if result.full else "incremental", result.added, result.removed,
@@ -113,6 +116,7 @@ class ProxyApp:
         self.runner.request()
         tasks = [
             asyncio.create_task(self.runner.run(self.stop), name="sync-runner"),
+            asyncio.create_task(self.observer.run(self.stop), name="health-and-metrics"),
             asyncio.create_task(
                 watch_manifests(
                     manifests, self.node_name, self.config.proxyName or None, self.apply_manifests,

@@ -35,12 +35,19 @@ class SyncRunner:
         self.pending_since: float | None = None
         self.last_run: float | None = None
         self.last_success: float | None = None
+        self.applying_since: float | None = None  # the pending_since a running sync took
         self._wake = asyncio.Event()
 
     def request(self) -> None:
         if self.pending_since is None:
             self.pending_since = self.clock()
         self._wake.set()
+
+    @property
+    def oldest_unapplied(self) -> float | None:
+        """When the oldest change not yet applied arrived, counting one a running sync holds."""
+        times = [t for t in (self.pending_since, self.applying_since) if t is not None]
+        return min(times) if times else None
 
     def next_delay(self, now: float, failed: bool) -> float:
         """Seconds until the next sync should start (pure)."""
@@ -74,6 +81,7 @@ class SyncRunner:
         self.last_run = started
         pending = self.pending_since
         self.pending_since = None
+        self.applying_since = pending
         try:
             await self._sync()
         except Exception:
@@ -81,5 +89,7 @@ class SyncRunner:
             if self.pending_since is None:
                 self.pending_since = pending if pending is not None else started
             return False
+        finally:
+            self.applying_since = None
         self.last_success = self.clock()
         return True

@@ -1,0 +1,1 @@
+"""Observability: proxy health, per-Service health checks and Prometheus metrics (SPEC.md §6)."""

@@ -1,0 +1,83 @@
+"""A tiny HTTP/1.x responder on asyncio streams: one request per connection, then close.
+
+Enough for health probes, load-balancer health checks and Prometheus scrapes, with no new
+dependency. Rules kept here:
+- The handler is a plain function `(method, path) -> Response`; it decides, this module
+  only reads the request head and writes the answer.
+- Every read is bounded in size (16 KiB head, 64 KiB body) and in time; a request body is
+  read and dropped so that closing never resets a client that is still sending.
+- HEAD gets the headers without the body. Every answer carries `Connection: close`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import http
+import logging
+from collections.abc import Callable
+
+from pyproxy.observe.health import Response
+
+log = logging.getLogger("pyproxy.http")
+
+Handler = Callable[[str, str], Response]
+HEAD_LIMIT = 16 * 1024
+BODY_LIMIT = 64 * 1024
+READ_TIMEOUT = 5.0
+
+
+async def start_http(host: str, port: int, handler: Handler) -> asyncio.Server:
+    """Listen on host:port (raises OSError when the port cannot be bound)."""
+    return await asyncio.start_server(
+        functools.partial(_serve_one, handler), host or "0.0.0.0", port, limit=HEAD_LIMIT, reuse_address=True
+    )
+
+
+def render(response: Response, head_only: bool = False) -> bytes:
+    reason = http.HTTPStatus(response.status).phrase
+    lines = [f"HTTP/1.1 {response.status} {reason}"]
+    lines += [f"{name}: {value}" for name, value in response.headers]
+    lines += [f"Content-Length: {len(response.body)}", "Connection: close", "", ""]
+    head = "\r\n".join(lines).encode("latin-1")
+    return head if head_only else head + response.body
+
+
+def parse_head(head: bytes) -> tuple[str, str, int]:
+    """(method, path without query, Content-Length) of a request head; ValueError if malformed."""
+    lines = head.decode("latin-1").split("\r\n")
+    method, target, version = lines[0].split(" ")
+    if not version.startswith("HTTP/1."):
+        raise ValueError(f"unsupported version {version!r}")
+    length = 0
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        if name.strip().lower() == "content-length":
+            length = int(value.strip())
+    return method, target.split("?", 1)[0], length
+
+
+async def _serve_one(handler: Handler, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), READ_TIMEOUT)
+        try:
+            method, path, length = parse_head(head)
+        except ValueError:
+            writer.write(render(Response(400)))
+            return
+        if 0 < length <= BODY_LIMIT:
+            await asyncio.wait_for(reader.readexactly(length), READ_TIMEOUT)
+        try:
+            response = handler(method, path)
+        except Exception:
+            log.exception("HTTP handler failed for %s %s", method, path)
+            response = Response(500)
+        writer.write(render(response, head_only=method == "HEAD"))
+        await asyncio.wait_for(writer.drain(), READ_TIMEOUT)
+    except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, ConnectionError):
+        pass  # a client that went away or misbehaved: nothing to answer
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError, TimeoutError):
+            await asyncio.wait_for(writer.wait_closed(), READ_TIMEOUT)
