@@ -47,6 +47,9 @@ class DataplaneConfig:
     drainTimeout: float = 30.0
     affinityCapacity: int = 65536
     consistentAffinitySeed: str = ""
+    relay: str = "protocol"  # TCP byte path: "protocol" (asyncio Protocols) or "splice" (raw fds + os.splice)
+    spliceAfter: int = 65536  # relay "splice": bytes a direction copies before it switches to os.splice
+    workers: int = 1  # processes sharing the listener (SO_REUSEPORT, steered by client address)
 
 
 @dataclass(frozen=True)
@@ -105,7 +108,7 @@ def load_config(text: str, source: str = "config") -> ProxyConfig:
         raise ConfigError("apiVersion", f"must be {API_VERSION}")
     if doc.pop("kind", None) != KIND:
         raise ConfigError("kind", f"must be {KIND}")
-    config = _build(ProxyConfig, doc, "")
+    config: ProxyConfig = _build(ProxyConfig, doc, "")
     validate(config)
     return config
 
@@ -122,7 +125,7 @@ def _build(cls: type[Any], doc: Mapping[str, Any], prefix: str) -> Any:
 
 
 def _convert(f: dataclasses.Field[Any], raw: Any, path: str) -> Any:
-    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+    default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
     if dataclasses.is_dataclass(default):
         if not isinstance(raw, Mapping):
             raise ConfigError(path, "must be a mapping")
@@ -166,6 +169,10 @@ def validate(config: ProxyConfig) -> None:
     for name in ("maxUDPFlows", "affinityCapacity"):
         if getattr(dp, name) < 1:
             raise ConfigError(f"dataplane.{name}", "must be at least 1")
+    if dp.relay not in ("protocol", "splice"):
+        raise ConfigError("dataplane.relay", f"{dp.relay!r} must be protocol or splice")
+    if not 1 <= dp.workers <= 64:
+        raise ConfigError("dataplane.workers", f"{dp.workers} must be in [1, 64]")
     if config.minSyncPeriod < 0 or config.syncPeriod <= 0:
         raise ConfigError("syncPeriod", "sync periods must be positive")
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pyproxy.dataplane.nft import NftConfig, NftError, NftRunner, render_ruleset, render_update
 from pyproxy.model.objects import ServiceKey
 from pyproxy.model.store import ClusterStore
-from pyproxy.model.table import Frontend, ServiceTable
+from pyproxy.model.table import Element, ServiceTable
 
 log = logging.getLogger("pyproxy.proxier")
 
@@ -73,11 +73,11 @@ class Proxier:
 
     _last_full: bool = False
 
-    async def _write(self, added: set[tuple[object, Frontend]], removed: set[tuple[object, Frontend]]) -> None:
+    async def _write(self, added: set[Element], removed: set[Element]) -> None:
         self._last_full = self.full_sync_needed
         if not self.full_sync_needed:
             try:
-                await self.nft.apply(render_update(added, removed))  # type: ignore[arg-type]
+                await self.nft.apply(render_update(added, removed))
                 return
             except NftError as err:
                 log.warning("incremental nftables update failed, rewriting the table: %s", err)

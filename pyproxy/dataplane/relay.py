@@ -64,7 +64,7 @@ def transparent_listener(host: str, port: int, kind: int = socket.SOCK_STREAM) -
     return sock
 
 
-def reset(transport: asyncio.BaseTransport) -> None:
+def reset(transport: asyncio.Transport) -> None:
     """Close a TCP connection with RST: the client sees 'connection refused/reset' at once."""
     sock = transport.get_extra_info("socket")
     if sock is not None:
@@ -86,9 +86,10 @@ class Relay:
     draining: bool = False
     _server: asyncio.AbstractServer | None = None
 
-    async def start(self, host: str, port: int) -> None:
+    async def start(self, host: str, port: int, sock: socket.socket | None = None) -> None:
+        """Serve on a new transparent listener, or on `sock` (a worker's reuseport socket)."""
         loop = asyncio.get_running_loop()
-        sock = transparent_listener(host, port)
+        sock = sock if sock is not None else transparent_listener(host, port)
         self._server = await loop.create_server(lambda: ClientSide(self), sock=sock)
 
     def stop_accepting(self) -> None:
@@ -243,7 +244,7 @@ class Pair:
                 self.relay.stats.dial_failed(route.port.name, endpoint.address)
                 log.info("dial %s for %s failed: %s", endpoint, route.port.name, err or "timeout")
                 continue
-            self._connected(transport, endpoint)  # type: ignore[arg-type]
+            self._connected(transport, endpoint)
             return
         if not self.closed:
             self.stats.refused += 1
