@@ -141,7 +141,11 @@ def _convert(f: dataclasses.Field[Any], raw: Any, path: str) -> Any:
             raise ConfigError(path, f"must be a {type(default).__name__}")
         return raw
     if isinstance(default, float):
-        return parse_duration(raw, path) if f.name != "qps" else float(raw)
+        if f.name == "qps":  # the one float that is not a duration
+            if isinstance(raw, bool) or not isinstance(raw, (int, float)) or raw <= 0:
+                raise ConfigError(path, f"{raw!r} must be a positive number")
+            return float(raw)
+        return parse_duration(raw, path)
     if isinstance(default, int):
         if isinstance(raw, bool) or not isinstance(raw, int):
             raise ConfigError(path, "must be an integer")
