@@ -31,7 +31,11 @@ SERVICE_PORT = 80
 BACKEND_PORT = 8080
 DNAT_TABLE = "pbbench"
 PyproxyVariant = tuple[str, Sequence[str]]
-PYPROXY_VARIANTS: tuple[PyproxyVariant, ...] = (("pyproxy", ()),)
+PYPROXY_VARIANTS: tuple[PyproxyVariant, ...] = (
+    ("pyproxy", ()),  # the Protocol relay, one process
+    ("pyproxy-splice", ("--relay", "splice")),  # raw fds, copy then os.splice, one process
+    ("pyproxy-splice-2w", ("--relay", "splice", "--workers", "2")),  # the same, 2 workers (reuseport + cBPF)
+)
 
 Backends = Sequence[tuple[str, int]]
 

@@ -1,0 +1,483 @@
+"""The fast TCP relay: raw sockets driven by event-loop callbacks, `os.splice` for bulk.
+
+This is the `relay: splice` data path (config `dataplane.relay`); `relay.py` is the
+Protocol-based one. Both keep the same rules (SPEC.md §5, §8) and take every *decision*
+from the same pure code: the service port (`ServiceTable.routes`), the endpoint set and
+source policy (`plan_connection`), the endpoint (`Balancer.pick`, affinity included), and
+which timeout applies (`pair_timeout`). What differs is only how bytes move.
+
+Theory of operation:
+- Accepting: `loop.add_reader` on the transparent listener; each wake-up accepts a bounded
+  batch. The accepted socket's local address is the original destination (TPROXY).
+- Dialing: a non-blocking `connect_ex` plus `add_writer` and a timer per attempt; no task,
+  no future, no transport. A failed or timed-out endpoint is excluded and the pick is made
+  again, up to `len(dial_timeouts)` attempts; then the client gets a reset. The client is
+  not read until the upstream is connected, so no early bytes need buffering.
+- Moving bytes, per direction (client->upstream, upstream->client): `recv_into` one
+  shared buffer and `send`, while the direction has carried fewer than `splice_after`
+  bytes (small exchanges: one syscall each way, no pipe). After that the direction gets a
+  pipe pair and moves bytes socket -> pipe -> socket with `os.splice` (no copy through
+  userspace). `splice_after = 0` splices from the first byte; a negative value never does.
+- Backpressure: when the destination cannot take everything (a partial send, or bytes
+  left in the pipe), the direction stops reading its source and waits for the destination
+  to be writable; at most one buffer (or one pipe) per direction is ever held.
+- Half-close: EOF from a source becomes `shutdown(SHUT_WR)` on its destination once
+  everything read has been written; the pair closes when both directions are shut, on any
+  socket error, or when idle past `pair_timeout` (shorter once half-closed).
+- Every fd watched is unwatched before its socket is closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import fcntl
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from pyproxy.dataplane.relay import LINGER_RESET, RelayConfig, _upstream_socket, transparent_listener
+from pyproxy.dataplane.stats import DataplaneStats, PortStats
+from pyproxy.model.endpoints import Endpoint
+from pyproxy.model.table import Route, ServiceTable, plan_connection
+
+log = logging.getLogger("pyproxy.splice")
+
+ACCEPT_BATCH = 64
+COPY_BUFFER = 64 * 1024
+PIPE_SIZE = 256 * 1024
+SPLICE_BURSTS = 4  # splice rounds per readable event before yielding to the loop
+F_SETPIPE_SZ = 1031
+SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+DEFAULT_SPLICE_AFTER = 64 * 1024
+
+
+class PairLike(Protocol):
+    def close(self, abort: bool = False) -> None: ...
+
+
+class TcpRelay(Protocol):
+    """What the app needs of a TCP relay: `relay.Relay` and `FastRelay` both are one."""
+
+    @property
+    def pairs(self) -> Collection[PairLike]: ...
+
+    async def start(self, host: str, port: int, sock: socket.socket | None = None) -> None: ...
+
+    def stop_accepting(self) -> None: ...
+
+    async def drain(self, timeout: float) -> int: ...
+
+
+def pair_timeout(config: RelayConfig, half_closed: bool) -> float:
+    """Idle bound of a pair: the half-close one once either direction has ended."""
+    return config.half_close_timeout if half_closed else config.idle_timeout
+
+
+@dataclass
+class FastRelay:
+    table: ServiceTable
+    is_local_source: Callable[[str], bool]
+    stats: DataplaneStats
+    config: RelayConfig = field(default_factory=RelayConfig)
+    clock: Callable[[], float] = time.monotonic
+    splice_after: int = DEFAULT_SPLICE_AFTER
+    pairs: set[FastPair] = field(default_factory=set)
+    listener: socket.socket | None = None
+    buffer: bytearray = field(default_factory=lambda: bytearray(COPY_BUFFER))
+    _loop: asyncio.AbstractEventLoop | None = None
+
+    async def start(self, host: str, port: int, sock: socket.socket | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.listener = sock if sock is not None else transparent_listener(host, port)
+        self.listener.setblocking(False)
+        self._loop.add_reader(self.listener.fileno(), self._accept)
+
+    def stop_accepting(self) -> None:
+        if self.listener is not None and self._loop is not None:
+            self._loop.remove_reader(self.listener.fileno())
+            self.listener.close()
+            self.listener = None
+
+    async def drain(self, timeout: float) -> int:
+        """Wait for open connections to finish, up to `timeout`; abort the rest. Returns how many were cut."""
+        deadline = self.clock() + timeout
+        while self.pairs and self.clock() < deadline:
+            await asyncio.sleep(min(0.05, max(0.0, deadline - self.clock())))
+        cut = len(self.pairs)
+        for pair in list(self.pairs):
+            pair.close(abort=True)
+        return cut
+
+    def _accept(self) -> None:
+        listener = self.listener
+        if listener is None:
+            return
+        for _ in range(ACCEPT_BATCH):
+            try:
+                conn, client = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as err:  # EMFILE, ENFILE, ENOBUFS: leave the rest queued
+                log.warning("accept failed: %s", err)
+                return
+            self._serve(conn, client)
+
+    def _serve(self, conn: socket.socket, client: tuple[str, int]) -> None:
+        conn.setblocking(False)
+        try:
+            destination = conn.getsockname()
+        except OSError:
+            conn.close()
+            return
+        route = self.table.routes.get((destination[0], "TCP", destination[1]))
+        if route is None:
+            self.stats.unknown_destination += 1
+            _reset(conn)
+            return
+        port_stats = self.stats.port(route.port.name)
+        plan = plan_connection(route, self.is_local_source(client[0]))
+        if not plan.candidates:
+            port_stats.refused += 1
+            _reset(conn)
+            return
+        assert self._loop is not None
+        pair = FastPair(self, self._loop, conn, client, route, port_stats)
+        pair.dial(plan.candidates, plan.transparent)
+
+
+def _reset(sock: socket.socket) -> None:
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+    except OSError:
+        pass
+    sock.close()
+
+
+class Direction:
+    """One direction of a pair: bytes from `src` to `dst`."""
+
+    __slots__ = ("pair", "loop", "src", "dst", "src_fd", "dst_fd", "pending", "pipe", "in_pipe",
+                 "eof", "shut", "carried", "splice_after", "count_in")
+
+    def __init__(self, pair: FastPair, src: socket.socket, dst: socket.socket, count_in: bool) -> None:
+        self.pair = pair
+        self.loop = pair.loop
+        self.src, self.dst = src, dst
+        self.src_fd, self.dst_fd = src.fileno(), dst.fileno()
+        self.pending: memoryview | None = None  # copy mode: bytes read but not yet written
+        self.pipe: tuple[int, int] | None = None  # splice mode: (read end, write end)
+        self.in_pipe = 0
+        self.eof = False
+        self.shut = False
+        self.carried = 0
+        self.splice_after = pair.relay.splice_after
+        self.count_in = count_in  # client -> upstream
+
+    def start(self) -> None:
+        self.loop.add_reader(self.src_fd, self.readable)
+
+    def readable(self) -> None:
+        if self.pipe is not None:
+            self._splice_in()
+            return
+        buffer = self.pair.relay.buffer
+        try:
+            n = self.src.recv_into(buffer)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as err:
+            self.pair.failed(err)
+            return
+        if n == 0:
+            self._ended()
+            return
+        self._account(n)
+        view = memoryview(buffer)[:n]
+        try:
+            sent = self.dst.send(view)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as err:
+            self.pair.failed(err)
+            return
+        if sent < n:
+            self.pending = memoryview(bytes(view[sent:]))  # the shared buffer is reused next read
+            self._wait_for_dst()
+        elif 0 <= self.splice_after <= self.carried:
+            self._to_splice()
+
+    def _account(self, n: int) -> None:
+        self.carried += n
+        pair = self.pair
+        pair.last_activity = pair.relay.clock()
+        if self.count_in:
+            pair.stats.bytes_in += n
+        else:
+            pair.stats.bytes_out += n
+
+    def _to_splice(self) -> None:
+        try:
+            r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            self.splice_after = -1  # out of fds: keep copying
+            return
+        try:
+            fcntl.fcntl(w, F_SETPIPE_SZ, PIPE_SIZE)
+        except OSError:
+            pass  # the default 64 KiB pipe still works
+        self.pipe = (r, w)
+
+    def _splice_in(self) -> None:
+        assert self.pipe is not None
+        for _ in range(SPLICE_BURSTS):
+            try:
+                n = os.splice(self.src_fd, self.pipe[1], PIPE_SIZE, flags=SPLICE_FLAGS)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as err:
+                self.pair.failed(err)
+                return
+            if n == 0:
+                self._ended()
+                return
+            self.in_pipe += n
+            self._account(n)
+            if not self._flush_pipe():
+                return
+            if self.in_pipe:
+                self._wait_for_dst()
+                return
+
+    def _flush_pipe(self) -> bool:
+        """Move what the pipe holds to dst; False if the pair failed."""
+        assert self.pipe is not None
+        while self.in_pipe:
+            try:
+                n = os.splice(self.pipe[0], self.dst_fd, self.in_pipe, flags=SPLICE_FLAGS)
+            except (BlockingIOError, InterruptedError):
+                return True
+            except OSError as err:
+                self.pair.failed(err)
+                return False
+            self.in_pipe -= n
+        return True
+
+    def _wait_for_dst(self) -> None:
+        self.loop.remove_reader(self.src_fd)
+        self.loop.add_writer(self.dst_fd, self.writable)
+
+    def writable(self) -> None:
+        if self.pipe is not None:
+            if not self._flush_pipe() or self.in_pipe:
+                return
+        elif self.pending is not None:
+            try:
+                sent = self.dst.send(self.pending)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as err:
+                self.pair.failed(err)
+                return
+            self.pending = self.pending[sent:] if sent < len(self.pending) else None
+            if self.pending is not None:
+                return
+        self.loop.remove_writer(self.dst_fd)
+        if self.eof:
+            self._shut()
+        else:
+            if self.pipe is None and 0 <= self.splice_after <= self.carried:
+                self._to_splice()
+            self.loop.add_reader(self.src_fd, self.readable)
+
+    def _ended(self) -> None:
+        """The source sent EOF: forward it once everything read has been written."""
+        self.eof = True
+        self.loop.remove_reader(self.src_fd)
+        self.pair.half_closed_now()
+        if self.pending is None and not self.in_pipe:
+            self._shut()
+
+    def _shut(self) -> None:
+        if self.shut:
+            return
+        self.shut = True
+        try:
+            self.dst.shutdown(socket.SHUT_WR)
+        except OSError as err:
+            if err.errno != errno.ENOTCONN:
+                self.pair.failed(err)
+                return
+        self.pair.direction_done()
+
+    def stop(self) -> None:
+        """Unwatch both fds and release the pipe (the pair closes the sockets)."""
+        self.loop.remove_reader(self.src_fd)
+        self.loop.remove_writer(self.dst_fd)
+        if self.pipe is not None:
+            os.close(self.pipe[0])
+            os.close(self.pipe[1])
+            self.pipe = None
+
+
+class FastPair:
+    """One proxied connection on the fast path: dial, then two `Direction`s."""
+
+    def __init__(
+        self, relay: FastRelay, loop: asyncio.AbstractEventLoop, client: socket.socket,
+        client_address: tuple[str, int], route: Route, stats: PortStats,
+    ) -> None:
+        self.relay = relay
+        self.loop = loop
+        self.client = client
+        self.client_address = client_address
+        self.route = route
+        self.stats = stats
+        self.upstream: socket.socket | None = None
+        self.endpoint: Endpoint | None = None
+        self.up: Direction | None = None  # client -> upstream
+        self.down: Direction | None = None  # upstream -> client
+        self.candidates: tuple[Endpoint, ...] = ()
+        self.transparent = False
+        self.failed_endpoints: set[tuple[str, int]] = set()
+        self.attempt = 0
+        self.closed = False
+        self.last_activity = relay.clock()
+        self.timer: asyncio.TimerHandle | None = None
+        relay.pairs.add(self)
+        stats.active += 1
+        stats.total += 1
+
+    # dialing
+
+    def dial(self, candidates: tuple[Endpoint, ...], transparent: bool) -> None:
+        self.candidates, self.transparent = candidates, transparent
+        self._dial_next()
+
+    def _dial_next(self) -> None:
+        timeouts = self.relay.config.dial_timeouts
+        balancer = self.relay.table.balancers.get(self.route.port.name)
+        endpoint = None
+        if balancer is not None and self.attempt < len(timeouts):
+            endpoint = balancer.pick(self.client_address[0], self.candidates, self.relay.clock(),
+                                     exclude=self.failed_endpoints)
+        if endpoint is None:
+            self.stats.refused += 1
+            _reset(self.client)
+            self._finish()
+            return
+        timeout = timeouts[self.attempt]
+        self.attempt += 1
+        self.endpoint = endpoint
+        try:
+            sock = _upstream_socket(self.client_address[0] if self.transparent else None)
+        except OSError as err:
+            self._dial_failed(err)
+            return
+        self.upstream = sock
+        code = sock.connect_ex(endpoint.address)
+        if code == 0:
+            self._connected()
+        elif code == errno.EINPROGRESS:
+            self.loop.add_writer(sock.fileno(), self._dial_done)
+            self.timer = self.loop.call_later(timeout, self._dial_timed_out)
+        else:
+            self._dial_failed(OSError(code, os.strerror(code)))
+
+    def _dial_done(self) -> None:
+        sock = self.upstream
+        assert sock is not None
+        self.loop.remove_writer(sock.fileno())
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self._dial_failed(OSError(err, os.strerror(err)))
+        else:
+            self._connected()
+
+    def _dial_timed_out(self) -> None:
+        self.timer = None
+        if self.upstream is not None:
+            self.loop.remove_writer(self.upstream.fileno())
+        self._dial_failed(None)
+
+    def _dial_failed(self, err: OSError | None) -> None:
+        if self.upstream is not None:
+            self.upstream.close()
+            self.upstream = None
+        assert self.endpoint is not None
+        self.failed_endpoints.add(self.endpoint.address)
+        self.relay.stats.dial_failed(self.route.port.name, self.endpoint.address)
+        log.info("dial %s for %s failed: %s", self.endpoint, self.route.port.name, err or "timeout")
+        self.endpoint = None
+        self._dial_next()
+
+    def _connected(self) -> None:
+        assert self.upstream is not None
+        self.client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.up = Direction(self, self.client, self.upstream, count_in=True)
+        self.down = Direction(self, self.upstream, self.client, count_in=False)
+        self.up.start()
+        self.down.start()
+        self._arm_timer()
+
+    # closing
+
+    def direction_done(self) -> None:
+        if self.up is not None and self.down is not None and self.up.shut and self.down.shut:
+            self.close()
+
+    def failed(self, err: OSError) -> None:
+        log.debug("connection from %s:%s: %s", *self.client_address, err)
+        self.close()
+
+    def close(self, abort: bool = False) -> None:
+        if self.closed:
+            return
+        for direction in (self.up, self.down):
+            if direction is not None:
+                direction.stop()
+        if self.upstream is not None:
+            if self.up is None:  # still dialing
+                self.loop.remove_writer(self.upstream.fileno())
+            (_reset if abort else socket.socket.close)(self.upstream)
+        (_reset if abort else socket.socket.close)(self.client)
+        self._finish()
+
+    def _finish(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.relay.pairs.discard(self)
+        self.stats.active -= 1
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def _half_closed(self) -> bool:
+        return any(d is not None and d.eof for d in (self.up, self.down))
+
+    def half_closed_now(self) -> None:
+        """Re-arm the idle timer with the (shorter) half-close bound."""
+        if self.timer is not None:
+            self.timer.cancel()
+        self._check_idle()
+
+    def _arm_timer(self) -> None:
+        self.timer = self.loop.call_later(pair_timeout(self.relay.config, False), self._check_idle)
+
+    def _check_idle(self) -> None:
+        if self.closed:
+            return
+        remaining = pair_timeout(self.relay.config, self._half_closed()) - (self.relay.clock() - self.last_activity)
+        if remaining <= 0:
+            log.info("closing idle connection from %s:%s to %s", *self.client_address, self.endpoint)
+            self.close(abort=True)
+            return
+        self.timer = self.loop.call_later(remaining, self._check_idle)

@@ -1,0 +1,150 @@
+"""Several worker processes serving one transparent TCP listener (`dataplane.workers`).
+
+Design (the simplest correct one found; see the notes at the end):
+- The supervisor (the process `pyproxy` was started as) makes N listening sockets on the
+  proxy port, all in one SO_REUSEPORT group, in order, so that socket i has index i in the
+  group; attaches the steering program (`steering.py`) that maps a client's IPv4 source
+  address to an index; then forks N workers *before any event loop exists*. Worker i keeps
+  socket i and closes the others.
+- Every worker runs the whole proxy: its own store, model, service table and affinity
+  table, fed by the same source (the same manifest files, or the same API server). So
+  every worker sees the same Service and EndpointSlice updates, and since one client
+  address always lands on the same worker, ClientIP affinity holds across connections and
+  workers without sharing memory.
+- Only worker 0 programs the kernel (policy routing, the nftables table) and serves UDP;
+  the others apply the same syncs to their own tables with a no-op nft runner. The
+  kernel's rules never depend on which worker accepts.
+- The supervisor forwards SIGTERM/SIGINT to the workers (each drains as a single proxy
+  would); when any worker exits, it stops the others and exits with the first failure's
+  status. It never restarts one worker alone: a closed socket leaves the reuseport group
+  and the kernel renumbers the rest, which would move clients between affinity tables, so
+  the whole set is restarted (by whatever runs pyproxy) instead.
+
+Notes: the alternative, one control-plane parent streaming table updates to workers, would
+keep one watch on the API server instead of N, but needs a wire format for the table and its
+own consistency story; N independent copies of a small pure model are simpler and each
+worker is exactly the single-process proxy that the tests already cover.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import FrameType
+
+from pyproxy.dataplane import steering
+from pyproxy.dataplane.nft import NftRunner
+from pyproxy.dataplane.relay import IP_TRANSPARENT
+
+log = logging.getLogger("pyproxy.workers")
+
+STOP_GRACE = 60.0  # seconds the supervisor waits for workers after asking them to stop
+
+
+@dataclass(frozen=True)
+class WorkerRole:
+    index: int = 0
+    count: int = 1
+    listener: socket.socket | None = None  # the TCP listener made by the supervisor (None: make one)
+
+    @property
+    def programs_kernel(self) -> bool:
+        return self.index == 0
+
+
+class NullNftRunner(NftRunner):
+    """The nft runner of workers that do not program the kernel."""
+
+    async def apply(self, script: str) -> None:
+        return None
+
+
+def reuseport_listeners(host: str, port: int, count: int) -> list[socket.socket]:
+    """`count` transparent listeners in one reuseport group, steered by client address."""
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+            sock.bind((host, port))
+            sock.listen(4096)
+            sock.setblocking(False)
+        steering.attach(socks[0], count)
+    except OSError:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks
+
+
+def run_workers(count: int, host: str, port: int, serve: Callable[[WorkerRole], int]) -> int:
+    """Fork `count` workers running `serve(role)`; supervise them; return the exit status."""
+    socks = reuseport_listeners(host, port, count)
+    children: dict[int, int] = {}
+    for index in range(count):
+        pid = os.fork()
+        if pid == 0:  # the worker
+            for j, sock in enumerate(socks):
+                if j != index:
+                    sock.close()
+            status = 1
+            try:
+                status = serve(WorkerRole(index, count, socks[index]))
+            finally:
+                os._exit(status)
+        children[pid] = index
+    for sock in socks:
+        sock.close()
+    log.info("started %d workers: %s", count, ", ".join(str(p) for p in children))
+    return _supervise(children)
+
+
+def _supervise(children: dict[int, int]) -> int:
+    state = {"asked_at": 0.0}  # when the workers were first asked to stop (0: not yet)
+
+    def forward(signum: int, frame: FrameType | None) -> None:
+        state["asked_at"] = state["asked_at"] or time.monotonic()
+        for pid in children:
+            _kill(pid, signum)  # a second signal reaches them too: they stop without draining
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, forward)
+    status = 0
+    while children:
+        try:
+            pid, raw = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            break
+        if pid == 0:
+            if state["asked_at"] and time.monotonic() - state["asked_at"] > STOP_GRACE:
+                for other in children:
+                    _kill(other, signal.SIGKILL)
+            time.sleep(0.1)
+            continue
+        index = children.pop(pid, None)
+        if index is None:
+            continue
+        code = os.waitstatus_to_exitcode(raw)
+        log.info("worker %d (pid %d) exited with %d", index, pid, code)
+        if code != 0 and status == 0:
+            status = code if code > 0 else 1
+        if not state["asked_at"] and children:  # one gone: the group is renumbered, so stop them all
+            state["asked_at"] = time.monotonic()
+            for other in children:
+                _kill(other, signal.SIGTERM)
+    return status
+
+
+def _kill(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
