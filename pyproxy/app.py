@@ -13,7 +13,9 @@ import logging
 import random
 import signal
 import socket
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 from pyproxy.config import ProxyConfig
 from pyproxy.dataplane.nft import NftConfig, NftRunner
@@ -25,6 +27,7 @@ from pyproxy.observe.metrics import CountingStore
 from pyproxy.observe.observer import Observer
 from pyproxy.model.table import Frontend, ServiceTable
 from pyproxy.proxier import Proxier, SyncResult, parse_cidrs
+from pyproxy.sources.kube import KubeSource, SourceError, open_transport
 from pyproxy.sources.manifests import ManifestSnapshot, fingerprint, load_manifests, watch_manifests
 from pyproxy.sync import SyncRunner
 
@@ -103,12 +106,26 @@ class ProxyApp:
         if self.store.has_changes:
             self.runner.request()
 
-    async def run(self) -> int:
-        manifests = Path(self.config.manifests) if self.config.manifests else None
-        if manifests is None:
-            raise StartupError("no source: give --manifests DIR (standalone) or --kubeconfig/--master (cluster)")
+    async def _load_source(self) -> tuple[str, Callable[[], Coroutine[Any, Any, None]]]:
+        """Standalone: load the manifests now. Cluster: connect; the watch task fills the store."""
+        if not self.config.manifests:
+            client = self.config.clientConnection
+            try:
+                transport = await asyncio.to_thread(open_transport, client.kubeconfig, client.apiServer)
+            except SourceError as err:
+                raise StartupError(f"{err} (give --manifests DIR, --kubeconfig or --master)") from None
+            kube = KubeSource(self.store, self.runner.request, transport, self.node_name, self.config.proxyName or None)
+            return "kube-source", kube.run  # no sync programs anything before both first lists (store.synced)
+        manifests = Path(self.config.manifests)
         first_fingerprint = fingerprint(manifests)
         self.apply_manifests(load_manifests(manifests, self.node_name, self.config.proxyName or None))
+        return "manifest-watch", lambda: watch_manifests(
+            manifests, self.node_name, self.config.proxyName or None, self.apply_manifests,
+            self.config.manifestPollInterval, self.stop, first_fingerprint,
+        )
+
+    async def run(self) -> int:
+        source_name, follow_source = await self._load_source()
         await asyncio.to_thread(policy_routing(self.config).install)  # pyroute2 runs its own loop
         await self.relay.start("127.0.0.1", self.config.dataplane.tcpProxyPort)
         self._install_signals()
@@ -117,13 +134,7 @@ class ProxyApp:
         tasks = [
             asyncio.create_task(self.runner.run(self.stop), name="sync-runner"),
             asyncio.create_task(self.observer.run(self.stop), name="health-and-metrics"),
-            asyncio.create_task(
-                watch_manifests(
-                    manifests, self.node_name, self.config.proxyName or None, self.apply_manifests,
-                    self.config.manifestPollInterval, self.stop, first_fingerprint,
-                ),
-                name="manifest-watch",
-            ),
+            asyncio.create_task(follow_source(), name=source_name),
         ]
         try:
             await self.stop.wait()
