@@ -20,6 +20,8 @@ from typing import Any
 from pyproxy.config import ProxyConfig
 from pyproxy.dataplane.nft import NftConfig, NftRunner
 from pyproxy.dataplane.relay import Relay, RelayConfig
+from pyproxy.dataplane.splice import FastRelay, TcpRelay
+from pyproxy.dataplane.workers import NullNftRunner, WorkerRole
 from pyproxy.dataplane.routing import PolicyRouting, local_addresses, node_port_addresses
 from pyproxy.dataplane.stats import DataplaneStats
 from pyproxy.model.objects import ServiceKey
@@ -48,8 +50,9 @@ def policy_routing(config: ProxyConfig) -> PolicyRouting:
 
 
 class ProxyApp:
-    def __init__(self, config: ProxyConfig) -> None:
+    def __init__(self, config: ProxyConfig, worker: WorkerRole | None = None) -> None:
         self.config = config
+        self.worker = worker or WorkerRole()  # one of dataplane.workers; only worker 0 programs the kernel
         self.node_name = node_name_of(config)
         dp = config.dataplane
         self.store = CountingStore()  # a ClusterStore that also counts changes for the metrics
@@ -64,7 +67,7 @@ class ProxyApp:
         self.proxier = Proxier(
             store=self.store,
             table=self.table,
-            nft=NftRunner(),
+            nft=NftRunner() if self.worker.programs_kernel else NullNftRunner(),
             nft_config=NftConfig(
                 mark=dp.mark,
                 tcp_port=dp.tcpProxyPort,
@@ -77,7 +80,7 @@ class ProxyApp:
         )
         self.runner = SyncRunner(self.proxier.sync, config.minSyncPeriod, config.syncPeriod)
         self.observer = Observer(config, self.store, self.table, self.stats, self.runner)
-        self.relay = Relay(
+        relay = Relay(
             table=self.table,
             is_local_source=self.proxier.is_local_source,
             stats=self.stats,
@@ -87,6 +90,10 @@ class ProxyApp:
                 half_close_timeout=dp.tcpHalfCloseTimeout,
             ),
         )
+        self.relay: TcpRelay = relay
+        if dp.relay == "splice":  # the raw-fd + os.splice byte path (pyproxy/dataplane/splice.py)
+            self.relay = FastRelay(self.table, self.proxier.is_local_source, self.stats, relay.config,
+                                   splice_after=dp.spliceAfter)
         self.stop = asyncio.Event()
         self.force = False
 
@@ -126,14 +133,16 @@ class ProxyApp:
 
     async def run(self) -> int:
         source_name, follow_source = await self._load_source()
-        await asyncio.to_thread(policy_routing(self.config).install)  # pyroute2 runs its own loop
-        await self.relay.start("127.0.0.1", self.config.dataplane.tcpProxyPort)
+        if self.worker.programs_kernel:
+            await asyncio.to_thread(policy_routing(self.config).install)  # pyroute2 runs its own loop
+        await self.relay.start("127.0.0.1", self.config.dataplane.tcpProxyPort, self.worker.listener)
         self._install_signals()
         log.info("pyproxy serving on node %s", self.node_name)
         self.runner.request()
         tasks = [
             asyncio.create_task(self.runner.run(self.stop), name="sync-runner"),
-            asyncio.create_task(self.observer.run(self.stop), name="health-and-metrics"),
+            *([asyncio.create_task(self.observer.run(self.stop), name="health-and-metrics")]
+              if self.worker.programs_kernel else []),
             asyncio.create_task(follow_source(), name=source_name),
         ]
         try:

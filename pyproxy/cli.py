@@ -34,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nodeport-addresses", help="comma-separated CIDRs whose local addresses serve NodePorts")
     p.add_argument("--cluster-cidr", help="comma-separated pod CIDRs: traffic from them counts as in-cluster")
     p.add_argument("--proxy-port", type=int, help="local port of the transparent listeners (default 15001)")
+    p.add_argument("--relay", choices=("protocol", "splice"), help="TCP byte path (dataplane.relay)")
+    p.add_argument("--workers", type=int, help="worker processes sharing the listener (dataplane.workers)")
     p.add_argument("--cleanup", action="store_true", help="remove everything pyproxy installed, then exit")
     p.add_argument("-v", "--v", dest="verbosity", type=int, default=0, help="log verbosity (0-5)")
     return p
@@ -63,6 +65,10 @@ def effective_config(args: argparse.Namespace) -> ProxyConfig:
     dataplane = config.dataplane
     if args.proxy_port is not None:
         dataplane = dataclasses.replace(dataplane, tcpProxyPort=args.proxy_port, udpProxyPort=args.proxy_port)
+    if args.relay is not None:
+        dataplane = dataclasses.replace(dataplane, relay=args.relay)
+    if args.workers is not None:
+        dataplane = dataclasses.replace(dataplane, workers=args.workers)
     config = dataclasses.replace(config, clientConnection=client, dataplane=dataplane, **top)
     validate(config)
     return config
@@ -103,12 +109,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run(config: ProxyConfig) -> int:
     from pyproxy.app import ProxyApp, StartupError
+    from pyproxy.dataplane.workers import WorkerRole, run_workers
     from pyproxy.sources.manifests import ManifestError
 
-    async def _main() -> int:
-        return await ProxyApp(config).run()
+    async def _main(worker: WorkerRole | None = None) -> int:
+        return await ProxyApp(config, worker).run()
 
     try:
+        if config.dataplane.workers > 1:  # fork before any event loop exists
+            return run_workers(config.dataplane.workers, "127.0.0.1", config.dataplane.tcpProxyPort,
+                               lambda role: _run_loop(_main(role)))
         return _run_loop(_main())
     except (StartupError, ManifestError) as err:
         log.error("cannot start: %s", err)
