@@ -24,6 +24,7 @@ from pyproxy.dataplane.splice import FastRelay, TcpRelay
 from pyproxy.dataplane.workers import NullNftRunner, WorkerRole
 from pyproxy.dataplane.routing import PolicyRouting, local_addresses, node_port_addresses
 from pyproxy.dataplane.stats import DataplaneStats
+from pyproxy.dataplane.udp import UdpConfig, UdpRelay
 from pyproxy.model.objects import ServiceKey
 from pyproxy.observe.metrics import CountingStore
 from pyproxy.observe.observer import Observer
@@ -94,11 +95,18 @@ class ProxyApp:
         if dp.relay == "splice":  # the raw-fd + os.splice byte path (pyproxy/dataplane/splice.py)
             self.relay = FastRelay(self.table, self.proxier.is_local_source, self.stats, relay.config,
                                    splice_after=dp.spliceAfter)
+        self.udp = UdpRelay(
+            table=self.table,
+            is_local_source=self.proxier.is_local_source,
+            stats=self.stats,
+            config=UdpConfig(idle_timeout=dp.udpIdleTimeout, max_flows=dp.maxUDPFlows),
+        )
         self.stop = asyncio.Event()
         self.force = False
 
     def _synced(self, result: SyncResult) -> None:
         self.observer.synced(result.seconds)  # sync metrics; health check endpoint counts
+        self.udp.on_sync()  # flows to endpoints that just left are dropped
         log.info(
             "synced %d services (%s write: +%d -%d elements) in %.1f ms",
             result.changed, "full" if result.full else "incremental", result.added, result.removed,
@@ -136,6 +144,8 @@ class ProxyApp:
         if self.worker.programs_kernel:
             await asyncio.to_thread(policy_routing(self.config).install)  # pyroute2 runs its own loop
         await self.relay.start("127.0.0.1", self.config.dataplane.tcpProxyPort, self.worker.listener)
+        if self.worker.programs_kernel:  # other workers serve TCP only
+            await self.udp.start("127.0.0.1", self.config.dataplane.udpProxyPort)
         self._install_signals()
         log.info("pyproxy serving on node %s", self.node_name)
         self.runner.request()
@@ -173,6 +183,7 @@ class ProxyApp:
         if open_connections:
             log.info("draining %d open connections (up to %.0fs)", open_connections, self.config.dataplane.drainTimeout)
         cut = await self.relay.drain(0 if self.force else self.config.dataplane.drainTimeout)
+        self.udp.close()  # UDP has nothing to drain: answers in flight got the drain period
         log.info("stopped; %d connections cut at the drain bound; rules left in place", cut)
 
 

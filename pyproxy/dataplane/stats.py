@@ -18,6 +18,22 @@ class PortStats:
     bytes_in: int = 0  # client -> endpoint
     bytes_out: int = 0  # endpoint -> client
     refused: int = 0
+    datagrams_in: int = 0  # UDP ports only (their active/total count flows)
+    datagrams_out: int = 0
+
+
+@dataclass
+class UdpStats:
+    """The UDP relay as a whole (per service port figures are in `PortStats`)."""
+
+    flows_active: int = 0
+    flows_total: int = 0
+    datagrams_in: int = 0  # client -> endpoint
+    datagrams_out: int = 0  # endpoint -> client
+    bytes_in: int = 0
+    bytes_out: int = 0
+    drops: Counter[str] = field(default_factory=Counter)  # datagrams not forwarded, by reason
+    flows_closed: Counter[str] = field(default_factory=Counter)  # idle, evicted, endpoint_gone, ...
 
 
 @dataclass
@@ -25,6 +41,7 @@ class DataplaneStats:
     ports: dict[ServicePortName, PortStats] = field(default_factory=dict)
     dial_failures: Counter[tuple[ServicePortName, tuple[str, int]]] = field(default_factory=Counter)
     unknown_destination: int = 0
+    udp: UdpStats = field(default_factory=UdpStats)
 
     def port(self, name: ServicePortName) -> PortStats:
         stats = self.ports.get(name)

@@ -1,0 +1,360 @@
+"""The UDP relay: one transparent listener, one upstream socket per flow (SPEC.md §7).
+
+Rules kept here:
+- nftables TPROXYs every captured UDP service address to one listener (IP_TRANSPARENT,
+  bound to 127.0.0.1:udpProxyPort). Each datagram's original destination, the service
+  address, comes with it as IP_ORIGDSTADDR ancillary data (`recvmsg`); asyncio and uvloop
+  datagram endpoints don't surface ancillary data, so sockets are read with `add_reader`,
+  non-blocking, at most `batch` datagrams per wakeup.
+- A flow is (client ip:port, service address). Its first datagram looks up the route,
+  plans it (`plan_connection`: Cluster or Local set, keep the client's address or not) and
+  picks the endpoint (`Balancer.pick`, so ClientIP affinity applies to new flows). The flow
+  gets its own socket, connected to the endpoint; with Local policy it is IP_TRANSPARENT and
+  bound to (client ip, 0), so the pod sees the client's address and its reply comes back
+  through the `socket transparent` rule.
+- Replies go back to the client *from the service address*, through one IP_TRANSPARENT
+  socket bound to that address (shared by its flows, closed with the last of them): a
+  connected resolver accepts nothing else.
+- Datagrams pass whole up to 64 KiB: every receive buffer holds 65536 bytes.
+- Flows live in the pure `FlowTable`: idle ones expire after `idle_timeout`, the table is
+  bounded by `max_flows` (the least recently active flow is evicted), and after each sync
+  flows whose endpoint left the usable set are dropped (`on_sync`). Every flow's socket is
+  closed when its flow goes; nothing else holds one.
+- Nothing is answered for a datagram that cannot be forwarded: it is dropped and counted
+  by reason (a service port without endpoints is refused by nftables before it gets here).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import resource
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from pyproxy.dataplane.relay import IP_TRANSPARENT, transparent_listener
+from pyproxy.dataplane.stats import DataplaneStats, PortStats
+from pyproxy.model.flows import Address, Flow, FlowKey, FlowTable, usable_endpoints
+from pyproxy.model.objects import ServicePortName
+from pyproxy.model.table import PortState, ServiceTable, plan_connection
+
+log = logging.getLogger("pyproxy.udp")
+
+IP_ORIGDSTADDR = 20  # <linux/in.h>; IP_RECVORIGDSTADDR is the same number
+SOCKADDR_IN_SIZE = 16
+RECEIVE_SIZE = 65536  # the largest IPv4 UDP payload is 65507: nothing is ever cut
+ANCILLARY_SIZE = socket.CMSG_SPACE(SOCKADDR_IN_SIZE)
+WARN_INTERVAL = 10.0
+
+
+@dataclass(frozen=True)
+class UdpConfig:
+    idle_timeout: float = 30.0
+    max_flows: int = 16384
+    batch: int = 64  # datagrams read from one socket per wakeup
+    listener_buffer: int = 4 << 20
+    upstream_buffer: int = 256 << 10
+
+
+@dataclass
+class FlowIO:
+    """What the data plane attaches to a flow: its upstream socket and its port's counters."""
+
+    upstream: socket.socket
+    stats: PortStats
+
+
+def original_destination(ancillary: list[tuple[int, int, bytes]]) -> Address | None:
+    """The service address a TPROXY'd datagram was sent to, from its IP_ORIGDSTADDR (a sockaddr_in)."""
+    for level, kind, data in ancillary:
+        if level == socket.SOL_IP and kind == IP_ORIGDSTADDR and len(data) >= 8:
+            return socket.inet_ntoa(data[4:8]), int.from_bytes(data[2:4], "big")
+    return None
+
+
+@dataclass
+class UdpRelay:
+    table: ServiceTable
+    is_local_source: Callable[[str], bool]
+    stats: DataplaneStats
+    config: UdpConfig = field(default_factory=UdpConfig)
+    clock: Callable[[], float] = time.monotonic
+    flows: FlowTable[FlowIO] = field(init=False)
+    _listener: socket.socket | None = None
+    _loop: asyncio.AbstractEventLoop | None = None
+    _timer: asyncio.TimerHandle | None = None
+    _replies: dict[Address, socket.socket] = field(default_factory=dict)
+    _planned_with: dict[ServicePortName, PortState] = field(default_factory=dict)
+    _warned: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.flows = FlowTable(self.config.max_flows, self.config.idle_timeout)
+
+    async def start(self, host: str, port: int) -> None:
+        self._loop = asyncio.get_running_loop()
+        ensure_fd_budget(self.config.max_flows + 2048)  # a socket per flow, a few reply sockets, the rest
+        sock = transparent_listener(host, port, socket.SOCK_DGRAM)
+        try:
+            sock.setsockopt(socket.SOL_IP, IP_ORIGDSTADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.config.listener_buffer)
+            self._loop.add_reader(sock.fileno(), self._from_clients)
+        except OSError:
+            sock.close()
+            raise
+        self._listener = sock
+
+    def close(self) -> None:
+        """Stop listening and close every flow and reply socket."""
+        if self._listener is not None and self._loop is not None:
+            self._loop.remove_reader(self._listener.fileno())
+            self._listener.close()
+            self._listener = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for flow in self.flows.clear():
+            self._release(flow, "shutdown")
+        for sock in self._replies.values():
+            sock.close()
+        self._replies.clear()
+
+    def on_sync(self) -> None:
+        """After a sync: drop flows whose endpoint left its port's usable set (or whose port is gone)."""
+        for name in self.flows.ports():
+            current = self.table.ports.get(name)
+            if current is not None and current is self._planned_with.get(name):
+                continue  # this port was not rebuilt
+            for flow in self.flows.retain(name, usable_endpoints(current)):
+                log.info("dropping UDP flow %s:%s -> %s: endpoint %s:%s is gone", *flow.client, name, *flow.endpoint)
+                self._release(flow, "endpoint_gone")
+            if current is None:
+                self._planned_with.pop(name, None)
+            else:
+                self._planned_with[name] = current
+        for name in set(self._planned_with) - self.flows.ports():
+            del self._planned_with[name]
+
+    # client -> endpoint
+
+    def _from_clients(self) -> None:
+        listener = self._listener
+        if listener is None:
+            return
+        for _ in range(self.config.batch):
+            try:
+                data, ancillary, flags, client = listener.recvmsg(RECEIVE_SIZE, ANCILLARY_SIZE)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as err:
+                self._drop("receive_error")
+                self._warn("receive", "UDP listener receive failed: %s", err)
+                return
+            destination = original_destination(ancillary)
+            if destination is None or flags & socket.MSG_TRUNC:
+                self._drop("no_original_destination" if destination is None else "truncated")
+                continue
+            self._forward(data, client, destination)
+
+    def _forward(self, data: bytes, client: Address, destination: Address) -> None:
+        now = self.clock()
+        key: FlowKey = (client, destination)
+        flow = self.flows.get(key) or self._open(key, now)
+        if flow is None:
+            return
+        try:
+            flow.handle.upstream.send(data)
+        except BlockingIOError:
+            self._drop("upstream_busy")
+            return
+        except ConnectionRefusedError:  # the endpoint's port is closed (ICMP from the pod)
+            self._drop("endpoint_refused")
+            self._close(flow, "endpoint_refused")
+            return
+        except OSError as err:
+            self._drop("upstream_error")
+            self._warn("send", "UDP send to %s:%s failed: %s", *flow.endpoint, err)
+            self._close(flow, "upstream_error")
+            return
+        self.flows.touch(flow, now)
+        udp, port = self.stats.udp, flow.handle.stats
+        udp.datagrams_in += 1
+        udp.bytes_in += len(data)
+        port.datagrams_in += 1
+        port.bytes_in += len(data)
+
+    def _open(self, key: FlowKey, now: float) -> Flow[FlowIO] | None:
+        """A new flow: route, plan and pick as the TCP relay does; None (counted) if it cannot be served."""
+        client, destination = key
+        route = self.table.routes.get((destination[0], "UDP", destination[1]))
+        if route is None:
+            self.stats.unknown_destination += 1
+            self._drop("unknown_destination")
+            return None
+        name = route.port.name
+        port_stats = self.stats.port(name)
+        plan = plan_connection(route, self.is_local_source(client[0]))
+        balancer = self.table.balancers.get(name)
+        endpoint = balancer.pick(client[0], plan.candidates, now) if balancer is not None else None
+        if endpoint is None:
+            port_stats.refused += 1
+            self._drop("no_endpoint")
+            return None
+        try:
+            self._reply_socket(destination)
+            upstream = upstream_socket(client[0] if plan.transparent else None, endpoint.address,
+                                       self.config.upstream_buffer)
+        except OSError as err:
+            self._drop("socket_error")
+            self._warn("socket", "cannot open a UDP flow from %s:%s to %s: %s", *client, endpoint, err)
+            self._close_reply_if_unused(destination)
+            return None
+        flow = Flow(key, name, endpoint.address, FlowIO(upstream, port_stats))
+        assert self._loop is not None
+        self._loop.add_reader(upstream.fileno(), self._from_endpoint, flow)
+        self._planned_with.setdefault(name, route.port)
+        evicted = self.flows.add(flow, now)
+        for old in evicted:
+            self._release(old, "evicted")
+        if evicted:
+            self._warn("full", "UDP flow table full (%d flows): evicting the least recently active (%d so far)",
+                       self.config.max_flows, self.stats.udp.flows_closed["evicted"])
+        udp = self.stats.udp
+        udp.flows_active += 1
+        udp.flows_total += 1
+        port_stats.active += 1
+        port_stats.total += 1
+        self._arm_timer()
+        return flow
+
+    # endpoint -> client
+
+    def _from_endpoint(self, flow: Flow[FlowIO]) -> None:
+        reply = self._replies.get(flow.service_address)
+        if reply is None or self.flows.get(flow.key) is not flow:
+            return  # closed in this same loop iteration
+        sock, port = flow.handle.upstream, flow.handle.stats
+        received = 0
+        for _ in range(self.config.batch):
+            try:
+                data = sock.recv(RECEIVE_SIZE)
+            except (BlockingIOError, InterruptedError):
+                break
+            except ConnectionRefusedError:
+                self._drop("endpoint_refused")
+                self._close(flow, "endpoint_refused")
+                return
+            except OSError as err:
+                self._warn("recv", "UDP receive from %s:%s failed: %s", *flow.endpoint, err)
+                self._close(flow, "upstream_error")
+                return
+            try:
+                reply.sendto(data, flow.client)
+            except OSError:
+                self._drop("client_send_error")
+                continue
+            received += 1
+            self.stats.udp.datagrams_out += 1
+            self.stats.udp.bytes_out += len(data)
+            port.datagrams_out += 1
+            port.bytes_out += len(data)
+        if received:
+            self.flows.touch(flow, self.clock())
+
+    def _reply_socket(self, address: Address) -> socket.socket:
+        sock = self._replies.get(address)
+        if sock is None:
+            sock = reply_socket(address)
+            self._replies[address] = sock
+        return sock
+
+    # closing
+
+    def _close(self, flow: Flow[FlowIO], reason: str) -> None:
+        if self.flows.remove(flow.key) is flow:
+            self._release(flow, reason)
+
+    def _release(self, flow: Flow[FlowIO], reason: str) -> None:
+        """Close a flow that has left the table: its socket, its counters, maybe its reply socket."""
+        sock = flow.handle.upstream
+        if self._loop is not None:
+            self._loop.remove_reader(sock.fileno())
+        sock.close()
+        self.stats.udp.flows_active -= 1
+        self.stats.udp.flows_closed[reason] += 1
+        flow.handle.stats.active -= 1
+        self._close_reply_if_unused(flow.service_address)
+
+    def _close_reply_if_unused(self, address: Address) -> None:
+        if not self.flows.address_in_use(address):
+            sock = self._replies.pop(address, None)
+            if sock is not None:
+                sock.close()
+
+    def _arm_timer(self) -> None:
+        if self._timer is not None or self._loop is None:
+            return
+        expiry = self.flows.next_expiry()
+        if expiry is not None:
+            delay = max(0.0, expiry - self.clock()) + 0.01
+            self._timer = self._loop.call_later(delay, self._expire)
+
+    def _expire(self) -> None:
+        self._timer = None
+        for flow in self.flows.expire(self.clock()):
+            self._release(flow, "idle")
+        self._arm_timer()
+
+    # accounting
+
+    def _drop(self, reason: str) -> None:
+        self.stats.udp.drops[reason] += 1
+
+    def _warn(self, topic: str, message: str, *args: object) -> None:
+        """Log a warning at most once per WARN_INTERVAL per topic: floods must not flood the log."""
+        now = self.clock()
+        if now - self._warned.get(topic, -WARN_INTERVAL) >= WARN_INTERVAL:
+            self._warned[topic] = now
+            log.warning(message, *args)
+
+
+def upstream_socket(source_ip: str | None, endpoint: Address, buffer: int) -> socket.socket:
+    """A UDP socket connected to the endpoint; transparent and bound to `source_ip` if given."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        sock.setblocking(False)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffer)
+        if source_ip is not None:
+            sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+            sock.bind((source_ip, 0))
+        sock.connect(endpoint)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def reply_socket(service_address: Address) -> socket.socket:
+    """A socket that sends from the service address (never read: its receive buffer stays minimal)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        sock.setblocking(False)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)
+        sock.bind(service_address)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def ensure_fd_budget(needed: int) -> None:
+    """Raise the soft open-files limit towards `needed` (never lower it; the hard limit caps it)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    cap = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+    if soft != resource.RLIM_INFINITY and soft < cap:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (cap, hard))
+    if cap < needed:
+        log.warning("open-files limit %d is below the %d that maxUDPFlows may need", cap, needed)
