@@ -4,7 +4,8 @@ Rules kept here:
 - A frontend is one captured address: (ip, protocol, port) of a ClusterIP, externalIP,
   load-balancer IP, or node address + nodePort. ClusterIPs are internal traffic; the rest
   is external traffic (SPEC.md §2).
-- The first Service to claim a frontend keeps it; a later claimant is reported, not served.
+- The first Service to claim a frontend keeps it; a later claimant is reported, not served,
+  and takes the frontend over in the same update once the owner lets it go.
 - Each frontend lands in exactly one kernel set (see `Verdict`): captured to the proxy,
   refused (no endpoints at all), or dropped (Local policy with no local endpoint).
 - `update()` rebuilds only the Services it is told changed, and returns the kernel set
@@ -103,6 +104,7 @@ class ServiceTable:
     _frontends_of: dict[ServiceKey, list[Frontend]] = field(default_factory=dict)
     _ports_of: dict[ServiceKey, list[ServicePortName]] = field(default_factory=dict)
     _elements: dict[ServiceKey, frozenset[Element]] = field(default_factory=dict)
+    _waiting: dict[ServiceKey, set[Frontend]] = field(default_factory=dict)  # claims lost to an owner
 
     def update(
         self, changed: Iterable[ServiceKey], store: ClusterStore, node_addresses: Iterable[str]
@@ -112,7 +114,9 @@ class ServiceTable:
         zone = store.node.zone if store.node else None
         added: set[Element] = set()
         removed: set[Element] = set()
-        for key in sorted(changed):
+        pending = sorted(set(changed))
+        while pending:
+            key = pending.pop(0)
             old = self._elements.pop(key, frozenset())
             old_ports = self._forget(key)
             service = store.services.get(key)
@@ -123,7 +127,15 @@ class ServiceTable:
                 self._elements[key] = new
             added |= new - old
             removed |= old - new
+            pending += self._claimants_of_released(pending)
         return added - removed, removed - added
+
+    def _claimants_of_released(self, pending: list[ServiceKey]) -> list[ServiceKey]:
+        """Services that lost a frontend claim to an owner that has since let go of it."""
+        return sorted(
+            key for key, frontends in self._waiting.items()
+            if key not in pending and any(f not in self._owners for f in frontends)
+        )
 
     def all_elements(self) -> set[Element]:
         return set().union(*self._elements.values()) if self._elements else set()
@@ -133,6 +145,7 @@ class ServiceTable:
 
     def _forget(self, key: ServiceKey) -> set[ServicePortName]:
         """Drop a Service's routes and port states; return its port names (balancers stay)."""
+        self._waiting.pop(key, None)
         for frontend in self._frontends_of.pop(key, ()):
             del self._owners[frontend]
             del self.routes[frontend]
@@ -175,6 +188,7 @@ class ServiceTable:
         owner = self._owners.get(frontend)
         if owner is not None and owner != key:
             self.on_conflict(key, frontend, owner)
+            self._waiting.setdefault(key, set()).add(frontend)
             return False
         if owner is None:
             self._owners[frontend] = key
