@@ -86,8 +86,10 @@ class SyncRunner:
             await self._sync()
         except Exception:
             log.exception("sync failed; retrying in %.1fs", self.retry_interval)
-            if self.pending_since is None:
-                self.pending_since = pending if pending is not None else started
+            if pending is not None:  # still the oldest unapplied change, even if more came meanwhile
+                self.pending_since = pending
+            elif self.pending_since is None:
+                self.pending_since = started
             return False
         finally:
             self.applying_since = None
