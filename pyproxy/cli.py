@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pyproxy.config import ConfigError, ProxyConfig, dump_config, load_config, validate
+from pyproxy.config import EVENT_LOOPS, ConfigError, ProxyConfig, dump_config, load_config, validate
 
 log = logging.getLogger("pyproxy")
 
@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--relay", choices=("protocol", "splice"), help="TCP byte path (dataplane.relay)")
     p.add_argument("--workers", type=int, help="worker processes sharing the listener (dataplane.workers)")
     p.add_argument("--cleanup", action="store_true", help="remove everything pyproxy installed, then exit")
+    p.add_argument("--event-loop", choices=EVENT_LOOPS,
+                   help="event loop: uvloop, asyncio, or auto (uvloop when installed; the default)")
     p.add_argument("-v", "--v", dest="verbosity", type=int, default=0, help="log verbosity (0-5)")
     return p
 
@@ -51,6 +53,7 @@ def effective_config(args: argparse.Namespace) -> ProxyConfig:
         ("metrics_bind_address", "metricsBindAddress"),
         ("cluster_cidr", "clusterCIDR"),
         ("manifests", "manifests"),
+        ("event_loop", "eventLoop"),
     ):
         value = getattr(args, flag)
         if value is not None:
@@ -118,8 +121,8 @@ def run(config: ProxyConfig) -> int:
     try:
         if config.dataplane.workers > 1:  # fork before any event loop exists
             return run_workers(config.dataplane.workers, "127.0.0.1", config.dataplane.tcpProxyPort,
-                               lambda role: _run_loop(_main(role)))
-        return _run_loop(_main())
+                               lambda role: _run_loop(_main(role), config.eventLoop))
+        return _run_loop(_main(), config.eventLoop)
     except (StartupError, ManifestError) as err:
         log.error("cannot start: %s", err)
         return 1
@@ -128,12 +131,18 @@ def run(config: ProxyConfig) -> int:
         return 1
 
 
-def _run_loop(coro: Any) -> int:
-    try:
-        import uvloop
-    except ImportError:  # asyncio is the fallback event loop
-        return int(asyncio.run(coro))
-    return int(uvloop.run(coro))
+def _run_loop(coro: Any, event_loop: str = "auto") -> int:
+    if event_loop != "asyncio":
+        try:
+            import uvloop
+        except ImportError:  # asyncio is the fallback event loop
+            if event_loop == "uvloop":
+                raise
+        else:
+            log.info("event loop: uvloop")
+            return int(uvloop.run(coro))
+    log.info("event loop: asyncio")
+    return int(asyncio.run(coro))
 
 
 def cleanup(config: ProxyConfig) -> int:

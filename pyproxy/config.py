@@ -24,6 +24,7 @@ import yaml
 
 API_VERSION = "pyproxy.io/v1alpha1"
 KIND = "PyProxyConfiguration"
+EVENT_LOOPS = ("auto", "uvloop", "asyncio")
 
 
 class ConfigError(ValueError):
@@ -71,6 +72,7 @@ class ProxyConfig:
     minSyncPeriod: float = 0.1
     manifests: str = ""
     manifestPollInterval: float = 0.5
+    eventLoop: str = "auto"
     clientConnection: ClientConnection = field(default_factory=ClientConnection)
     dataplane: DataplaneConfig = field(default_factory=DataplaneConfig)
 
@@ -162,6 +164,8 @@ def validate(config: ProxyConfig) -> None:
         _cidr(cidr, f"nodePortAddresses[{i}]")
     for i, cidr in enumerate(c for c in config.clusterCIDR.split(",") if c):
         _cidr(cidr, f"clusterCIDR[{i}]")
+    if config.eventLoop not in EVENT_LOOPS:
+        raise ConfigError("eventLoop", f"{config.eventLoop!r} is not one of {', '.join(EVENT_LOOPS)}")
     dp = config.dataplane
     for path, port in (("dataplane.tcpProxyPort", dp.tcpProxyPort), ("dataplane.udpProxyPort", dp.udpProxyPort)):
         if not 1 <= port <= 65535:

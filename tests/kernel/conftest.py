@@ -2,7 +2,8 @@
 
 One cluster per test module (building it costs a couple of seconds); tests change the
 Services by rewriting the manifest files, exactly as a standalone user would, and wait for
-both proxies to log the sync that follows (pyproxy.demo.cluster).
+both proxies to log the sync that follows (pyproxy.demo.cluster). Each module runs twice:
+with pyproxy on uvloop and on plain asyncio.
 """
 
 from __future__ import annotations
@@ -21,15 +22,17 @@ from tests.conftest import privileged_reason, skip_or_fail
 __all__ = ["PODS", "TCP_PORTS", "UDP_PORTS", "Cluster", "cluster"]
 
 
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[Cluster]:
+@pytest.fixture(scope="module", params=["uvloop", "asyncio"])
+def cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
+    """The cluster, with pyproxy on the event loop named by the parameter: every test that
+    uses it runs under both."""
     reason = privileged_reason()
     if reason:
         skip_or_fail(reason)
     workdir = Path(tempfile.mkdtemp(prefix="pyproxy-test-"))
     lab = Lab()
     try:
-        yield build(lab, workdir)
+        yield build(lab, workdir, proxy_args=("--event-loop", request.param))
     finally:
         lab.close()
         subprocess.run(["rm", "-rf", str(workdir)], check=False)
