@@ -1,0 +1,128 @@
+"""The rendered table against the real `nft`, in a private network namespace.
+
+A full write, then an incremental one, both through NftRunner, read back with
+`nft -j list table ip pyproxy`. The namespace is this test's own and is removed afterwards;
+the root namespace's firewall is never touched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pyproxy.dataplane.nft import NftConfig, NftError, NftRunner, render_cleanup, render_ruleset, render_update
+from pyproxy.model.table import Element, Verdict
+from tests.conftest import privileged_reason, skip_or_fail
+
+pytestmark = pytest.mark.privileged
+
+CONFIG = NftConfig(mark=0x1F, tcp_port=15001, udp_port=15002, local_sources=("10.244.0.0/16",))
+CAP, REJ, DI, DE = Verdict.CAPTURE, Verdict.REJECT, Verdict.DROP_INTERNAL, Verdict.DROP_EXTERNAL
+
+
+class Netns:
+    def __init__(self, name: str, workdir: Path) -> None:
+        self.name = name
+        wrapper = workdir / "nft-in-netns"
+        wrapper.write_text(f'#!/bin/sh\nexec ip netns exec {name} nft "$@"\n')
+        wrapper.chmod(0o755)
+        self.runner = NftRunner(binary=str(wrapper))  # NftRunner's own I/O, inside the namespace
+
+    def nft(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["ip", "netns", "exec", self.name, "nft", *args], capture_output=True, text=True,
+                              check=check, timeout=10)
+
+    def sets(self) -> dict[str, set[tuple[str, str, int]]]:
+        """set name -> elements, read back from the kernel."""
+        listing: list[dict[str, Any]] = json.loads(self.nft("-j", "list", "table", "ip", "pyproxy").stdout)["nftables"]
+        found: dict[str, set[tuple[str, str, int]]] = {}
+        for entry in listing:
+            if "set" not in entry:
+                continue
+            elements = found.setdefault(entry["set"]["name"], set())
+            for element in entry["set"].get("elem", ()):
+                if isinstance(element, dict) and "concat" in element:
+                    ip, proto, port = element["concat"]
+                    elements.add((ip, str(proto), int(port)))
+        return found
+
+
+@pytest.fixture
+def netns(tmp_path: Path) -> Iterator[Netns]:
+    reason = privileged_reason()
+    if reason:
+        skip_or_fail(reason)
+    name = f"pyproxy-nft-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    subprocess.run(["ip", "netns", "add", name], check=True, timeout=10)
+    try:
+        yield Netns(name, tmp_path)
+    finally:
+        subprocess.run(["ip", "netns", "delete", name], check=False, timeout=10)
+
+
+def kernel_view(elements: set[Element]) -> dict[str, set[tuple[str, str, int]]]:
+    names = {CAP: "svc_capture", REJ: "svc_reject", DI: "svc_drop_internal", DE: "svc_drop_external"}
+    view: dict[str, set[tuple[str, str, int]]] = {name: set() for name in names.values()}
+    for verdict, (ip, protocol, port) in elements:
+        view[names[verdict]].add((ip, protocol.lower(), port))
+    return view
+
+
+async def test_full_then_incremental_write(netns: Netns) -> None:
+    first: set[Element] = {
+        (CAP, ("10.96.0.10", "TCP", 80)),
+        (CAP, ("10.96.0.53", "UDP", 53)),
+        (REJ, ("10.96.0.11", "TCP", 443)),
+        (DI, ("10.96.0.12", "TCP", 80)),
+        (DE, ("192.168.1.10", "TCP", 30080)),
+    }
+    await netns.runner.apply(render_ruleset(CONFIG, first))
+    sets = netns.sets()
+    assert {k: v for k, v in sets.items() if k != "local_sources"} == kernel_view(first)
+    tables = netns.nft("list", "tables").stdout.split()
+    assert tables == ["table", "ip", "pyproxy"]
+    ruleset = netns.nft("list", "table", "ip", "pyproxy").stdout
+    assert "tproxy to 127.0.0.1:15001" in ruleset and "socket transparent 1" in ruleset
+
+    # an incremental sync: 10.96.0.11 gets endpoints, the UDP service goes away
+    added: set[Element] = {(CAP, ("10.96.0.11", "TCP", 443))}
+    removed: set[Element] = {(REJ, ("10.96.0.11", "TCP", 443)), (CAP, ("10.96.0.53", "UDP", 53))}
+    await netns.runner.apply(render_update(added, removed))
+    second = (first - removed) | added
+    sets = netns.sets()
+    assert {k: v for k, v in sets.items() if k != "local_sources"} == kernel_view(second)
+
+    # a full write replaces the table whole: elements not in it are gone
+    await netns.runner.apply(render_ruleset(CONFIG, {(CAP, ("10.96.0.10", "TCP", 80))}))
+    assert netns.sets()["svc_capture"] == {("10.96.0.10", "tcp", 80)}
+    assert netns.sets()["svc_drop_external"] == set()
+
+
+async def test_large_update_in_chunks(netns: Netns) -> None:
+    await netns.runner.apply(render_ruleset(CONFIG, ()))
+    many: set[Element] = {(CAP, (f"10.96.{i // 250}.{i % 250 + 1}", "TCP", 80)) for i in range(2500)}
+    await netns.runner.apply(render_update(many, ()))
+    assert len(netns.sets()["svc_capture"]) == 2500
+
+
+async def test_failed_incremental_write_raises_and_changes_nothing(netns: Netns) -> None:
+    await netns.runner.apply(render_ruleset(CONFIG, {(CAP, ("10.96.0.10", "TCP", 80))}))
+    bad = render_update({(CAP, ("10.96.0.20", "TCP", 80))}, {(REJ, ("10.96.0.99", "TCP", 80))})
+    with pytest.raises(NftError):
+        await netns.runner.apply(bad)  # deleting an element that is not there
+    assert netns.sets()["svc_capture"] == {("10.96.0.10", "tcp", 80)}  # one transaction: nothing added
+
+
+async def test_cleanup_removes_the_table_and_is_idempotent(netns: Netns) -> None:
+    await netns.runner.apply(render_ruleset(CONFIG, ()))
+    await netns.runner.apply(render_cleanup())
+    assert netns.nft("list", "tables").stdout.strip() == ""
+    await netns.runner.apply(render_cleanup())  # nothing to remove: still fine
+    assert netns.nft("list", "tables").stdout.strip() == ""

@@ -1,0 +1,132 @@
+"""Rendering pyproxy's nftables table (pure text; the real `nft` check is in tests/kernel)."""
+
+from __future__ import annotations
+
+import re
+
+from pyproxy.dataplane.nft import SETS, NftConfig, render_cleanup, render_ruleset, render_update
+from pyproxy.model.table import Element, Verdict
+
+CONFIG = NftConfig(mark=0x1F, tcp_port=15001, udp_port=15002, local_sources=("10.244.0.0/16", "10.245.0.0/16"))
+CAP, REJ, DI, DE = Verdict.CAPTURE, Verdict.REJECT, Verdict.DROP_INTERNAL, Verdict.DROP_EXTERNAL
+ELEMENTS: set[Element] = {
+    (CAP, ("10.96.0.10", "TCP", 80)),
+    (CAP, ("10.96.0.53", "UDP", 53)),
+    (REJ, ("10.96.0.11", "TCP", 443)),
+    (DI, ("10.96.0.12", "TCP", 80)),
+    (DE, ("192.168.1.10", "TCP", 30080)),
+}
+
+
+def element_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if " element " in line]
+
+
+def elements_of(text: str, verb: str) -> dict[str, set[str]]:
+    """set name -> elements, from the `<verb> element ip pyproxy <set> { ... }` lines."""
+    found: dict[str, set[str]] = {}
+    for line in element_lines(text):
+        if not line.startswith(f"{verb} "):
+            continue
+        match = re.fullmatch(rf"{verb} element ip pyproxy (\w+) \{{ (.*) \}}", line)
+        assert match, line
+        found.setdefault(match[1], set()).update(match[2].split(", "))
+    return found
+
+
+def test_ruleset_owns_one_table_and_nothing_else() -> None:
+    text = render_ruleset(CONFIG, ELEMENTS)
+    tables = set(re.findall(r"^(?:delete )?table (\w+ \w+)", text, flags=re.M))
+    assert tables == {"ip pyproxy"}
+    # the table is created (so that delete never fails), deleted, then written whole, in one script
+    assert text.startswith("table ip pyproxy\ndelete table ip pyproxy\ntable ip pyproxy {\n")
+    assert "flush ruleset" not in text
+    assert not re.search(r"element (?!ip pyproxy )", text)
+
+
+def test_ruleset_declares_every_set_and_rules_use_them() -> None:
+    text = render_ruleset(CONFIG, ())
+    assert set(SETS.values()) == {"svc_capture", "svc_reject", "svc_drop_internal", "svc_drop_external"}
+    for name in SETS.values():
+        assert f"set {name} {{ type ipv4_addr . inet_proto . inet_service; }}" in text
+        assert f"ip daddr . meta l4proto . th dport @{name}" in text
+    assert "set local_sources { type ipv4_addr; flags interval; elements = { 10.244.0.0/16, 10.245.0.0/16 }; }" in text
+    assert "@local_sources" in text
+    assert element_lines(text) == []  # no services: no elements, but the rules are all there
+
+
+def test_ruleset_rules_and_their_order() -> None:
+    lines = [line.strip() for line in render_ruleset(CONFIG, ()).splitlines()]
+    pre = lines[lines.index("chain prerouting {") + 1:]
+    pre = pre[:pre.index("}")]
+    match = "ip daddr . meta l4proto . th dport"
+    assert pre == [
+        "type filter hook prerouting priority mangle; policy accept;",
+        f"{match} @svc_reject meta l4proto tcp reject with tcp reset",
+        f"{match} @svc_reject reject",
+        f"{match} @svc_drop_internal drop",
+        f"{match} @svc_drop_external fib saddr type != local ip saddr != @local_sources drop",
+        f"{match} @svc_capture meta l4proto tcp tproxy to 127.0.0.1:15001 meta mark set meta mark or 0x1f accept",
+        f"{match} @svc_capture meta l4proto udp tproxy to 127.0.0.1:15002 meta mark set meta mark or 0x1f accept",
+        f"{match} @svc_drop_external meta l4proto tcp tproxy to 127.0.0.1:15001 meta mark set meta mark or 0x1f accept",
+        f"{match} @svc_drop_external meta l4proto udp tproxy to 127.0.0.1:15002 meta mark set meta mark or 0x1f accept",
+        "socket transparent 1 meta mark set meta mark or 0x1f",
+    ]
+    out = lines[lines.index("chain output {") + 1:]
+    out = out[:out.index("}")]
+    assert out[0] == "type route hook output priority mangle; policy accept;"
+    assert out[1] == f"{match} @svc_drop_internal drop"
+    assert {line.split(" @")[1].split(" ")[0] for line in out[2:]} == {"svc_capture", "svc_drop_external",
+                                                                         "svc_reject"}
+
+
+def test_ruleset_without_local_sources_has_an_empty_set() -> None:
+    text = render_ruleset(NftConfig(mark=1, tcp_port=1, udp_port=2), ())
+    assert "set local_sources { type ipv4_addr; flags interval; }" in text
+
+
+def test_ruleset_elements_land_in_their_verdicts_sets() -> None:
+    text = render_ruleset(CONFIG, ELEMENTS)
+    assert elements_of(text, "add") == {
+        "svc_capture": {"10.96.0.10 . tcp . 80", "10.96.0.53 . udp . 53"},
+        "svc_reject": {"10.96.0.11 . tcp . 443"},
+        "svc_drop_internal": {"10.96.0.12 . tcp . 80"},
+        "svc_drop_external": {"192.168.1.10 . tcp . 30080"},
+    }
+    # elements come after the table definition that declares their sets
+    assert text.index("add element") > text.index("chain output")
+
+
+def test_ruleset_is_deterministic() -> None:
+    assert render_ruleset(CONFIG, ELEMENTS) == render_ruleset(CONFIG, list(reversed(sorted(ELEMENTS, key=str))))
+
+
+def test_elements_are_chunked() -> None:
+    many: set[Element] = {(CAP, (f"10.96.{i // 250}.{i % 250 + 1}", "TCP", 80)) for i in range(2500)}
+    text = render_update(many, ())
+    lines = element_lines(text)
+    assert len(lines) == 3
+    counts = [line.count(" . tcp . ") for line in lines]
+    assert counts == [1000, 1000, 500]
+    assert sum(len(v) for v in elements_of(text, "add").values()) == 2500
+
+
+def test_update_touches_only_elements() -> None:
+    added: set[Element] = {(CAP, ("10.96.0.11", "TCP", 443))}
+    removed: set[Element] = {(REJ, ("10.96.0.11", "TCP", 443)), (CAP, ("10.96.0.99", "UDP", 53))}
+    text = render_update(added, removed)
+    assert all(re.fullmatch(r"(add|delete) element ip pyproxy \w+ \{ .* \}", line) for line in text.splitlines())
+    assert elements_of(text, "delete") == {"svc_reject": {"10.96.0.11 . tcp . 443"},
+                                           "svc_capture": {"10.96.0.99 . udp . 53"}}
+    assert elements_of(text, "add") == {"svc_capture": {"10.96.0.11 . tcp . 443"}}
+    # deletes first: an element moving between sets never sits in two at once
+    assert text.index("delete element") < text.index("add element")
+    assert "table ip pyproxy {" not in text and "chain" not in text
+
+
+def test_empty_update_is_empty() -> None:
+    assert render_update((), ()) == ""
+
+
+def test_cleanup_removes_only_our_table() -> None:
+    assert render_cleanup() == "table ip pyproxy\ndelete table ip pyproxy\n"
