@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import datetime
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from pyproxy.model.objects import Node, Service, ServiceKey, ServicePortName
@@ -116,10 +116,14 @@ def service_health(service: ServiceKey, local_endpoints: int, proxy_is_healthy: 
     return Response(status, json.dumps(body).encode(), headers)
 
 
-def local_endpoint_counts(ports: Mapping[ServicePortName, PortState]) -> dict[ServiceKey, int]:
+def local_endpoint_counts(
+    ports: Mapping[ServicePortName, PortState], only: Collection[ServiceKey] | None = None
+) -> dict[ServiceKey, int]:
     """Distinct local, ready, non-terminating endpoint IPs per Service, over all its ports."""
     ips: dict[ServiceKey, set[str]] = {}
     for name, state in ports.items():
+        if only is not None and name.service not in only:
+            continue
         found = ips.setdefault(name.service, set())
         found.update(e.ip for e in state.endpoints.all if e.is_local and e.ready and not e.terminating)
     return {key: len(found) for key, found in ips.items()}
@@ -135,10 +139,11 @@ def desired_health_checks(services: Iterable[Service]) -> HealthCheckPlan:
     """Which health check node ports should be open, and for which Service."""
     wanted: dict[int, ServiceKey] = {}
     conflicts: list[tuple[ServiceKey, int, ServiceKey]] = []
-    for service in sorted(services, key=lambda s: s.key):
+    candidates = [s for s in services
+                  if s.health_check_node_port is not None and s.type == "LoadBalancer" and s.external_local]
+    for service in sorted(candidates, key=lambda s: s.key):
         port = service.health_check_node_port
-        if port is None or service.type != "LoadBalancer" or not service.external_local:
-            continue
+        assert port is not None
         owner = wanted.get(port)
         if owner is None:
             wanted[port] = service.key

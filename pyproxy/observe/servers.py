@@ -118,7 +118,7 @@ class HealthServers:
         for loser, port, owner in plan.conflicts:
             log.error("Service %s: healthCheckNodePort %d is already used by Service %s; not serving it",
                       loser, port, owner)
-        self.counts = health.local_endpoint_counts(ports)
+        self.counts = health.local_endpoint_counts(ports, only=set(plan.wanted.values()))
         self.wanted = plan.wanted
         self._nudge.set()
 

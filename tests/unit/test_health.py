@@ -118,6 +118,7 @@ def test_local_endpoint_counts_are_distinct_ready_local_ips() -> None:
         port_state("db", "", ep("10.0.1.1", local=False)),
     ])
     assert health.local_endpoint_counts(ports) == {key("web"): 3, key("db"): 0}
+    assert health.local_endpoint_counts(ports, only={key("web")}) == {key("web"): 3}
 
 
 def svc(name: str, hc_port: int | None, type: str = "LoadBalancer", local: bool = True) -> Service:
