@@ -8,6 +8,8 @@ Each subcommand prints one line per result, so callers can count and compare:
 - `sink ADDR --bytes N`: send N bytes, half-close, print whether the pod counted the
   same bytes and sha256;
 - `connect ADDR`: print `ok|refused|timeout|reset <ms>`;
+- `stall ADDR --bytes N --timeout S`: ECHO without ever reading; print how much got out
+  before sending stayed blocked for S seconds (backpressure checks);
 - `hold ADDR`: open a connection, print the pod's line, then send each stdin line and print
   its echo (for drain and endpoint-removal checks);
 - `udp ADDR [--size N] [--count N]`: send datagrams, print the pod's header line and
@@ -142,6 +144,24 @@ def udp(address: tuple[str, int], size: int, timeout: float, bind: str | None) -
     return f"{head.decode(errors='replace')} whole={body == payload}"
 
 
+def stall(address: tuple[str, int], size: int, timeout: float, bind: str | None) -> str:
+    """ECHO, but never read: send until `size` bytes are out or sending has been blocked for
+    `timeout` seconds. What got out measures the buffering along the path."""
+    sent = 0
+    chunk = os.urandom(CHUNK)
+    with _connect(address, timeout, bind) as sock:
+        sock.sendall(b"ECHO\n")
+        sock.setblocking(False)
+        blocked_since = time.monotonic()
+        while sent < size and time.monotonic() - blocked_since < timeout:
+            try:
+                sent += sock.send(chunk[: size - sent])
+                blocked_since = time.monotonic()
+            except BlockingIOError:
+                time.sleep(0.01)
+    return f"sent={sent} stalled={sent < size}"
+
+
 def hold(address: tuple[str, int], timeout: float, bind: str | None) -> str:
     """Open a HOLD connection, print the pod's line, then echo each stdin line through it."""
     with _connect(address, timeout, bind) as sock:
@@ -159,7 +179,7 @@ def hold(address: tuple[str, int], timeout: float, bind: str | None) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pyproxy-client")
-    parser.add_argument("mode", choices=["http", "who", "echo", "sink", "connect", "udp", "hold"])
+    parser.add_argument("mode", choices=["http", "who", "echo", "sink", "connect", "udp", "hold", "stall"])
     parser.add_argument("address")
     parser.add_argument("--count", type=int, default=1)
     parser.add_argument("--interval", type=float, default=0.0)
@@ -181,6 +201,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 line = echo(address, args.bytes, args.timeout, args.bind)
             elif args.mode == "sink":
                 line = sink(address, args.bytes, args.timeout, args.bind)
+            elif args.mode == "stall":
+                line = stall(address, args.bytes, args.timeout, args.bind)
             elif args.mode == "hold":
                 line = hold(address, args.timeout, args.bind)
             elif args.mode == "udp":
