@@ -107,10 +107,19 @@ def _add(
         raise InvalidObject("document", "?", "is not a mapping")
     kind = doc.get("kind")
     if kind == "List":
-        for i, item in enumerate(doc.get("items") or ()):
-            _add(snapshot, item, f"{where}.items[{i}]", seen, node_name, proxy_name)
+        items = doc.get("items")
+        if items is not None and not isinstance(items, list):
+            raise InvalidObject("List", "?", "items: expected a list")
+        for i, item in enumerate(items or ()):
+            item_where = f"{where}.items[{i}]"
+            try:
+                _add(snapshot, item, item_where, seen, node_name, proxy_name)
+            except InvalidObject as err:  # a bad item skips itself, not the rest of the List
+                snapshot.problems.append(f"{item_where}: {err}")
         return
     meta = doc.get("metadata") or {}
+    if not isinstance(meta, dict):
+        raise InvalidObject(str(kind), "?", "metadata is not a mapping")
     identity = (str(kind), str(meta.get("namespace") or "default"), str(meta.get("name")))
     if kind in ("Service", "EndpointSlice") and identity in seen:
         raise InvalidObject(str(kind), f"{identity[1]}/{identity[2]}", f"already defined in {seen[identity]}")
