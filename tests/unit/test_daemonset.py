@@ -114,3 +114,22 @@ def test_dockerfile_installs_what_pyproxy_runs() -> None:
     assert text.startswith("FROM python:3.11-slim") or "\nFROM python:3.11-slim" in text
     for needed in ("nftables", "iproute2", "pip install"):
         assert needed in text
+
+
+def test_the_command_line_is_one_pyproxy_accepts(pod: dict[str, Any], docs: dict[str, dict[str, Any]],
+                                                 tmp_path: Path) -> None:
+    from pyproxy.cli import build_parser, effective_config
+
+    (container,) = pod["containers"]
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(docs["ConfigMap"]["data"]["config.yaml"])
+    values = {"$(NODE_NAME)": "kind-worker", "$(PYPROXY_MASTER)": docs["ConfigMap"]["data"]["apiServer"]}
+    args = []
+    for arg in container["command"][1:]:
+        for var, value in values.items():
+            arg = arg.replace(var, value)
+        args.append(arg.replace("/etc/pyproxy/config.yaml", str(config_file)))
+    config = effective_config(build_parser().parse_args(args))
+    assert config.hostnameOverride == "kind-worker"
+    assert config.clientConnection.apiServer == "https://kind-control-plane:6443"
+    assert not config.manifests  # cluster mode
