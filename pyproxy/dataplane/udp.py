@@ -81,6 +81,8 @@ class UdpRelay:
     stats: DataplaneStats
     config: UdpConfig = field(default_factory=UdpConfig)
     clock: Callable[[], float] = time.monotonic
+    open_upstream: Callable[[str | None, Address, int], socket.socket] = field(default=lambda *a: upstream_socket(*a))
+    open_reply: Callable[[Address], socket.socket] = field(default=lambda a: reply_socket(a))
     flows: FlowTable[FlowIO] = field(init=False)
     _listener: socket.socket | None = None
     _loop: asyncio.AbstractEventLoop | None = None
@@ -155,9 +157,10 @@ class UdpRelay:
             if destination is None or flags & socket.MSG_TRUNC:
                 self._drop("no_original_destination" if destination is None else "truncated")
                 continue
-            self._forward(data, client, destination)
+            self.forward(data, client, destination)
 
-    def _forward(self, data: bytes, client: Address, destination: Address) -> None:
+    def forward(self, data: bytes, client: Address, destination: Address) -> None:
+        """One datagram from `client` to the service address `destination`: to its flow's endpoint."""
         now = self.clock()
         key: FlowKey = (client, destination)
         flow = self.flows.get(key) or self._open(key, now)
@@ -203,15 +206,16 @@ class UdpRelay:
             return None
         try:
             self._reply_socket(destination)
-            upstream = upstream_socket(client[0] if plan.transparent else None, endpoint.address,
-                                       self.config.upstream_buffer)
+            upstream = self.open_upstream(client[0] if plan.transparent else None, endpoint.address,
+                                          self.config.upstream_buffer)
         except OSError as err:
             self._drop("socket_error")
             self._warn("socket", "cannot open a UDP flow from %s:%s to %s: %s", *client, endpoint, err)
             self._close_reply_if_unused(destination)
             return None
         flow = Flow(key, name, endpoint.address, FlowIO(upstream, port_stats))
-        assert self._loop is not None
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
         self._loop.add_reader(upstream.fileno(), self._from_endpoint, flow)
         self._planned_with.setdefault(name, route.port)
         evicted = self.flows.add(flow, now)
@@ -265,7 +269,7 @@ class UdpRelay:
     def _reply_socket(self, address: Address) -> socket.socket:
         sock = self._replies.get(address)
         if sock is None:
-            sock = reply_socket(address)
+            sock = self.open_reply(address)
             self._replies[address] = sock
         return sock
 
@@ -298,13 +302,18 @@ class UdpRelay:
         expiry = self.flows.next_expiry()
         if expiry is not None:
             delay = max(0.0, expiry - self.clock()) + 0.01
-            self._timer = self._loop.call_later(delay, self._expire)
+            self._timer = self._loop.call_later(delay, self.expire_idle)
 
-    def _expire(self) -> None:
-        self._timer = None
-        for flow in self.flows.expire(self.clock()):
+    def expire_idle(self) -> int:
+        """Close flows idle past the timeout (a bounded batch; the timer comes back for more)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        expired = self.flows.expire(self.clock())
+        for flow in expired:
             self._release(flow, "idle")
         self._arm_timer()
+        return len(expired)
 
     # accounting
 
