@@ -211,7 +211,8 @@ async def next_delivery(queue: asyncio.Queue[ManifestSnapshot], limit: float = 2
     return await asyncio.wait_for(queue.get(), limit)
 
 
-async def test_watch_delivers_edits_and_keeps_the_last_good_state(tmp_path: Path) -> None:
+async def test_watch_delivers_edits_and_keeps_the_last_good_state(tmp_path: Path,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
     path = write(tmp_path, "a.yaml", svc("web"))
     queue: asyncio.Queue[ManifestSnapshot] = asyncio.Queue()
     stop = asyncio.Event()
@@ -227,6 +228,9 @@ async def test_watch_delivers_edits_and_keeps_the_last_good_state(tmp_path: Path
         touch_later(path, "kind: Service\nmetadata: {name: [broken\n")  # unparsable: refused whole
         await asyncio.sleep(0.1)
         assert queue.empty()
+        refusals = [r for r in caplog.records if "reload refused" in r.getMessage()]
+        assert len(refusals) == 1  # refused once per bad edit, not re-parsed on every poll
+        assert "a.yaml" in refusals[0].getMessage()
 
         touch_later(path, svc("web", "10.96.0.30"))  # fixed: delivered again
         snapshot = await next_delivery(queue)
