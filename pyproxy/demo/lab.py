@@ -121,7 +121,9 @@ class Lab:
         self.nodes[name] = index
         self._join_lan(name, node_ip(index))
         self.sysctl(name, "net.ipv4.ip_forward", "1")
-        self.exec(name, "ip", "route", "add", SERVICE_CIDR, "dev", "eth0")
+        # like a real node, a default route (the LAN is closed: nothing leaves the lab); without
+        # any route, the node's own connections to service addresses fail with ENETUNREACH
+        self.exec(name, "ip", "route", "add", "default", "dev", "eth0")
         for other, other_index in self.nodes.items():
             if other != name:
                 self.exec(name, "ip", "route", "add", pod_cidr(other_index), "via", node_ip(other_index))

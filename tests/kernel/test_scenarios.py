@@ -160,14 +160,20 @@ def test_s8_cluster_ip_from_node_and_pod(cluster: Cluster, client_pod: str) -> N
         assert set(pods_of(lines)) <= set(ALL) and len(lines) == 3, f"{where}: {lines}"
 
 
-def test_external_ips(cluster: Cluster) -> None:
+def test_external_ips_from_another_host_the_node_and_a_pod(cluster: Cluster, client_pod: str) -> None:
     cluster.lab.route_client("192.168.57.0/24", "node1")
     cluster.apply(
-        m.service("ext", "10.96.0.15", [m.port(80, 80)], external_ips=["192.168.57.10"]),
-        m.endpoint_slice("ext", cluster.backends(*ALL), [m.slice_port(80)]),
+        m.service("ext", "10.96.0.15", [m.port(80, 80), m.port(8080, 8080, name="alt")],
+                  external_ips=["192.168.57.10"]),
+        m.endpoint_slice("ext", cluster.backends(*ALL), [m.slice_port(80), m.slice_port(8080, name="alt")]),
     )
-    lines = cluster.run("client", "who", "192.168.57.10:80", "--count", "6")
-    assert len(lines) == 6 and set(pods_of(lines)) <= set(ALL), lines
+    for where in ("client", "node1", client_pod):
+        lines = cluster.run(where, "who", "192.168.57.10:80", "--count", "6")
+        assert len(lines) == 6 and all(line.startswith("pod=") for line in lines), f"{where}: {lines}"
+        assert set(pods_of(lines)) <= set(ALL), f"{where}: {lines}"
+        assert all("port=80" in line for line in lines), lines
+    # the same address on a second port maps to that port's endpoints
+    assert all("port=8080" in line for line in cluster.run("client", "who", "192.168.57.10:8080", "--count", "3"))
 
 
 def test_no_endpoints_is_refused_fast(cluster: Cluster, client_pod: str) -> None:
