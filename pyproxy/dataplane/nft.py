@@ -18,6 +18,7 @@ Rules kept here (DATAPLANE.md):
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -41,7 +42,12 @@ def render_ruleset(config: NftConfig, elements: Iterable[Element]) -> str:
     """The whole table, replacing any previous one in the same transaction."""
     mark = f"0x{config.mark:x}"
     set_mark = f"meta mark set meta mark or {mark}"
-    local_sources = ", ".join(config.local_sources)
+    # nft refuses overlapping intervals in one set: merge the CIDRs first
+    local_sources = ", ".join(
+        str(net) for net in ipaddress.collapse_addresses(
+            ipaddress.IPv4Network(cidr, strict=False) for cidr in config.local_sources
+        )
+    )
     sets = "\n".join(f"    set {name} {{ type {SET_TYPE}; }}" for name in SETS.values())
     lines = [
         f"table ip {TABLE}",

@@ -105,6 +105,12 @@ async def test_full_then_incremental_write(netns: Netns) -> None:
     assert netns.sets()["svc_drop_external"] == set()
 
 
+async def test_overlapping_local_sources_are_accepted(netns: Netns) -> None:
+    config = NftConfig(mark=1, tcp_port=15001, udp_port=15002, local_sources=("10.244.0.0/16", "10.244.1.0/24"))
+    await netns.runner.apply(render_ruleset(config, ()))
+    assert "10.244.0.0/16" in netns.nft("list", "set", "ip", "pyproxy", "local_sources").stdout
+
+
 async def test_large_update_in_chunks(netns: Netns) -> None:
     await netns.runner.apply(render_ruleset(CONFIG, ()))
     many: set[Element] = {(CAP, (f"10.96.{i // 250}.{i % 250 + 1}", "TCP", 80)) for i in range(2500)}

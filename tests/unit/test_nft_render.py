@@ -7,7 +7,7 @@ import re
 from pyproxy.dataplane.nft import SETS, NftConfig, render_cleanup, render_ruleset, render_update
 from pyproxy.model.table import Element, Verdict
 
-CONFIG = NftConfig(mark=0x1F, tcp_port=15001, udp_port=15002, local_sources=("10.244.0.0/16", "10.245.0.0/16"))
+CONFIG = NftConfig(mark=0x1F, tcp_port=15001, udp_port=15002, local_sources=("10.244.0.0/16", "10.250.0.0/16"))
 CAP, REJ, DI, DE = Verdict.CAPTURE, Verdict.REJECT, Verdict.DROP_INTERNAL, Verdict.DROP_EXTERNAL
 ELEMENTS: set[Element] = {
     (CAP, ("10.96.0.10", "TCP", 80)),
@@ -50,7 +50,7 @@ def test_ruleset_declares_every_set_and_rules_use_them() -> None:
     for name in SETS.values():
         assert f"set {name} {{ type ipv4_addr . inet_proto . inet_service; }}" in text
         assert f"ip daddr . meta l4proto . th dport @{name}" in text
-    assert "set local_sources { type ipv4_addr; flags interval; elements = { 10.244.0.0/16, 10.245.0.0/16 }; }" in text
+    assert "set local_sources { type ipv4_addr; flags interval; elements = { 10.244.0.0/16, 10.250.0.0/16 }; }" in text
     assert "@local_sources" in text
     assert element_lines(text) == []  # no services: no elements, but the rules are all there
 
@@ -78,6 +78,14 @@ def test_ruleset_rules_and_their_order() -> None:
     assert out[1] == f"{match} @svc_drop_internal drop"
     assert {line.split(" @")[1].split(" ")[0] for line in out[2:]} == {"svc_capture", "svc_drop_external",
                                                                          "svc_reject"}
+
+
+def test_overlapping_local_sources_are_merged() -> None:
+    """nft refuses overlapping intervals ("conflicting intervals specified"), which would fail
+    every full write; a cluster CIDR list that overlaps is merged instead."""
+    config = NftConfig(mark=1, tcp_port=1, udp_port=2,
+                       local_sources=("10.244.0.0/16", "10.244.1.0/24", "10.245.0.0/16", "10.245.0.0/16"))
+    assert "elements = { 10.244.0.0/15 }" in render_ruleset(config, ())
 
 
 def test_ruleset_without_local_sources_has_an_empty_set() -> None:
