@@ -21,9 +21,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from pyproxy.demo import manifests as m
+from pyproxy.demo.cluster import Cluster
 from pyproxy.demo.lab import Lab, LabError
 
 DOMAIN = "svc.test"
+CLUSTER_DNS_IP = "10.96.0.53"
+RECORDS = {"web": "10.1.2.3", "db": "10.1.2.4"}
 _QUERY = re.compile(r"query\[\w+\] (\S+) from (\d+\.\d+\.\d+\.\d+)")
 
 
@@ -71,6 +75,38 @@ def lookup(lab: Lab, where: str, server: str, name: str, rtype: str = "A", tcp: 
 def queries_seen(log_text: str) -> list[tuple[str, str]]:
     """(name, client IP) for every query a dnsmasq log shows."""
     return _QUERY.findall(log_text)
+
+
+def setup_cluster_dns(cluster: Cluster, pods: Mapping[str, str] | None = None,
+                      cluster_ip: str = CLUSTER_DNS_IP, records: Mapping[str, str] = RECORDS) -> None:
+    """The demo's kube-dns: dnsmasq pods (name -> node; default dns1 on node1, dns2 on node2)
+    behind a Service `kube-system/kube-dns` with port 53 on UDP and TCP; returns once synced."""
+    pods = pods or {"dns1": "node1", "dns2": "node2"}
+    for pod, node in pods.items():
+        if pod not in cluster.lab.pods:
+            cluster.lab.add_pod(pod, node)
+            start_dns(cluster.lab, pod, records, log=cluster.workdir / f"{pod}.log")
+    cluster.apply(
+        m.service("kube-dns", cluster_ip, [m.port(53, 53, name="dns", protocol="UDP"),
+                                           m.port(53, 53, name="dns-tcp", protocol="TCP")],
+                  namespace="kube-system"),
+        m.endpoint_slice("kube-dns", cluster.backends(*pods),
+                         [m.slice_port(53, name="dns", protocol="UDP"), m.slice_port(53, name="dns-tcp", protocol="TCP")],
+                         namespace="kube-system"),
+        name="kube-dns.yaml",
+    )
+
+
+def show_lookups(cluster: Cluster, where: str, cluster_ip: str = CLUSTER_DNS_IP, count: int = 4) -> list[str]:
+    """Demo lines: `dig` through the ClusterIP from namespace `where`, and which DNS pod answered."""
+    lines = []
+    for name in sorted(RECORDS):
+        answer = " ".join(lookup(cluster.lab, where, f"{cluster_ip}:53", name))
+        lines.append(f"dig @{cluster_ip} {name}.{DOMAIN} -> {answer}")
+    lines.append(f"dig +tcp @{cluster_ip} web.{DOMAIN} -> {' '.join(lookup(cluster.lab, where, f'{cluster_ip}:53', 'web', tcp=True))}")
+    answered_by = [lookup(cluster.lab, where, f"{cluster_ip}:53", "whoami", "TXT")[0] for _ in range(count)]
+    lines.append(f"{count} queries (new client port each) answered by: {' '.join(answered_by)}")
+    return lines
 
 
 def _qualified(name: str, domain: str) -> str:

@@ -302,3 +302,12 @@ with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
     while fds(pid) > baseline and time.monotonic() < deadline:
         time.sleep(0.2)
     assert fds(pid) <= baseline
+
+
+def test_the_demo_helpers_show_a_lookup_through_pyproxy(udp: Cluster) -> None:
+    dns.setup_cluster_dns(udp)  # the pods exist already: only the Service is (re)written
+    APPLIED.pop((id(udp), "kube-dns.yaml"), None)
+    lines = dns.show_lookups(udp, "ucl")
+    assert lines[:3] == [f"dig @{DNS_IP} db.svc.test -> 10.1.2.4", f"dig @{DNS_IP} web.svc.test -> 10.1.2.3",
+                         f"dig +tcp @{DNS_IP} web.svc.test -> 10.1.2.3"], lines
+    assert set(lines[3].split(": ")[1].split()) <= {"dns1", "dns2"}, lines
