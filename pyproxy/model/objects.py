@@ -224,6 +224,8 @@ def _service_ports(spec: Mapping[str, Any], key: ServiceKey, svc_type: str) -> t
         raise InvalidObject("Service", str(key), "spec.ports: at least one port is required")
     ports: list[ServicePort] = []
     seen: set[tuple[str, str]] = set()
+    numbers: set[tuple[str, int]] = set()  # one address:port is one service port, as the API server insists
+    node_ports: set[tuple[str, int]] = set()
     for i, raw in enumerate(raw_ports):
         field = f"spec.ports[{i}]"
         if not isinstance(raw, Mapping):
@@ -234,11 +236,17 @@ def _service_ports(spec: Mapping[str, Any], key: ServiceKey, svc_type: str) -> t
             raise InvalidObject("Service", str(key), f"{field}: duplicate port name {port_name!r}/{protocol}")
         seen.add((port_name, protocol))
         port = _port_number(raw.get("port"), "Service", str(key), f"{field}.port")
+        if (protocol, port) in numbers:
+            raise InvalidObject("Service", str(key), f"{field}.port: duplicate port {port}/{protocol}")
+        numbers.add((protocol, port))
         node_port = raw.get("nodePort")
         if svc_type == "ClusterIP" or node_port is None:
             node_port = None
         else:
             node_port = _port_number(node_port, "Service", str(key), f"{field}.nodePort")
+            if (protocol, node_port) in node_ports:
+                raise InvalidObject("Service", str(key), f"{field}.nodePort: duplicate node port {node_port}/{protocol}")
+            node_ports.add((protocol, node_port))
         target = raw.get("targetPort", port)
         if not isinstance(target, (int, str)) or isinstance(target, bool):
             raise InvalidObject("Service", str(key), f"{field}.targetPort: {target!r} is neither a number nor a name")

@@ -225,10 +225,11 @@ def test_health_check_node_port_only_for_local_load_balancers(svc_type: str, etp
 
 
 def test_same_port_number_tcp_and_udp_are_two_ports() -> None:
-    service = parse_ok(service_dict(ports=[{"name": "dns", "port": 53, "protocol": "UDP"},
-                                           {"name": "dns-tcp", "port": 53, "protocol": "TCP"}]))
-    assert [(p.name.port_name, p.name.protocol, p.port) for p in service.ports] == [
-        ("dns", "UDP", 53), ("dns-tcp", "TCP", 53)]
+    service = parse_ok(service_dict(type="NodePort",
+                                    ports=[{"name": "dns", "port": 53, "protocol": "UDP", "nodePort": 30053},
+                                           {"name": "dns-tcp", "port": 53, "protocol": "TCP", "nodePort": 30053}]))
+    assert [(p.name.port_name, p.name.protocol, p.port, p.node_port) for p in service.ports] == [
+        ("dns", "UDP", 53, 30053), ("dns-tcp", "TCP", 53, 30053)]
 
 
 # --- Invalid Services: the error names the object and the field ---------------------------
@@ -246,6 +247,10 @@ def test_same_port_number_tcp_and_udp_are_two_ports() -> None:
          "spec.ports[1].protocol"),
         ({"ports": [{"name": "a", "port": 80}, {"name": "a", "port": 81}]}, "spec.ports[1]"),
         ({"ports": [{"port": 80, "targetPort": 1.5}]}, "spec.ports[0].targetPort"),
+        # one address:port can only be one service port (the API server refuses this too)
+        ({"ports": [{"name": "a", "port": 80}, {"name": "b", "port": 80, "targetPort": 81}]}, "spec.ports[1].port"),
+        ({"type": "NodePort", "ports": [{"name": "a", "port": 80, "nodePort": 30080},
+                                        {"name": "b", "port": 81, "nodePort": 30080}]}, "spec.ports[1].nodePort"),
         ({"type": "NodePort", "ports": [{"port": 80, "nodePort": 0}]}, "spec.ports[0].nodePort"),
         ({"clusterIP": "10.96.0.300"}, "spec.clusterIPs"),
         ({"externalIPs": ["not-an-ip"]}, "spec.externalIPs"),
