@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from pyproxy.model.endpoints import Endpoint, categorize, merge_slices
@@ -85,10 +87,10 @@ def test_slices_of_no_endpoints_merge_to_nothing() -> None:
 
 # --- categorize ---------------------------------------------------------------------------
 
-R = dict(ready=True, serving=True, terminating=False)  # ready
-ST = dict(ready=False, serving=True, terminating=True)  # serving and terminating
-T = dict(ready=False, serving=False, terminating=True)  # terminating, no longer serving
-NR = dict(ready=False, serving=True, terminating=False)  # not ready (e.g. failing readiness)
+R: dict[str, Any] = dict(ready=True, serving=True, terminating=False)  # ready
+ST: dict[str, Any] = dict(ready=False, serving=True, terminating=True)  # serving and terminating
+T: dict[str, Any] = dict(ready=False, serving=False, terminating=True)  # terminating, no longer serving
+NR: dict[str, Any] = dict(ready=False, serving=True, terminating=False)  # not ready (e.g. failing readiness)
 
 
 @pytest.mark.parametrize(
@@ -107,7 +109,7 @@ NR = dict(ready=False, serving=True, terminating=False)  # not ready (e.g. faili
         ([], "", ""),
     ],
 )
-def test_categorize(endpoints: list[tuple[str, bool, dict[str, bool]]], cluster: str, local: str) -> None:
+def test_categorize(endpoints: list[tuple[str, bool, dict[str, Any]]], cluster: str, local: str) -> None:
     eps = tuple(sorted(ep(f"10.0.0.{ord(n)}", local=is_local, **conds) for n, is_local, conds in endpoints))
     names = {f"10.0.0.{ord(n)}": n for n, _, _ in endpoints}
     sets = categorize(eps, zone=None)

@@ -36,7 +36,7 @@ CAP, REJ, DI, DE = Verdict.CAPTURE, Verdict.REJECT, Verdict.DROP_INTERNAL, Verdi
 
 
 def service(name: str, cluster_ip: str, ports: list[dict[str, Any]] | None = None, **spec: Any) -> Any:
-    obj = {"kind": "Service", "metadata": {"name": name, "namespace": "ns"},
+    obj: dict[str, Any] = {"kind": "Service", "metadata": {"name": name, "namespace": "ns"},
            "spec": {"clusterIP": cluster_ip, "ports": ports or [{"name": "http", "port": 80}], **spec}}
     if "ingress" in spec:
         obj["status"] = {"loadBalancer": {"ingress": [{"ip": ip} for ip in spec.pop("ingress")]}}
