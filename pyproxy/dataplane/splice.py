@@ -51,6 +51,8 @@ ACCEPT_BATCH = 64
 COPY_BUFFER = 64 * 1024
 PIPE_SIZE = 256 * 1024
 SPLICE_BURSTS = 4  # splice rounds per readable event before yielding to the loop
+STATS_CACHE_LIMIT = 65536
+READS_PER_WAKE = 4  # copy-mode reads per readable event
 F_SETPIPE_SZ = 1031
 SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 DEFAULT_SPLICE_AFTER = 64 * 1024
@@ -90,14 +92,32 @@ class FastRelay:
     listener: socket.socket | None = None
     buffer: bytearray = field(default_factory=lambda: bytearray(COPY_BUFFER))
     _loop: asyncio.AbstractEventLoop | None = None
+    _sweeper: asyncio.TimerHandle | None = None
+    _stats_cache: dict[tuple[str, str, int], tuple[Route, PortStats]] = field(default_factory=dict)
 
     async def start(self, host: str, port: int, sock: socket.socket | None = None) -> None:
         self._loop = asyncio.get_running_loop()
         self.listener = sock if sock is not None else transparent_listener(host, port)
         self.listener.setblocking(False)
+        self.listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # accepted sockets inherit it
         self._loop.add_reader(self.listener.fileno(), self._accept)
+        self._sweeper = self._loop.call_later(self._sweep_interval(), self._sweep)
+
+    def _sweep_interval(self) -> float:
+        return max(0.01, min(1.0, self.config.idle_timeout / 4, self.config.half_close_timeout / 4))
+
+    def _sweep(self) -> None:
+        """Close pairs idle past their bound: one timer for all pairs, not one each."""
+        now = self.clock()
+        for pair in [p for p in self.pairs if p.idle_expired(now)]:
+            log.info("closing idle connection from %s:%s to %s", *pair.client_address, pair.endpoint)
+            pair.close(abort=True)
+        assert self._loop is not None
+        self._sweeper = self._loop.call_later(self._sweep_interval(), self._sweep)
 
     def stop_accepting(self) -> None:
+        if self._sweeper is not None and not self.pairs:
+            self._sweeper.cancel()
         if self.listener is not None and self._loop is not None:
             self._loop.remove_reader(self.listener.fileno())
             self.listener.close()
@@ -111,6 +131,8 @@ class FastRelay:
         cut = len(self.pairs)
         for pair in list(self.pairs):
             pair.close(abort=True)
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         return cut
 
     def _accept(self) -> None:
@@ -119,13 +141,13 @@ class FastRelay:
             return
         for _ in range(ACCEPT_BATCH):
             try:
-                conn, client = listener.accept()
+                fd, client = listener._accept()  # type: ignore[attr-defined]  # accept() converts enums each call
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as err:  # EMFILE, ENFILE, ENOBUFS: leave the rest queued
                 log.warning("accept failed: %s", err)
                 return
-            self._serve(conn, client)
+            self._serve(socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, fd), client)
 
     def _serve(self, conn: socket.socket, client: tuple[str, int]) -> None:
         conn.setblocking(False)
@@ -134,12 +156,13 @@ class FastRelay:
         except OSError:
             conn.close()
             return
-        route = self.table.routes.get((destination[0], "TCP", destination[1]))
+        frontend = (destination[0], "TCP", destination[1])
+        route = self.table.routes.get(frontend)
         if route is None:
             self.stats.unknown_destination += 1
             _reset(conn)
             return
-        port_stats = self.stats.port(route.port.name)
+        port_stats = self._port_stats(frontend, route)
         plan = plan_connection(route, self.is_local_source(client[0]))
         if not plan.candidates:
             port_stats.refused += 1
@@ -148,6 +171,18 @@ class FastRelay:
         assert self._loop is not None
         pair = FastPair(self, self._loop, conn, client, route, port_stats)
         pair.dial(plan.candidates, plan.transparent)
+
+    def _port_stats(self, frontend: tuple[str, str, int], route: Route) -> PortStats:
+        """The port's counters, cached per frontend while its route object stays the same
+        (hashing the service port name per connection costs more than the lookup)."""
+        cached = self._stats_cache.get(frontend)
+        if cached is not None and cached[0] is route:
+            return cached[1]
+        stats = self.stats.port(route.port.name)
+        if len(self._stats_cache) >= STATS_CACHE_LIMIT:
+            self._stats_cache.clear()
+        self._stats_cache[frontend] = (route, stats)
+        return stats
 
 
 def _reset(sock: socket.socket) -> None:
@@ -162,7 +197,7 @@ class Direction:
     """One direction of a pair: bytes from `src` to `dst`."""
 
     __slots__ = ("pair", "loop", "src", "dst", "src_fd", "dst_fd", "pending", "pipe", "in_pipe",
-                 "eof", "shut", "carried", "splice_after", "count_in")
+                 "eof", "shut", "carried", "splice_after", "count_in", "reading", "writing")
 
     def __init__(self, pair: FastPair, src: socket.socket, dst: socket.socket, count_in: bool) -> None:
         self.pair = pair
@@ -177,39 +212,53 @@ class Direction:
         self.carried = 0
         self.splice_after = pair.relay.splice_after
         self.count_in = count_in  # client -> upstream
+        self.reading = False  # src is watched for reading
+        self.writing = False  # dst is watched for writing
 
-    def start(self) -> None:
-        self.loop.add_reader(self.src_fd, self.readable)
+    def _watch_src(self) -> None:
+        if not self.reading:
+            self.reading = True
+            self.loop.add_reader(self.src_fd, self.readable)
+
+    def _unwatch_src(self) -> None:
+        if self.reading:
+            self.reading = False
+            self.loop.remove_reader(self.src_fd)
 
     def readable(self) -> None:
+        """Move what src has (a few reads per wake-up: the EOF often sits right behind the data)."""
         if self.pipe is not None:
             self._splice_in()
             return
         buffer = self.pair.relay.buffer
-        try:
-            n = self.src.recv_into(buffer)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as err:
-            self.pair.failed(err)
-            return
-        if n == 0:
-            self._ended()
-            return
-        self._account(n)
-        view = memoryview(buffer)[:n]
-        try:
-            sent = self.dst.send(view)
-        except (BlockingIOError, InterruptedError):
-            sent = 0
-        except OSError as err:
-            self.pair.failed(err)
-            return
-        if sent < n:
-            self.pending = memoryview(bytes(view[sent:]))  # the shared buffer is reused next read
-            self._wait_for_dst()
-        elif 0 <= self.splice_after <= self.carried:
-            self._to_splice()
+        for _ in range(READS_PER_WAKE):
+            try:
+                n = self.src.recv_into(buffer)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as err:
+                self.pair.failed(err)
+                return
+            if n == 0:
+                self._ended()
+                return
+            self._account(n)
+            view = memoryview(buffer)[:n]
+            try:
+                sent = self.dst.send(view)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as err:
+                self.pair.failed(err)
+                return
+            if sent < n:
+                self.pending = memoryview(bytes(view[sent:]))  # the shared buffer is reused next read
+                self._wait_for_dst()
+                return
+            if 0 <= self.splice_after <= self.carried:
+                self._to_splice()
+                break
+        self._watch_src()
 
     def _account(self, n: int) -> None:
         self.carried += n
@@ -238,7 +287,7 @@ class Direction:
             try:
                 n = os.splice(self.src_fd, self.pipe[1], PIPE_SIZE, flags=SPLICE_FLAGS)
             except (BlockingIOError, InterruptedError):
-                return
+                break
             except OSError as err:
                 self.pair.failed(err)
                 return
@@ -252,6 +301,7 @@ class Direction:
             if self.in_pipe:
                 self._wait_for_dst()
                 return
+        self._watch_src()
 
     def _flush_pipe(self) -> bool:
         """Move what the pipe holds to dst; False if the pair failed."""
@@ -268,8 +318,10 @@ class Direction:
         return True
 
     def _wait_for_dst(self) -> None:
-        self.loop.remove_reader(self.src_fd)
-        self.loop.add_writer(self.dst_fd, self.writable)
+        self._unwatch_src()
+        if not self.writing:
+            self.writing = True
+            self.loop.add_writer(self.dst_fd, self.writable)
 
     def writable(self) -> None:
         if self.pipe is not None:
@@ -286,19 +338,19 @@ class Direction:
             self.pending = self.pending[sent:] if sent < len(self.pending) else None
             if self.pending is not None:
                 return
+        self.writing = False
         self.loop.remove_writer(self.dst_fd)
         if self.eof:
             self._shut()
         else:
             if self.pipe is None and 0 <= self.splice_after <= self.carried:
                 self._to_splice()
-            self.loop.add_reader(self.src_fd, self.readable)
+            self._watch_src()
 
     def _ended(self) -> None:
         """The source sent EOF: forward it once everything read has been written."""
         self.eof = True
-        self.loop.remove_reader(self.src_fd)
-        self.pair.half_closed_now()
+        self._unwatch_src()
         if self.pending is None and not self.in_pipe:
             self._shut()
 
@@ -316,8 +368,10 @@ class Direction:
 
     def stop(self) -> None:
         """Unwatch both fds and release the pipe (the pair closes the sockets)."""
-        self.loop.remove_reader(self.src_fd)
-        self.loop.remove_writer(self.dst_fd)
+        self._unwatch_src()
+        if self.writing:
+            self.writing = False
+            self.loop.remove_writer(self.dst_fd)
         if self.pipe is not None:
             os.close(self.pipe[0])
             os.close(self.pipe[1])
@@ -391,15 +445,15 @@ class FastPair:
     def _dial_done(self) -> None:
         sock = self.upstream
         assert sock is not None
-        self.loop.remove_writer(sock.fileno())
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
         err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
+            self.loop.remove_writer(sock.fileno())
             self._dial_failed(OSError(err, os.strerror(err)))
         else:
-            self._connected()
+            self._connected(dial_watched=True)
 
     def _dial_timed_out(self) -> None:
         self.timer = None
@@ -418,14 +472,15 @@ class FastPair:
         self.endpoint = None
         self._dial_next()
 
-    def _connected(self) -> None:
-        assert self.upstream is not None
-        self.client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.up = Direction(self, self.client, self.upstream, count_in=True)
-        self.down = Direction(self, self.upstream, self.client, count_in=False)
-        self.up.start()
-        self.down.start()
-        self._arm_timer()
+    def _connected(self, dial_watched: bool = False) -> None:
+        upstream = self.upstream
+        assert upstream is not None
+        self.up = Direction(self, self.client, upstream, count_in=True)
+        self.down = Direction(self, upstream, self.client, count_in=False)
+        self.down._watch_src()
+        if dial_watched:  # after watching for reading: the fd's poll handle is kept, not remade
+            self.loop.remove_writer(upstream.fileno())
+        self.up.readable()  # the client's request is usually there already: no wait for a wake-up
 
     # closing
 
@@ -463,21 +518,9 @@ class FastPair:
     def _half_closed(self) -> bool:
         return any(d is not None and d.eof for d in (self.up, self.down))
 
-    def half_closed_now(self) -> None:
-        """Re-arm the idle timer with the (shorter) half-close bound."""
-        if self.timer is not None:
-            self.timer.cancel()
-        self._check_idle()
-
-    def _arm_timer(self) -> None:
-        self.timer = self.loop.call_later(pair_timeout(self.relay.config, False), self._check_idle)
-
-    def _check_idle(self) -> None:
-        if self.closed:
-            return
-        remaining = pair_timeout(self.relay.config, self._half_closed()) - (self.relay.clock() - self.last_activity)
-        if remaining <= 0:
-            log.info("closing idle connection from %s:%s to %s", *self.client_address, self.endpoint)
-            self.close(abort=True)
-            return
-        self.timer = self.loop.call_later(remaining, self._check_idle)
+    def idle_expired(self, now: float) -> bool:
+        """Whether the pair has been idle past its bound (checked by the relay's sweep)."""
+        if self.up is None or self.down is None:  # still dialing: the dial timer bounds it
+            return False
+        half_closed = self.up.eof or self.down.eof
+        return now - self.last_activity >= pair_timeout(self.relay.config, half_closed)
