@@ -82,23 +82,34 @@ def master_url(master: str) -> str:
 def client_configuration(kubeconfig: str, master: str) -> Any:
     """A kubernetes.client.Configuration from a kubeconfig, an explicit master, or in-cluster.
 
-    With `master` and no kubeconfig, the pod's service-account token and CA are used when
+    `master` overrides the kubeconfig's server (as kube-proxy's --master does). With
+    `master` and no kubeconfig, the pod's service-account token and CA are used when
     present, so a DaemonSet can reach the API server directly rather than through the
     `kubernetes` ClusterIP that this very proxy programs.
     """
     from kubernetes import client, config
+    from kubernetes.config import kube_config
 
     cfg = client.Configuration()
     if kubeconfig:
-        load_kube_config: Any = config.load_kube_config  # the config loaders are untyped
-        load_kube_config(config_file=kubeconfig, client_configuration=cfg, persist_config=False)
+        untyped: Any = kube_config  # the config loaders carry no type hints
+        merged = untyped.KubeConfigMerger(kubeconfig)
+        if merged.config is None:
+            raise config.ConfigException(f"{kubeconfig}: no kubeconfig found")
+        loader = untyped.KubeConfigLoader(config_dict=merged.config, config_base_path=None)
+        loader.load_and_set(cfg)
+        if master:
+            # The loader's token-refresh hook copies its host into the configuration before
+            # every request (from any watch thread): the override must live in the loader.
+            loader.host = master_url(master)
+            cfg.host = loader.host
     elif master and os.path.exists(f"{SERVICE_ACCOUNT_DIR}/token"):
         _load_service_account(cfg, master_url(master))
-    elif not master:
+    elif master:
+        cfg.host = master_url(master)
+    else:
         load_incluster_config: Any = config.load_incluster_config
         load_incluster_config(client_configuration=cfg)
-    if master:
-        cfg.host = master_url(master)
     return cfg
 
 

@@ -7,6 +7,7 @@ where it fails (tests.conftest.skip_or_fail).
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,8 +15,10 @@ from pathlib import Path
 import pytest
 from kubernetes import client
 
-from tests.conftest import skip_or_fail
-from tests.realapi.kube import KubeAPIServer, build_binaries
+from pyproxy.demo.lab import Lab
+from tests.conftest import privileged_reason, skip_or_fail
+from tests.realapi.cluster import API_IP, NODES, PODS, TCP_PORTS, KubeCluster
+from tests.realapi.kube import KubeAPIServer, KubeOptions, build_binaries
 
 
 @pytest.fixture(scope="session")
@@ -40,3 +43,36 @@ def api(kube: KubeAPIServer) -> Iterator[client.ApiClient]:
     """An admin ApiClient for `kube`, closed after the test."""
     with kube.api_client() as api_client:
         yield api_client
+
+
+@pytest.fixture(scope="module")
+def cluster(bin_dir: Path, request: pytest.FixtureRequest,
+            tmp_path_factory: pytest.TempPathFactory) -> Iterator[KubeCluster]:
+    """Lab namespaces + a real control plane + pyproxy in cluster mode on node1 and node2.
+
+    A test module may set `KUBE_OPTIONS` (e.g. watch_cache=False); API_IP is always added
+    to the serving certificate, since pyproxy reaches the API server there.
+    """
+    reason = privileged_reason()
+    if reason:
+        skip_or_fail(reason)
+    options = dataclasses.replace(getattr(request.module, "KUBE_OPTIONS", KubeOptions()), extra_ips=(API_IP,))
+    workdir = tmp_path_factory.mktemp("realapi-cluster")
+    with Lab() as lab, KubeAPIServer(bin_dir, workdir, options) as kube, kube.api_client() as api:
+        lab.build_lan()
+        lab.add_ns("api")
+        lab._join_lan("api", API_IP)  # the forwarder listens here, on the LAN
+        for index, node in enumerate(NODES, start=1):
+            lab.add_node(node, index)
+        for pod, node in PODS.items():
+            lab.add_pod(pod, node)
+            lab.start_echo(pod, tcp=TCP_PORTS)
+        lab.add_pod("cl", "node1")  # an in-cluster client
+        lab.route_client(options.service_cidr, "node1")
+        result = KubeCluster(lab, kube, workdir, api)
+        result.start_forwarder()
+        for index, node in enumerate(NODES, start=1):
+            result.create_node(node, zone=f"zone-{index}")
+        for node in NODES:
+            result.start_proxy(node)
+        yield result

@@ -66,6 +66,9 @@ class KubeOptions:
     # serving it otherwise).
     watch_cache: bool = True
     etcd_auto_compaction_retention: str | None = None  # e.g. "1m" (periodic)
+    # More IP addresses for the serving certificate, e.g. where a forwarder makes the
+    # API server reachable from a lab's node namespaces.
+    extra_ips: Sequence[str] = field(default_factory=tuple)
     extra_apiserver_args: Sequence[str] = field(default_factory=tuple)
     extra_etcd_args: Sequence[str] = field(default_factory=tuple)
 
@@ -148,7 +151,7 @@ subjectKeyIdentifier = hash
 basicConstraints = critical,CA:FALSE
 keyUsage = critical,digitalSignature,keyEncipherment
 extendedKeyUsage = serverAuth
-subjectAltName = IP:127.0.0.1,DNS:localhost
+subjectAltName = {sans}
 subjectKeyIdentifier = hash
 authorityKeyIdentifier = keyid
 """
@@ -163,10 +166,11 @@ class Pki:
     sa_public_key: Path
 
 
-def make_pki(directory: Path) -> Pki:
-    """A throwaway CA, a serving cert for 127.0.0.1 and a service-account key pair."""
+def make_pki(directory: Path, extra_ips: Sequence[str] = ()) -> Pki:
+    """A throwaway CA, a serving cert for 127.0.0.1 (+ extra_ips) and a service-account key pair."""
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "openssl.cnf").write_text(_OPENSSL_CNF)
+    sans = ",".join([f"IP:{LOOPBACK}", *(f"IP:{ip}" for ip in extra_ips), "DNS:localhost"])
+    (directory / "openssl.cnf").write_text(_OPENSSL_CNF.format(sans=sans))
     ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
     _openssl("req", "-x509", "-new", *ec, "-keyout", "ca.key", "-out", "ca.crt",
              "-days", "7", "-config", "openssl.cnf", "-extensions", "v3_ca",
@@ -309,7 +313,7 @@ class KubeAPIServer:
         self.workdir = Path(tempfile.mkdtemp(prefix="kube-", dir=self._parent_tmp))
         atexit.register(self.stop)
         try:
-            self.pki = make_pki(self._work() / "pki")
+            self.pki = make_pki(self._work() / "pki", self.options.extra_ips)
             self._write_token_file()
             self._start_etcd()
             self.port = free_port()
@@ -332,8 +336,17 @@ class KubeAPIServer:
 
     def restart_apiserver(self) -> None:
         """Stop the kube-apiserver and start it again on the same port; etcd stays."""
+        self.stop_apiserver()
+        self.start_apiserver()
+
+    def stop_apiserver(self) -> None:
+        """Stop only the kube-apiserver (by PID); etcd and the work dir stay."""
         assert self.apiserver is not None, "not started"
         self.apiserver.stop(self.options.stop_timeout)
+
+    def start_apiserver(self) -> None:
+        """Start the kube-apiserver again on the same port and wait until it is ready."""
+        assert self.apiserver is not None and not self.apiserver.running(), "stop it first"
         self._start_apiserver()
 
     # -- clients -----------------------------------------------------------

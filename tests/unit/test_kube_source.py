@@ -386,3 +386,5 @@ def test_master_overrides_the_kubeconfig_server(tmp_path: Path) -> None:
     assert cfg.host == "https://127.0.0.1:6443" and "Bearer secret" in cfg.api_key.values()
     cfg = client_configuration(str(kubeconfig), "192.168.56.2:6443")
     assert cfg.host == "https://192.168.56.2:6443" and "Bearer secret" in cfg.api_key.values()
+    cfg.refresh_api_key_hook(cfg)  # the client calls it before every request
+    assert cfg.host == "https://192.168.56.2:6443"
