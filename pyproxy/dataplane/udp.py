@@ -74,15 +74,48 @@ def original_destination(ancillary: list[tuple[int, int, bytes]]) -> Address | N
     return None
 
 
+def upstream_socket(source_ip: str | None, endpoint: Address, buffer: int) -> socket.socket:
+    """A UDP socket connected to the endpoint; transparent and bound to `source_ip` if given."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        sock.setblocking(False)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffer)
+        if source_ip is not None:
+            sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+            sock.bind((source_ip, 0))
+        sock.connect(endpoint)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def reply_socket(service_address: Address) -> socket.socket:
+    """A socket that sends from the service address (never read: its receive buffer stays minimal)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        sock.setblocking(False)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)
+        sock.bind(service_address)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 @dataclass
 class UdpRelay:
+    """The UDP data plane of one proxy process; sockets are opened through the two factories."""
+
     table: ServiceTable
     is_local_source: Callable[[str], bool]
     stats: DataplaneStats
     config: UdpConfig = field(default_factory=UdpConfig)
     clock: Callable[[], float] = time.monotonic
-    open_upstream: Callable[[str | None, Address, int], socket.socket] = field(default=lambda *a: upstream_socket(*a))
-    open_reply: Callable[[Address], socket.socket] = field(default=lambda a: reply_socket(a))
+    open_upstream: Callable[[str | None, Address, int], socket.socket] = upstream_socket
+    open_reply: Callable[[Address], socket.socket] = reply_socket
     flows: FlowTable[FlowIO] = field(init=False)
     _listener: socket.socket | None = None
     _loop: asyncio.AbstractEventLoop | None = None
@@ -326,37 +359,6 @@ class UdpRelay:
         if now - self._warned.get(topic, -WARN_INTERVAL) >= WARN_INTERVAL:
             self._warned[topic] = now
             log.warning(message, *args)
-
-
-def upstream_socket(source_ip: str | None, endpoint: Address, buffer: int) -> socket.socket:
-    """A UDP socket connected to the endpoint; transparent and bound to `source_ip` if given."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        sock.setblocking(False)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffer)
-        if source_ip is not None:
-            sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
-            sock.bind((source_ip, 0))
-        sock.connect(endpoint)
-    except OSError:
-        sock.close()
-        raise
-    return sock
-
-
-def reply_socket(service_address: Address) -> socket.socket:
-    """A socket that sends from the service address (never read: its receive buffer stays minimal)."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        sock.setblocking(False)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)
-        sock.bind(service_address)
-    except OSError:
-        sock.close()
-        raise
-    return sock
 
 
 def ensure_fd_budget(needed: int) -> None:
