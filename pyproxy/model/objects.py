@@ -306,6 +306,8 @@ def parse_endpoint_slice(obj: Mapping[str, Any]) -> EndpointSlice | None:
     service_name = labels.get(SERVICE_NAME_LABEL)
     if not service_name:
         raise InvalidObject("EndpointSlice", key, f"label {SERVICE_NAME_LABEL} is missing")
+    if not isinstance(service_name, str):  # e.g. YAML's unquoted 123; a ServiceKey must sort with the rest
+        raise InvalidObject("EndpointSlice", key, f"label {SERVICE_NAME_LABEL}: {service_name!r} is not a string")
     address_type = obj.get("addressType", "IPv4")
     if address_type != "IPv4":
         return None

@@ -382,6 +382,9 @@ def test_slices_pyproxy_ignores_parse_to_none(labels: dict[str, str], address_ty
     ("change", "field"),
     [
         ({"metadata": {"name": "web-abc", "namespace": "shop"}}, "kubernetes.io/service-name"),
+        # YAML reads `kubernetes.io/service-name: 123` as a number; names are strings
+        ({"metadata": {"name": "web-abc", "namespace": "shop", "labels": {"kubernetes.io/service-name": 123}}},
+         "kubernetes.io/service-name"),
         ({"endpoints": [{"addresses": []}]}, "endpoints[0].addresses"),
         ({"endpoints": [{"addresses": ["10.0.1.5"]}, {"addresses": ["nope"]}]}, "endpoints[1].addresses[0]"),
         ({"ports": [{"port": 0}]}, "ports[0].port"),
