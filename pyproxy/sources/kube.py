@@ -25,6 +25,7 @@ import logging
 import os
 import random
 import threading
+import time
 from collections.abc import Callable, Generator, Mapping
 from contextlib import closing
 from dataclasses import dataclass, field
@@ -58,6 +59,7 @@ from pyproxy.sources.kube_watch import (
 log = logging.getLogger("pyproxy.kube")
 
 SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+MIN_WATCH_SECONDS = 1.0  # a watch that ends sooner without any event counts as a failure
 
 
 class SourceError(RuntimeError):
@@ -302,8 +304,10 @@ class Watcher:
         stop: threading.Event,
         timing: WatchTiming = WatchTiming(),
         rng: random.Random | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.handler = handler
+        self.clock = clock
         self.transport = transport
         self.notify = notify
         self.stop = stop
@@ -371,14 +375,17 @@ class Watcher:
     def watch(self) -> None:
         assert self.state.resource_version is not None
         timeout = self.timing.server_watch_timeout(self.rng)
+        started, seen = self.clock(), 0
         events = self.transport.watch(self.handler.kind, self.state.resource_version, self.timing, timeout)
         with closing(events):
             for event in events:
                 if self.stop.is_set():
                     return
+                seen += 1
                 decision = self.state.on_event(event)
+                if not isinstance(decision, (Relist, Reconnect)):
+                    self.failures = 0  # the stream works
                 if isinstance(decision, (Upsert, Delete)):
-                    self.failures = 0
                     value = self.handler.value(decision.obj) if isinstance(decision, Upsert) else None
                     if self.handler.pending.change(_key(decision.obj), value):
                         self.notify(self.handler)
@@ -388,6 +395,8 @@ class Watcher:
                 elif isinstance(decision, Reconnect):
                     self.back_off(decision.reason)
                     return
+        if not seen and self.clock() - started < MIN_WATCH_SECONDS:
+            raise SourceError("the watch ended at once, without an event")  # back off, never spin
         log.debug("%s: watch ended; watching again from %s", self.name, self.state.resource_version)
 
 

@@ -263,7 +263,8 @@ def test_gone_in_the_stream_lists_again_without_backoff() -> None:
     assert [c for c in transport.calls if c[0] == "watch"][:2] == [("watch", "100"), ("watch", "300")]
     assert watcher.lists == 2
     assert delivered[-1][0] is not None and set(delivered[-1][0]) == {("default", "b")}
-    assert isinstance(watcher.stop, Stop) and len(watcher.stop.waits) == 1  # only the end of the script
+    # no backoff for the 410; one for the empty watch (it ended at once), one at the script's end
+    assert isinstance(watcher.stop, Stop) and len(watcher.stop.waits) == 2
 
 
 def test_errors_back_off_and_resume_from_the_last_version() -> None:
@@ -280,6 +281,17 @@ def test_errors_back_off_and_resume_from_the_last_version() -> None:
     watches = [c for c in transport.calls if c[0] == "watch"]
     assert watches[:3] == [("watch", "100"), ("watch", "100"), ("watch", "120")]
     assert transport.calls.count(("list", None)) == 4  # 2 failures, 1 good, 1 after the 410
+
+
+def test_a_watch_that_ends_at_once_backs_off_but_a_long_quiet_one_does_not() -> None:
+    for elapsed, backoffs in ((0.0, 2), (30.0, 0)):
+        stop = Stop()
+        transport = FakeTransport(stop, [a_list([], "1")], [[], []])
+        ticks = iter(range(0, 1000))
+        watcher = Watcher(handlers("node1", None)[0], transport, lambda h: None, stop,
+                          clock=lambda: next(ticks) * elapsed)
+        watcher.run()
+        assert len(stop.waits) == backoffs + 1  # + the end of the script
 
 
 def test_invalid_objects_are_skipped_with_their_name(caplog: pytest.LogCaptureFixture) -> None:
