@@ -7,7 +7,8 @@ Rules kept here:
 - An entry is stale once `timeout` seconds pass without a new connection; a stale entry
   is a miss and the next pick is fresh.
 - The table is an LRU bounded by `capacity`: the least recently used client is evicted,
-  which only costs that client its stickiness.
+  which only costs that client its stickiness. Stale entries are dropped a few at a time
+  as new ones are recorded, so they neither linger nor count as evictions.
 - An entry whose endpoint leaves the usable set is dropped at once.
 - Time is passed in (`now`, seconds on a monotonic clock); nothing here reads a clock.
 """
@@ -61,6 +62,7 @@ class AffinityTable:
         """Pin (or re-pin) a client and slide its expiry."""
         self._entries[client_ip] = (address, now)
         self._entries.move_to_end(client_ip)
+        self.expire(now, limit=2)  # amortized sweep: faster than clients arrive, O(1) per record
         while len(self._entries) > self.capacity:
             self._entries.popitem(last=False)
             self.stats.evictions += 1

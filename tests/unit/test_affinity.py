@@ -66,6 +66,21 @@ def test_lru_bound_evicts_only_the_least_recently_used_client() -> None:
     assert len(table) == 3 and table.stats.evictions == 11
 
 
+def test_stale_entries_leave_as_new_clients_arrive_and_are_not_evictions() -> None:
+    """Nothing else sweeps the table: without this, departed clients stay counted in the
+    table's size forever, and a full table reports their removal as evictions."""
+    table = AffinityTable(capacity=3, timeout=TIMEOUT)
+    for client in ("old1", "old2", "old3"):
+        table.record(client, A.address, now=0.0)
+    table.record("new1", B.address, now=TIMEOUT + 1)
+    table.record("new2", B.address, now=TIMEOUT + 1)
+    assert len(table) == 2  # only the fresh ones remain
+    assert table.stats.evictions == 0
+    table.record("new3", B.address, now=TIMEOUT + 1)
+    table.record("new4", B.address, now=TIMEOUT + 1)  # now the table really is full of fresh pins
+    assert len(table) == 3 and table.stats.evictions == 1
+
+
 def test_capacity_must_be_positive() -> None:
     with pytest.raises(ValueError):
         AffinityTable(capacity=0, timeout=TIMEOUT)
