@@ -341,8 +341,9 @@ def _slice_endpoint(raw: Mapping[str, Any], key: str, field: str) -> SliceEndpoi
     if not addresses:
         raise InvalidObject("EndpointSlice", key, f"{field}.addresses: at least one address is required")
     conditions = _mapping(raw.get("conditions"), "EndpointSlice", key, f"{field}.conditions")
-    ready = conditions.get("ready")
-    serving = conditions.get("serving")
+    ready, serving, terminating = (
+        _condition(conditions, name, key, field) for name in ("ready", "serving", "terminating")
+    )
     hints = _mapping(raw.get("hints"), "EndpointSlice", key, f"{field}.hints")
     for_zones = _list(hints.get("forZones"), "EndpointSlice", key, f"{field}.hints.forZones")
     zones = None
@@ -353,12 +354,19 @@ def _slice_endpoint(raw: Mapping[str, Any], key: str, field: str) -> SliceEndpoi
         )
     return SliceEndpoint(
         ip=_ipv4(addresses[0], "EndpointSlice", key, f"{field}.addresses[0]"),
-        ready=True if ready is None else bool(ready),
-        serving=True if serving is None else bool(serving),
-        terminating=bool(conditions.get("terminating", False)),
+        ready=True if ready is None else ready,
+        serving=True if serving is None else serving,
+        terminating=False if terminating is None else terminating,
         node_name=raw.get("nodeName"),
         zone_hints=zones,
     )
+
+
+def _condition(conditions: Mapping[str, Any], name: str, key: str, field: str) -> bool | None:
+    value = conditions.get(name)
+    if value is not None and not isinstance(value, bool):
+        raise InvalidObject("EndpointSlice", key, f"{field}.conditions.{name}: {value!r} is not true or false")
+    return value
 
 
 def parse_node(obj: Mapping[str, Any]) -> Node:

@@ -392,6 +392,11 @@ def test_slices_pyproxy_ignores_parse_to_none(labels: dict[str, str], address_ty
         ({"ports": ["http"]}, "ports[0]"),
         ({"endpoints": ["10.0.1.5"]}, "endpoints[0]"),
         ({"endpoints": [{"addresses": ["10.0.1.5"], "conditions": "ready"}]}, "endpoints[0].conditions"),
+        # a quoted "false" is not false: refuse it rather than send traffic to an unready pod
+        ({"endpoints": [{"addresses": ["10.0.1.5"], "conditions": {"ready": "false"}}]},
+         "endpoints[0].conditions.ready"),
+        ({"endpoints": [{"addresses": ["10.0.1.5"], "conditions": {"terminating": "true"}}]},
+         "endpoints[0].conditions.terminating"),
         ({"endpoints": [{"addresses": ["10.0.1.5"], "hints": {"forZones": ["a"]}}]}, "endpoints[0].hints"),
     ],
 )
