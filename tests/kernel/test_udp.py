@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ import pytest
 from pyproxy.demo import dns
 from pyproxy.demo import manifests as m
 from pyproxy.demo.lab import CLIENT_IP, node_ip
+from tests.conftest import skip_or_fail
 from tests.kernel.conftest import Cluster
 
 pytestmark = pytest.mark.privileged
@@ -103,6 +105,9 @@ def clients_of(lines: list[str]) -> list[str]:
 @pytest.fixture(scope="module")
 def udp(cluster: Cluster) -> Iterator[Cluster]:
     """The cluster with DNS pods, a client pod, and node1's proxy on a small flow table."""
+    for tool, package in (("dnsmasq", "dnsmasq-base"), ("dig", "dnsutils")):
+        if shutil.which(tool) is None:
+            skip_or_fail(f"needs '{tool}' (apt-get install {package})")
     lab = cluster.lab
     for pod, node in (("dns1", "node1"), ("dns2", "node2"), ("ucl", "node1")):
         lab.add_pod(pod, node)
@@ -171,6 +176,8 @@ def test_cluster_dns_through_the_cluster_ip_from_pods_and_nodes(udp: Cluster) ->
 
 
 def test_kdig_and_the_nodeport_answer_too(udp: Cluster) -> None:
+    if shutil.which("kdig") is None:
+        skip_or_fail("needs 'kdig' (apt-get install knot-dnsutils)")
     kube_dns(udp)
     result = udp.lab.exec("ucl", "kdig", "+short", "+timeout=2", "+retry=0", f"@{DNS_IP}", "db.svc.test", check=False)
     assert result.stdout.split() == ["10.1.2.4"], result.stdout + result.stderr
