@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -283,8 +284,6 @@ with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         time.sleep(0.3)
 """
     lab = udp.lab
-    proc_lines: list[str] = []
-    import subprocess  # local: only this test streams a client while the Service changes
     with subprocess.Popen(["ip", "netns", "exec", lab.ns("client"), sys.executable, "-c", script,
                            ECHO_IP, "80", "20"], stdout=subprocess.PIPE, text=True) as proc:
         assert proc.stdout is not None
