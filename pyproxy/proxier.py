@@ -64,6 +64,7 @@ class Proxier:
         try:
             added, removed = self.table.update(changed, self.store, addresses)
             await self._write(added, removed)
+            self.table.expire_affinity(time.monotonic())  # the relay's clock: time.monotonic
         except Exception:
             self.full_sync_needed = True
             self.store.mark_all_changed()

@@ -140,6 +140,11 @@ class ServiceTable:
     def all_elements(self) -> set[Element]:
         return set().union(*self._elements.values()) if self._elements else set()
 
+    def expire_affinity(self, now: float) -> int:
+        """Drop stale affinity entries of every service port (bounded per port); returns
+        how many went. Lookups drop stale entries too; this keeps idle tables honest."""
+        return sum(b.affinity.expire(now) for b in self.balancers.values() if b.affinity is not None)
+
     def balancer(self, name: ServicePortName) -> Balancer:
         return self.balancers[name]
 

@@ -350,3 +350,17 @@ def test_zone_hints_use_the_node_zone() -> None:
                          {"addresses": ["10.0.2.2"], "hints": {"forZones": [{"name": "z2"}]}}]}
     h.put(service("web", "10.96.0.10"), parse_endpoint_slice(obj))
     assert [e.ip for e in h.table.ports[port_name("web")].endpoints.cluster] == ["10.0.2.1"]
+
+
+
+def test_expire_affinity_drops_only_stale_entries_of_every_port() -> None:
+    h = Harness()
+    sticky = {"sessionAffinity": "ClientIP"}
+    h.put(service("a", "10.96.0.1", sessionAffinityConfig={"clientIP": {"timeoutSeconds": 10}}, **sticky),
+          service("b", "10.96.0.2", sessionAffinityConfig={"clientIP": {"timeoutSeconds": 100}}, **sticky),
+          endpoint_slice("a", ("10.244.1.2", NODE)), endpoint_slice("b", ("10.244.1.3", NODE)))
+    for name, balancer in h.table.balancers.items():
+        balancer.pick("192.168.56.100", h.table.ports[name].endpoints.cluster, now=0.0)
+    assert h.table.expire_affinity(50.0) == 1  # a's 10 s pin is stale at t=50; b's 100 s pin is not
+    sizes = {name.service.name: len(b.affinity) for name, b in h.table.balancers.items() if b.affinity is not None}
+    assert sizes == {"a": 0, "b": 1}
