@@ -73,6 +73,9 @@ def render_ruleset(config: NftConfig, elements: Iterable[Element]) -> str:
         "    chain output {",
         "        type route hook output priority mangle; policy accept;",
         f"        {MATCH} @svc_drop_internal drop",
+        # the node's own UDP to a service without endpoints: an ICMP error cannot come back
+        # through lo, so refuse it here (send() fails at once) rather than let it time out
+        f"        {MATCH} @svc_reject meta l4proto udp reject",
         f"        {MATCH} @svc_capture {set_mark}",
         f"        {MATCH} @svc_drop_external {set_mark}",
         f"        {MATCH} @svc_reject {set_mark}",

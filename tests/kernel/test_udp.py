@@ -57,6 +57,8 @@ for _ in range(count):
             outcome = s.recv(70000)[:20].decode(errors="replace").split()[0]
         except ConnectionRefusedError:
             outcome = "refused"
+        except PermissionError:  # the node's own datagram, refused by the output chain
+            outcome = "rejected"
         except (socket.timeout, TimeoutError):
             outcome = "timeout"
         print(outcome, round((time.monotonic() - started) * 1000, 2), flush=True)
@@ -245,6 +247,9 @@ def test_no_endpoints_is_refused_fast(udp: Cluster) -> None:
             outcome, ms = line.split()
             assert outcome == "refused", f"{where} -> {host}:{port}: {line}"
             assert float(ms) < 100, f"{where} -> {host}:{port}: refusal took {ms} ms"
+    for line in python(udp, "node1", PROBE, EMPTY_IP, "53", "2"):  # the node itself
+        outcome, ms = line.split()
+        assert outcome in ("refused", "rejected") and float(ms) < 100, f"node1 -> {EMPTY_IP}:53: {line}"
 
 
 def test_flows_are_bounded_and_expire_without_leaking_sockets(udp: Cluster) -> None:
