@@ -68,11 +68,15 @@ class Cluster:
         raise AssertionError(f"pyproxy on {node} did not log {text!r} in {timeout}s: {self.log(node)[-2000:]}")
 
     def apply(self, *docs: dict[str, Any], name: str = "services.yaml", nodes: Sequence[str] | None = None) -> None:
-        """Write the manifest file on every node and wait until each proxy has synced it."""
-        nodes = list(nodes or self.proxies)
+        """Write the manifest file on every node and wait until each proxy has synced it.
+
+        A node whose file already holds exactly this text is left alone: rewriting it would
+        change nothing, so no sync would come to wait for."""
+        text = m.dump(*docs)
+        nodes = [n for n in (nodes or self.proxies) if _read(self.manifest_dir(n) / name) != text]
         before = {n: self.syncs(n) for n in nodes}
         for node in nodes:
-            write_manifest(self.manifest_dir(node), name, m.dump(*docs))
+            write_manifest(self.manifest_dir(node), name, text)
         for node in nodes:
             self.wait_for_log(node, " synced ", before[node])
 
@@ -84,6 +88,13 @@ class Cluster:
 
     def backends(self, *pods: str, **kwargs: Any) -> list[m.Backend]:
         return [m.Backend(self.lab.pods[p].ip, self.lab.pods[p].node, **kwargs) for p in pods]
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        return None
 
 
 def build(lab: Lab, workdir: Path, pods: Mapping[str, str] = PODS, proxy_args: Sequence[str] = ()) -> Cluster:

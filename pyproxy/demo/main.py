@@ -9,7 +9,9 @@ the way the write-ups do, which pod answered and which client address it saw:
 - S3: a hundred requests, one pod; then spread with affinity None;
 - S5: NodePort with externalTrafficPolicy Cluster (a node address is seen) and Local (the
   client's own address is seen; a node without a local pod drops the traffic);
-- S7: a multi-port Service; and a refused connection for a Service without endpoints.
+- S7: a multi-port Service; and a refused connection for a Service without endpoints;
+- S8: cluster DNS: dnsmasq pods behind a kube-dns ClusterIP, queried with dig over UDP
+  and TCP from a pod and from the node.
 
 Everything it made is removed at the end, also on Ctrl-C or SIGTERM. Needs root.
 """
@@ -30,6 +32,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
 
+from pyproxy.demo import dns
 from pyproxy.demo import manifests as m
 from pyproxy.demo.cluster import Cluster, build
 from pyproxy.demo.lab import CLIENT_IP, Lab
@@ -107,6 +110,7 @@ def s2(cluster: Cluster) -> None:
 def s3(cluster: Cluster) -> None:
     say("\n== S3: a hundred requests, one pod ==")
     url = f"{AFFINITY_IP}:8080"
+    affinity_service(cluster, timeout=10800)
     shell("client-pod", f"for i in $(seq 100); do curl -s http://{url}/; done | sort | uniq -c   # ClientIP")
     show(uniq_c(cluster.run("cl", "http", url, "--count", "100")))
     affinity_service(cluster, timeout=None)
@@ -154,7 +158,18 @@ def s7_and_refusal(cluster: Cluster) -> None:
     show(cluster.run("client", "connect", "10.96.0.16:80", "--timeout", "3"))
 
 
-SCENES: dict[str, Callable[[Cluster], None]] = {"s1": s1, "s2": s2, "s3": s3, "s5": s5, "s7": s7_and_refusal}
+def s8_dns(cluster: Cluster) -> None:
+    say("\n== S8: cluster DNS, a Service over UDP (and TCP) port 53 ==")
+    say(f"  kube-system/kube-dns {dns.CLUSTER_DNS_IP}:53 -> dnsmasq pods dns1 (node1) and dns2 (node2)")
+    dns.setup_cluster_dns(cluster)
+    for where in ("client-pod", "node1"):
+        shell(where, f"dig +short @{dns.CLUSTER_DNS_IP} ...")
+        show(dns.show_lookups(cluster, "cl" if where == "client-pod" else where))
+
+
+SCENES: dict[str, Callable[[Cluster], None]] = {
+    "s1": s1, "s2": s2, "s3": s3, "s5": s5, "s7": s7_and_refusal, "dns": s8_dns,
+}
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:
@@ -203,7 +218,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             say(f"logs kept in {workdir}")
         else:
             shutil.rmtree(workdir, ignore_errors=True)
-        say("removed every namespace and process the demo made")
+        say(f"removed every namespace ({lab.prefix}-*) and process the demo made")
 
 
 if __name__ == "__main__":
