@@ -14,7 +14,8 @@ Theory of operation:
   the sync runner. A list is a full snapshot (`replace_services`/`replace_slices`): those
   calls also mark the kind synced, so nothing is programmed before both first lists are in.
 - Errors never clear the store: while the API server is away the last good state serves.
-- An object that fails validation is skipped with a log line naming it and the reason.
+- An object that fails validation is skipped with a log line naming it and the reason, and
+  a Warning Event about it is posted, best effort and rate-limited (`kube_events`).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from pyproxy.model.objects import (
     parse_service,
 )
 from pyproxy.model.store import ClusterStore
+from pyproxy.sources.kube_events import InvalidObjectReporter
 from pyproxy.sources.kube_watch import (
     Delete,
     Kind,
@@ -153,6 +155,8 @@ class Transport(Protocol):
 
     def interrupt(self) -> None: ...
 
+    def post_event(self, namespace: str, body: Mapping[str, Any]) -> None: ...
+
     def close(self) -> None: ...
 
 
@@ -220,6 +224,19 @@ class ClientTransport:
                 pass
 
 
+    def post_event(self, namespace: str, body: Mapping[str, Any]) -> None:
+        # Raw JSON on purpose: the client's Event model turns eventTime into a datetime and
+        # writes it back without the microseconds the API server's MicroTime insists on.
+        request = self.api_client.param_serialize(
+            "POST", "/apis/events.k8s.io/v1/namespaces/{namespace}/events", path_params={"namespace": namespace},
+            header_params={"Content-Type": "application/json", "Accept": "application/json"},
+            body=dict(body), auth_settings=["BearerToken"],
+        )
+        response = self.api_client.call_api(*request, _request_timeout=(5, 5))
+        data = response.read()
+        if not 200 <= response.status <= 299:
+            raise StatusError(int(response.status), _status_message(data, "posting an Event failed"))
+
     def close(self) -> None:
         self.api_client.close()
 
@@ -250,6 +267,7 @@ class KindHandler:
     parse: Callable[[Mapping[str, Any]], Any]
     apply: Callable[[ClusterStore, dict[ObjectKey, Any] | None, dict[ObjectKey, Any]], None]
     pending: Pending[ObjectKey, Any] = field(default_factory=Pending)
+    on_invalid: Callable[[Mapping[str, Any], InvalidObject], None] | None = None
 
     def value(self, obj: Mapping[str, Any]) -> Any:
         """The model value of an object, or None when it is not ours or invalid (logged)."""
@@ -257,6 +275,8 @@ class KindHandler:
             return self.parse(obj)
         except InvalidObject as err:
             log.error("skipping invalid object: %s", err)
+            if self.on_invalid is not None:
+                self.on_invalid(obj, err)
             return None
 
 
@@ -281,11 +301,15 @@ def _apply_node(store: ClusterStore, snapshot: dict[ObjectKey, Node] | None, cha
         store.set_node(node)
 
 
-def handlers(node_name: str, proxy_name: str | None) -> tuple[KindHandler, KindHandler, KindHandler]:
+def handlers(
+    node_name: str,
+    proxy_name: str | None,
+    on_invalid: Callable[[Mapping[str, Any], InvalidObject], None] | None = None,
+) -> tuple[KindHandler, KindHandler, KindHandler]:
     services, slices, node = watched_kinds(node_name, proxy_name)
     return (
-        KindHandler(services, lambda o: parse_service(o, proxy_name), _apply_services),
-        KindHandler(slices, parse_endpoint_slice, _apply_slices),
+        KindHandler(services, lambda o: parse_service(o, proxy_name), _apply_services, on_invalid=on_invalid),
+        KindHandler(slices, parse_endpoint_slice, _apply_slices, on_invalid=on_invalid),
         KindHandler(node, lambda o: parse_node(o) if (o.get("metadata") or {}).get("name") == node_name else None, _apply_node),
     )
 
@@ -419,12 +443,14 @@ class KubeSource:
         node_name: str,
         proxy_name: str | None = None,
         timing: WatchTiming = WatchTiming(),
+        events: bool = True,
     ) -> None:
         self.store = store
         self.on_change = on_change
         self.transport = transport
         self.timing = timing
-        self.handlers = handlers(node_name, proxy_name)
+        reporter = InvalidObjectReporter(transport.post_event, node_name, time.monotonic) if events else None
+        self.handlers = handlers(node_name, proxy_name, reporter)
         self._stop = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
 

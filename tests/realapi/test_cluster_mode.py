@@ -13,6 +13,7 @@ import json
 import time
 
 import pytest
+from kubernetes import client
 
 from pyproxy.demo.lab import CLIENT_IP, node_ip
 from tests.realapi.cluster import ALL, KubeCluster, client_ips_of, pods_of, port, service_body, unique
@@ -244,3 +245,25 @@ def test_state_is_kept_while_the_api_server_is_away(cluster: KubeCluster) -> Non
     cluster.change(lambda: cluster.put_slice(cluster.slice_body(f"{name}-1", name, ("pc",), HTTP)))
     assert set(pods_of(cluster.run("cl", "http", f"{ip}:80", "--count", "10"))) == {"pc"}, \
         "changes made after the restart are applied"
+
+
+def test_invalid_service_is_skipped_with_a_log_line_and_an_event(cluster: KubeCluster) -> None:
+    name = unique("sctp")
+    good = unique("next-to-sctp")
+
+    def create() -> str:
+        cluster.create_service(service_body(name, [{"name": "s", "port": 80, "targetPort": 80, "protocol": "SCTP"}]))
+        svc = cluster.create_service(service_body(good, [port(80, 80, name="http")]))
+        cluster.put_slice(cluster.slice_body(f"{good}-1", good, ("pa",), HTTP))
+        return str(svc.spec.cluster_ip)
+
+    ip = cluster.change(create)
+    assert f"skipping invalid object: Service default/{name}" in cluster.log("node1")
+    assert pods_of(cluster.run("cl", "http", f"{ip}:80")) == ["pa"], "other Services are not disturbed"
+    events = client.EventsV1Api(cluster.api)
+
+    def posted() -> bool:
+        found = events.list_namespaced_event("default", field_selector=f"regarding.name={name}").items
+        return {e.reporting_instance for e in found} == {"pyproxy-node1", "pyproxy-node2"}
+
+    cluster.eventually(posted, what="a Warning Event from each proxy")

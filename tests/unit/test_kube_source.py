@@ -4,9 +4,11 @@ and the list-then-watch loop against a scripted fake transport."""
 from __future__ import annotations
 
 import asyncio
+import datetime
 import json
 import logging
 import random
+import re
 import threading
 from collections.abc import Mapping
 from pathlib import Path
@@ -202,6 +204,7 @@ class FakeTransport:
         self.lists = lists
         self.watches = watches
         self.calls: list[tuple[str, str | None]] = []
+        self.events: list[tuple[str, dict[str, Any]]] = []
         self.closed = False
 
     def _next(self, script: list[Any]) -> Any:
@@ -225,6 +228,9 @@ class FakeTransport:
 
     def interrupt(self) -> None:
         pass
+
+    def post_event(self, namespace: str, body: Mapping[str, Any]) -> None:
+        self.events.append((namespace, dict(body)))
 
     def close(self) -> None:
         self.closed = True
@@ -400,3 +406,61 @@ def test_master_overrides_the_kubeconfig_server(tmp_path: Path) -> None:
     assert cfg.host == "https://192.168.56.2:6443" and "Bearer secret" in cfg.api_key.values()
     cfg.refresh_api_key_hook(cfg)  # the client calls it before every request
     assert cfg.host == "https://192.168.56.2:6443"
+
+
+# -- Warning Events for invalid objects -------------------------------------------------------
+
+
+def sctp_service(name: str, rv: str = "7") -> dict[str, Any]:
+    bad = service(name, rv=rv)
+    bad["apiVersion"] = "v1"
+    bad["metadata"]["uid"] = "u-1"
+    bad["spec"]["ports"][0]["protocol"] = "SCTP"
+    return bad
+
+
+def test_event_body_is_an_events_v1_warning() -> None:
+    from pyproxy.model.objects import InvalidObject
+    from pyproxy.sources.kube_events import event_body
+
+    now = datetime.datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=datetime.timezone.utc)
+    body = event_body(sctp_service("x"), InvalidObject("Service", "default/x", "SCTP is not supported"), "node1", now)
+    assert body is not None
+    assert body["apiVersion"] == "events.k8s.io/v1" and body["type"] == "Warning"
+    assert body["eventTime"] == "2026-01-02T03:04:05.678901Z"
+    assert body["regarding"] == {"apiVersion": "v1", "kind": "Service", "namespace": "default", "name": "x",
+                                 "uid": "u-1", "resourceVersion": "7"}
+    assert "SCTP" in body["note"] and body["metadata"]["namespace"] == "default"
+    assert re.fullmatch(r"x\.[0-9a-f]+", body["metadata"]["name"])
+    assert event_body({"metadata": {"name": "n"}}, InvalidObject("Node", "n", "r"), "node1", now) is None
+
+
+def test_event_budget_dedupes_and_limits_the_rate() -> None:
+    from pyproxy.sources.kube_events import EventBudget
+
+    budget = EventBudget(per_minute=2, remember=3)
+    assert budget.admit(("a",), 0.0) and not budget.admit(("a",), 1.0)
+    assert budget.admit(("b",), 2.0)
+    assert not budget.admit(("c",), 3.0)  # third in the same minute
+    assert budget.admit(("d",), 61.0)  # the window moved on
+    for i in range(5):
+        budget.admit((f"x{i}",), 200.0 + i)
+    assert len(budget._seen) == 3  # bounded memory
+
+
+def test_an_invalid_object_gets_one_event_and_failures_to_post_are_swallowed() -> None:
+    stop = Stop()
+    transport = FakeTransport(stop, [a_list([sctp_service("bad"), service("good")], "5"),
+                                     a_list([sctp_service("bad")], "6")], [gone(), gone()])
+    source = KubeSource(ClusterStore(), lambda: None, transport, "node1")
+    watcher = Watcher(source.handlers[0], transport, lambda h: None, stop)
+    watcher.run()
+    assert [(ns, e["regarding"]["name"]) for ns, e in transport.events] == [("default", "bad")]  # once, not per list
+
+    def refuse(namespace: str, body: Mapping[str, Any]) -> None:
+        raise StatusError(403, "forbidden")
+
+    transport = FakeTransport(Stop(), [a_list([sctp_service("bad", rv="9")], "5")], [])
+    transport.post_event = refuse  # type: ignore[method-assign]
+    source = KubeSource(ClusterStore(), lambda: None, transport, "node1")
+    Watcher(source.handlers[0], transport, lambda h: None, transport.stop).run()  # no exception escapes
