@@ -132,11 +132,10 @@ def _load_service_account(cfg: Any, url: str) -> None:
 def open_transport(kubeconfig: str, master: str) -> ClientTransport:
     """Connect settings -> a transport (reads files: call it off the event loop)."""
     from kubernetes import client
-    from kubernetes.config import ConfigException
 
     try:
         cfg = client_configuration(kubeconfig, master)
-    except (ConfigException, OSError, ValueError) as err:
+    except Exception as err:  # the loaders raise whatever a bad file trips them on (TypeError, KeyError...)
         where = kubeconfig or master or "in-cluster config"
         raise SourceError(f"cannot load API server connection settings ({where}): {err}") from None
     return ClientTransport(client.ApiClient(cfg))

@@ -464,3 +464,15 @@ def test_an_invalid_object_gets_one_event_and_failures_to_post_are_swallowed() -
     transport.post_event = refuse  # type: ignore[method-assign]
     source = KubeSource(ClusterStore(), lambda: None, transport, "node1")
     Watcher(source.handlers[0], transport, lambda h: None, transport.stop).run()  # no exception escapes
+
+
+@pytest.mark.parametrize("text", ["just a string", "clusters: [", "{}"])
+def test_a_bad_kubeconfig_is_a_clear_startup_error(tmp_path: Path, text: str) -> None:
+    from pyproxy.sources.kube import SourceError, open_transport
+
+    path = tmp_path / "kubeconfig"
+    path.write_text(text)
+    with pytest.raises(SourceError, match=str(path)):
+        open_transport(str(path), "")
+    with pytest.raises(SourceError, match="no kubeconfig found"):
+        open_transport(str(tmp_path / "missing"), "")
