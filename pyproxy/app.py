@@ -30,7 +30,8 @@ from pyproxy.observe.metrics import CountingStore
 from pyproxy.observe.observer import Observer
 from pyproxy.model.table import Frontend, ServiceTable
 from pyproxy.proxier import Proxier, SyncResult, parse_cidrs
-from pyproxy.sources.kube import KubeSource, SourceError, open_transport
+from pyproxy.sources.kube import KubeSource
+from pyproxy.sources.kube_client import SourceError, open_transport
 from pyproxy.sources.manifests import ManifestSnapshot, fingerprint, load_manifests, watch_manifests
 from pyproxy.sync import SyncRunner
 

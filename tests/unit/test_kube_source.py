@@ -18,15 +18,8 @@ import pytest
 
 from pyproxy.model.objects import ServiceKey
 from pyproxy.model.store import ClusterStore
-from pyproxy.sources.kube import (
-    KubeSource,
-    StatusError,
-    Watcher,
-    WatchStream,
-    client_configuration,
-    handlers,
-    master_url,
-)
+from pyproxy.sources.kube import KubeSource, Watcher, handlers
+from pyproxy.sources.kube_client import StatusError, WatchStream, client_configuration, master_url
 from pyproxy.sources.kube_watch import (
     Backoff,
     Delete,
@@ -468,7 +461,7 @@ def test_an_invalid_object_gets_one_event_and_failures_to_post_are_swallowed() -
 
 @pytest.mark.parametrize("text", ["just a string", "clusters: [", "{}"])
 def test_a_bad_kubeconfig_is_a_clear_startup_error(tmp_path: Path, text: str) -> None:
-    from pyproxy.sources.kube import SourceError, open_transport
+    from pyproxy.sources.kube_client import SourceError, open_transport
 
     path = tmp_path / "kubeconfig"
     path.write_text(text)
