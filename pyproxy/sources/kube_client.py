@@ -16,13 +16,18 @@ Rules kept here:
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 from collections.abc import Callable, Generator, Mapping
 from contextlib import closing
 from typing import Any, Protocol
 
+import urllib3.exceptions
+
 from pyproxy.sources.kube_watch import Kind, WatchTiming, json_lines
+
+log = logging.getLogger("pyproxy.kube")
 
 SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 
@@ -170,6 +175,10 @@ class ClientTransport:
         try:
             for line in json_lines(response.stream(64 * 1024, decode_content=True)):
                 yield json.loads(line)
+        except urllib3.exceptions.ReadTimeoutError:
+            # Silent for `silence_timeout`: the connection may be dead. End this watch; the
+            # loop watches again from the last resourceVersion (and backs off if that fails).
+            log.info("%s: no watch event for %gs; watching again", kind.name, timing.silence_timeout)
         finally:
             with self._lock:
                 self._open.discard(response)
@@ -213,6 +222,4 @@ def _status_message(body: Any, default: str) -> str:
 
 def is_transient(err: BaseException) -> bool:
     """Errors after which the loop reconnects (anything the network or server can cause)."""
-    import urllib3.exceptions
-
     return isinstance(err, (SourceError, OSError, ValueError, urllib3.exceptions.HTTPError))

@@ -469,3 +469,40 @@ def test_a_bad_kubeconfig_is_a_clear_startup_error(tmp_path: Path, text: str) ->
         open_transport(str(path), "")
     with pytest.raises(SourceError, match="no kubeconfig found"):
         open_transport(str(tmp_path / "missing"), "")
+
+
+def test_a_silent_watch_ends_quietly_and_reads_raw_json(caplog: pytest.LogCaptureFixture) -> None:
+    """ClientTransport against a loopback server that sends one event, then falls silent."""
+    import socket
+
+    from kubernetes import client
+
+    from pyproxy.sources.kube_client import ClientTransport
+
+    line = json.dumps(event("ADDED", service("raw", rv="3"))).encode() + b"\n"
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        release = threading.Event()
+
+        def serve() -> None:
+            conn, _ = server.accept()
+            with conn:
+                conn.recv(65536)
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+                             + f"{len(line):x}\r\n".encode() + line + b"\r\n")
+                release.wait(5)  # silent, until the test is done
+
+        thread = threading.Thread(target=serve)
+        thread.start()
+        cfg = client.Configuration()
+        cfg.host = f"http://127.0.0.1:{server.getsockname()[1]}"
+        transport = ClientTransport(client.ApiClient(cfg))
+        try:
+            timing = WatchTiming(connect_timeout=2, silence_timeout=0.3)
+            with caplog.at_level(logging.INFO, logger="pyproxy.kube"):
+                events = list(transport.watch(Kind("Service"), "1", timing, 60))
+        finally:
+            release.set()
+            thread.join(5)
+            transport.close()
+    assert events == [event("ADDED", service("raw", rv="3"))]  # camelCase dicts, as sent
+    assert "no watch event for 0.3s" in caplog.text
