@@ -9,8 +9,12 @@ which timeout applies (`pair_timeout`). What differs is only how bytes move.
 Theory of operation:
 - Accepting: `loop.add_reader` on the transparent listener; each wake-up accepts a bounded
   batch. The accepted socket's local address is the original destination (TPROXY).
-- Dialing: a non-blocking `connect_ex` plus `add_writer` and a timer per attempt; no task,
-  no future, no transport. A failed or timed-out endpoint is excluded and the pick is made
+- Readiness of the proxied sockets comes from an epoll set of the relay's own (`poller.py`),
+  itself one fd in the event loop: one EPOLL_CTL_ADD per socket, a MOD when its interest
+  changes, nothing at close (the loop's add_reader/remove_reader cost a dozen syscalls per
+  connection).
+- Dialing: a non-blocking `connect_ex`, EPOLLOUT and a timer per attempt; no task, no
+  future, no transport. A failed or timed-out endpoint is excluded and the pick is made
   again, up to `len(dial_timeouts)` attempts; then the client gets a reset. The client is
   not read until the upstream is connected, so no early bytes need buffering.
 - Moving bytes, per direction (client->upstream, upstream->client): `recv_into` one
@@ -23,8 +27,9 @@ Theory of operation:
   to be writable; at most one buffer (or one pipe) per direction is ever held.
 - Half-close: EOF from a source becomes `shutdown(SHUT_WR)` on its destination once
   everything read has been written; the pair closes when both directions are shut, on any
-  socket error, or when idle past `pair_timeout` (shorter once half-closed).
-- Every fd watched is unwatched before its socket is closed.
+  socket error, or when idle past `pair_timeout` (shorter once half-closed), which one
+  sweep timer per relay checks (not a timer per pair: idle pairs cost no timer).
+- Every socket is forgotten by the poller before it is closed.
 """
 
 from __future__ import annotations
@@ -34,12 +39,14 @@ import errno
 import fcntl
 import logging
 import os
+import select
 import socket
 import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from pyproxy.dataplane.poller import ERR_HUP, IN, OUT, Poller
 from pyproxy.dataplane.relay import LINGER_RESET, RelayConfig, _upstream_socket, transparent_listener
 from pyproxy.dataplane.stats import DataplaneStats, PortStats
 from pyproxy.model.endpoints import Endpoint
@@ -100,6 +107,7 @@ class FastRelay:
         self.listener = sock if sock is not None else transparent_listener(host, port)
         self.listener.setblocking(False)
         self.listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # accepted sockets inherit it
+        self.poller = Poller(self._loop)
         self._loop.add_reader(self.listener.fileno(), self._accept)
         self._sweeper = self._loop.call_later(self._sweep_interval(), self._sweep)
 
@@ -133,7 +141,10 @@ class FastRelay:
             pair.close(abort=True)
         if self._sweeper is not None:
             self._sweeper.cancel()
+        self.poller.close()
         return cut
+
+    poller: Poller = field(init=False)
 
     def _accept(self) -> None:
         listener = self.listener
@@ -218,12 +229,12 @@ class Direction:
     def _watch_src(self) -> None:
         if not self.reading:
             self.reading = True
-            self.loop.add_reader(self.src_fd, self.readable)
+            self.pair.interest(self.src_fd)
 
     def _unwatch_src(self) -> None:
         if self.reading:
             self.reading = False
-            self.loop.remove_reader(self.src_fd)
+            self.pair.interest(self.src_fd)
 
     def readable(self) -> None:
         """Move what src has (a few reads per wake-up: the EOF often sits right behind the data)."""
@@ -321,7 +332,7 @@ class Direction:
         self._unwatch_src()
         if not self.writing:
             self.writing = True
-            self.loop.add_writer(self.dst_fd, self.writable)
+            self.pair.interest(self.dst_fd)
 
     def writable(self) -> None:
         if self.pipe is not None:
@@ -339,7 +350,7 @@ class Direction:
             if self.pending is not None:
                 return
         self.writing = False
-        self.loop.remove_writer(self.dst_fd)
+        self.pair.interest(self.dst_fd)
         if self.eof:
             self._shut()
         else:
@@ -367,11 +378,8 @@ class Direction:
         self.pair.direction_done()
 
     def stop(self) -> None:
-        """Unwatch both fds and release the pipe (the pair closes the sockets)."""
-        self._unwatch_src()
-        if self.writing:
-            self.writing = False
-            self.loop.remove_writer(self.dst_fd)
+        """Release the pipe (the pair forgets and closes the sockets)."""
+        self.reading = self.writing = False
         if self.pipe is not None:
             os.close(self.pipe[0])
             os.close(self.pipe[1])
@@ -437,7 +445,7 @@ class FastPair:
         if code == 0:
             self._connected()
         elif code == errno.EINPROGRESS:
-            self.loop.add_writer(sock.fileno(), self._dial_done)
+            self.relay.poller.watch(sock.fileno(), OUT, self._upstream_event)
             self.timer = self.loop.call_later(timeout, self._dial_timed_out)
         else:
             self._dial_failed(OSError(code, os.strerror(code)))
@@ -450,19 +458,17 @@ class FastPair:
             self.timer = None
         err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
-            self.loop.remove_writer(sock.fileno())
             self._dial_failed(OSError(err, os.strerror(err)))
         else:
-            self._connected(dial_watched=True)
+            self._connected()
 
     def _dial_timed_out(self) -> None:
         self.timer = None
-        if self.upstream is not None:
-            self.loop.remove_writer(self.upstream.fileno())
         self._dial_failed(None)
 
     def _dial_failed(self, err: OSError | None) -> None:
         if self.upstream is not None:
+            self.relay.poller.forget(self.upstream.fileno())
             self.upstream.close()
             self.upstream = None
         assert self.endpoint is not None
@@ -472,14 +478,12 @@ class FastPair:
         self.endpoint = None
         self._dial_next()
 
-    def _connected(self, dial_watched: bool = False) -> None:
+    def _connected(self) -> None:
         upstream = self.upstream
         assert upstream is not None
         self.up = Direction(self, self.client, upstream, count_in=True)
         self.down = Direction(self, upstream, self.client, count_in=False)
         self.down._watch_src()
-        if dial_watched:  # after watching for reading: the fd's poll handle is kept, not remade
-            self.loop.remove_writer(upstream.fileno())
         self.up.readable()  # the client's request is usually there already: no wait for a wake-up
 
     # closing
@@ -498,12 +502,61 @@ class FastPair:
         for direction in (self.up, self.down):
             if direction is not None:
                 direction.stop()
+        poller = self.relay.poller
         if self.upstream is not None:
-            if self.up is None:  # still dialing
-                self.loop.remove_writer(self.upstream.fileno())
+            poller.forget(self.upstream.fileno())
             (_reset if abort else socket.socket.close)(self.upstream)
+        poller.forget(self.client.fileno())
         (_reset if abort else socket.socket.close)(self.client)
         self._finish()
+
+    # readiness: one epoll registration per socket (poller.py)
+
+    def interest(self, fd: int) -> None:
+        """Re-state what `fd` (the client's or the upstream's) is watched for."""
+        up, down = self.up, self.down
+        assert up is not None and down is not None
+        if fd == up.src_fd:  # the client
+            mask = (IN if up.reading else 0) | (OUT if down.writing else 0)
+            self.relay.poller.watch(fd, mask, self._client_event)
+        else:
+            mask = (IN if down.reading else 0) | (OUT if up.writing else 0)
+            self.relay.poller.watch(fd, mask, self._upstream_event)
+
+    def _client_event(self, bits: int) -> None:
+        up, down = self.up, self.down
+        if up is None or down is None or self.closed:
+            return
+        if not (up.reading or down.writing):
+            self._hung_up(up.src_fd, bits)
+            return
+        if up.reading and bits & (IN | ERR_HUP):
+            up.readable()
+        if down.writing and not self.closed and bits & (OUT | ERR_HUP):
+            down.writable()
+
+    def _upstream_event(self, bits: int) -> None:
+        up, down = self.up, self.down
+        if self.closed:
+            return
+        if up is None or down is None:
+            if self.upstream is not None and bits & (OUT | ERR_HUP):
+                self._dial_done()
+            return
+        if not (down.reading or up.writing):
+            self._hung_up(down.src_fd, bits)
+            return
+        if down.reading and bits & (IN | ERR_HUP):
+            down.readable()
+        if up.writing and not self.closed and bits & (OUT | ERR_HUP):
+            up.writable()
+
+    def _hung_up(self, fd: int, bits: int) -> None:
+        """An error or hang-up on an fd nobody is waiting on: fail, or stop it spinning."""
+        if bits & select.EPOLLERR:
+            self.failed(OSError(errno.ECONNRESET, "socket error"))
+        elif bits & select.EPOLLHUP:
+            self.relay.poller.park(fd)
 
     def _finish(self) -> None:
         if self.closed:
