@@ -135,13 +135,26 @@ class KubeCluster:
             time.sleep(0.05)
         raise AssertionError(f"pyproxy on {node} did not log {text!r} in {timeout}s: {self.log(node)[-3000:]}")
 
-    def change(self, action: Callable[[], Any]) -> Any:
-        """Run an API change, then wait until every pyproxy has synced after it."""
+    def change(self, action: Callable[[], Any], quiet: float = 0.5) -> Any:
+        """Run an API change, then wait until every pyproxy has synced after it and settled.
+
+        One change can arrive as several watch events (a Service, then its EndpointSlice,
+        on different watches) and so as several syncs: after the first, wait until no
+        further sync has come for `quiet` seconds.
+        """
         before = {n: self.syncs(n) for n in self.proxies}
         result = action()
         for node, seen in before.items():
             self.wait_for_log(node, " synced ", seen)
-        return result
+        deadline = time.monotonic() + SYNC_TIMEOUT
+        counts = {n: self.syncs(n) for n in self.proxies}
+        while time.monotonic() < deadline:
+            time.sleep(quiet)
+            now = {n: self.syncs(n) for n in self.proxies}
+            if now == counts:
+                return result
+            counts = now
+        raise AssertionError(f"pyproxy kept syncing for {SYNC_TIMEOUT}s after a change")
 
     # API objects
 
