@@ -25,7 +25,7 @@ from pathlib import Path
 from bench import procs
 from bench.contenders import BACKEND_PORT, Contender
 from bench.summary import Measurement
-from bench.topology import Topology, in_ns
+from bench.topology import NODE_ADDR, Topology, in_ns
 from bench.workloads import Workload
 
 LOAD_SLACK_S = 40.0  # beyond the load tool's own hard deadline
@@ -125,6 +125,24 @@ class Harness:
                                    timeout=60, cwd=self.repo)
                 except subprocess.TimeoutExpired:
                     pass  # the namespace goes at teardown anyway
+
+    def measure_control(self, w: Workload) -> Measurement:
+        """pyproxy's control plane in the node namespace (`bench.controlplane`), once."""
+        backends = ",".join(f"{h}:{p}" for h, p in self.backend_targets())
+        argv = in_ns(self.topo.node_ns, self._py("-m", "bench.controlplane", *w.args, "--backends", backends,
+                                                 "--node-address", NODE_ADDR, "--json"))
+        t0 = time.monotonic()
+        try:
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=300, cwd=self.repo)
+        except subprocess.TimeoutExpired:
+            return Measurement(w.name, "control", "pyproxy", 1, error="control-plane run exceeded 300 s")
+        (self.workdir / "load").mkdir(exist_ok=True)
+        (self.workdir / "load" / f"{w.name}.json").write_text(done.stdout + done.stderr)
+        try:
+            summary = json.loads(done.stdout)["summary"]
+        except (ValueError, KeyError):
+            return Measurement(w.name, "control", "pyproxy", 1, error=f"no result: {done.stderr.strip()[-300:]}")
+        return Measurement(w.name, "control", "pyproxy", 1, summary=summary, wall_s=time.monotonic() - t0)
 
     def backend_cpu(self) -> float:
         return sum(procs.cpu_seconds(p.pid) for p in self.registry.started if p.name.startswith("backend-"))

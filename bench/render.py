@@ -56,6 +56,8 @@ def summary_columns(cells: Sequence[Cell]) -> list[Column]:
             cols += [(workload, "established", "idle established"), (workload, "mem_per_conn_kib", "KiB per conn")]
         elif mode == "affinity":
             cols += [(workload, "sticky_share", "sticky clients"), (workload, "moved_needlessly_share", "moved needlessly")]
+        elif mode == "control":
+            cols.append((workload, "p99_ms", f"{workload}: change to routed p99 ms"))
     return cols
 
 
@@ -87,9 +89,10 @@ DETAIL_KEYS = {
     "latency": ("offered_rate", "ops_per_s", "p50_ms", "p90_ms", "p99_ms", "p99.9_ms", "max_ms", "proxy_cores"),
     "idle": ("target", "established", "mem_per_conn_kib"),
     "affinity": ("sticky_share", "after_sticky_share", "moved_needlessly_share"),
+    "control": ("services", "full_sync_ms", "p50_ms", "p90_ms", "p99_ms", "max_ms"),
 }
 HEADLINE_KEY = {"stream": "gbit_per_s", "rr": "ops_per_s", "crr": "ops_per_s", "latency": "p99_ms",
-                "idle": "established", "affinity": "sticky_share"}
+                "idle": "established", "affinity": "sticky_share", "control": "p99_ms"}
 
 
 def detail_tables(cells: Sequence[Cell], contenders: Sequence[str]) -> list[str]:

@@ -37,15 +37,17 @@ from bench.harness import Harness
 
 REPO = Path(__file__).resolve().parent.parent
 TOOLS = {"haproxy": "haproxy", "nginx": "nginx", "socat": "socat", "dnat": "nft"}
+FULL_CONTENDERS = "direct,dnat,haproxy,nginx,socat,pyproxy"
+QUICK_CONTENDERS = "direct,dnat,haproxy-1t,nginx-1w,pyproxy-splice,pyproxy-splice-2w"
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.run", description="pyproxy vs the alternatives, side by side")
-    p.add_argument("--quick", action="store_true", help="CI smoke run: 3 rounds, short, a subset; < 5 min")
+    p.add_argument("--quick", action="store_true", help="CI smoke run: 3 rounds, short, fewer contenders; < 5 min")
     p.add_argument("--rounds", type=int, help="interleaved repetitions (default 5, quick 3)")
-    p.add_argument("--duration", type=float, help="seconds per measurement (default 5, quick 1.5)")
-    p.add_argument("--contenders", default="direct,dnat,haproxy,nginx,socat,pyproxy",
-                   help="families or ids, comma-separated")
+    p.add_argument("--duration", type=float, help="seconds per measurement (default 5, quick 1)")
+    p.add_argument("--contenders", default=None,
+                   help=f"families or ids, comma-separated (default {FULL_CONTENDERS}; quick {QUICK_CONTENDERS})")
     p.add_argument("--workloads", default="", help="workload names or modes, comma-separated (default all)")
     p.add_argument("--idle-conns", type=int, help="connections held by the idle workload (default 10000, quick 1000)")
     p.add_argument("--backends", type=int, default=2, help="backend namespaces (default 2)")
@@ -125,6 +127,12 @@ def start_all(h: Harness, chosen: list[ct.Contender], skipped: dict[str, str]) -
 def run_rounds(h: Harness, active: list[ct.Contender], loads: list[workloads.Workload], rounds: int,
                latency_ref: float, measurements: list[summary.Measurement]) -> None:
     for w in loads:
+        if w.mode == "control":
+            if any(c.family == "pyproxy" for c in active):
+                m = h.measure_control(w)
+                measurements.append(m)
+                _log(f"{w.name}: {_brief(m)}")
+            continue
         rate = None
         if w.rate_fraction:
             ref = summary.reference_rate(summary.aggregate(measurements)) or latency_ref
@@ -157,7 +165,7 @@ def write_outputs(out: Path, meta: dict[str, Any], chosen: list[ct.Contender], s
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     rounds = args.rounds or (3 if args.quick else 5)
-    duration = args.duration or (1.5 if args.quick else 5.0)
+    duration = args.duration or (1.0 if args.quick else 5.0)
     raise_nofile_limit(524288)  # inherited by every process started: haproxy, nginx, load
     nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     # BENCH.md asks for 10k idle connections; a one-process proxy needs two sockets for each,
@@ -178,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         chosen = ct.select(ct.build(ct.FAMILIES, topology.NODE_ADDR, backends, work, nofile=nofile,
                                     node_ns=topo.node_ns),
-                           args.contenders)
+                           args.contenders or (QUICK_CONTENDERS if args.quick else FULL_CONTENDERS))
     except ValueError as exc:
         print(f"bench.run: {exc}", file=sys.stderr)
         return 2

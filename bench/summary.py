@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 HEADLINE = {"stream": "gbit_per_s", "rr": "ops_per_s", "crr": "ops_per_s", "latency": "p99_ms",
-            "idle": "established", "affinity": "sticky_share"}
+            "idle": "established", "affinity": "sticky_share", "control": "p99_ms"}
 LOWER_IS_BETTER = {"p50_ms", "p90_ms", "p99_ms", "p99.9_ms", "max_ms", "mem_per_conn_kib", "errors"}
 
 
@@ -81,6 +81,9 @@ def figures(m: Measurement) -> dict[str, float | None]:
         for key in ("sticky_share", "after_sticky_share", "moved_needlessly_share"):
             value = s.get(key)
             out[key] = float(value) if value is not None else None
+    if m.mode == "control":
+        out["services"] = float(s.get("services", 0))
+        out["full_sync_ms"] = float(s.get("full_sync_s", 0.0)) * 1000
     if m.rate is not None:
         out["offered_rate"] = m.rate
     return out

@@ -47,7 +47,15 @@ def full(duration: float = 5.0, idle_conns: int = 10000) -> list[Workload]:
                  use_sources=True),
         Workload("affinity", "affinity", max(d, 10.0), ("--per-client", "8", "--conns", "16", "--settle", "3"),
                  use_sources=True),
+        *control(30),
     ]
+
+
+def control(changes: int, sizes: tuple[int, ...] = (100, 1000, 10000)) -> list[Workload]:
+    """pyproxy's control plane at N Services (`bench.controlplane`): measured once per run,
+    `changes` changes each, not per contender (nothing else has this control plane)."""
+    return [Workload(f"control@{n // 1000}k" if n >= 1000 else f"control@{n}", "control", 0.0,
+                     ("--services", str(n), "--changes", str(changes))) for n in sizes]
 
 
 def quick(duration: float = 1.5, idle_conns: int = 1000) -> list[Workload]:
@@ -57,6 +65,9 @@ def quick(duration: float = 1.5, idle_conns: int = 1000) -> list[Workload]:
         Workload("crr", "crr", d, ("--conns", "16", "--procs", "2"), use_sources=True),
         Workload("latency@50%", "latency", d, ("--procs", "2"), use_sources=True, rate_fraction=0.5),
         Workload("idle", "idle", d, ("--conns", str(idle_conns), "--procs", "2"), use_sources=True),
+        Workload("affinity", "affinity", 3.0, ("--per-client", "4", "--conns", "16", "--settle", "1"),
+                 use_sources=True),
+        *control(10, (10000,)),
     ]
 
 

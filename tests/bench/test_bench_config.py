@@ -57,10 +57,13 @@ def test_pyproxy_manifest_matches_the_brief() -> None:
 def test_build_and_select() -> None:
     all_ = ct.build(ct.FAMILIES, "10.200.0.1", BACKENDS, Path("/w"))
     ids = [c.id for c in all_]
-    assert ids == ["direct", "dnat", "haproxy-1t", "haproxy-2t", "nginx-1w", "nginx-2w", "socat", "pyproxy"]
-    assert len({c.target for c in all_}) == len(all_)  # nobody shares an address:port
-    py = all_[-1]
-    assert py.exclusive and "--hostname-override" in py.argv and py.cleanup
+    assert ids == ["direct", "dnat", "haproxy-1t", "haproxy-2t", "nginx-1w", "nginx-2w", "socat",
+                   "pyproxy", "pyproxy-splice", "pyproxy-splice-2w"]
+    shared = [c for c in all_ if not c.exclusive]
+    assert len({c.target for c in shared}) == len(shared)  # the persistent ones never share an address:port
+    for py in all_[-3:]:  # the pyproxy variants run one at a time, on the same ClusterIP
+        assert py.exclusive and "--hostname-override" in py.argv and py.cleanup
+    assert all_[-1].argv[-4:] == ("--relay", "splice", "--workers", "2")
     assert [c.id for c in ct.select(all_, "haproxy,direct")] == ["direct", "haproxy-1t", "haproxy-2t"]
     assert [c.id for c in ct.select(all_, "nginx-2w")] == ["nginx-2w"]
     with pytest.raises(ValueError):
@@ -83,7 +86,7 @@ def test_topology_plan_stays_inside_its_namespaces() -> None:
 
 def test_workload_sets() -> None:
     q = quick()
-    assert [w.name for w in q] == ["stream-1", "crr", "latency@50%", "idle"]
+    assert [w.name for w in q] == ["stream-1", "crr", "latency@50%", "idle", "affinity", "control@10k"]
     names = [w.name for w in full()]
     assert names.index("crr") < names.index("latency@25%")
     argv = q[2].load_args(("10.96.0.10", 80), "10.200.1.1", rate=1234.4)
