@@ -118,17 +118,23 @@ def run(config: ProxyConfig) -> int:
     async def _main(worker: WorkerRole | None = None) -> int:
         return await ProxyApp(config, worker).run()
 
-    try:
-        if config.dataplane.workers > 1:  # fork before any event loop exists
-            return run_workers(config.dataplane.workers, "127.0.0.1", config.dataplane.tcpProxyPort,
-                               lambda role: _run_loop(_main(role), config.eventLoop))
-        return _run_loop(_main(), config.eventLoop)
-    except (StartupError, ManifestError) as err:
-        log.error("cannot start: %s", err)
-        return 1
-    except PermissionError as err:
-        log.error("cannot start: %s (pyproxy needs root or CAP_NET_ADMIN)", err)
-        return 1
+    def serve(worker: WorkerRole | None = None) -> int:
+        try:
+            return _run_loop(_main(worker), config.eventLoop)
+        except (StartupError, ManifestError) as err:
+            log.error("cannot start: %s", err)
+            return 1
+        except PermissionError as err:
+            log.error("cannot start: %s (pyproxy needs root or CAP_NET_ADMIN)", err)
+            return 1
+
+    if config.dataplane.workers > 1:  # fork before any event loop exists; each worker serves as above
+        try:
+            return run_workers(config.dataplane.workers, "127.0.0.1", config.dataplane.tcpProxyPort, serve)
+        except PermissionError as err:
+            log.error("cannot start: %s (pyproxy needs root or CAP_NET_ADMIN)", err)
+            return 1
+    return serve()
 
 
 def _run_loop(coro: Any, event_loop: str = "auto") -> int:

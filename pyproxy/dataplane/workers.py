@@ -98,6 +98,8 @@ def run_workers(count: int, host: str, port: int, serve: Callable[[WorkerRole], 
             status = 1
             try:
                 status = serve(WorkerRole(index, count, socks[index]))
+            except BaseException:  # never unwind into the supervisor's code in a worker
+                log.exception("worker %d failed", index)
             finally:
                 os._exit(status)
         children[pid] = index
