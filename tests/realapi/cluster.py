@@ -135,22 +135,22 @@ class KubeCluster:
             time.sleep(0.05)
         raise AssertionError(f"pyproxy on {node} did not log {text!r} in {timeout}s: {self.log(node)[-3000:]}")
 
-    def change(self, action: Callable[[], Any], quiet: float = 0.5) -> Any:
-        """Run an API change, then wait until every pyproxy has synced after it and settled.
+    def change(self, action: Callable[[], Any], quiet: float = 0.5, nodes: Sequence[str] | None = None) -> Any:
+        """Run an API change, then wait until each pyproxy (of `nodes`) has synced after it and settled.
 
         One change can arrive as several watch events (a Service, then its EndpointSlice,
         on different watches) and so as several syncs: after the first, wait until no
         further sync has come for `quiet` seconds.
         """
-        before = {n: self.syncs(n) for n in self.proxies}
+        before = {n: self.syncs(n) for n in (nodes or self.proxies)}
         result = action()
         for node, seen in before.items():
             self.wait_for_log(node, " synced ", seen)
         deadline = time.monotonic() + SYNC_TIMEOUT
-        counts = {n: self.syncs(n) for n in self.proxies}
+        counts = {n: self.syncs(n) for n in before}
         while time.monotonic() < deadline:
             time.sleep(quiet)
-            now = {n: self.syncs(n) for n in self.proxies}
+            now = {n: self.syncs(n) for n in before}
             if now == counts:
                 return result
             counts = now

@@ -58,7 +58,9 @@ def cluster(bin_dir: Path, request: pytest.FixtureRequest,
         skip_or_fail(reason)
     options = dataclasses.replace(getattr(request.module, "KUBE_OPTIONS", KubeOptions()), extra_ips=(API_IP,))
     workdir = tmp_path_factory.mktemp("realapi-cluster")
-    with Lab() as lab, KubeAPIServer(bin_dir, workdir, options) as kube, kube.api_client() as api:
+    # The lab (pyproxy, forwarder) goes first at teardown: an API server without open
+    # watches stops faster.
+    with KubeAPIServer(bin_dir, workdir, options) as kube, kube.api_client() as api, Lab() as lab:
         lab.build_lan()
         lab.add_ns("api")
         lab._join_lan("api", API_IP)  # the forwarder listens here, on the LAN

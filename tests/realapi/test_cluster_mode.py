@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import json
+import sys
 import time
 
 import pytest
@@ -267,3 +268,24 @@ def test_invalid_service_is_skipped_with_a_log_line_and_an_event(cluster: KubeCl
         return {e.reporting_instance for e in found} == {"pyproxy-node1", "pyproxy-node2"}
 
     cluster.eventually(posted, what="a Warning Event from each proxy")
+
+
+def test_the_node_watch_feeds_healthz(cluster: KubeCluster) -> None:
+    def get(path: str) -> tuple[int, dict[str, object]]:
+        code = ("import json, urllib.request, urllib.error\n"
+                f"try: r = urllib.request.urlopen('http://{node_ip(2)}:10256{path}', timeout=5)\n"
+                "except urllib.error.HTTPError as e: r = e\n"
+                "with r: print(r.status, r.read().decode())")
+        status, _, body = cluster.lab.exec("client", sys.executable, "-c", code).stdout.strip().partition(" ")
+        return int(status), json.loads(body)
+
+    taint = {"key": "ToBeDeletedByClusterAutoscaler", "value": "1", "effect": "NoSchedule"}
+    cluster.change(lambda: cluster.core.patch_node("node2", {"spec": {"taints": [taint]}}), nodes=["node2"])
+    def ineligible() -> bool:
+        status, body = get("/healthz")
+        return status == 503 and body["nodeEligible"] is False
+
+    cluster.eventually(ineligible, what="node2 /healthz 503 for the autoscaler taint")
+    assert get("/livez")[0] == 200, "/livez ignores the node"
+    cluster.change(lambda: cluster.core.patch_node("node2", {"spec": {"taints": None}}), nodes=["node2"])
+    cluster.eventually(lambda: get("/healthz")[0] == 200, what="node2 eligible again")
