@@ -289,3 +289,21 @@ def test_the_node_watch_feeds_healthz(cluster: KubeCluster) -> None:
     assert get("/livez")[0] == 200, "/livez ignores the node"
     cluster.change(lambda: cluster.core.patch_node("node2", {"spec": {"taints": None}}), nodes=["node2"])
     cluster.eventually(lambda: get("/healthz")[0] == 200, what="node2 eligible again")
+
+
+def test_deletions_through_the_api(cluster: KubeCluster) -> None:
+    name = unique("deleted")
+
+    def create() -> str:
+        svc = cluster.create_service(service_body(name, [port(80, 80, name="http")]))
+        cluster.put_slice(cluster.slice_body(f"{name}-1", name, ("pa",), HTTP))
+        return str(svc.spec.cluster_ip)
+
+    ip = cluster.change(create)
+    assert pods_of(cluster.run("cl", "http", f"{ip}:80")) == ["pa"]
+    cluster.change(lambda: cluster.discovery.delete_namespaced_endpoint_slice(f"{name}-1", "default"))
+    assert cluster.run("cl", "connect", f"{ip}:80", "--timeout", "2")[0].startswith("refused"), \
+        "no endpoints left: refused"
+    cluster.change(lambda: cluster.core.delete_namespaced_service(name, "default"))
+    assert not cluster.run("cl", "connect", f"{ip}:80", "--timeout", "1")[0].startswith(("ok", "refused")), \
+        "a deleted Service is no longer proxied"
