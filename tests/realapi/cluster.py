@@ -1,3 +1,4 @@
+# mypy: disable-error-code="union-attr,arg-type,index"
 """A lab cluster driven through a real kube-apiserver: pyproxy in cluster mode on two nodes.
 
 Shape: `pyproxy.demo.lab.Lab` (client, node1, node2 on a LAN bridge; pods pa on node1, pb
@@ -47,11 +48,11 @@ def unique(prefix: str) -> str:
 
 
 def pods_of(lines: Iterable[str]) -> list[str]:
-    return [re.search(r"(?:From=|pod=)(\S+)", line).group(1) for line in lines]  # type: ignore[union-attr]
+    return [re.search(r"(?:From=|pod=)(\S+)", line).group(1) for line in lines]
 
 
 def client_ips_of(lines: Iterable[str]) -> list[str]:
-    return [re.search(r"(?:ClientIP=|client=)(\S+)", line).group(1) for line in lines]  # type: ignore[union-attr]
+    return [re.search(r"(?:ClientIP=|client=)(\S+)", line).group(1) for line in lines]
 
 
 # API-shaped bodies (camelCase, as kubectl would send them)

@@ -1,3 +1,4 @@
+# mypy: disable-error-code="union-attr,arg-type,index"
 """pyproxy in cluster mode against a real kube-apiserver: SCENARIOS.md through the API.
 
 Pods: pa on node1; pb and pc on node2; `cl` (node1) is the in-cluster client. The API
@@ -29,7 +30,7 @@ def affinity_service(cluster: KubeCluster, timeout: int, **kwargs: object) -> tu
 
     def create() -> str:
         svc = cluster.create_service(service_body(name, [port(8080, 80, name="http")], type="LoadBalancer",
-                                                  affinity_timeout=timeout, **kwargs))  # type: ignore[arg-type]
+                                                  affinity_timeout=timeout, **kwargs))
         cluster.put_slice(cluster.slice_body(f"{name}-1", name, ALL, HTTP))
         return str(svc.spec.cluster_ip)
 

@@ -1,3 +1,4 @@
+# mypy: disable-error-code="union-attr,arg-type,index"
 """A watch that expires: etcd compacted past pyproxy's resourceVersion -> 410 -> re-list.
 
 The control plane runs without the watch cache, so every watch is served by etcd and a
