@@ -100,6 +100,7 @@ class FastRelay:
     buffer: bytearray = field(default_factory=lambda: bytearray(COPY_BUFFER))
     _loop: asyncio.AbstractEventLoop | None = None
     _sweeper: asyncio.TimerHandle | None = None
+    draining: bool = False
     _stats_cache: dict[tuple[str, str, int], tuple[Route, PortStats]] = field(default_factory=dict)
 
     async def start(self, host: str, port: int, sock: socket.socket | None = None) -> None:
@@ -124,8 +125,11 @@ class FastRelay:
         self._sweeper = self._loop.call_later(self._sweep_interval(), self._sweep)
 
     def stop_accepting(self) -> None:
-        if self._sweeper is not None and not self.pairs:
-            self._sweeper.cancel()
+        """Draining: new connections are reset at once (a closed TPROXY listener would make
+        their SYNs vanish, so clients would wait for a timeout instead of trying elsewhere)."""
+        self.draining = True
+
+    def _close_listener(self) -> None:
         if self.listener is not None and self._loop is not None:
             self._loop.remove_reader(self.listener.fileno())
             self.listener.close()
@@ -141,6 +145,7 @@ class FastRelay:
             pair.close(abort=True)
         if self._sweeper is not None:
             self._sweeper.cancel()
+        self._close_listener()
         self.poller.close()
         return cut
 
@@ -158,7 +163,11 @@ class FastRelay:
             except OSError as err:  # EMFILE, ENFILE, ENOBUFS: leave the rest queued
                 log.warning("accept failed: %s", err)
                 return
-            self._serve(socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, fd), client)
+            conn = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, fd)
+            if self.draining:
+                _reset(conn)
+            else:
+                self._serve(conn, client)
 
     def _serve(self, conn: socket.socket, client: tuple[str, int]) -> None:
         conn.setblocking(False)
