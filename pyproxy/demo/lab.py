@@ -107,9 +107,10 @@ class Lab:
         self.exec("lan", "ip", "link", "add", "br0", "type", "bridge")
         self.exec("lan", "ip", "link", "set", "br0", "up")
         self.add_ns("client")
-        self._join_lan("client", CLIENT_IP)
+        self.join_lan("client", CLIENT_IP)
 
-    def _join_lan(self, name: str, ip: str) -> None:
+    def join_lan(self, name: str, ip: str) -> None:
+        """Put namespace `name` on the LAN with address `ip`."""
         port = f"p{len(self.namespaces)}"
         self.veth(name, "eth0", "lan", port)
         self.exec("lan", "ip", "link", "set", port, "master", "br0")
@@ -119,7 +120,7 @@ class Lab:
         """A node on the LAN with a pod CIDR; routes to every other node's pods."""
         self.add_ns(name)
         self.nodes[name] = index
-        self._join_lan(name, node_ip(index))
+        self.join_lan(name, node_ip(index))
         self.sysctl(name, "net.ipv4.ip_forward", "1")
         # like a real node, a default route (the LAN is closed: nothing leaves the lab); without
         # any route, the node's own connections to service addresses fail with ENETUNREACH

@@ -63,7 +63,7 @@ def cluster(bin_dir: Path, request: pytest.FixtureRequest,
     with KubeAPIServer(bin_dir, workdir, options) as kube, kube.api_client() as api, Lab() as lab:
         lab.build_lan()
         lab.add_ns("api")
-        lab._join_lan("api", API_IP)  # the forwarder listens here, on the LAN
+        lab.join_lan("api", API_IP)  # the forwarder listens here, on the LAN
         for index, node in enumerate(NODES, start=1):
             lab.add_node(node, index)
         for pod, node in PODS.items():
