@@ -151,6 +151,7 @@ def write_outputs(out: Path, meta: dict[str, Any], chosen: list[ct.Contender], s
                   loads: list[workloads.Workload], measurements: list[summary.Measurement]) -> None:
     cells = summary.aggregate(measurements)
     names = [c.id for c in chosen if c.id not in skipped]
+    names += list(dict.fromkeys(m.contender for m in measurements if m.contender not in names))  # control: "pyproxy"
     doc = {"meta": meta, "contenders": [c.id for c in chosen], "skipped": skipped,
            "workloads": [asdict(w) for w in loads], "measurements": [asdict(m) for m in measurements],
            "cells": [{"workload": c.workload, "mode": c.mode, "contender": c.contender, "rounds": c.rounds,

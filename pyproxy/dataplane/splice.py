@@ -30,6 +30,9 @@ Theory of operation:
   socket error, or when idle past `pair_timeout` (shorter once half-closed), which one
   sweep timer per relay checks (not a timer per pair: idle pairs cost no timer).
 - Every socket is forgotten by the poller before it is closed.
+
+Why one module this long: accepting, dialing and the two byte directions are one
+connection's life and share its state; split over files they would all reach into each other.
 """
 
 from __future__ import annotations
