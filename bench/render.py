@@ -164,6 +164,6 @@ def write_plot(path: Path, cells: Sequence[Cell], contenders: Sequence[str], tit
     for ax in list(axes.flat)[len(cols):]:
         ax.set_visible(False)
     fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.98))  # room for the title
     fig.savefig(path, dpi=110)
     plt.close(fig)
