@@ -2,8 +2,8 @@
 
 One cluster per test module (building it costs a couple of seconds); tests change the
 Services by rewriting the manifest files, exactly as a standalone user would, and wait for
-both proxies to log the sync that follows (pyproxy.demo.cluster). Each module runs twice:
-with pyproxy on uvloop and on plain asyncio.
+both proxies to log the sync that follows (pyproxy.demo.cluster). Each module runs three
+times: the Protocol relay on uvloop and on plain asyncio, and the splice relay.
 """
 
 from __future__ import annotations
@@ -22,17 +22,24 @@ from tests.conftest import privileged_reason, skip_or_fail
 __all__ = ["PODS", "TCP_PORTS", "UDP_PORTS", "Cluster", "cluster"]
 
 
-@pytest.fixture(scope="module", params=["uvloop", "asyncio"])
+VARIANTS = {  # pyproxy's command-line for each run of the kernel tier
+    "uvloop": ("--event-loop", "uvloop"),
+    "asyncio": ("--event-loop", "asyncio"),
+    "splice": ("--event-loop", "uvloop", "--relay", "splice"),
+}
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
 def cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
-    """The cluster, with pyproxy on the event loop named by the parameter: every test that
-    uses it runs under both."""
+    """The cluster, with pyproxy in the variant named by the parameter: every test that uses
+    it runs with the Protocol relay on uvloop and on asyncio, and with the splice relay."""
     reason = privileged_reason()
     if reason:
         skip_or_fail(reason)
     workdir = Path(tempfile.mkdtemp(prefix="pyproxy-test-"))
     lab = Lab()
     try:
-        yield build(lab, workdir, proxy_args=("--event-loop", request.param))
+        yield build(lab, workdir, proxy_args=VARIANTS[request.param])
     finally:
         lab.close()
         subprocess.run(["rm", "-rf", str(workdir)], check=False)
