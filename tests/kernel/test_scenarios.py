@@ -143,8 +143,9 @@ def test_s7_multi_port_service(cluster: Cluster) -> None:
         m.endpoint_slice("multi", cluster.backends(*ALL),
                          [m.slice_port(8080, name="http"), m.slice_port(8443, name="https")]),
     )
-    http = cluster.run("client", "who", "10.96.0.13:80", "--count", "6")
-    https = cluster.run("client", "who", "10.96.0.13:443", "--count", "6")
+    # 40 connections in all: a uniform pick missing one of three pods is 3 x (2/3)^40
+    http = cluster.run("client", "who", "10.96.0.13:80", "--count", "20")
+    https = cluster.run("client", "who", "10.96.0.13:443", "--count", "20")
     assert all("port=8080" in line for line in http), http
     assert all("port=8443" in line for line in https), https
     assert set(pods_of(http + https)) == set(ALL)

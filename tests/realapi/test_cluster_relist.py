@@ -28,7 +28,7 @@ def test_expired_watch_relists_and_applies_later_changes(cluster: KubeCluster) -
         return str(svc.spec.cluster_ip)
 
     ip = cluster.change(create)
-    assert set(pods_of(cluster.run("cl", "http", f"{ip}:80", "--count", "12"))) == set(ALL)
+    assert set(pods_of(cluster.run("cl", "http", f"{ip}:80", "--count", "40"))) == set(ALL)
     listed = {n: cluster.log(n).count("Service: listed") for n in NODES}
     # Writes pyproxy does not watch move etcd past its resourceVersions; compact them away,
     # then break the open watches: they can only resume from a version that is gone.
@@ -40,7 +40,7 @@ def test_expired_watch_relists_and_applies_later_changes(cluster: KubeCluster) -
     for node in NODES:
         cluster.wait_for_log(node, "410 Gone", 0)
         cluster.wait_for_log(node, "Service: listed", listed[node])
-    assert set(pods_of(cluster.run("cl", "http", f"{ip}:80", "--count", "12"))) == set(ALL), \
+    assert set(pods_of(cluster.run("cl", "http", f"{ip}:80", "--count", "40"))) == set(ALL), \
         "the re-list keeps what did not change"
     cluster.change(lambda: cluster.put_slice(cluster.slice_body(f"{name}-1", name, ("pb",), HTTP)))
     assert set(pods_of(cluster.run("cl", "http", f"{ip}:80", "--count", "10"))) == {"pb"}, \
