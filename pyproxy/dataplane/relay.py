@@ -23,9 +23,9 @@ import logging
 import socket
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Set
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Protocol, cast
 
 from pyproxy.dataplane.stats import DataplaneStats, PortStats
 from pyproxy.model.endpoints import Endpoint
@@ -64,6 +64,22 @@ def transparent_listener(host: str, port: int, kind: int = socket.SOCK_STREAM) -
     return sock
 
 
+class Closable(Protocol):
+    def close(self, abort: bool = False) -> None: ...
+
+
+async def drain_pairs(pairs: Set[Closable], timeout: float, clock: Callable[[], float]) -> int:
+    """Wait until `pairs` (which closing pairs leave) is empty, up to `timeout` seconds;
+    abort the pairs still open then. Returns how many were cut."""
+    deadline = clock() + timeout
+    while pairs and clock() < deadline:
+        await asyncio.sleep(min(0.05, max(0.0, deadline - clock())))
+    cut = len(pairs)
+    for pair in list(pairs):
+        pair.close(abort=True)
+    return cut
+
+
 def reset(transport: asyncio.Transport) -> None:
     """Close a TCP connection with RST: the client sees 'connection refused/reset' at once."""
     sock = transport.get_extra_info("socket")
@@ -100,12 +116,7 @@ class Relay:
     async def drain(self, timeout: float) -> int:
         """Wait for open connections to finish, up to `timeout`; abort the rest and close
         the listener. Returns how many connections were cut."""
-        deadline = self.clock() + timeout
-        while self.pairs and self.clock() < deadline:
-            await asyncio.sleep(min(0.05, max(0.0, deadline - self.clock())))
-        cut = len(self.pairs)
-        for pair in list(self.pairs):
-            pair.close(abort=True)
+        cut = await drain_pairs(self.pairs, timeout, self.clock)
         if self._server is not None:
             self._server.close()
         return cut

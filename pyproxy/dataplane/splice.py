@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from pyproxy.dataplane.poller import ERR_HUP, IN, OUT, Poller
-from pyproxy.dataplane.relay import LINGER_RESET, RelayConfig, _upstream_socket, transparent_listener
+from pyproxy.dataplane.relay import LINGER_RESET, RelayConfig, _upstream_socket, drain_pairs, transparent_listener
 from pyproxy.dataplane.stats import DataplaneStats, PortStats
 from pyproxy.model.endpoints import Endpoint
 from pyproxy.model.table import Route, ServiceTable, plan_connection
@@ -140,12 +140,7 @@ class FastRelay:
 
     async def drain(self, timeout: float) -> int:
         """Wait for open connections to finish, up to `timeout`; abort the rest. Returns how many were cut."""
-        deadline = self.clock() + timeout
-        while self.pairs and self.clock() < deadline:
-            await asyncio.sleep(min(0.05, max(0.0, deadline - self.clock())))
-        cut = len(self.pairs)
-        for pair in list(self.pairs):
-            pair.close(abort=True)
+        cut = await drain_pairs(self.pairs, timeout, self.clock)
         if self._sweeper is not None:
             self._sweeper.cancel()
         self._close_listener()

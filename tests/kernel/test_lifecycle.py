@@ -26,9 +26,10 @@ SVC = "10.96.3.1:80"
 
 
 class Node:
-    def __init__(self, lab: Lab, workdir: Path) -> None:
+    def __init__(self, lab: Lab, workdir: Path, relay: str) -> None:
         self.lab = lab
         self.workdir = workdir
+        self.relay = relay
         self.manifests = workdir / "manifests"
         self.manifests.mkdir()
         self.log_path = workdir / "pyproxy.log"
@@ -38,7 +39,8 @@ class Node:
 
     def start(self, *extra: str) -> subprocess.Popen[str]:
         proc = self.lab.spawn("node1", [sys.executable, "-m", "pyproxy", "--manifests", str(self.manifests),
-                                        "--hostname-override", "node1", *extra], log=self.log_path)
+                                        "--hostname-override", "node1", "--relay", self.relay, *extra],
+                              log=self.log_path)
         deadline = time.monotonic() + 20
         while " synced " not in self.log() and time.monotonic() < deadline:
             assert proc.poll() is None, self.log()
@@ -50,8 +52,10 @@ class Node:
         return self.log_path.read_text() if self.log_path.exists() else ""
 
 
-@pytest.fixture
-def node() -> Iterator[Node]:
+@pytest.fixture(params=["protocol", "splice"])
+def node(request: pytest.FixtureRequest) -> Iterator[Node]:
+    """One node, its pod and a client; pyproxy started on it uses the relay named by the
+    parameter, so the drain and exit paths run for both byte paths."""
     reason = privileged_reason()
     if reason:
         skip_or_fail(reason)
@@ -63,7 +67,7 @@ def node() -> Iterator[Node]:
         pod = lab.add_pod("pa", "node1")
         lab.start_echo("pa", tcp=(80,), log=workdir / "pa.log")
         lab.route_client("10.96.0.0/16", "node1")
-        n = Node(lab, workdir)
+        n = Node(lab, workdir, request.param)
         write_manifest(n.manifests, "svc.yaml", m.dump(
             m.service("life", SVC.split(":")[0], [m.port(80, 80)]),
             m.endpoint_slice("life", [m.Backend(pod.ip, "node1")], [m.slice_port(80)]),
