@@ -65,6 +65,16 @@ def who(address: tuple[str, int], timeout: float, bind: str | None) -> str:
         return _read_all(sock).decode(errors="replace").strip()
 
 
+def _send_random(sock: socket.socket, size: int, digest: hashlib._Hash) -> None:
+    """Send `size` pseudo-random bytes, feeding each chunk to `digest` too."""
+    remaining = size
+    while remaining > 0:
+        chunk = os.urandom(min(CHUNK, remaining))
+        digest.update(chunk)
+        sock.sendall(chunk)
+        remaining -= len(chunk)
+
+
 def echo(address: tuple[str, int], size: int, timeout: float, bind: str | None) -> str:
     sent_digest, received_digest = hashlib.sha256(), hashlib.sha256()
     received = 0
@@ -79,12 +89,7 @@ def echo(address: tuple[str, int], size: int, timeout: float, bind: str | None) 
 
         thread = threading.Thread(target=reader, daemon=True)
         thread.start()
-        remaining = size
-        while remaining > 0:
-            chunk = os.urandom(min(CHUNK, remaining))
-            sent_digest.update(chunk)
-            sock.sendall(chunk)
-            remaining -= len(chunk)
+        _send_random(sock, size, sent_digest)
         sock.shutdown(socket.SHUT_WR)
         thread.join(timeout)
     match = received == size and sent_digest.digest() == received_digest.digest()
@@ -95,12 +100,7 @@ def sink(address: tuple[str, int], size: int, timeout: float, bind: str | None) 
     digest = hashlib.sha256()
     with _connect(address, timeout, bind) as sock:
         sock.sendall(b"SINK\n")
-        remaining = size
-        while remaining > 0:
-            chunk = os.urandom(min(CHUNK, remaining))
-            digest.update(chunk)
-            sock.sendall(chunk)
-            remaining -= len(chunk)
+        _send_random(sock, size, digest)
         sock.shutdown(socket.SHUT_WR)  # the pod answers only after it sees our EOF
         reply = _read_all(sock).decode().split()
     match = reply == [str(size), digest.hexdigest()]
