@@ -64,6 +64,11 @@ def transparent_listener(host: str, port: int, kind: int = socket.SOCK_STREAM) -
     return sock
 
 
+def pair_timeout(config: RelayConfig, half_closed: bool) -> float:
+    """Idle bound of a pair: the half-close one once either direction has ended."""
+    return config.half_close_timeout if half_closed else config.idle_timeout
+
+
 class Closable(Protocol):
     def close(self, abort: bool = False) -> None: ...
 
@@ -353,8 +358,7 @@ class Pair:
         self.timer = loop.call_at(loop.time() + timeout, self._check_idle)
 
     def _timeout(self) -> float:
-        config = self.relay.config
-        return config.half_close_timeout if (self.client_done or self.upstream_done) else config.idle_timeout
+        return pair_timeout(self.relay.config, self.client_done or self.upstream_done)
 
     def _check_idle(self) -> None:
         if self.closed:

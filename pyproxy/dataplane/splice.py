@@ -50,7 +50,14 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from pyproxy.dataplane.poller import ERR_HUP, IN, OUT, Poller
-from pyproxy.dataplane.relay import LINGER_RESET, RelayConfig, _upstream_socket, drain_pairs, transparent_listener
+from pyproxy.dataplane.relay import (
+    LINGER_RESET,
+    RelayConfig,
+    _upstream_socket,
+    drain_pairs,
+    pair_timeout,
+    transparent_listener,
+)
 from pyproxy.dataplane.stats import DataplaneStats, PortStats
 from pyproxy.model.endpoints import Endpoint
 from pyproxy.model.table import Route, ServiceTable, plan_connection
@@ -83,11 +90,6 @@ class TcpRelay(Protocol):
     def stop_accepting(self) -> None: ...
 
     async def drain(self, timeout: float) -> int: ...
-
-
-def pair_timeout(config: RelayConfig, half_closed: bool) -> float:
-    """Idle bound of a pair: the half-close one once either direction has ended."""
-    return config.half_close_timeout if half_closed else config.idle_timeout
 
 
 @dataclass
