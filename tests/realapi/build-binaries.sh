@@ -32,17 +32,23 @@ set -euo pipefail
 K8S_VERSION="${PYPROXY_K8S_VERSION:-v1.37.2}"
 ETCD_VERSION="${PYPROXY_ETCD_VERSION:-v3.7.3}"
 # Bump when the build recipe changes so cached binaries get rebuilt.
-RECIPE=1
+RECIPE=2
 
 CACHE="${PYPROXY_CACHE:-/var/cache/pyproxy}"
 BIN="${CACHE}/bin"
 STAMP="${BIN}/.versions"
-WANT="recipe=${RECIPE} kube-apiserver=${K8S_VERSION} etcd=${ETCD_VERSION}"
+WANT="recipe=${RECIPE} kubernetes=${K8S_VERSION} etcd=${ETCD_VERSION}"
 
 log() { printf '[build-binaries] %s\n' "$*" >&2; }
 
+# Every Kubernetes binary a kind node needs, built in one go build (they share most packages);
+# kube-apiserver is also what the realapi tier runs.
+K8S_BINARIES=(kube-apiserver kube-controller-manager kube-scheduler kubelet kubeadm kubectl)
+
 is_current() {
-    [[ -x "${BIN}/kube-apiserver" && -x "${BIN}/etcd" && -f "${STAMP}" ]] &&
+    local b
+    for b in "${K8S_BINARIES[@]}" etcd; do [[ -x "${BIN}/${b}" ]] || return 1; done
+    [[ -f "${STAMP}" ]] &&
         [[ "$(<"${STAMP}")" == "${WANT}" ]]
 }
 
@@ -76,6 +82,10 @@ setup_go_env() {
     export GOPATH="${CACHE}/gopath"
     export GOFLAGS="-mod=mod -buildvcs=false"
     export GOTOOLCHAIN=local
+    # The module proxy only: a "direct" fallback would try modules' own hosts, which are
+    # unreachable here (and must not be tried).
+    GOPROXY="$("${GO_BIN}" env GOPROXY | sed 's/,direct$//; s/|direct$//')"
+    export GOPROXY
     export CGO_ENABLED=0
     mkdir -p "${GOMODCACHE}" "${GOCACHE}" "${GOPATH}" "${BIN}"
     log "using $("${GO_BIN}" version), GOPROXY=$("${GO_BIN}" env GOPROXY)"
@@ -131,18 +141,19 @@ k8s_ldflags() {
     echo "${flags}"
 }
 
-build_kube_apiserver() {
-    local out="$1" dir
+build_kubernetes() {
+    local out="$1" dir pkgs=() b
     dir="$(mktemp -d "${CACHE}/work.kube.XXXXXX")"
     WORKDIRS+=("${dir}")
-    log "building kube-apiserver ${K8S_VERSION} (staging $(staging_version)) in ${dir}"
+    for b in "${K8S_BINARIES[@]}"; do pkgs+=("k8s.io/kubernetes/cmd/${b}"); done
+    log "building ${K8S_BINARIES[*]} ${K8S_VERSION} (staging $(staging_version)); cold: 20-30 min on 2 cores"
     write_k8s_module "${dir}"
     (
         cd "${dir}"
-        "${GO_BIN}" get "k8s.io/kubernetes/cmd/kube-apiserver@${K8S_VERSION}" >&2
+        "${GO_BIN}" get "k8s.io/kubernetes@${K8S_VERSION}" 2>&1 | grep -v '^go: \(upgraded\|added\|downloading\)' >&2 || true
         # Same tags as the upstream release build (hack/lib/golang.sh).
         "${GO_BIN}" build -trimpath -tags=selinux,notest,grpcnotrace \
-            -ldflags "$(k8s_ldflags)" -o "${out}" k8s.io/kubernetes/cmd/kube-apiserver >&2
+            -ldflags "$(k8s_ldflags)" -o "${out}/" "${pkgs[@]}" >&2
     )
     rm -rf "${dir}"
 }
@@ -165,7 +176,7 @@ WORKDIRS=()
 cleanup() {
     local d
     for d in "${WORKDIRS[@]}"; do rm -rf "${d}"; done
-    rm -f "${BIN}/kube-apiserver.new" "${BIN}/etcd.new"
+    rm -rf "${BIN}/kubernetes.new" "${BIN}/etcd.new"
 }
 
 main() {
@@ -181,9 +192,12 @@ main() {
     setup_go_env
     local start=${SECONDS}
     rm -f "${STAMP}"
-    build_kube_apiserver "${BIN}/kube-apiserver.new"
+    rm -rf "${BIN}/kubernetes.new"
+    mkdir -p "${BIN}/kubernetes.new"
+    build_kubernetes "${BIN}/kubernetes.new"
     build_etcd "${BIN}/etcd.new"
-    mv -f "${BIN}/kube-apiserver.new" "${BIN}/kube-apiserver"
+    local b
+    for b in "${K8S_BINARIES[@]}"; do mv -f "${BIN}/kubernetes.new/${b}" "${BIN}/${b}"; done
     mv -f "${BIN}/etcd.new" "${BIN}/etcd"
     log "$("${BIN}/kube-apiserver" --version); etcd $("${BIN}/etcd" --version | sed -n 's/^etcd Version: //p')"
     echo "${WANT}" >"${STAMP}"
