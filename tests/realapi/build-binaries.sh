@@ -39,7 +39,9 @@ BIN="${CACHE}/bin"
 STAMP="${BIN}/.versions"
 WANT="recipe=${RECIPE} kubernetes=${K8S_VERSION} etcd=${ETCD_VERSION}"
 
-log() { printf '[build-binaries] %s\n' "$*" >&2; }
+LOG_TAG=build-binaries
+# shellcheck source=../kind/goenv.sh
+source "$(dirname "${BASH_SOURCE[0]}")/../kind/goenv.sh"
 
 # Every Kubernetes binary a kind node needs, built in one go build (they share most packages);
 # kube-apiserver is also what the realapi tier runs.
@@ -57,39 +59,6 @@ if is_current; then
     echo "${BIN}"
     exit 0
 fi
-
-find_go() {
-    if [[ -n "${GO:-}" ]]; then
-        echo "${GO}"
-    elif command -v go >/dev/null 2>&1; then
-        command -v go
-    elif [[ -x /usr/local/go/bin/go ]]; then
-        echo /usr/local/go/bin/go
-    else
-        log "no go toolchain found (set GO=/path/to/go)"
-        exit 1
-    fi
-}
-
-setup_go_env() {
-    GO_BIN="$(find_go)"
-    if ! "${GO_BIN}" version >/dev/null 2>&1; then
-        log "go toolchain ${GO_BIN} does not run"
-        exit 1
-    fi
-    export GOMODCACHE="${CACHE}/gomod"
-    export GOCACHE="${CACHE}/gocache"
-    export GOPATH="${CACHE}/gopath"
-    export GOFLAGS="-mod=mod -buildvcs=false"
-    export GOTOOLCHAIN=local
-    # The module proxy only: a "direct" fallback would try modules' own hosts, which are
-    # unreachable here (and must not be tried).
-    GOPROXY="$("${GO_BIN}" env GOPROXY | sed 's/,direct$//; s/|direct$//')"
-    export GOPROXY
-    export CGO_ENABLED=0
-    mkdir -p "${GOMODCACHE}" "${GOCACHE}" "${GOPATH}" "${BIN}"
-    log "using $("${GO_BIN}" version), GOPROXY=$("${GO_BIN}" env GOPROXY)"
-}
 
 # k8s.io/kubernetes vX.Y.Z -> staging modules are tagged v0.Y.Z
 staging_version() {
@@ -150,7 +119,7 @@ build_kubernetes() {
     write_k8s_module "${dir}"
     (
         cd "${dir}"
-        "${GO_BIN}" get "k8s.io/kubernetes@${K8S_VERSION}" 2>&1 | grep -v '^go: \(upgraded\|added\|downloading\)' >&2 || true
+        quiet_go get "k8s.io/kubernetes@${K8S_VERSION}"
         # Same tags as the upstream release build (hack/lib/golang.sh).
         "${GO_BIN}" build -trimpath -tags=selinux,notest,grpcnotrace \
             -ldflags "$(k8s_ldflags)" -o "${out}/" "${pkgs[@]}" >&2
@@ -166,7 +135,7 @@ build_etcd() {
     (
         cd "${dir}"
         "${GO_BIN}" mod init pyproxy.invalid/build-etcd >/dev/null 2>&1
-        "${GO_BIN}" get "go.etcd.io/etcd/server/v3@${ETCD_VERSION}" >&2
+        quiet_go get "go.etcd.io/etcd/server/v3@${ETCD_VERSION}"
         "${GO_BIN}" build -trimpath -ldflags "-s -w" -o "${out}" go.etcd.io/etcd/server/v3 >&2
     )
     rm -rf "${dir}"
@@ -190,6 +159,7 @@ main() {
         return 0
     fi
     setup_go_env
+    mkdir -p "${BIN}"
     local start=${SECONDS}
     rm -f "${STAMP}"
     rm -rf "${BIN}/kubernetes.new"

@@ -1,0 +1,186 @@
+"""A two-node kind cluster with kube-proxy off, on one of two pod networks, offline.
+
+Rules it keeps:
+- The cluster is kind's own (`kind create cluster`), from the node image of images.py, with
+  `kubeProxyMode: none` and kind's default CNI off; kubeadm is pointed at the local images
+  (`imageRepository`), and the kubelet is allowed on cgroup v1 (`failCgroupV1: false`).
+- Pod networks (`CNIS`), installed once the nodes have their `spec.podCIDR`:
+  - `routed`: Debian's `ptp` plugin, a veth per pod routed by the node (kindnetd's shape);
+  - `bridge`: Debian's `bridge` plugin, pods on `cni0` with the gateway address on the bridge
+    (flannel's, kubenet's shape); br_netfilter's `bridge-nf-call-iptables` stays at the
+    node's default (1, which kubeadm requires) and is never changed.
+  Each node routes the other's pod CIDR via the other's node address.
+- The API server is reached through the daemon's namespace (`kubectl()` enters it), with a
+  kubeconfig in /run/pyproxy-kind, never root's ~/.kube/config.
+- `delete()` removes the cluster, and /lib/modules where docker made it for kind's mount.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.kind import images
+from tests.kind.dockerd import RUN, Daemon
+
+NAME = "kind"  # daemonset.yaml's default apiServer is https://kind-control-plane:6443
+KUBECONFIG = RUN / "kubeconfig"
+CNIS = ("routed", "bridge")
+MODULES_MARK = RUN / "made-lib-modules"
+
+
+class ClusterError(RuntimeError):
+    """The cluster could not be made, reached or removed."""
+
+
+def kind_config() -> str:
+    """kind's cluster config: two nodes, no kube-proxy, no default CNI, local images."""
+    return f"""kind: Cluster
+apiVersion: kind.x-k8s.io/v1alpha4
+networking:
+  kubeProxyMode: none
+  disableDefaultCNI: true
+nodes:
+  - role: control-plane
+  - role: worker
+kubeadmConfigPatches:
+  - |
+    kind: ClusterConfiguration
+    imageRepository: {images.REGISTRY}
+    etcd:
+      local:
+        imageTag: {images.ETCD_TAG}
+    dns:
+      imageTag: {images.COREDNS_TAG}
+  - |
+    kind: KubeletConfiguration
+    failCgroupV1: false
+"""
+
+
+def cni_config(cni: str, pod_cidr: str) -> str:
+    """The node's CNI conflist for `cni` with its pod CIDR."""
+    ipam = {"type": "host-local", "ranges": [[{"subnet": pod_cidr}]], "routes": [{"dst": "0.0.0.0/0"}]}
+    if cni == "routed":
+        main: dict[str, object] = {"type": "ptp", "ipMasq": False, "ipam": ipam}
+    elif cni == "bridge":
+        main = {"type": "bridge", "bridge": "cni0", "isGateway": True, "ipMasq": False,
+                "hairpinMode": True, "ipam": ipam}
+    else:
+        raise ValueError(f"unknown pod network {cni!r} (one of {', '.join(CNIS)})")
+    return json.dumps({
+        "cniVersion": "1.0.0", "name": f"pyproxy-{cni}",
+        "plugins": [main, {"type": "portmap", "capabilities": {"portMappings": True}}],
+    }, indent=2)
+
+
+@dataclass(frozen=True)
+class Node:
+    name: str
+    address: str
+    pod_cidr: str
+
+
+@dataclass(frozen=True)
+class Cluster:
+    daemon: Daemon
+    cni: str
+
+    def kubectl(self, *args: str, stdin: str | None = None, check: bool = True,
+                timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        argv = self.daemon.netns_cmd(str(images.BIN / "kubectl"), f"--kubeconfig={KUBECONFIG}", *args)
+        proc = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=timeout)
+        if check and proc.returncode != 0:
+            raise ClusterError(f"kubectl {' '.join(args)}: {proc.stderr.strip()}")
+        return proc
+
+    def node_exec(self, node: str, *argv: str, check: bool = True) -> str:
+        proc = subprocess.run(["docker", "exec", node, *argv], env=self.daemon.env,
+                              capture_output=True, text=True, timeout=120)
+        if check and proc.returncode != 0:
+            raise ClusterError(f"{node}: {' '.join(argv)}: {proc.stderr.strip()}")
+        return proc.stdout
+
+    def nodes(self) -> list[Node]:
+        out = json.loads(self.kubectl("get", "nodes", "-o", "json").stdout)
+        found = []
+        for item in out["items"]:
+            addr = next(a["address"] for a in item["status"]["addresses"] if a["type"] == "InternalIP")
+            found.append(Node(item["metadata"]["name"], addr, item["spec"].get("podCIDR", "")))
+        return sorted(found, key=lambda n: n.name)
+
+    def netns_run(self, *argv: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+        """Run a command in the daemon's namespace: a host outside the cluster, on its network."""
+        return subprocess.run(self.daemon.netns_cmd(*argv), capture_output=True, text=True, timeout=timeout)
+
+
+def _kind(daemon: Daemon, *args: str, timeout: float = 600) -> str:
+    proc = subprocess.run(["kind", *args], env=daemon.env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise ClusterError(f"kind {' '.join(args)}:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    return proc.stdout
+
+
+def exists(daemon: Daemon) -> bool:
+    return NAME in _kind(daemon, "get", "clusters").split()
+
+
+def _wait_pod_cidrs(cluster: Cluster, timeout_s: float = 120) -> list[Node]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        nodes = cluster.nodes()
+        if len(nodes) == 2 and all(n.pod_cidr for n in nodes):
+            return nodes
+        time.sleep(1)
+    raise ClusterError("nodes got no spec.podCIDR in time")
+
+
+def install_cni(cluster: Cluster) -> None:
+    """Write each node's CNI config and the routes to the other node's pods."""
+    nodes = _wait_pod_cidrs(cluster)
+    for node in nodes:
+        conf = cni_config(cluster.cni, node.pod_cidr)
+        cluster.node_exec(node.name, "sh", "-c", f"cat > /etc/cni/net.d/10-pyproxy.conflist <<'EOF'\n{conf}\nEOF")
+        for other in nodes:
+            if other is not node:
+                cluster.node_exec(node.name, "ip", "route", "replace", other.pod_cidr, "via", other.address)
+
+
+def wait_ready(cluster: Cluster, timeout_s: float = 180) -> None:
+    cluster.kubectl("wait", "--for=condition=Ready", "node", "--all", f"--timeout={int(timeout_s)}s",
+                    timeout=timeout_s + 10)
+
+
+def create(daemon: Daemon, cni: str) -> Cluster:
+    """Make the cluster on pod network `cni` (deleting an old one first); nodes Ready."""
+    if cni not in CNIS:
+        raise ValueError(f"unknown pod network {cni!r} (one of {', '.join(CNIS)})")
+    if exists(daemon):
+        delete(daemon)
+    if not Path("/lib/modules").exists():
+        MODULES_MARK.parent.mkdir(parents=True, exist_ok=True)
+        MODULES_MARK.touch()  # docker will create it for kind's bind mount; down removes it
+    config = RUN / "kind-config.yaml"
+    config.write_text(kind_config())
+    _kind(daemon, "create", "cluster", f"--name={NAME}", f"--image={images.NODE_IMAGE}",
+          f"--config={config}", f"--kubeconfig={KUBECONFIG}", "--retain")
+    cluster = Cluster(daemon, cni)
+    install_cni(cluster)
+    wait_ready(cluster)
+    return cluster
+
+
+def load(daemon: Daemon, image: str) -> None:
+    _kind(daemon, "load", "docker-image", f"--name={NAME}", image)
+
+
+def delete(daemon: Daemon) -> None:
+    if exists(daemon):
+        _kind(daemon, "delete", "cluster", f"--name={NAME}", f"--kubeconfig={KUBECONFIG}")
+    modules = Path("/lib/modules")
+    if MODULES_MARK.exists() and modules.is_dir() and not any(modules.iterdir()):
+        modules.rmdir()
+        MODULES_MARK.unlink()
