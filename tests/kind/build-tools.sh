@@ -39,7 +39,7 @@ go_build() {
         cd "${dir}"
         "${GO_BIN}" mod init "pyproxy.invalid/build-${name}" >/dev/null 2>&1
         quiet_go get "${module}@${version}"
-        "${GO_BIN}" build -trimpath -tags "${GO_TAGS:-}" -ldflags "-s -w ${GO_LDFLAGS:-}" -o "${BIN}/" "$@" >&2
+        quiet_go build -trimpath -tags "${GO_TAGS:-}" -ldflags "-s -w ${GO_LDFLAGS:-}" -o "${BIN}/" "$@"
     )
 }
 
@@ -54,7 +54,7 @@ build_coredns() {
         "${GO_BIN}" mod init pyproxy.invalid/coredns >/dev/null 2>&1
         quiet_go get "github.com/coredns/coredns@${COREDNS_VERSION}"
         quiet_go mod tidy
-        "${GO_BIN}" build -trimpath -ldflags "-s -w -X github.com/coredns/coredns/coremain.GitCommit=${COREDNS_VERSION}" -o "${BIN}/coredns" . >&2
+        quiet_go build -trimpath -ldflags "-s -w -X github.com/coredns/coredns/coremain.GitCommit=${COREDNS_VERSION}" -o "${BIN}/coredns" .
     )
 }
 

@@ -1,0 +1,118 @@
+"""`cmd/kind`: an offline kind cluster with pyproxy as its Service proxy.
+
+    cmd/kind up [--cni routed|bridge] [--no-pyproxy]   build what is missing, make the cluster,
+                                                       load pyproxy:dev, apply daemonset.yaml
+    cmd/kind load                                      rebuild pyproxy:dev and load it
+    cmd/kind kubectl ARGS...                           kubectl against the cluster
+    cmd/kind demo                                      the scenarios, walked through in the cluster
+    cmd/kind down                                      delete the cluster, stop the docker daemon
+
+Everything is built from source into /var/cache/pyproxy the first time (about 45 min on 2
+cores: Kubernetes, etcd, containerd, CoreDNS, kind; Debian bases with debootstrap); later runs
+reuse it. docker runs in a network namespace of its own with no route out (tests/kind/dockerd.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from tests.kind import cluster, dockerd, images
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+
+
+def log(msg: str) -> None:
+    print(f"[kind] {msg}", file=sys.stderr, flush=True)
+
+
+def build_binaries() -> None:
+    """The Go builds (cached; a no-op when current)."""
+    for script in (REPO / "tests/realapi/build-binaries.sh", HERE / "build-tools.sh"):
+        subprocess.run(["bash", str(script)], check=True, stdout=subprocess.DEVNULL)
+
+
+def build_images(daemon: dockerd.Daemon) -> None:
+    build_binaries()
+    log("node image (cached when its parts are unchanged)")
+    images.node_image(daemon)
+    log("pyproxy image from the Dockerfile, offline")
+    images.pyproxy_image(daemon, sys.executable)
+
+
+def apply_pyproxy(c: cluster.Cluster, timeout_s: int = 180) -> None:
+    """What the README tells a user: kubectl apply -f daemonset.yaml, then wait for it."""
+    c.kubectl("apply", "-f", str(REPO / "daemonset.yaml"))
+    c.kubectl("-n", "kube-system", "rollout", "status", "daemonset/pyproxy", f"--timeout={timeout_s}s",
+              timeout=timeout_s + 10)
+    c.kubectl("-n", "kube-system", "rollout", "status", "deployment/coredns", f"--timeout={timeout_s}s",
+              timeout=timeout_s + 10)
+
+
+def up(cni: str, with_pyproxy: bool) -> cluster.Cluster:
+    start = time.monotonic()
+    daemon = dockerd.start()
+    build_images(daemon)
+    log(f"cluster {cluster.NAME!r} on the {cni} pod network")
+    c = cluster.create(daemon, cni)
+    cluster.load(daemon, images.PYPROXY_IMAGE)
+    if with_pyproxy:
+        log("kubectl apply -f daemonset.yaml")
+        apply_pyproxy(c)
+    log(f"up in {time.monotonic() - start:.0f}s; `cmd/kind kubectl get pods -A` to look")
+    return c
+
+
+def current() -> cluster.Cluster:
+    daemon = dockerd.start()
+    cni = (dockerd.RUN / "cni").read_text().strip() if (dockerd.RUN / "cni").exists() else "routed"
+    return cluster.Cluster(daemon, cni)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="cmd/kind", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_up = sub.add_parser("up", help="make the cluster, with pyproxy in it")
+    p_up.add_argument("--cni", choices=cluster.CNIS, default="routed", help="pod network (default: routed)")
+    p_up.add_argument("--no-pyproxy", action="store_true", help="stop before applying daemonset.yaml")
+    sub.add_parser("load", help="rebuild pyproxy:dev and load it into the nodes")
+    p_kubectl = sub.add_parser("kubectl", help="kubectl against the cluster")
+    p_kubectl.add_argument("args", nargs=argparse.REMAINDER)
+    sub.add_parser("demo", help="walk through the scenarios in the cluster")
+    sub.add_parser("down", help="delete the cluster and stop the docker daemon")
+    args = parser.parse_args(argv)
+
+    if args.command == "up":
+        up(args.cni, not args.no_pyproxy)
+        (dockerd.RUN / "cni").write_text(args.cni)
+    elif args.command == "load":
+        daemon = dockerd.start()
+        images.pyproxy_image(daemon, sys.executable)
+        cluster.load(daemon, images.PYPROXY_IMAGE)
+    elif args.command == "kubectl":
+        c = current()
+        proc = subprocess.run(c.daemon.netns_cmd(str(images.BIN / "kubectl"),
+                                                 f"--kubeconfig={cluster.KUBECONFIG}", *args.args))
+        return proc.returncode
+    elif args.command == "demo":
+        from tests.kind import demo
+        return demo.main(current())
+    elif args.command == "down":
+        if Path(f"/run/netns/{dockerd.NETNS}").exists() and dockerd.SOCKET.exists():
+            cluster.delete(dockerd.start())
+        dockerd.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (cluster.ClusterError, images.BuildError, dockerd.DockerError, subprocess.CalledProcessError) as exc:
+        log(f"failed: {exc}")
+        sys.exit(1)

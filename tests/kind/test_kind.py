@@ -1,0 +1,218 @@
+"""The kind tier: pyproxy as the DaemonSet that replaces kube-proxy, in a real kind cluster.
+
+Each test runs once per pod network (routed and bridge, see conftest.py) and checks what a
+user checks by hand: pods Ready, DNS answering, the scenarios of SCENARIOS.md through
+`kubectl exec ... curl` and from a host outside the cluster, health and metrics on every node.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+
+from tests.kind import scenarios as sc
+from tests.kind.cluster import Cluster
+
+pytestmark = pytest.mark.timeout(900)
+
+CP, WORKER = "kind-control-plane", "kind-worker"
+
+
+def node_ip(kind: Cluster, name: str) -> str:
+    return next(n.address for n in kind.nodes() if n.name == name)
+
+
+def test_pod_network_is_the_one_named(kind: Cluster) -> None:
+    """The bridge cluster really hangs pods off cni0 with br_netfilter on; the routed one does not."""
+    for node in (CP, WORKER):
+        links = kind.node_exec(node, "ip", "-br", "link")
+        has_bridge = any(line.split()[0] == "cni0" for line in links.splitlines())
+        assert has_bridge == (kind.cni == "bridge"), links
+        if kind.cni == "bridge":
+            assert kind.node_exec(node, "cat", "/proc/sys/net/bridge/bridge-nf-call-iptables").strip() == "1"
+
+
+def test_pyproxy_ready_on_every_node_with_clean_logs(kind: Cluster) -> None:
+    ds = json.loads(kind.kubectl("-n", "kube-system", "get", "daemonset", "pyproxy", "-o", "json").stdout)
+    assert ds["status"]["desiredNumberScheduled"] == 2
+    assert ds["status"]["numberReady"] == 2
+    pods = json.loads(kind.kubectl("-n", "kube-system", "get", "pods", "-l",
+                                   "app.kubernetes.io/name=pyproxy", "-o", "json").stdout)["items"]
+    assert sorted(p["spec"]["nodeName"] for p in pods) == [CP, WORKER]
+    for pod in pods:
+        name = pod["metadata"]["name"]
+        status = pod["status"]["containerStatuses"][0]
+        assert status["ready"] and status["restartCount"] == 0, status
+        got = kind.kubectl("-n", "kube-system", "logs", name)
+        logs = got.stdout + got.stderr
+        assert "Traceback" not in logs and " ERROR " not in logs, logs[-3000:]
+        events = kind.kubectl("-n", "kube-system", "get", "events", "-o", "json",
+                              f"--field-selector=involvedObject.name={name},reason=Unhealthy").stdout
+        assert json.loads(events)["items"] == [], "a probe failed on a normal start"
+    for node in (CP, WORKER):
+        table = kind.node_exec(node, "nft", "list", "table", "ip", "pyproxy")
+        assert "tproxy" in table
+
+
+def test_coredns_ready_and_dns_over_udp_and_tcp_from_both_nodes(kind: Cluster) -> None:
+    dep = json.loads(kind.kubectl("-n", "kube-system", "get", "deployment", "coredns", "-o", "json").stdout)
+    assert dep["status"].get("readyReplicas") == dep["spec"]["replicas"] >= 1
+    svc_ip = sc.cluster_ip(kind, "sample-session-affinity")
+    for client in sc.CLIENTS.values():
+        for transport in ("+notcp", "+tcp"):
+            out = kind.kubectl("exec", client, "--", "dig", "+short", "+time=2", "+tries=3", transport,
+                               "sample-session-affinity.default.svc.cluster.local").stdout
+            assert out.split() == [svc_ip], (client, transport, out)
+
+
+def test_s1_affinity_sticky_within_timeout_then_a_fresh_pick(kind: Cluster) -> None:
+    url = "http://sample-session-affinity:8080/"
+    answers = sc.from_pod(kind, "client-cp", url, count=5, pause_s=1)
+    assert len(answers) == 5 and all(a.pod for a in answers), answers
+    pods = {a.pod for a in answers}
+    assert len(pods) == 1, answers
+    first = pods.pop()
+    assert first is not None and first.startswith("sample-deployment-")
+    _tries, pod = sc.fresh_pick_after_timeout(kind, "client-cp", url, first, timeout_s=10)
+    assert pod is not None and pod != first, "after the timeout a fresh pick never moved"
+
+
+def test_s2_affinity_off_on_and_timeout_patched_live(kind: Cluster) -> None:
+    url = "http://sample-session-affinity:8080/"
+    try:
+        sc.patch_service(kind, "sample-session-affinity", {"sessionAffinity": "None"})
+        assert sc.until(lambda: len({a.pod for a in sc.from_pod(kind, "client-worker", url, count=30)}) == 3, 20)
+        sc.patch_service(kind, "sample-session-affinity", {"sessionAffinity": "ClientIP"})
+        assert sc.until(lambda: len({a.pod for a in sc.from_pod(kind, "client-worker", url, count=10)}) == 1, 20)
+        sc.patch_service(kind, "sample-session-affinity",
+                         {"sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 30}}})
+        first = sc.from_pod(kind, "client-worker", url)[0].pod
+        # 12 s of silence, four times: past the old 10 s timeout, within the new 30 s one.
+        after = sc.from_pod(kind, "client-worker", url, count=4, pause_s=12)
+        assert [a.pod for a in after] == [first] * 4, after
+    finally:
+        sc.patch_service(kind, "sample-session-affinity", {
+            "sessionAffinity": "ClientIP", "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 10}}})
+
+
+def test_s3_a_hundred_requests_one_pod_and_spread_without_affinity(kind: Cluster) -> None:
+    answers = sc.from_pod(kind, "client-worker", "http://webpod/", count=100)
+    assert len(answers) == 100 and all(a.pod for a in answers)
+    assert len({a.pod for a in answers}) == 1, "sort | uniq -c should show one pod 100 times"
+    try:
+        sc.patch_service(kind, "webpod", {"sessionAffinity": "None"})
+        assert sc.until(lambda: len({a.pod for a in sc.from_pod(kind, "client-worker", "http://webpod/",
+                                                                 count=60)}) == 3, 20)
+    finally:
+        sc.patch_service(kind, "webpod", {"sessionAffinity": "ClientIP"})
+
+
+def test_s4_nodeport_affinity_per_node_from_outside(kind: Cluster) -> None:
+    for node in (CP, WORKER):
+        answers = sc.from_outside(kind, f"http://{node_ip(kind, node)}:30084/", count=6)
+        assert all(a.pod for a in answers), answers
+        assert len({a.pod for a in answers}) == 1, (node, answers)
+
+
+def test_s5_local_keeps_the_client_ip_and_local_pods_cluster_spreads(kind: Cluster) -> None:
+    outside = sc.outside_address(kind)
+    s5 = sc.pods_of(kind, "app=s5")
+    for node in (CP, WORKER):
+        answers = sc.from_outside(kind, f"http://{node_ip(kind, node)}:30085/", count=20)
+        assert all(a.pod for a in answers), answers
+        assert {s5[a.pod] for a in answers if a.pod} == {node}, "Local answered from another node"
+        assert {a.client_ip for a in answers} == {outside}, "Local lost the client's address"
+        local = {p for p, n in s5.items() if n == node}
+        assert {a.pod for a in answers} == local, "Local did not use every local pod"
+    answers = sc.from_outside(kind, f"http://{node_ip(kind, CP)}:30086/", count=40)
+    assert all(a.pod for a in answers), answers
+    assert {a.pod for a in answers} == set(s5), "Cluster did not reach the pods of both nodes"
+    assert outside not in {a.client_ip for a in answers}, "Cluster policy must show a node address"
+
+
+def test_s5_loadbalancer_local_health_check_and_drop_without_local_pods(kind: Cluster) -> None:
+    svc = json.loads(kind.kubectl("get", "service", "s5-lb", "-o", "json").stdout)
+    port = svc["spec"]["healthCheckNodePort"]
+    for node, code, count in ((CP, 503, 0), (WORKER, 200, 2)):
+        proc = kind.netns_run("curl", "-s", "-o", "/dev/stdout", "-w", "\n%{http_code}", "--max-time", "3",
+                              f"http://{node_ip(kind, node)}:{port}/")
+        body, _, status = proc.stdout.rpartition("\n")
+        assert int(status) == code, (node, proc.stdout)
+        assert json.loads(body)["localEndpoints"] == count
+    dropped = sc.from_outside(kind, f"http://{node_ip(kind, CP)}:30087/")
+    assert dropped[0].pod is None, "a node without local pods must drop Local traffic"
+    served = sc.from_outside(kind, f"http://{node_ip(kind, WORKER)}:30087/", count=3)
+    assert all(a.pod and a.client_ip == sc.outside_address(kind) for a in served), served
+
+
+def who(kind: Cluster, client: str, host: str, port: int) -> str:
+    """The echo pod's WHO line for a TCP connection to host:port (names the pod's own port)."""
+    script = (
+        "import socket,sys; s=socket.create_connection((sys.argv[1], int(sys.argv[2])), 3); "
+        "s.sendall(b'WHO\\n'); print(s.makefile().readline().strip())"
+    )
+    return kind.kubectl("exec", client, "--", "python3", "-c", script, host, str(port)).stdout.strip()
+
+
+def test_s6_named_target_port_and_s7_multi_port(kind: Cluster) -> None:
+    for client in sc.CLIENTS.values():
+        assert who(kind, client, "named", 80).endswith("port=8080")
+        assert who(kind, client, "multi", 80).endswith("port=8080")
+        assert who(kind, client, "multi", 443).endswith("port=8443")
+    slices = json.loads(kind.kubectl("get", "endpointslices", "-l", "kubernetes.io/service-name=multi",
+                                     "-o", "json").stdout)["items"]
+    pairs = {(e["addresses"][0], p["port"]) for s in slices for e in s["endpoints"] for p in s["ports"]}
+    assert len(pairs) == 6, "three pods give six endpoints"
+
+
+def test_s8_cluster_ip_from_nodes_and_pods_not_from_outside(kind: Cluster) -> None:
+    ip = sc.cluster_ip(kind, "webpod")
+    for node in (CP, WORKER):
+        assert "From=webpod-" in kind.node_exec(node, "curl", "-s", "--max-time", "3", f"http://{ip}/")
+    assert sc.from_pod(kind, "client-cp", f"http://{ip}/")[0].pod
+    assert sc.from_outside(kind, f"http://{ip}/")[0].pod is None
+
+
+def test_scaling_deleting_and_rolling_follow_without_failed_requests(kind: Cluster) -> None:
+    url = "http://webpod/"
+    try:
+        sc.patch_service(kind, "webpod", {"sessionAffinity": "None"})
+        kind.kubectl("scale", "deployment/webpod", "--replicas=5")
+        sc.wait_rollout(kind, "webpod")
+        assert sc.until(lambda: set(sc.pods_of(kind, "app=webpod")) <=
+                        {a.pod for a in sc.from_pod(kind, "client-cp", url, count=50)}, 20)
+        victim = sorted(sc.pods_of(kind, "app=webpod"))[0]
+        kind.kubectl("delete", "pod", victim, "--wait=false")
+        assert sc.until(lambda: victim not in {a.pod for a in sc.from_pod(kind, "client-cp", url, count=20)}, 20)
+
+        answers: list[sc.Answer] = []
+        loop = threading.Thread(target=lambda: answers.extend(
+            sc.from_pod(kind, "client-worker", url, count=300, pause_s=0.1)))
+        before = set(sc.pods_of(kind, "app=webpod"))
+        loop.start()
+        kind.kubectl("rollout", "restart", "deployment/webpod")
+        sc.wait_rollout(kind, "webpod")
+        loop.join(timeout=150)
+        assert not loop.is_alive()
+        failed = [a for a in answers if a.pod is None]
+        assert len(answers) == 300 and not failed, failed[:5]
+        after = set(sc.pods_of(kind, "app=webpod"))
+        assert after.isdisjoint(before)
+        assert sc.until(lambda: {a.pod for a in sc.from_pod(kind, "client-cp", url, count=20)} <= after, 20)
+        kind.kubectl("scale", "deployment/webpod", "--replicas=3")
+        sc.wait_rollout(kind, "webpod")
+    finally:
+        sc.patch_service(kind, "webpod", {"sessionAffinity": "ClientIP"})
+
+
+def test_healthz_and_metrics_on_every_node(kind: Cluster) -> None:
+    for node in (CP, WORKER):
+        proc = kind.netns_run("curl", "-s", "-i", "--max-time", "3", f"http://{node_ip(kind, node)}:10256/healthz")
+        head, _, body = proc.stdout.partition("\r\n\r\n")
+        assert head.startswith("HTTP/1.1 200") or head.startswith("HTTP/1.0 200"), head
+        assert "lastUpdated" in json.loads(body)
+        metrics = kind.node_exec(node, "curl", "-s", "--max-time", "3", "http://127.0.0.1:10249/metrics")
+        assert "kubeproxy_sync_proxy_rules_last_timestamp_seconds" in metrics
+        assert "pyproxy_" in metrics
