@@ -74,6 +74,12 @@ def current() -> cluster.Cluster:
     return cluster.Cluster(daemon, cni)
 
 
+def kubectl(args: Sequence[str]) -> int:
+    daemon = dockerd.start()
+    argv = daemon.netns_cmd(str(images.BIN / "kubectl"), f"--kubeconfig={cluster.KUBECONFIG}", *args)
+    return subprocess.run(argv).returncode
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cmd/kind", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -86,6 +92,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_kubectl.add_argument("args", nargs=argparse.REMAINDER)
     sub.add_parser("demo", help="walk through the scenarios in the cluster")
     sub.add_parser("down", help="delete the cluster and stop the docker daemon")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["kubectl"]:  # everything after it is kubectl's, flags included
+        return kubectl(argv[1:])
     args = parser.parse_args(argv)
 
     if args.command == "up":
@@ -95,11 +104,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         daemon = dockerd.start()
         images.pyproxy_image(daemon, sys.executable)
         cluster.load(daemon, images.PYPROXY_IMAGE)
-    elif args.command == "kubectl":
-        c = current()
-        proc = subprocess.run(c.daemon.netns_cmd(str(images.BIN / "kubectl"),
-                                                 f"--kubeconfig={cluster.KUBECONFIG}", *args.args))
-        return proc.returncode
     elif args.command == "demo":
         from tests.kind import demo
         return demo.main(current())

@@ -94,13 +94,15 @@ def _label(daemon: Daemon, image: str, key: str) -> str | None:
 
 
 def _digest(*paths: Path, extra: str = "") -> str:
+    """A content key: small files (sources) by their bytes, big ones (built binaries in the
+    cache, rewritten only when rebuilt) by size and modification time."""
     h = hashlib.sha256(extra.encode())
     for path in paths:
         files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
         for f in files:
             h.update(str(f.relative_to(path) if path.is_dir() else f.name).encode())
             st = f.stat()
-            h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
+            h.update(f.read_bytes() if st.st_size < 1 << 20 else f"{st.st_size}:{st.st_mtime_ns}".encode())
     return h.hexdigest()[:16]
 
 
@@ -250,7 +252,7 @@ def node_image(daemon: Daemon) -> str:
     images = component_images(daemon)
     base = import_rootfs(daemon, rootfs.NODE, "pyproxy.local/kind-base:bookworm")
     parts = [BIN / n for n in ("containerd", "ctr", "containerd-shim-runc-v2", "crictl", "kubeadm", "kubelet", "kubectl")]
-    key = _digest(*parts, Path(__file__), extra=rootfs.NODE.key + " ".join(
+    key = _digest(*parts, Path(__file__), KIND_MODULE / "images" / "base" / "files", extra=rootfs.NODE.key + " ".join(
         f"{c.image}={_digest(BIN / c.binary)}" for c in COMPONENTS))
     if _fresh(daemon, NODE_IMAGE, key):
         return NODE_IMAGE
