@@ -34,6 +34,9 @@ START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 30.0
 
 
+_STARTED: list[subprocess.Popen[bytes]] = []
+
+
 class DockerError(RuntimeError):
     """dockerd could not be started or stopped."""
 
@@ -111,8 +114,9 @@ def start() -> Daemon:
         return daemon
     _ensure_netns()
     (CACHE / "docker").mkdir(parents=True, exist_ok=True)
-    log = open(RUN / "dockerd.log", "ab")
-    proc = subprocess.Popen(_daemon_argv(), stdout=log, stderr=log, start_new_session=True)
+    with open(RUN / "dockerd.log", "ab") as log:
+        proc = subprocess.Popen(_daemon_argv(), stdout=log, stderr=log, start_new_session=True)
+    _STARTED.append(proc)  # it outlives this call on purpose; stop() reaps it
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -121,6 +125,7 @@ def start() -> Daemon:
             return daemon
         time.sleep(0.5)
     proc.kill()
+    proc.wait(timeout=STOP_TIMEOUT_S)
     raise DockerError(f"dockerd did not answer within {START_TIMEOUT_S:.0f}s; see {RUN / 'dockerd.log'}")
 
 
@@ -148,6 +153,9 @@ def stop() -> None:
             time.sleep(0.2)
         if _is_dockerd(pid):
             os.kill(pid, signal.SIGKILL)
+    for proc in _STARTED:
+        proc.poll()
+    _STARTED[:] = [p for p in _STARTED if p.returncode is None]
     if Path(f"/run/netns/{NETNS}").exists():
         subprocess.run(["ip", "netns", "delete", NETNS], check=False)
     shutil.rmtree(RUN / "bin", ignore_errors=True)
