@@ -73,6 +73,7 @@ class ProxyConfig:
     manifests: str = ""
     manifestPollInterval: float = 0.5
     eventLoop: str = "auto"
+    debugAPI: bool = True  # serve the inspection API (/debug/*) on metricsBindAddress
     clientConnection: ClientConnection = field(default_factory=ClientConnection)
     dataplane: DataplaneConfig = field(default_factory=DataplaneConfig)
 
