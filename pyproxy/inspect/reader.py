@@ -40,7 +40,7 @@ class ProxyReader:
             return self.affinity()
         if kind == "connections":
             return views.connection_rows(self.connections(), self.table.ports, self.clock(),
-                                         self.shutting_down(), self.worker)
+                                         self.shutting_down(), self.worker, views.port_numbers(self.store.services))
         raise ValueError(f"unknown kind {kind!r}")
 
     def services(self) -> list[Row]:
@@ -52,4 +52,4 @@ class ProxyReader:
             for name, balancer in self.table.balancers.items()
             if balancer.affinity is not None
         }
-        return views.affinity_rows(tables, self.clock(), self.worker)
+        return views.affinity_rows(tables, self.clock(), self.worker, views.port_numbers(self.store.services))

@@ -191,7 +191,14 @@ def endpoint_rows(services: Sequence[Row]) -> list[Row]:
 # affinity
 
 
-def affinity_rows(tables: Mapping[ServicePortName, AffinityView], now: float, worker: int = 0) -> list[Row]:
+def port_numbers(services: Mapping[ServiceKey, Service]) -> dict[ServicePortName, int]:
+    return {p.name: p.port for service in services.values() for p in service.ports}
+
+
+def affinity_rows(
+    tables: Mapping[ServicePortName, AffinityView], now: float, worker: int = 0,
+    numbers: Mapping[ServicePortName, int] | None = None,
+) -> list[Row]:
     """One row per fresh pin, sorted."""
     rows = []
     for name, view in tables.items():
@@ -200,7 +207,7 @@ def affinity_rows(tables: Mapping[ServicePortName, AffinityView], now: float, wo
             if age > view.timeout:
                 continue
             rows.append({
-                **_port_fields(name),
+                **_port_fields(name, numbers),
                 "client": client,
                 "endpoint": address(endpoint),
                 "age": _seconds(age),
@@ -211,9 +218,9 @@ def affinity_rows(tables: Mapping[ServicePortName, AffinityView], now: float, wo
     return sorted(rows, key=sort_key("affinity"))
 
 
-def _port_fields(name: ServicePortName) -> Row:
+def _port_fields(name: ServicePortName, numbers: Mapping[ServicePortName, int] | None) -> Row:
     return {"namespace": name.service.namespace, "service": name.service.name,
-            "portName": name.port_name, "protocol": name.protocol}
+            "portName": name.port_name, "protocol": name.protocol, "port": (numbers or {}).get(name)}
 
 
 # connections
@@ -237,10 +244,11 @@ def connection_rows(
     now: float,
     shutting_down: bool = False,
     worker: int = 0,
+    numbers: Mapping[ServicePortName, int] | None = None,
 ) -> list[Row]:
     rows = [
         {
-            **_port_fields(info.port),
+            **_port_fields(info.port, numbers),
             "protocol": info.protocol,
             "client": address(info.client),
             "frontend": address(info.frontend),
