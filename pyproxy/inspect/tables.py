@@ -52,10 +52,9 @@ def _sets(row: Row) -> str:
 
 
 def _endpoints_summary(row: Row) -> str:
+    """Endpoints in the cluster set, of all the port's endpoints."""
     endpoints = row["endpoints"]
-    cluster = sum(1 for e in endpoints if e["inClusterSet"])
-    local = sum(1 for e in endpoints if e["inLocalSet"])
-    return f"{cluster}/{len(endpoints)} (local {local})"
+    return f"{sum(1 for e in endpoints if e['inClusterSet'])}/{len(endpoints)}"
 
 
 def _external(row: Row) -> str:
@@ -77,6 +76,7 @@ SERVICES: list[Column] = [
     ("CLUSTER-IP", lambda r: _join(r["clusterIPs"])),
     ("EXTERNAL", _external),
     ("ENDPOINTS", _endpoints_summary),
+    ("LOCAL", lambda r: str(sum(1 for e in r["endpoints"] if e["inLocalSet"]))),
     ("AFFINITY", _affinity),
 ]
 SERVICES_WIDE: list[Column] = [
