@@ -14,6 +14,8 @@ Rules kept here (SPEC.md §5, §8):
 - EOF on one side becomes `write_eof()` (shutdown SHUT_WR) on the other; the pair closes
   when both directions are done, or when it has been idle past its timeout (shorter once
   half-closed), so nothing leaks.
+- `connections()` hands out read-only copies (`ConnectionInfo`) of the open pairs for the
+  inspection API; each pair counts its own bytes beside its port's counters.
 """
 
 from __future__ import annotations

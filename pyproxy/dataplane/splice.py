@@ -30,6 +30,8 @@ Theory of operation:
   socket error, or when idle past `pair_timeout` (shorter once half-closed), which one
   sweep timer per relay checks (not a timer per pair: idle pairs cost no timer).
 - Every socket is forgotten by the poller before it is closed.
+- `connections()` hands out read-only copies (`ConnectionInfo`) of the open pairs for the
+  inspection API, as `relay.Relay` does.
 
 Why one module this long: accepting, dialing and the two byte directions are one
 connection's life and share its state; split over files they would all reach into each other.

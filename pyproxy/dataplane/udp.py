@@ -22,6 +22,8 @@ Rules kept here:
   closed when its flow goes; nothing else holds one.
 - Nothing is answered for a datagram that cannot be forwarded: it is dropped and counted
   by reason (a service port without endpoints is refused by nftables before it gets here).
+- `connections()` hands out read-only copies (`ConnectionInfo`) of the flows, with each
+  flow's own byte counts, for the inspection API.
 """
 
 from __future__ import annotations

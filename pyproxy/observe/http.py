@@ -17,9 +17,12 @@ import contextlib
 import functools
 import http
 import logging
+import os
 import socket
+import struct
 import urllib.parse
 from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
 
 from pyproxy.observe.health import Response
 
@@ -47,8 +50,24 @@ async def serve_http(host: str, port: int, handler: QueryHandler) -> asyncio.Ser
 
 
 async def serve_unix(sock: socket.socket, handler: QueryHandler) -> asyncio.Server:
-    """Serve on an already bound unix socket (a worker's socket)."""
-    return await asyncio.start_unix_server(functools.partial(_serve, handler), sock=sock, limit=HEAD_LIMIT)
+    """Serve on an already bound unix socket (a worker's socket), to peers of this process's
+    own user only (an abstract socket has no file permissions to do that job)."""
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if peer_uid(writer.get_extra_info("socket")) != os.getuid():
+            writer.close()
+            return
+        await _serve(handler, reader, writer)
+
+    return await asyncio.start_unix_server(serve, sock=sock, limit=HEAD_LIMIT)
+
+
+def peer_uid(sock: Any) -> int | None:
+    """The user id of a unix socket's peer (SO_PEERCRED), None if it cannot be read."""
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except (OSError, AttributeError):
+        return None
+    return int(struct.unpack("3i", raw)[1])
 
 
 def split_target(target: str) -> tuple[str, dict[str, str]]:

@@ -68,7 +68,8 @@ class Observer:
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until `stop`: bind both listeners (retrying), reconcile health checks."""
         if self.worker.index != 0:
-            await self._serve_worker_socket(stop)
+            if self.config.metricsBindAddress:  # worker 0 has someone to aggregate for
+                await self._serve_worker_socket(stop)
             return
         tasks = [asyncio.create_task(self.health.run(stop), name="health-checks")]
         if self.config.healthzBindAddress:

@@ -105,3 +105,28 @@ def test_every_workers_pins_connections_and_counters_appear(workers_cluster: Clu
     assert text.count("# TYPE pyproxy_connections_total counter") == 1, text
     assert metric_total(text, "kubeproxy_sync_proxy_rules_last_timestamp_seconds") == 0  # no labels: plain line
     assert "\nkubeproxy_sync_proxy_rules_last_timestamp_seconds " in text
+
+
+ASK_WORKER = """
+import os, sys
+from pyproxy.inspect.server import fetch_unix, worker_socket_name
+if sys.argv[2] == "nobody":
+    os.setgid(65534)
+    os.setuid(65534)
+try:
+    status, body = fetch_unix(worker_socket_name(int(sys.argv[1]), 1), "/debug/affinity", 3.0)
+    print(status)
+except OSError as err:
+    print("no answer", type(err).__name__)
+"""
+
+
+def test_a_workers_socket_answers_only_its_own_user(workers_cluster: Cluster) -> None:
+    supervisor = workers_cluster.proxies["node1"].pid  # `ip netns exec` execs pyproxy in place
+
+    def ask(user: str) -> str:
+        return workers_cluster.lab.exec("node1", sys.executable, "-c", ASK_WORKER, str(supervisor), user,
+                                        timeout=20).stdout.strip()
+
+    assert ask("root") == "200"
+    assert ask("nobody").startswith("no answer"), "another user must not read a worker's view"
