@@ -38,7 +38,7 @@ BIND_RETRY = 5.0
 class Observer:
     def __init__(
         self, config: ProxyConfig, store: CountingStore, table: ServiceTable, stats: DataplaneStats, runner: SyncRunner,
-        reader: ProxyReader | None = None, worker: WorkerRole | None = None,
+        reader: ProxyReader, worker: WorkerRole | None = None,
     ) -> None:
         self.config = config
         self.store = store
@@ -47,7 +47,7 @@ class Observer:
         self.metrics = ProxyMetrics(store, table, stats)
         peers = [worker_socket_name(self.worker.group, i) for i in range(1, self.worker.count)]
         self.api = InspectApi(
-            reader or ProxyReader(store, table, lambda: ()),
+            reader,
             self.metrics.exposition,
             metrics_type=CONTENT_TYPE_LATEST,
             peers=peers if self.worker.index == 0 else (),
