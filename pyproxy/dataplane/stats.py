@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from pyproxy.model.objects import ServicePortName
 
@@ -17,9 +18,9 @@ from pyproxy.model.objects import ServicePortName
 Address = tuple[str, int]
 
 
-@dataclass(frozen=True)
-class ConnectionInfo:
-    """One open TCP pair or UDP flow, as seen at the moment it was read."""
+class ConnectionInfo(NamedTuple):
+    """One open TCP pair or UDP flow, as seen at the moment it was read (a tuple: cheap to
+    make for every open connection when the inspection API asks)."""
 
     protocol: str  # "TCP" or "UDP"
     port: ServicePortName

@@ -6,7 +6,8 @@ Rules kept here:
   (`AffinityTable.entries()`, a copy), and the relays' `connections()` (copies made by
   the relays themselves). Nothing here holds a socket or a relay's private state.
 - It runs on the event loop, like the relays, so what it reads is one consistent instant.
-- Each call turns what it read into JSON rows with the pure functions of `views`.
+- Each call turns what it read into a JSON page with the pure functions of `views`; rows
+  are built only for the rows asked for (offset + limit), so a big table costs one pass.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from dataclasses import dataclass, field
 
 from pyproxy.dataplane.stats import ConnectionInfo
 from pyproxy.inspect import views
-from pyproxy.inspect.views import AffinityView, Row
+from pyproxy.inspect.views import AffinityView, Query, Row
+from pyproxy.model.objects import ServicePortName
 from pyproxy.model.store import ClusterStore
 from pyproxy.model.table import ServiceTable
 
@@ -31,25 +33,29 @@ class ProxyReader:
     worker: int = 0
     clock: Callable[[], float] = field(default=time.monotonic)  # the relays' clock
 
-    def rows(self, kind: str) -> list[Row]:
+    def page(self, kind: str, query: Query, workers: int = 1) -> Row:
+        """This proxy's page of `kind` for `query` (see `views.page`)."""
         if kind == "services":
-            return self.services()
+            return views.select(kind, self.services(), query, workers)
         if kind == "endpoints":
-            return views.endpoint_rows(self.services())
+            return views.select(kind, views.endpoint_rows(self.services()), query, workers)
+        count = query.offset + query.limit
+        numbers = views.port_numbers(self.store.services)
         if kind == "affinity":
-            return self.affinity()
-        if kind == "connections":
-            return views.connection_rows(self.connections(), self.table.ports, self.clock(),
-                                         self.shutting_down(), self.worker, views.port_numbers(self.store.services))
-        raise ValueError(f"unknown kind {kind!r}")
+            rows, total = views.affinity_rows(self.affinity_tables(), self.clock(), self.worker, numbers, query, count)
+        elif kind == "connections":
+            rows, total = views.connection_rows(self.connections(), self.table.ports, self.clock(),
+                                                self.shutting_down(), self.worker, numbers, query, count)
+        else:
+            raise ValueError(f"unknown kind {kind!r}")
+        return views.page(kind, rows, total, query, workers, ())
 
     def services(self) -> list[Row]:
         return views.service_rows(self.store.services, self.store.slices_of, self.table.ports, self.table.routes)
 
-    def affinity(self) -> list[Row]:
-        tables = {
+    def affinity_tables(self) -> dict[ServicePortName, AffinityView]:
+        return {
             name: AffinityView(int(balancer.affinity.timeout), tuple(balancer.affinity.entries()))
             for name, balancer in self.table.balancers.items()
             if balancer.affinity is not None
         }
-        return views.affinity_rows(tables, self.clock(), self.worker, views.port_numbers(self.store.services))

@@ -88,11 +88,10 @@ class InspectApi:
         return json_response(200, await self.page(kind, parsed))
 
     async def page(self, kind: str, query: Query) -> Row:
-        own = self.reader.rows(kind)
         if kind not in MERGED or not self.peers:
-            return views.select(kind, own, query, self.workers)
+            return self.reader.page(kind, query, self.workers)
         wide = Query(query.namespace, query.service, query.client, 0, query.offset + query.limit)
-        pages = [views.select(kind, own, wide)]
+        pages = [self.reader.page(kind, wide)]
         errors: list[str] = []
         target = f"/debug/{kind}?{urllib.parse.urlencode(views.query_params(wide))}"
         for name, answer in zip(self.peers, await self._ask_peers(target)):

@@ -12,17 +12,22 @@ Rules kept here (no I/O, no clock: `now` is passed in, on the relays' monotonic 
   way, `age`, `idle` and a state: `connecting` (no endpoint yet), `draining` (its endpoint
   has left the service port's usable set, or the proxy is shutting down; it carries on
   until it ends), `half-closed` (one side sent EOF), else `open`.
-- Every list is sorted by a fixed key per kind, so pages from several workers merge into
-  one sorted list (`merge`) and a page never depends on dict order.
+- Every list is sorted by a fixed key per kind (namespace, Service, port, then client IP
+  in numeric order), so pages from several workers merge into one sorted list (`merge`)
+  and a page never depends on dict order. Affinity and connection rows are built only for
+  the first offset+limit matches (`first`): the pass over a big table is cheap, the rows
+  are not.
 - A query names the filters (namespace, service, client IP) and the page (offset, limit);
   every bad value is a `QueryError` that names the parameter and the reason.
 """
 
 from __future__ import annotations
 
+import heapq
+import socket
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from pyproxy.dataplane.stats import ConnectionInfo
 from pyproxy.model.endpoints import Endpoint
@@ -30,6 +35,7 @@ from pyproxy.model.objects import EndpointSlice, Service, ServiceKey, ServicePor
 from pyproxy.model.table import PortState, Route
 
 Row = dict[str, Any]
+T = TypeVar("T")
 Frontend = tuple[str, str, int]
 KINDS = ("services", "endpoints", "affinity", "connections")
 DEFAULT_LIMIT = 500
@@ -195,32 +201,53 @@ def port_numbers(services: Mapping[ServiceKey, Service]) -> dict[ServicePortName
     return {p.name: p.port for service in services.values() for p in service.ports}
 
 
+Selection = tuple[list[Row], int]  # (the first rows, sorted; how many matched in all)
+
+
+def first(items: Iterable[T], keep: Callable[[T], bool], key: Callable[[T], Any], count: int | None) -> tuple[list[T], int]:
+    """The `count` smallest items by `key` among those `keep` accepts (all if None), and how many it accepted.
+
+    Big tables (a flood of clients, 100k connections) cost one pass and a bounded heap:
+    rows are only built for what is shown."""
+    matched = [item for item in items if keep(item)]
+    if count is None or count >= len(matched):
+        return sorted(matched, key=key), len(matched)
+    return heapq.nsmallest(count, matched, key=key), len(matched)
+
+
 def affinity_rows(
     tables: Mapping[ServicePortName, AffinityView], now: float, worker: int = 0,
-    numbers: Mapping[ServicePortName, int] | None = None,
-) -> list[Row]:
-    """One row per fresh pin, sorted."""
-    rows = []
-    for name, view in tables.items():
-        for client, endpoint, last_used in view.entries:
-            age = now - last_used
-            if age > view.timeout:
-                continue
-            rows.append({
-                **_port_fields(name, numbers),
-                "client": client,
-                "endpoint": address(endpoint),
-                "age": _seconds(age),
-                "expiresIn": _seconds(view.timeout - age),
-                "timeoutSeconds": view.timeout,
-                "worker": worker,
-            })
-    return sorted(rows, key=sort_key("affinity"))
+    numbers: Mapping[ServicePortName, int] | None = None, query: Query | None = None, count: int | None = None,
+) -> Selection:
+    """Fresh pins that match `query`, sorted: the first `count` as rows, and how many matched."""
+    q = query or Query()
+    pins = ((name, view, entry) for name, view in tables.items() if wanted(q, name)
+            for entry in view.entries)
+
+    def keep(pin: tuple[ServicePortName, AffinityView, tuple[str, tuple[str, int], float]]) -> bool:
+        _, view, (client, _, last_used) = pin
+        return now - last_used <= view.timeout and (not q.client or client == q.client)
+
+    chosen, total = first(pins, keep, lambda pin: (*_port_key(pin[0]), ip_key(pin[2][0]), worker), count)
+    rows = [{
+        **_port_fields(name, numbers),
+        "client": client,
+        "endpoint": address(endpoint),
+        "age": _seconds(now - last_used),
+        "expiresIn": _seconds(view.timeout - (now - last_used)),
+        "timeoutSeconds": view.timeout,
+        "worker": worker,
+    } for name, view, (client, endpoint, last_used) in chosen]
+    return rows, total
 
 
 def _port_fields(name: ServicePortName, numbers: Mapping[ServicePortName, int] | None) -> Row:
     return {"namespace": name.service.namespace, "service": name.service.name,
             "portName": name.port_name, "protocol": name.protocol, "port": (numbers or {}).get(name)}
+
+
+def _port_key(name: ServicePortName) -> tuple[str, str, str, str]:
+    return (name.service.namespace, name.service.name, name.port_name, name.protocol)
 
 
 # connections
@@ -245,7 +272,17 @@ def connection_rows(
     shutting_down: bool = False,
     worker: int = 0,
     numbers: Mapping[ServicePortName, int] | None = None,
-) -> list[Row]:
+    query: Query | None = None,
+    count: int | None = None,
+) -> Selection:
+    """Connections that match `query`, sorted: the first `count` as rows, and how many matched."""
+    q = query or Query()
+
+    def keep(info: ConnectionInfo) -> bool:
+        return wanted(q, info.port) and (not q.client or info.client[0] == q.client)
+
+    chosen, total = first(connections, keep,
+                          lambda i: (*_port_key(i.port), ip_key(i.client[0]), i.client[1], worker), count)
     rows = [
         {
             **_port_fields(info.port, numbers),
@@ -260,27 +297,25 @@ def connection_rows(
             "state": connection_state(info, ports, shutting_down),
             "worker": worker,
         }
-        for info in connections
+        for info in chosen
     ]
-    return sorted(rows, key=sort_key("connections"))
+    return rows, total
 
 
 # filters, sorting, paging, merging
 
 
-def _ip_key(text: str) -> tuple[int, ...]:
-    head = text.rsplit(":", 1)[0] if text.count(":") == 1 else text
+def ip_key(ip: str) -> bytes:
+    """Numeric order of IPv4 addresses (10.0.0.9 before 10.0.0.10)."""
     try:
-        return tuple(int(part) for part in head.split("."))
-    except ValueError:
-        return ()
+        return socket.inet_aton(ip)
+    except OSError:
+        return b""
 
 
-def _port_of(text: str | None) -> int:
-    if not text or ":" not in text:
-        return -1
-    tail = text.rsplit(":", 1)[1]
-    return int(tail) if tail.isdigit() else -1
+def _split(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    return host, int(port) if port.isdigit() else -1
 
 
 def sort_key(kind: str) -> Callable[[Row], tuple[Any, ...]]:
@@ -290,21 +325,29 @@ def sort_key(kind: str) -> Callable[[Row], tuple[Any, ...]]:
     if kind == "services":
         return base
     if kind == "endpoints":
-        return lambda r: (*base(r), _ip_key(r["address"]), _port_of(r["address"]))
+        return lambda r: (*base(r), ip_key(_split(r["address"])[0]), _split(r["address"])[1])
     if kind == "affinity":
-        return lambda r: (*base(r), _ip_key(r["client"]), r["worker"])
+        return lambda r: (*base(r), ip_key(r["client"]), r["worker"])
     if kind == "connections":
-        return lambda r: (*base(r), _ip_key(r["client"]), _port_of(r["client"]), r["worker"])
+        return lambda r: (*base(r), ip_key(_split(r["client"])[0]), _split(r["client"])[1], r["worker"])
     raise ValueError(f"unknown kind {kind!r}")
 
 
-def matches(row: Row, query: Query) -> bool:
-    if query.namespace and row["namespace"] != query.namespace:
+def wanted(query: Query, name: ServicePortName) -> bool:
+    """Whether a service port passes the query's namespace and service filters."""
+    if query.namespace and name.service.namespace != query.namespace:
         return False
     if query.service:
-        namespace, _, name = query.service.rpartition("/")
-        if row["service"] != name or (namespace and row["namespace"] != namespace):
+        namespace, _, service = query.service.rpartition("/")
+        if name.service.name != service or (namespace and name.service.namespace != namespace):
             return False
+    return True
+
+
+def matches(row: Row, query: Query) -> bool:
+    name = ServicePortName(ServiceKey(row["namespace"], row["service"]), row["portName"], row["protocol"])
+    if not wanted(query, name):
+        return False
     if query.client and "client" in row:
         if row["client"].rsplit(":", 1)[0] != query.client and row["client"] != query.client:
             return False

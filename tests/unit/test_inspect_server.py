@@ -13,6 +13,7 @@ from pyproxy.dataplane.stats import ConnectionInfo
 from pyproxy.inspect import cli
 from pyproxy.inspect.reader import ProxyReader
 from pyproxy.inspect.server import InspectApi, worker_socket_name
+from pyproxy.inspect.views import parse_query
 from pyproxy.model.objects import ServiceKey, ServicePortName
 from pyproxy.model.store import ClusterStore
 from pyproxy.model.table import ServiceTable
@@ -60,8 +61,7 @@ async def test_worker_zero_merges_every_workers_connections_and_reports_the_sile
     def peer(target: str) -> tuple[int, bytes]:
         asked.append(target)
         worker1 = api([connection(2), connection(4)], {}, worker=1)
-        page = worker1.reader.rows("connections")
-        return 200, json.dumps({"items": page, "total": len(page)}).encode()
+        return 200, json.dumps(worker1.reader.page("connections", parse_query(split_target(target)[1]))).encode()
 
     a = api([connection(1), connection(3)], {worker_socket_name(7, 1): peer,
                                              worker_socket_name(7, 2): OSError("refused")})

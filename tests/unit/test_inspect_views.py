@@ -82,11 +82,25 @@ def test_endpoint_rows_flatten_services_in_a_fixed_order() -> None:
 def test_affinity_rows_give_age_and_time_left_and_leave_out_stale_pins() -> None:
     tables_ = {WEB: AffinityView(10, (("10.0.0.2", ("10.244.1.2", 80), 95.0), ("10.0.0.1", ("10.244.2.2", 80), 99.5),
                                       ("10.0.0.3", ("10.244.2.2", 80), 80.0)))}
-    rows = views.affinity_rows(tables_, now=100.0, worker=1, numbers={WEB: 80})
+    rows, total = views.affinity_rows(tables_, now=100.0, worker=1, numbers={WEB: 80})
     assert [(r["client"], r["endpoint"], r["age"], r["expiresIn"], r["port"], r["worker"]) for r in rows] == [
         ("10.0.0.1", "10.244.2.2:80", 0.5, 9.5, 80, 1),
         ("10.0.0.2", "10.244.1.2:80", 5.0, 5.0, 80, 1),
     ]
+    assert total == 2
+
+
+def test_big_tables_build_rows_only_for_the_page_but_count_every_match() -> None:
+    entries = tuple((f"10.0.{i // 200}.{i % 200}", ("10.244.1.2", 80), 99.0) for i in range(5000))
+    rows, total = views.affinity_rows({WEB: AffinityView(10, entries)}, now=100.0, count=3,
+                                      query=Query(service="web"))
+    assert total == 5000 and [r["client"] for r in rows] == ["10.0.0.0", "10.0.0.1", "10.0.0.2"]
+    rows, total = views.affinity_rows({WEB: AffinityView(10, entries)}, now=100.0, query=Query(client="10.0.7.9"))
+    assert (total, [r["client"] for r in rows]) == (1, ["10.0.7.9"])
+    assert views.affinity_rows({WEB: AffinityView(10, entries)}, now=100.0, query=Query(namespace="x")) == ([], 0)
+    conns = [info(("10.244.1.2", 80))._replace(client=(f"10.0.0.{i % 250}", 1000 + i)) for i in range(1000)]
+    rows, total = views.connection_rows(conns, {}, now=100.0, count=2, query=Query(client="10.0.0.7"))
+    assert total == 4 and [r["client"] for r in rows] == ["10.0.0.7:1007", "10.0.0.7:1257"]
 
 
 def port_state(name: ServicePortName, *addresses: tuple[str, int]) -> PortState:
@@ -115,7 +129,8 @@ def test_connection_state(connection: ConnectionInfo, shutting_down: bool, state
 
 def test_connection_rows_carry_bytes_each_way_and_ages() -> None:
     ports = {WEB: port_state(WEB, ("10.244.1.2", 80))}
-    [row] = views.connection_rows([info(("10.244.1.2", 80))], ports, now=100.0, worker=2)
+    [row], total = views.connection_rows([info(("10.244.1.2", 80))], ports, now=100.0, worker=2)
+    assert total == 1
     assert row == {"namespace": "default", "service": "web", "portName": "http", "protocol": "TCP", "port": None,
                    "client": "10.0.0.1:40000", "frontend": "10.96.0.10:80", "endpoint": "10.244.1.2:80",
                    "bytesToEndpoint": 10, "bytesToClient": 20, "age": 10.0, "idle": 2.0, "state": "open",
@@ -201,7 +216,7 @@ def test_ages_print_as_kubectl_does(seconds: float | None, text: str) -> None:
 
 def test_tables_align_columns_and_wide_adds_columns() -> None:
     ports = {WEB: port_state(WEB, ("10.244.1.2", 80))}
-    rows = views.connection_rows([info(("10.244.1.2", 80))], ports, now=100.0)
+    rows, _ = views.connection_rows([info(("10.244.1.2", 80))], ports, now=100.0)
     page = views.select("connections", rows, Query())
     normal = tables.render_page("connections", page).splitlines()
     assert normal[0].split() == ["NAMESPACE", "SERVICE", "PORT", "CLIENT", "ENDPOINT", "STATE", "AGE",
