@@ -1,11 +1,8 @@
 """`pyproxy-bench`: one console entry point for the bench kit.
 
-    pyproxy-bench MODE --target HOST:PORT ...     the load tool (MODE: stream, rr, crr, latency, idle, affinity)
-    pyproxy-bench load MODE ...                   the same, spelled out
-    pyproxy-bench run [--quick] ...               the side-by-side runner
-    pyproxy-bench backend|probe|controlplane|relayrig ...
-
-`main(argv) -> int` only dispatches; each tool keeps its own `main`.
+`main(argv) -> int` only dispatches to the tool named first (a load mode alone means the
+load tool); each tool keeps its own `main` and its own `--help`. `HELP` is what a user
+sees; this docstring is for readers of the code.
 """
 
 from __future__ import annotations
@@ -17,12 +14,32 @@ from importlib import import_module
 from bench.loadargs import MODES
 
 TOOLS = ("load", "run", "backend", "probe", "controlplane", "relayrig")
+HELP = """usage: pyproxy-bench TOOL [options]
+
+pyproxy's benchmark kit: a load generator, and a runner that measures pyproxy beside
+HAProxy, nginx, socat and nftables DNAT on network namespaces it builds (root).
+See bench/README.md.
+
+tools:
+  pyproxy-bench MODE --target HOST:PORT ...
+        the load tool in one mode: stream, rr, crr, latency, idle or affinity
+        (the same as 'pyproxy-bench load MODE ...')
+  pyproxy-bench run [--quick] ...
+        the side-by-side runner: every contender, interleaved rounds, JSON, markdown
+        and a plot (root; --quick takes about 4 minutes)
+  pyproxy-bench backend ...        the benchmark backend server
+  pyproxy-bench probe --target HOST:PORT
+        check that a full request and answer get through a path
+  pyproxy-bench controlplane ...   time from an endpoint change to the next connection routed by it
+  pyproxy-bench relayrig ...       one pyproxy relay without kernel rules (profiling)
+
+'pyproxy-bench TOOL --help' describes each tool's options."""
 
 
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help"):
-        print(__doc__.strip())
+        print(HELP)
         return 0 if args else 2
     tool = args[0]
     if tool in MODES:  # `pyproxy-bench crr ...` is the load tool

@@ -9,6 +9,7 @@ up to `drainTimeout`, and leaves the rules in place (`--cleanup` removes them).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import random
 import signal
@@ -25,6 +26,7 @@ from pyproxy.dataplane.workers import NullNftRunner, WorkerRole
 from pyproxy.dataplane.routing import PolicyRouting, local_addresses, node_port_addresses
 from pyproxy.dataplane.stats import DataplaneStats
 from pyproxy.dataplane.udp import UdpConfig, UdpRelay
+from pyproxy.inspect.reader import ProxyReader
 from pyproxy.model.objects import ServiceKey
 from pyproxy.observe.metrics import CountingStore
 from pyproxy.observe.observer import Observer
@@ -81,7 +83,6 @@ class ProxyApp:
             cluster_cidrs=parse_cidrs(config.clusterCIDR),
         )
         self.runner = SyncRunner(self.proxier.sync, config.minSyncPeriod, config.syncPeriod)
-        self.observer = Observer(config, self.store, self.table, self.stats, self.runner)
         relay = Relay(
             table=self.table,
             is_local_source=self.proxier.is_local_source,
@@ -103,6 +104,10 @@ class ProxyApp:
             config=UdpConfig(idle_timeout=dp.udpIdleTimeout, max_flows=dp.maxUDPFlows),
         )
         self.stop = asyncio.Event()
+        reader = ProxyReader(self.store, self.table, lambda: itertools.chain(self.relay.connections(),
+                                                                             self.udp.connections()),
+                             shutting_down=self.stop.is_set, worker=self.worker.index)
+        self.observer = Observer(config, self.store, self.table, self.stats, self.runner, reader, self.worker)
         self.force = False
 
     def _synced(self, result: SyncResult) -> None:
@@ -152,8 +157,7 @@ class ProxyApp:
         self.runner.request()
         tasks = [
             asyncio.create_task(self.runner.run(self.stop), name="sync-runner"),
-            *([asyncio.create_task(self.observer.run(self.stop), name="health-and-metrics")]
-              if self.worker.programs_kernel else []),
+            asyncio.create_task(self.observer.run(self.stop), name="health-metrics-debug"),  # workers: debug only
             asyncio.create_task(follow_source(), name=source_name),
         ]
         try:

@@ -1,4 +1,5 @@
-"""Command line: kube-proxy's flags where they carry over; `pyproxy demo` runs the demo.
+"""Command line: kube-proxy's flags where they carry over; `pyproxy demo` runs the demo and
+`pyproxy inspect` shows what the local proxy is doing.
 
 `main(argv) -> int` holds all the logic; the console script, `python -m pyproxy` and
 `cmd/pyproxy` only call it.
@@ -21,8 +22,22 @@ from pyproxy.config import EVENT_LOOPS, ConfigError, ProxyConfig, dump_config, l
 log = logging.getLogger("pyproxy")
 
 
+SUBCOMMANDS = """commands:
+  pyproxy demo [--only s1,s2,s3,s5,s7,dns]
+                        play SCENARIOS.md on a throwaway cluster of network namespaces (root)
+  pyproxy inspect services|endpoints|affinity|connections [-o wide|json]
+                        show what the pyproxy on this node is doing (its debug API)
+  see 'pyproxy demo --help' and 'pyproxy inspect --help'"""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pyproxy", description="A userspace kube-proxy replacement.")
+    p = argparse.ArgumentParser(
+        prog="pyproxy",
+        usage="pyproxy [options]\n       pyproxy demo [--only SCENES]\n       pyproxy inspect KIND [-o wide|json]",
+        description="A userspace kube-proxy replacement.",
+        epilog=SUBCOMMANDS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--config", help="versioned YAML config file (PyProxyConfiguration)")
     p.add_argument("--write-config-to", metavar="FILE", help="write the effective config ('-' for stdout) and exit")
     p.add_argument("--manifests", metavar="DIR", help="standalone: Service/EndpointSlice YAML files, reloaded on change")
@@ -34,12 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nodeport-addresses", help="comma-separated CIDRs whose local addresses serve NodePorts")
     p.add_argument("--cluster-cidr", help="comma-separated pod CIDRs: traffic from them counts as in-cluster")
     p.add_argument("--proxy-port", type=int, help="local port of the transparent listeners (default 15001)")
-    p.add_argument("--relay", choices=("protocol", "splice"), help="TCP byte path (dataplane.relay)")
-    p.add_argument("--workers", type=int, help="worker processes sharing the listener (dataplane.workers)")
+    p.add_argument("--relay", choices=("protocol", "splice"),
+                   help="TCP byte path (dataplane.relay; default protocol)")
+    p.add_argument("--workers", type=int, help="worker processes sharing the listener (dataplane.workers; default 1)")
     p.add_argument("--cleanup", action="store_true", help="remove everything pyproxy installed, then exit")
     p.add_argument("--event-loop", choices=EVENT_LOOPS,
                    help="event loop: uvloop, asyncio, or auto (uvloop when installed; the default)")
-    p.add_argument("-v", "--v", dest="verbosity", type=int, default=0, help="log verbosity (0-5)")
+    p.add_argument("-v", "--v", dest="verbosity", type=int, default=0, help="log verbosity (0-5; default 0)")
     return p
 
 
@@ -91,6 +107,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from pyproxy.demo.main import main as demo_main
 
         return demo_main(argv[1:])
+    if argv[:1] == ["inspect"]:
+        from pyproxy.inspect.cli import main as inspect_main
+
+        return inspect_main(argv[1:])
     args = build_parser().parse_args(argv)
     setup_logging(args.verbosity)
     try:

@@ -73,6 +73,7 @@ class ProxyConfig:
     manifests: str = ""
     manifestPollInterval: float = 0.5
     eventLoop: str = "auto"
+    debugAPI: bool = True  # serve the inspection API (/debug/*) on metricsBindAddress
     clientConnection: ClientConnection = field(default_factory=ClientConnection)
     dataplane: DataplaneConfig = field(default_factory=DataplaneConfig)
 
@@ -92,9 +93,27 @@ def parse_duration(value: Any, path: str) -> float:
 
 
 def format_duration(seconds: float) -> str:
+    """The shortest Kubernetes-style spelling: 1h, 5m, 1m30s, 30s, 250ms, 1500ms."""
+    if seconds == 0:
+        return "0s"
     if seconds < 1 or seconds != int(seconds):
         return f"{round(seconds * 1000)}ms"
-    return f"{int(seconds)}s"
+    whole = int(seconds)
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    text = (f"{hours}h" if hours else "") + (f"{minutes}m" if minutes else "") + (f"{secs}s" if secs else "")
+    return text or "0s"
+
+
+class _Hex(int):
+    """An int that --write-config-to prints in hex (the mark is a bit mask)."""
+
+
+class _Dumper(yaml.SafeDumper):
+    pass
+
+
+_Dumper.add_representer(_Hex, lambda dumper, value: dumper.represent_scalar("tag:yaml.org,2002:int", f"{value:#x}"))
 
 
 def load_config(text: str, source: str = "config") -> ProxyConfig:
@@ -215,5 +234,6 @@ def dump_config(config: ProxyConfig) -> str:
     for key in ("tcpIdleTimeout", "tcpHalfCloseTimeout", "udpIdleTimeout", "drainTimeout"):
         dp[key] = format_duration(dp[key])
     dp["dialTimeouts"] = [format_duration(t) for t in dp["dialTimeouts"]]
+    dp["mark"] = _Hex(dp["mark"])
     doc = {"apiVersion": API_VERSION, "kind": KIND, **body}
-    return yaml.safe_dump(doc, sort_keys=False)
+    return yaml.dump(doc, Dumper=_Dumper, sort_keys=False)

@@ -14,6 +14,8 @@ Rules kept here (SPEC.md §5, §8):
 - EOF on one side becomes `write_eof()` (shutdown SHUT_WR) on the other; the pair closes
   when both directions are done, or when it has been idle past its timeout (shorter once
   half-closed), so nothing leaks.
+- `connections()` hands out read-only copies (`ConnectionInfo`) of the open pairs for the
+  inspection API; each pair counts its own bytes beside its port's counters.
 """
 
 from __future__ import annotations
@@ -23,12 +25,13 @@ import logging
 import socket
 import struct
 import time
-from collections.abc import Callable, Set
+from collections.abc import Callable, Iterator, Set
 from dataclasses import dataclass, field
 from typing import Protocol, cast
 
-from pyproxy.dataplane.stats import DataplaneStats, PortStats
+from pyproxy.dataplane.stats import ConnectionInfo, DataplaneStats, PortStats
 from pyproxy.model.endpoints import Endpoint
+from pyproxy.model.objects import ServicePortName
 from pyproxy.model.table import Route, ServiceTable, plan_connection
 
 log = logging.getLogger("pyproxy.relay")
@@ -129,6 +132,11 @@ class Relay:
     def route(self, client: tuple[str, int], destination: tuple[str, int]) -> Route | None:
         return self.table.routes.get((destination[0], "TCP", destination[1]))
 
+    def connections(self) -> Iterator[ConnectionInfo]:
+        """A read-only picture of every open pair (for the inspection API)."""
+        for pair in list(self.pairs):
+            yield pair.info()
+
 
 class ClientSide(asyncio.Protocol):
     """The accepted (client-facing) side of a proxied connection."""
@@ -155,7 +163,7 @@ class ClientSide(asyncio.Protocol):
             port_stats.refused += 1
             reset(transport)
             return
-        self.pair = Pair(self.relay, transport, client, port_stats)
+        self.pair = Pair(self.relay, transport, client, port_stats, route.port.name, destination)
         self.pair.start_dial(route, plan.candidates, plan.transparent)
 
     def data_received(self, data: bytes) -> None:
@@ -206,12 +214,17 @@ class Pair:
     """One proxied connection: the client transport, the upstream transport, and their state."""
 
     def __init__(
-        self, relay: Relay, client: asyncio.Transport, client_address: tuple[str, int], stats: PortStats
+        self, relay: Relay, client: asyncio.Transport, client_address: tuple[str, int], stats: PortStats,
+        port_name: ServicePortName, frontend: tuple[str, int],
     ) -> None:
         self.relay = relay
         self.client = client
         self.client_address = client_address
         self.stats = stats
+        self.port_name = port_name
+        self.frontend = frontend
+        self.bytes_in = 0  # this pair's own share of stats.bytes_in / bytes_out
+        self.bytes_out = 0
         self.upstream: asyncio.Transport | None = None
         self.endpoint: Endpoint | None = None
         self.early: list[bytes] = []
@@ -219,7 +232,7 @@ class Pair:
         self.client_done = False  # client sent EOF
         self.upstream_done = False  # upstream sent EOF
         self.closed = False
-        self.last_activity = relay.clock()
+        self.last_activity = self.started = relay.clock()
         self.timer: asyncio.TimerHandle | None = None
         self.dialer: asyncio.Task[None] | None = None
         relay.pairs.add(self)
@@ -285,6 +298,7 @@ class Pair:
 
     def from_client(self, data: bytes) -> None:
         self.stats.bytes_in += len(data)
+        self.bytes_in += len(data)
         self.last_activity = self.relay.clock()
         if self.upstream is not None:
             self.upstream.write(data)
@@ -296,6 +310,7 @@ class Pair:
 
     def from_upstream(self, data: bytes) -> None:
         self.stats.bytes_out += len(data)
+        self.bytes_out += len(data)
         self.last_activity = self.relay.clock()
         self.client.write(data)
 
@@ -313,6 +328,11 @@ class Pair:
                 self.upstream.resume_reading()
         elif not self.client_done:
             self.client.resume_reading()
+
+    def info(self) -> ConnectionInfo:
+        endpoint = self.endpoint.address if self.endpoint is not None else None
+        return ConnectionInfo("TCP", self.port_name, self.client_address, self.frontend, endpoint, self.bytes_in,
+                              self.bytes_out, self.started, self.last_activity, self.client_done, self.upstream_done)
 
     # closing
 

@@ -30,6 +30,8 @@ Theory of operation:
   socket error, or when idle past `pair_timeout` (shorter once half-closed), which one
   sweep timer per relay checks (not a timer per pair: idle pairs cost no timer).
 - Every socket is forgotten by the poller before it is closed.
+- `connections()` hands out read-only copies (`ConnectionInfo`) of the open pairs for the
+  inspection API, as `relay.Relay` does.
 
 Why one module this long: accepting, dialing and the two byte directions are one
 connection's life and share its state; split over files they would all reach into each other.
@@ -45,7 +47,7 @@ import os
 import select
 import socket
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -58,7 +60,7 @@ from pyproxy.dataplane.relay import (
     pair_timeout,
     transparent_listener,
 )
-from pyproxy.dataplane.stats import DataplaneStats, PortStats
+from pyproxy.dataplane.stats import ConnectionInfo, DataplaneStats, PortStats
 from pyproxy.model.endpoints import Endpoint
 from pyproxy.model.table import Route, ServiceTable, plan_connection
 
@@ -90,6 +92,8 @@ class TcpRelay(Protocol):
     def stop_accepting(self) -> None: ...
 
     async def drain(self, timeout: float) -> int: ...
+
+    def connections(self) -> Iterator[ConnectionInfo]: ...
 
 
 @dataclass
@@ -128,6 +132,11 @@ class FastRelay:
             pair.close(abort=True)
         assert self._loop is not None
         self._sweeper = self._loop.call_later(self._sweep_interval(), self._sweep)
+
+    def connections(self) -> Iterator[ConnectionInfo]:
+        """A read-only picture of every open pair (for the inspection API)."""
+        for pair in list(self.pairs):
+            yield pair.info()
 
     def stop_accepting(self) -> None:
         """Draining: new connections are reset at once (a closed TPROXY listener would make
@@ -189,7 +198,7 @@ class FastRelay:
             _reset(conn)
             return
         assert self._loop is not None
-        pair = FastPair(self, self._loop, conn, client, route, port_stats)
+        pair = FastPair(self, self._loop, conn, client, route, port_stats, destination)
         pair.dial(plan.candidates, plan.transparent)
 
     def _port_stats(self, frontend: tuple[str, str, int], route: Route) -> PortStats:
@@ -286,8 +295,10 @@ class Direction:
         pair.last_activity = pair.relay.clock()
         if self.count_in:
             pair.stats.bytes_in += n
+            pair.bytes_in += n
         else:
             pair.stats.bytes_out += n
+            pair.bytes_out += n
 
     def _to_splice(self) -> None:
         try:
@@ -400,7 +411,7 @@ class FastPair:
 
     def __init__(
         self, relay: FastRelay, loop: asyncio.AbstractEventLoop, client: socket.socket,
-        client_address: tuple[str, int], route: Route, stats: PortStats,
+        client_address: tuple[str, int], route: Route, stats: PortStats, frontend: tuple[str, int],
     ) -> None:
         self.relay = relay
         self.loop = loop
@@ -408,6 +419,9 @@ class FastPair:
         self.client_address = client_address
         self.route = route
         self.stats = stats
+        self.frontend = frontend
+        self.bytes_in = 0  # this pair's own share of stats.bytes_in / bytes_out
+        self.bytes_out = 0
         self.upstream: socket.socket | None = None
         self.endpoint: Endpoint | None = None
         self.up: Direction | None = None  # client -> upstream
@@ -417,7 +431,7 @@ class FastPair:
         self.failed_endpoints: set[tuple[str, int]] = set()
         self.attempt = 0
         self.closed = False
-        self.last_activity = relay.clock()
+        self.last_activity = self.started = relay.clock()
         self.timer: asyncio.TimerHandle | None = None
         relay.pairs.add(self)
         stats.active += 1
@@ -494,6 +508,13 @@ class FastPair:
         self.down = Direction(self, upstream, self.client, count_in=False)
         self.down._watch_src()
         self.up.readable()  # the client's request is usually there already: no wait for a wake-up
+
+    def info(self) -> ConnectionInfo:
+        up, down = self.up, self.down
+        endpoint = self.endpoint.address if self.endpoint is not None and up is not None else None  # None: dialing
+        return ConnectionInfo("TCP", self.route.port.name, self.client_address, self.frontend, endpoint,
+                              self.bytes_in, self.bytes_out, self.started, self.last_activity,
+                              up is not None and up.eof, down is not None and down.eof)
 
     # closing
 

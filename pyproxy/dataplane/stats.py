@@ -1,14 +1,38 @@
 """Data-plane counters: plain integers bumped on the hot path, read by the metrics exporter.
 
 Counting is an attribute increment; nothing here allocates per byte or per packet.
+`ConnectionInfo` is the read-only picture of one open connection or UDP flow that the
+relays hand to the inspection API (`pyproxy/inspect/`): a copy made when asked for, so
+nothing outside a relay ever holds its sockets or its mutable state.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from pyproxy.model.objects import ServicePortName
+
+
+Address = tuple[str, int]
+
+
+class ConnectionInfo(NamedTuple):
+    """One open TCP pair or UDP flow, as seen at the moment it was read (a tuple: cheap to
+    make for every open connection when the inspection API asks)."""
+
+    protocol: str  # "TCP" or "UDP"
+    port: ServicePortName
+    client: Address
+    frontend: Address  # the service address the client connected to
+    endpoint: Address | None  # None while the first dial is in progress
+    bytes_in: int  # client -> endpoint
+    bytes_out: int  # endpoint -> client
+    started: float  # monotonic seconds
+    last_active: float  # monotonic seconds
+    client_done: bool = False  # the client has sent EOF (TCP)
+    endpoint_done: bool = False  # the endpoint has sent EOF (TCP)
 
 
 @dataclass

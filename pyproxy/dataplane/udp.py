@@ -22,6 +22,8 @@ Rules kept here:
   closed when its flow goes; nothing else holds one.
 - Nothing is answered for a datagram that cannot be forwarded: it is dropped and counted
   by reason (a service port without endpoints is refused by nftables before it gets here).
+- `connections()` hands out read-only copies (`ConnectionInfo`) of the flows, with each
+  flow's own byte counts, for the inspection API.
 """
 
 from __future__ import annotations
@@ -31,11 +33,11 @@ import logging
 import resource
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from pyproxy.dataplane.relay import IP_TRANSPARENT, transparent_listener
-from pyproxy.dataplane.stats import DataplaneStats, PortStats
+from pyproxy.dataplane.stats import ConnectionInfo, DataplaneStats, PortStats
 from pyproxy.model.flows import Address, Flow, FlowKey, FlowTable, usable_endpoints
 from pyproxy.model.objects import ServicePortName
 from pyproxy.model.table import PortState, ServiceTable, plan_connection
@@ -64,6 +66,9 @@ class FlowIO:
 
     upstream: socket.socket
     stats: PortStats
+    started: float = 0.0
+    bytes_in: int = 0  # this flow's own share of stats.bytes_in / bytes_out
+    bytes_out: int = 0
 
 
 def original_destination(ancillary: list[tuple[int, int, bytes]]) -> Address | None:
@@ -171,6 +176,13 @@ class UdpRelay:
         for name in set(self._planned_with) - self.flows.ports():
             del self._planned_with[name]
 
+    def connections(self) -> Iterator[ConnectionInfo]:
+        """A read-only picture of every flow (for the inspection API)."""
+        for flow in list(self.flows):
+            io = flow.handle
+            yield ConnectionInfo("UDP", flow.port, flow.client, flow.service_address, flow.endpoint,
+                                 io.bytes_in, io.bytes_out, io.started, flow.last_active)
+
     # client -> endpoint
 
     def _from_clients(self) -> None:
@@ -219,6 +231,7 @@ class UdpRelay:
         udp.bytes_in += len(data)
         port.datagrams_in += 1
         port.bytes_in += len(data)
+        flow.handle.bytes_in += len(data)
 
     def _open(self, key: FlowKey, now: float) -> Flow[FlowIO] | None:
         """A new flow: route, plan and pick as the TCP relay does; None (counted) if it cannot be served."""
@@ -246,7 +259,7 @@ class UdpRelay:
             self._warn("socket", "cannot open a UDP flow from %s:%s to %s: %s", *client, endpoint, err)
             self._close_reply_if_unused(destination)
             return None
-        flow = Flow(key, name, endpoint.address, FlowIO(upstream, port_stats))
+        flow = Flow(key, name, endpoint.address, FlowIO(upstream, port_stats, started=now))
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
         self._loop.add_reader(upstream.fileno(), self._from_endpoint, flow)
@@ -296,6 +309,7 @@ class UdpRelay:
             self.stats.udp.bytes_out += len(data)
             port.datagrams_out += 1
             port.bytes_out += len(data)
+            flow.handle.bytes_out += len(data)
         if received:
             self.flows.touch(flow, self.clock())
 

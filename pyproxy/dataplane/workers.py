@@ -51,6 +51,7 @@ class WorkerRole:
     index: int = 0
     count: int = 1
     listener: socket.socket | None = None  # the TCP listener made by the supervisor (None: make one)
+    group: int = 0  # the supervisor's pid: names the workers' sockets (pyproxy/inspect/server.py)
 
     @property
     def programs_kernel(self) -> bool:
@@ -89,6 +90,7 @@ def run_workers(count: int, host: str, port: int, serve: Callable[[WorkerRole], 
     """Fork `count` workers running `serve(role)`; supervise them; return the exit status."""
     socks = reuseport_listeners(host, port, count)
     children: dict[int, int] = {}
+    group = os.getpid()
     for index in range(count):
         pid = os.fork()
         if pid == 0:  # the worker
@@ -97,7 +99,7 @@ def run_workers(count: int, host: str, port: int, serve: Callable[[WorkerRole], 
                     sock.close()
             status = 1
             try:
-                status = serve(WorkerRole(index, count, socks[index]))
+                status = serve(WorkerRole(index, count, socks[index], group))
             except BaseException:  # never unwind into the supervisor's code in a worker
                 log.exception("worker %d failed", index)
             finally:

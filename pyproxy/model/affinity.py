@@ -47,6 +47,10 @@ class AffinityTable:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def entries(self) -> list[tuple[str, Address, float]]:
+        """(client IP, endpoint, last use) of every entry, stale ones included (read-only copy)."""
+        return [(ip, address, last_used) for ip, (address, last_used) in self._entries.items()]
+
     def lookup(self, client_ip: str, now: float) -> Address | None:
         """The endpoint this client is pinned to, if the pin is still fresh."""
         entry = self._entries.get(client_ip)

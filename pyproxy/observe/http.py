@@ -3,7 +3,8 @@
 Enough for health probes, load-balancer health checks and Prometheus scrapes, with no new
 dependency. Rules kept here:
 - The handler is a plain function `(method, path) -> Response`; it decides, this module
-  only reads the request head and writes the answer.
+  only reads the request head and writes the answer. A `QueryHandler` (`serve_http`) also
+  gets the query parameters and may await (the inspection API asks other workers).
 - Every read is bounded in size (16 KiB head, 64 KiB body) and in time; a request body is
   read and dropped so that closing never resets a client that is still sending.
 - HEAD gets the headers without the body. Every answer carries `Connection: close`.
@@ -16,13 +17,19 @@ import contextlib
 import functools
 import http
 import logging
-from collections.abc import Callable
+import os
+import socket
+import struct
+import urllib.parse
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
 
 from pyproxy.observe.health import Response
 
 log = logging.getLogger("pyproxy.http")
 
 Handler = Callable[[str, str], Response]
+QueryHandler = Callable[[str, str, Mapping[str, str]], Awaitable[Response]]  # (method, path, query)
 HEAD_LIMIT = 16 * 1024
 BODY_LIMIT = 64 * 1024
 READ_TIMEOUT = 5.0
@@ -33,6 +40,40 @@ async def start_http(host: str, port: int, handler: Handler) -> asyncio.Server:
     return await asyncio.start_server(
         functools.partial(_serve_one, handler), host or "0.0.0.0", port, limit=HEAD_LIMIT, reuse_address=True
     )
+
+
+async def serve_http(host: str, port: int, handler: QueryHandler) -> asyncio.Server:
+    """Like `start_http`, for a handler that takes the query and may await."""
+    return await asyncio.start_server(
+        functools.partial(_serve, handler), host or "0.0.0.0", port, limit=HEAD_LIMIT, reuse_address=True
+    )
+
+
+async def serve_unix(sock: socket.socket, handler: QueryHandler) -> asyncio.Server:
+    """Serve on an already bound unix socket (a worker's socket), to peers of this process's
+    own user only (an abstract socket has no file permissions to do that job)."""
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if peer_uid(writer.get_extra_info("socket")) != os.getuid():
+            writer.close()
+            return
+        await _serve(handler, reader, writer)
+
+    return await asyncio.start_unix_server(serve, sock=sock, limit=HEAD_LIMIT)
+
+
+def peer_uid(sock: Any) -> int | None:
+    """The user id of a unix socket's peer (SO_PEERCRED), None if it cannot be read."""
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except (OSError, AttributeError):
+        return None
+    return int(struct.unpack("3i", raw)[1])
+
+
+def split_target(target: str) -> tuple[str, dict[str, str]]:
+    """(path, query parameters) of a request target; a repeated parameter keeps its last value."""
+    path, _, query = target.partition("?")
+    return path, dict(urllib.parse.parse_qsl(query, keep_blank_values=True))
 
 
 def render(response: Response, head_only: bool = False) -> bytes:
@@ -46,6 +87,12 @@ def render(response: Response, head_only: bool = False) -> bytes:
 
 def parse_head(head: bytes) -> tuple[str, str, int]:
     """(method, path without query, Content-Length) of a request head; ValueError if malformed."""
+    method, target, length = parse_request(head)
+    return method, target.split("?", 1)[0], length
+
+
+def parse_request(head: bytes) -> tuple[str, str, int]:
+    """(method, target with its query, Content-Length) of a request head; ValueError if malformed."""
     lines = head.decode("latin-1").split("\r\n")
     method, target, version = lines[0].split(" ")
     if not version.startswith("HTTP/1."):
@@ -55,21 +102,29 @@ def parse_head(head: bytes) -> tuple[str, str, int]:
         name, _, value = line.partition(":")
         if name.strip().lower() == "content-length":
             length = int(value.strip())
-    return method, target.split("?", 1)[0], length
+    return method, target, length
 
 
 async def _serve_one(handler: Handler, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def answer(method: str, path: str, query: Mapping[str, str]) -> Response:
+        return handler(method, path)
+
+    await _serve(answer, reader, writer)
+
+
+async def _serve(handler: QueryHandler, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     try:
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), READ_TIMEOUT)
         try:
-            method, path, length = parse_head(head)
+            method, target, length = parse_request(head)
+            path, query = split_target(target)
         except ValueError:
             writer.write(render(Response(400)))
             return
         if 0 < length <= BODY_LIMIT:
             await asyncio.wait_for(reader.readexactly(length), READ_TIMEOUT)
         try:
-            response = handler(method, path)
+            response = await handler(method, path, query)
         except Exception:
             log.exception("HTTP handler failed for %s %s", method, path)
             response = Response(500)

@@ -253,4 +253,7 @@ class ProxyMetrics:
     def answer(self, method: str, path: str) -> Response:
         if path != "/metrics":
             return Response(404, b"404 page not found\n", (("Content-Type", "text/plain; charset=utf-8"),))
-        return Response(200, generate_latest(self.registry), (("Content-Type", CONTENT_TYPE_LATEST),))
+        return Response(200, self.exposition(), (("Content-Type", CONTENT_TYPE_LATEST),))
+
+    def exposition(self) -> bytes:
+        return bytes(generate_latest(self.registry))

@@ -6,6 +6,10 @@ Rules kept here:
 - The /healthz+/livez and /metrics listeners are bound at start; an address that cannot be
   bound (an old kube-proxy still holding it, say) is logged and retried every few seconds
   rather than stopping the proxy. An empty bind address turns that server off.
+- The metrics address also serves the debug API (`pyproxy/inspect/server.py`).
+- With `--workers N`, worker 0 serves all of the above; every other worker serves only its
+  own debug view and /metrics, on its worker socket, for worker 0 to aggregate (it must
+  not open health check node ports: worker 0 has them).
 """
 
 from __future__ import annotations
@@ -14,10 +18,15 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
+from prometheus_client import CONTENT_TYPE_LATEST
+
 from pyproxy.config import ProxyConfig, split_host_port
 from pyproxy.dataplane.stats import DataplaneStats
+from pyproxy.dataplane.workers import WorkerRole
+from pyproxy.inspect.reader import ProxyReader
+from pyproxy.inspect.server import InspectApi, serve_worker_socket, worker_socket_name
 from pyproxy.model.table import ServiceTable
-from pyproxy.observe.http import start_http
+from pyproxy.observe.http import serve_http
 from pyproxy.observe.metrics import CountingStore, ProxyMetrics
 from pyproxy.observe.servers import HealthServers, proxy_state_reader
 from pyproxy.sync import SyncRunner
@@ -28,12 +37,23 @@ BIND_RETRY = 5.0
 
 class Observer:
     def __init__(
-        self, config: ProxyConfig, store: CountingStore, table: ServiceTable, stats: DataplaneStats, runner: SyncRunner
+        self, config: ProxyConfig, store: CountingStore, table: ServiceTable, stats: DataplaneStats, runner: SyncRunner,
+        reader: ProxyReader, worker: WorkerRole | None = None,
     ) -> None:
         self.config = config
         self.store = store
         self.table = table
+        self.worker = worker or WorkerRole()
         self.metrics = ProxyMetrics(store, table, stats)
+        peers = [worker_socket_name(self.worker.group, i) for i in range(1, self.worker.count)]
+        self.api = InspectApi(
+            reader,
+            self.metrics.exposition,
+            metrics_type=CONTENT_TYPE_LATEST,
+            peers=peers if self.worker.index == 0 else (),
+            workers=self.worker.count,
+            debug=config.debugAPI,
+        )
         self.health = HealthServers(
             proxy_state_reader(runner, store, timeout=2 * config.syncPeriod, clock=runner.clock),
             clock=runner.clock,
@@ -47,6 +67,10 @@ class Observer:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until `stop`: bind both listeners (retrying), reconcile health checks."""
+        if self.worker.index != 0:
+            if self.config.metricsBindAddress:  # worker 0 has someone to aggregate for
+                await self._serve_worker_socket(stop)
+            return
         tasks = [asyncio.create_task(self.health.run(stop), name="health-checks")]
         if self.config.healthzBindAddress:
             host, port = split_host_port(self.config.healthzBindAddress, "healthzBindAddress")
@@ -64,8 +88,20 @@ class Observer:
 
     async def _start_metrics(self) -> None:
         host, port = split_host_port(self.config.metricsBindAddress, "metricsBindAddress")
-        self.metrics_server = await start_http(host, port, self.metrics.answer)
-        log.info("serving /metrics on %s:%d", host, port)
+        self.metrics_server = await serve_http(host, port, self.api.answer)
+        log.info("serving /metrics%s on %s:%d", " and /debug" if self.config.debugAPI else "", host, port)
+
+    async def _serve_worker_socket(self, stop: asyncio.Event) -> None:
+        name = worker_socket_name(self.worker.group, self.worker.index)
+        try:
+            self.metrics_server = await serve_worker_socket(name, self.api)
+        except OSError as err:
+            log.error("worker %d: cannot serve its debug view and metrics: %s", self.worker.index, err)
+            return
+        try:
+            await stop.wait()
+        finally:
+            await self.close()
 
     async def close(self) -> None:
         await self.health.close()

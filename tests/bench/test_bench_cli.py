@@ -9,7 +9,10 @@ from bench import cli
 
 def test_help_and_unknown(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["--help"]) == 0
-    assert "pyproxy-bench run" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert out.startswith("usage: pyproxy-bench TOOL") and "pyproxy-bench run" in out
+    assert "main(argv)" not in out  # a description for users, not the module's docstring
+    assert all(mode in out for mode in ("stream", "rr", "crr", "latency", "idle", "affinity"))
     assert cli.main([]) == 2
     assert cli.main(["nope"]) == 2
 

@@ -20,6 +20,9 @@ def test_demo_shows_the_scenarios_and_cleans_up() -> None:
     result = subprocess.run([sys.executable, "-m", "pyproxy", "demo"], capture_output=True, text=True, timeout=300)
     out = result.stdout
     assert result.returncode == 0, out[-3000:] + result.stderr[-2000:]
+    s1 = out.split("== S1")[1].split("== S2")[0]
+    tries = re.findall(r"\$ sleep 4; curl http://\S+   # try \d\n    (Host=.*)", s1)
+    assert tries and len(tries) == s1.count("sleep 4; curl"), s1  # each try is shown with its answer
     s3 = out.split("== S3")[1].split("== S5")[0]
     assert re.search(r"^\s+100 From=p[abc]$", s3, re.M), s3  # ClientIP: one pod answers all 100
     assert len(re.findall(r"^\s+\d+ From=p[abc]$", s3, re.M)) == 4, s3  # then None: spread over three

@@ -1,0 +1,132 @@
+"""The debug API and /metrics of a proxy run with `--workers 2`, on the real kernel.
+
+Each worker keeps its own affinity table, connections and counters; clients are steered to
+a worker by their source address. The client namespace gets several extra addresses, so
+that both workers of node1's proxy serve some of them, and the test checks that node1's
+metrics address shows every worker's pins and connections, and sums every worker's counters.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pyproxy.demo import manifests as m
+from pyproxy.demo.cluster import Cluster, build
+from pyproxy.demo.lab import Lab
+from tests.conftest import privileged_reason, skip_or_fail
+from tests.kernel.test_inspect import held_connection, inspect, inspect_json, pod_ip, until
+
+pytestmark = pytest.mark.privileged
+
+SVC_IP = "10.96.0.70"
+SOURCES = [f"192.168.56.{n}" for n in range(150, 166)]  # 16 client addresses: both workers get some
+
+
+@pytest.fixture(scope="module")
+def workers_cluster() -> Iterator[Cluster]:
+    reason = privileged_reason()
+    if reason:
+        skip_or_fail(reason)
+    workdir = Path(tempfile.mkdtemp(prefix="pyproxy-test-"))
+    lab = Lab()
+    try:
+        cluster = build(lab, workdir, proxy_args=("--workers", "2", "--relay", "splice"))
+        for ip in SOURCES:
+            lab.exec("client", "ip", "addr", "add", f"{ip}/24", "dev", "eth0")
+        yield cluster
+    finally:
+        lab.close()
+        subprocess.run(["rm", "-rf", str(workdir)], check=False)
+
+
+def metric_total(text: str, name: str, **labels: str) -> float:
+    """The sum of a metric's samples whose labels include `labels`."""
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name + "{"):
+            continue
+        head, value = line.rsplit(" ", 1)
+        if all(f'{k}="{v}"' in head for k, v in labels.items()):
+            total += float(value)
+    return total
+
+
+def scrape(cluster: Cluster) -> str:
+    code = "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:10249/metrics', timeout=5).read().decode())"
+    return cluster.lab.exec("node1", sys.executable, "-c", code, timeout=20).stdout
+
+
+def test_every_workers_pins_connections_and_counters_appear(workers_cluster: Cluster) -> None:
+    cluster = workers_cluster
+    cluster.apply(
+        m.service("sticky", SVC_IP, [m.port(80, 80)], affinity_timeout=600),
+        m.endpoint_slice("sticky", cluster.backends("pa", "pb", "pc"), [m.slice_port(80)]),
+        name="workers.yaml",
+    )
+    served: dict[str, str] = {}
+    for ip in SOURCES:
+        line = cluster.run("client", "who", f"{SVC_IP}:80", "--bind", ip, "--count", "2")
+        assert len({pod_ip(cluster, one) for one in line}) == 1, line  # sticky within a worker
+        served[ip] = pod_ip(cluster, line[0])
+    page = inspect_json(cluster, "node1", "affinity", "--service", "sticky")
+    assert page["workers"] == 2 and "errors" not in page, page
+    pins = {item["client"]: item for item in page["items"]}
+    assert set(pins) == set(SOURCES), page
+    assert all(pins[ip]["endpoint"] == f"{served[ip]}:80" for ip in SOURCES), (served, pins)
+    assert {item["worker"] for item in page["items"]} == {0, 1}, page
+    # paging over both workers: two pages of 10 and 6 make the whole sorted list
+    first = inspect_json(cluster, "node1", "affinity", "--service", "sticky", "--limit", "10")
+    second = inspect_json(cluster, "node1", "affinity", "--service", "sticky", "--limit", "10", "--offset", "10")
+    assert first["next"] == 10 and second["next"] is None, (first, second)
+    def pins_of(items: list[dict[str, Any]]) -> list[tuple[str, str, int]]:
+        return [(i["client"], i["endpoint"], i["worker"]) for i in items]
+
+    assert pins_of(first["items"] + second["items"]) == pins_of(page["items"])
+    # an open connection appears, whichever worker holds it
+    with held_connection(cluster, f"{SVC_IP}:80") as held:
+        assert held.stdout is not None and held.stdout.readline().startswith("pod=")
+        conns = until("the held connection", lambda: inspect_json(cluster, "node1", "connections"),
+                      lambda p: p["total"] == 1)
+        assert conns["workers"] == 2 and conns["items"][0]["state"] == "open", conns
+        wide = inspect(cluster, "node1", "connections", "-o", "wide")
+        assert wide.returncode == 0 and "WORKER" in wide.stdout.splitlines()[0], wide.stdout
+    # /metrics sums every worker's counters: 2 connections per source address, and the held one
+    text = scrape(cluster)
+    assert metric_total(text, "pyproxy_connections_total", service="sticky") == 2 * len(SOURCES) + 1, text
+    assert metric_total(text, "pyproxy_affinity_entries", service="sticky") == len(SOURCES) + 1, text
+    assert metric_total(text, "pyproxy_affinity_hits_total", service="sticky") == len(SOURCES), text
+    assert text.count("# TYPE pyproxy_connections_total counter") == 1, text
+    assert metric_total(text, "kubeproxy_sync_proxy_rules_last_timestamp_seconds") == 0  # no labels: plain line
+    assert "\nkubeproxy_sync_proxy_rules_last_timestamp_seconds " in text
+
+
+ASK_WORKER = """
+import os, sys
+from pyproxy.inspect.server import fetch_unix, worker_socket_name
+if sys.argv[2] == "nobody":
+    os.setgid(65534)
+    os.setuid(65534)
+try:
+    status, body = fetch_unix(worker_socket_name(int(sys.argv[1]), 1), "/debug/affinity", 3.0)
+    print(status)
+except OSError as err:
+    print("no answer", type(err).__name__)
+"""
+
+
+def test_a_workers_socket_answers_only_its_own_user(workers_cluster: Cluster) -> None:
+    supervisor = workers_cluster.proxies["node1"].pid  # `ip netns exec` execs pyproxy in place
+
+    def ask(user: str) -> str:
+        return workers_cluster.lab.exec("node1", sys.executable, "-c", ASK_WORKER, str(supervisor), user,
+                                        timeout=20).stdout.strip()
+
+    assert ask("root") == "200"
+    assert ask("nobody").startswith("no answer"), "another user must not read a worker's view"
