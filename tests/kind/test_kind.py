@@ -217,3 +217,21 @@ def test_healthz_and_metrics_on_every_node(kind: Cluster) -> None:
         metrics = kind.node_exec(node, "curl", "-s", "--max-time", "3", "http://127.0.0.1:10249/metrics")
         assert "kubeproxy_sync_proxy_rules_last_timestamp_seconds" in metrics
         assert "pyproxy_" in metrics
+
+
+def pod_ip(kind: Cluster, name: str) -> str:
+    return kind.kubectl("get", "pod", name, "-o", "jsonpath={.status.podIP}").stdout.strip()
+
+
+def test_inspect_from_the_daemonset_pod_shows_the_pin(kind: Cluster) -> None:
+    """`kubectl exec` into the node's pyproxy pod: `pyproxy inspect affinity` names the pin."""
+    answer = sc.from_pod(kind, "client-worker", "http://webpod/", count=3)[-1]
+    assert answer.pod
+    proxy = kind.kubectl("-n", "kube-system", "get", "pod", "-l", "app.kubernetes.io/name=pyproxy",
+                         f"--field-selector=spec.nodeName={WORKER}", "-o", "name").stdout.strip()
+    table = kind.kubectl("-n", "kube-system", "exec", proxy, "--", "pyproxy", "inspect", "affinity",
+                         "--service", "default/webpod", "-o", "wide").stdout
+    rows = [line.split() for line in table.splitlines()[1:]]
+    assert [pod_ip(kind, "client-worker"), f"{pod_ip(kind, answer.pod)}:80"] in [r[3:5] for r in rows], table
+    services = kind.kubectl("-n", "kube-system", "exec", proxy, "--", "pyproxy", "inspect", "services").stdout
+    assert "sample-session-affinity" in services and "kube-dns" in services
