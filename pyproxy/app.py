@@ -77,6 +77,7 @@ class ProxyApp:
                 tcp_port=dp.tcpProxyPort,
                 udp_port=dp.udpProxyPort,
                 local_sources=tuple(str(n) for n in parse_cidrs(config.clusterCIDR)),
+                pod_bridges=dp.podBridges,
             ),
             node_addresses=lambda: node_port_addresses(local_addresses(), config.nodePortAddresses),
             on_synced=self._synced,

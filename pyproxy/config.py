@@ -51,6 +51,7 @@ class DataplaneConfig:
     relay: str = "protocol"  # TCP byte path: "protocol" (asyncio Protocols) or "splice" (raw fds + os.splice)
     spliceAfter: int = 65536  # relay "splice": bytes a direction copies before it switches to os.splice
     workers: int = 1  # processes sharing the listener (SO_REUSEPORT, steered by client address)
+    podBridges: tuple[str, ...] = ("cni0", "cbr0")  # Linux bridges pods hang off (hooked when they appear)
 
 
 @dataclass(frozen=True)
@@ -198,6 +199,9 @@ def validate(config: ProxyConfig) -> None:
             raise ConfigError(f"dataplane.{name}", "must be at least 1")
     if dp.relay not in ("protocol", "splice"):
         raise ConfigError("dataplane.relay", f"{dp.relay!r} must be protocol or splice")
+    for i, name in enumerate(dp.podBridges):
+        if not re.fullmatch(r"[A-Za-z0-9_.:@-]{1,15}", name):
+            raise ConfigError(f"dataplane.podBridges[{i}]", f"{name!r} is not an interface name")
     if not 1 <= dp.workers <= 64:
         raise ConfigError("dataplane.workers", f"{dp.workers} must be in [1, 64]")
     if config.minSyncPeriod < 0 or config.syncPeriod <= 0:

@@ -13,6 +13,21 @@ Rules kept here (DATAPLANE.md):
   policy route sends it through `lo` and back into prerouting.
 - A full write replaces the table atomically; an incremental write only adds and deletes
   elements. A failed incremental write is answered by a full write.
+
+Pods on a Linux bridge (DATAPLANE): with `net.bridge.bridge-nf-call-iptables=1`
+(br_netfilter), a pod's frame to its gateway runs the IPv4 PREROUTING hooks from the
+bridge's own prerouting; TPROXY assigns the listener and sets the mark there, but `ip_rcv`
+then orphans the skb (the assignment is gone) and br_netfilter skips the IP layer's own
+PREROUTING pass, so TCP/UDP find no socket for ClusterIP:port and the client times out
+(drop reason NO_SOCKET in tcp_v4_rcv). nft's bridge `meta broute` would avoid that pass,
+but is missing from common kernels (CONFIG_NFT_BRIDGE_META) and from nft before 1.0.8. So
+pyproxy owns a second table, `netdev pyproxy`: an ingress chain on the pod bridges
+(`pod_bridges`; a name that does not exist yet is hooked when it appears) forwards frames
+whose destination is a service address into pyproxy's own veth pair (`fwd to`
+REENTRY_DEVICE, destination MAC set to its peer's). A veth scrubs the skb (br_netfilter's
+state, the fake route), so the frame re-enters the IP stack on the peer like any routed
+pod's packet and meets the same rules here. Its set `services` holds every service
+address of every verdict, written in the same transaction as the `ip pyproxy` sets.
 """
 
 from __future__ import annotations
@@ -25,6 +40,9 @@ from dataclasses import dataclass
 from pyproxy.model.table import Element, Verdict
 
 TABLE = "pyproxy"
+REENTRY_DEVICE = "pyproxy-fwd"  # the veth pyproxy forwards bridged service frames into
+REENTRY_PEER = "pyproxy-in"  # its peer, where they enter the IPv4 stack again
+REENTRY_MAC = "02:70:79:70:78:01"  # the peer's fixed (locally administered) address
 SET_TYPE = "ipv4_addr . inet_proto . inet_service"
 MATCH = "ip daddr . meta l4proto . th dport"
 SETS = {verdict: f"svc_{verdict.value}" for verdict in Verdict}
@@ -36,6 +54,7 @@ class NftConfig:
     tcp_port: int
     udp_port: int
     local_sources: tuple[str, ...] = ()  # CIDRs whose traffic counts as "from this cluster"
+    pod_bridges: tuple[str, ...] = ()  # bridges pods hang off (re-entry chain); none: no chain
 
 
 def render_ruleset(config: NftConfig, elements: Iterable[Element]) -> str:
@@ -81,19 +100,56 @@ def render_ruleset(config: NftConfig, elements: Iterable[Element]) -> str:
         f"        {MATCH} @svc_reject {set_mark}",
         "    }",
         "}",
+        *_render_reentry(config),
     ]
-    lines += _element_lines("add", elements)
+    elements = list(elements)
+    lines += _element_lines("add", elements) + _reentry_lines("add", _keys(elements))
     return "\n".join(lines) + "\n"
+
+
+def _render_reentry(config: NftConfig) -> list[str]:
+    """The `netdev pyproxy` table: bridged frames to service addresses go to REENTRY_DEVICE."""
+    lines = [
+        f"table netdev {TABLE}",
+        f"delete table netdev {TABLE}",
+        f"table netdev {TABLE} {{",
+        f"    set services {{ type {SET_TYPE}; }}",
+    ]
+    if config.pod_bridges:
+        devices = ", ".join(f'"{name}"' for name in config.pod_bridges)
+        lines += [
+            "    chain pod_bridges {",
+            f"        type filter hook ingress devices = {{ {devices} }} priority -500; policy accept;",
+            f'        {MATCH} @services ether daddr set {REENTRY_MAC} fwd to "{REENTRY_DEVICE}"',
+            "    }",
+        ]
+    return lines + ["}"]
 
 
 def render_update(added: Iterable[Element], removed: Iterable[Element]) -> str:
     """An incremental transaction: only set elements change."""
+    added, removed = list(added), list(removed)
+    # a frontend that only changes verdict stays in the re-entry set
+    keys_added, keys_removed = _keys(added), _keys(removed)
     lines = _element_lines("delete", removed) + _element_lines("add", added)
+    lines += _reentry_lines("delete", keys_removed - keys_added) + _reentry_lines("add", keys_added - keys_removed)
     return "\n".join(lines) + "\n" if lines else ""
 
 
 def render_cleanup() -> str:
-    return f"table ip {TABLE}\ndelete table ip {TABLE}\n"
+    return "".join(f"table {family} {TABLE}\ndelete table {family} {TABLE}\n" for family in ("ip", "netdev"))
+
+
+def _keys(elements: Iterable[Element]) -> set[tuple[str, str, int]]:
+    return {key for _, key in elements}
+
+
+def _reentry_lines(verb: str, keys: set[tuple[str, str, int]]) -> list[str]:
+    items = [f"{ip} . {protocol.lower()} . {port}" for ip, protocol, port in sorted(keys)]
+    return [
+        f"{verb} element netdev {TABLE} services {{ {', '.join(items[start:start + 1000])} }}"
+        for start in range(0, len(items), 1000)
+    ]
 
 
 def _element_lines(verb: str, elements: Iterable[Element]) -> list[str]:

@@ -4,6 +4,10 @@ Rules kept here:
 - Marked packets (`fwmark MARK/MARK`) look up a table of pyproxy's own whose only route
   is `local 0.0.0.0/0 dev lo`: they are delivered to this host, where TPROXY's socket
   assignment hands them to the proxy.
+- For pods on a Linux bridge, a veth pair of pyproxy's own (`pyproxy-fwd` <-> `pyproxy-in`,
+  the peer with a fixed MAC): the `netdev pyproxy` table forwards their frames to service
+  addresses into it, so they re-enter the IPv4 stack without br_netfilter's state and
+  TPROXY holds for them (nft.py explains why). It carries no address and no route.
 - Installing is idempotent; `remove` takes away exactly what `install` added.
 """
 
@@ -17,6 +21,8 @@ from dataclasses import dataclass
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
+
+from pyproxy.dataplane.nft import REENTRY_DEVICE, REENTRY_MAC, REENTRY_PEER
 
 SCOPE_HOST = 254  # a local route must say so, as `ip route add local` does
 
@@ -37,6 +43,7 @@ class PolicyRouting:
             _ignore(errno.EEXIST, lambda: ipr.route(
                 "add", dst="0.0.0.0/0", type="local", scope=SCOPE_HOST, oif=lo, table=self.table,
             ))
+            _install_reentry(ipr)
 
     def remove(self) -> None:
         with IPRoute() as ipr:
@@ -48,13 +55,24 @@ class PolicyRouting:
             _ignore(errno.ESRCH, lambda: ipr.route(
                 "del", dst="0.0.0.0/0", type="local", scope=SCOPE_HOST, oif=lo, table=self.table,
             ))
+            for index in ipr.link_lookup(ifname=REENTRY_DEVICE):  # its peer goes with it
+                _ignore(errno.ENODEV, lambda: ipr.link("del", index=index))
+
+
+def _install_reentry(ipr: IPRoute) -> None:
+    if not ipr.link_lookup(ifname=REENTRY_DEVICE):
+        ipr.link("add", ifname=REENTRY_DEVICE, kind="veth", peer={"ifname": REENTRY_PEER})
+    peer = ipr.link_lookup(ifname=REENTRY_PEER)[0]
+    ipr.link("set", index=peer, address=REENTRY_MAC)
+    for index in (peer, ipr.link_lookup(ifname=REENTRY_DEVICE)[0]):
+        ipr.link("set", index=index, state="up")
 
 
 def _ignore(code: int, call: Callable[[], object]) -> None:
     try:
         call()
     except NetlinkError as err:
-        if err.code not in (code, errno.ENOENT, errno.ESRCH, errno.EEXIST):
+        if err.code not in (code, errno.ENOENT, errno.ESRCH, errno.EEXIST, errno.ENODEV):
             raise
 
 

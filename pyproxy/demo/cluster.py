@@ -1,7 +1,8 @@
 """A two-node pyproxy cluster in namespaces, driven the way a standalone user drives it.
 
 Shared by the demo and the real-kernel tests. Rules kept here:
-- The cluster is a `Lab` (client, node1, node2, echo pods on routed veths) with pyproxy
+- The cluster is a `Lab` (client, node1, node2, echo pods on routed veths or, on the nodes
+  named in `bridged`, on a Linux bridge) with pyproxy
   running standalone on each node from a manifest directory of its own.
 - Services change only by rewriting manifest files atomically, exactly as a user would;
   `apply` returns once every proxy has logged the sync that follows.
@@ -97,12 +98,13 @@ def _read(path: Path) -> str | None:
         return None
 
 
-def build(lab: Lab, workdir: Path, pods: Mapping[str, str] = PODS, proxy_args: Sequence[str] = ()) -> Cluster:
+def build(lab: Lab, workdir: Path, pods: Mapping[str, str] = PODS, proxy_args: Sequence[str] = (),
+          bridged: Sequence[str] = ()) -> Cluster:
     """Client, node1 and node2 with pyproxy running, and echo pods; the client routes the
-    service CIDR to node1."""
+    service CIDR to node1. The nodes named in `bridged` hang their pods off a Linux bridge."""
     lab.build_lan()
-    lab.add_node("node1", 1)
-    lab.add_node("node2", 2)
+    lab.add_node("node1", 1, bridge="node1" in bridged)
+    lab.add_node("node2", 2, bridge="node2" in bridged)
     for pod, node in pods.items():
         lab.add_pod(pod, node)
         lab.start_echo(pod, tcp=TCP_PORTS, udp=UDP_PORTS, log=workdir / f"{pod}.log")

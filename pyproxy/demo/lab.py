@@ -8,6 +8,10 @@ Shape (SCENARIOS.md S5's addresses):
     node1: pods 10.244.1.0/24 on routed veths (kindnet-style, no bridge)
     node2: pods 10.244.2.0/24 likewise
 
+A node added with `bridge=True` hangs its pods off a Linux bridge instead (`cni0`, holding
+the pods' gateway 10.244.N.1/24; the shape of the `bridge` CNI plugin, flannel, kubenet),
+with `net.bridge.bridge-nf-call-iptables=1` set in the node, as kubeadm requires.
+
 Rules kept here:
 - Every namespace carries a unique prefix, is recorded the moment it is made, and is
   deleted by `close()` (also on failure, and from `with` blocks); processes started here
@@ -33,6 +37,7 @@ from typing import Any
 LAN_PREFIX = "192.168.56"
 CLIENT_IP = f"{LAN_PREFIX}.100"
 SERVICE_CIDR = "10.96.0.0/16"
+BRIDGE = "cni0"  # the pods' bridge on a bridged node
 
 
 def node_ip(index: int) -> str:
@@ -69,6 +74,7 @@ class Lab:
     processes: list[subprocess.Popen[Any]] = field(default_factory=list)
     pods: dict[str, Pod] = field(default_factory=dict)
     nodes: dict[str, int] = field(default_factory=dict)
+    bridged: set[str] = field(default_factory=set)  # nodes whose pods hang off BRIDGE
     _pod_count: dict[str, int] = field(default_factory=dict)
     _veths: int = 0
 
@@ -116,12 +122,20 @@ class Lab:
         self.exec("lan", "ip", "link", "set", port, "master", "br0")
         self.exec(name, "ip", "addr", "add", f"{ip}/24", "dev", "eth0")
 
-    def add_node(self, name: str, index: int) -> None:
-        """A node on the LAN with a pod CIDR; routes to every other node's pods."""
+    def add_node(self, name: str, index: int, bridge: bool = False) -> None:
+        """A node on the LAN with a pod CIDR; routes to every other node's pods. With `bridge`,
+        its pods hang off the bridge `cni0` (gateway 10.244.N.1/24) and the bridge's frames go
+        through iptables/nftables' IPv4 hooks (br_netfilter), set here explicitly."""
         self.add_ns(name)
         self.nodes[name] = index
         self.join_lan(name, node_ip(index))
         self.sysctl(name, "net.ipv4.ip_forward", "1")
+        if bridge:
+            self.bridged.add(name)
+            self.exec(name, "ip", "link", "add", BRIDGE, "type", "bridge")
+            self.exec(name, "ip", "addr", "add", f"10.244.{index}.1/24", "dev", BRIDGE)
+            self.exec(name, "ip", "link", "set", BRIDGE, "up")
+            self.sysctl(name, "net.bridge.bridge-nf-call-iptables", "1")
         # like a real node, a default route (the LAN is closed: nothing leaves the lab); without
         # any route, the node's own connections to service addresses fail with ENETUNREACH
         self.exec(name, "ip", "route", "add", "default", "dev", "eth0")
@@ -132,7 +146,8 @@ class Lab:
         self.exec("client", "ip", "route", "replace", pod_cidr(index), "via", node_ip(index))
 
     def add_pod(self, name: str, node: str) -> Pod:
-        """A pod namespace on a routed veth (a /32 route on the node, default via the node)."""
+        """A pod namespace on a routed veth (a /32 route on the node, default via the node), or,
+        on a bridged node, on a veth enslaved to the node's bridge (the pod's /24 is on-link)."""
         index = self.nodes[node]
         count = self._pod_count.get(node, 1) + 1
         self._pod_count[node] = count
@@ -141,11 +156,15 @@ class Lab:
         self.add_ns(name)
         host_if = f"v{name}"[:15]
         self.veth(name, "eth0", node, host_if)
-        self.exec(name, "ip", "addr", "add", f"{ip}/32", "dev", "eth0")
-        self.exec(name, "ip", "route", "add", gateway, "dev", "eth0")
+        if node in self.bridged:
+            self.exec(name, "ip", "addr", "add", f"{ip}/24", "dev", "eth0")
+            self.exec(node, "ip", "link", "set", host_if, "master", BRIDGE)
+        else:
+            self.exec(name, "ip", "addr", "add", f"{ip}/32", "dev", "eth0")
+            self.exec(name, "ip", "route", "add", gateway, "dev", "eth0")
+            self.exec(node, "ip", "addr", "add", f"{gateway}/32", "dev", host_if)
+            self.exec(node, "ip", "route", "add", f"{ip}/32", "dev", host_if)
         self.exec(name, "ip", "route", "add", "default", "via", gateway)
-        self.exec(node, "ip", "addr", "add", f"{gateway}/32", "dev", host_if)
-        self.exec(node, "ip", "route", "add", f"{ip}/32", "dev", host_if)
         pod = Pod(name, node, ip, self.ns(name))
         self.pods[name] = pod
         return pod

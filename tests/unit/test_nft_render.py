@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import re
 
-from pyproxy.dataplane.nft import SETS, NftConfig, render_cleanup, render_ruleset, render_update
+from pyproxy.dataplane.nft import (
+    REENTRY_DEVICE,
+    REENTRY_MAC,
+    SETS,
+    NftConfig,
+    render_cleanup,
+    render_ruleset,
+    render_update,
+)
 from pyproxy.model.table import Element, Verdict
 
 CONFIG = NftConfig(mark=0x1F, tcp_port=15001, udp_port=15002, local_sources=("10.244.0.0/16", "10.250.0.0/16"))
@@ -19,7 +27,17 @@ ELEMENTS: set[Element] = {
 
 
 def element_lines(text: str) -> list[str]:
-    return [line for line in text.splitlines() if " element " in line]
+    return [line for line in text.splitlines() if " element ip " in line]
+
+
+def reentry_elements(text: str, verb: str) -> set[str]:
+    """The elements of `<verb> element netdev pyproxy services { ... }` lines."""
+    found: set[str] = set()
+    for line in text.splitlines():
+        match = re.fullmatch(rf"{verb} element netdev pyproxy services \{{ (.*) \}}", line)
+        if match:
+            found.update(match[1].split(", "))
+    return found
 
 
 def elements_of(text: str, verb: str) -> dict[str, set[str]]:
@@ -34,14 +52,15 @@ def elements_of(text: str, verb: str) -> dict[str, set[str]]:
     return found
 
 
-def test_ruleset_owns_one_table_and_nothing_else() -> None:
+def test_ruleset_owns_its_two_tables_and_nothing_else() -> None:
     text = render_ruleset(CONFIG, ELEMENTS)
     tables = set(re.findall(r"^(?:delete )?table (\w+ \w+)", text, flags=re.M))
-    assert tables == {"ip pyproxy"}
-    # the table is created (so that delete never fails), deleted, then written whole, in one script
+    assert tables == {"ip pyproxy", "netdev pyproxy"}
+    # each table is created (so that delete never fails), deleted, then written whole, in one script
     assert text.startswith("table ip pyproxy\ndelete table ip pyproxy\ntable ip pyproxy {\n")
+    assert "\ntable netdev pyproxy\ndelete table netdev pyproxy\ntable netdev pyproxy {\n" in text
     assert "flush ruleset" not in text
-    assert not re.search(r"element (?!ip pyproxy )", text)
+    assert not re.search(r"element (?!ip pyproxy |netdev pyproxy services )", text)
 
 
 def test_ruleset_declares_every_set_and_rules_use_them() -> None:
@@ -123,7 +142,8 @@ def test_update_touches_only_elements() -> None:
     added: set[Element] = {(CAP, ("10.96.0.11", "TCP", 443))}
     removed: set[Element] = {(REJ, ("10.96.0.11", "TCP", 443)), (CAP, ("10.96.0.99", "UDP", 53))}
     text = render_update(added, removed)
-    assert all(re.fullmatch(r"(add|delete) element ip pyproxy \w+ \{ .* \}", line) for line in text.splitlines())
+    assert all(re.fullmatch(r"(add|delete) element (ip pyproxy \w+|netdev pyproxy services) \{ .* \}", line)
+               for line in text.splitlines())
     assert elements_of(text, "delete") == {"svc_reject": {"10.96.0.11 . tcp . 443"},
                                            "svc_capture": {"10.96.0.99 . udp . 53"}}
     assert elements_of(text, "add") == {"svc_capture": {"10.96.0.11 . tcp . 443"}}
@@ -136,5 +156,40 @@ def test_empty_update_is_empty() -> None:
     assert render_update((), ()) == ""
 
 
-def test_cleanup_removes_only_our_table() -> None:
-    assert render_cleanup() == "table ip pyproxy\ndelete table ip pyproxy\n"
+def test_cleanup_removes_only_our_tables() -> None:
+    assert render_cleanup() == ("table ip pyproxy\ndelete table ip pyproxy\n"
+                                "table netdev pyproxy\ndelete table netdev pyproxy\n")
+
+
+BRIDGED = NftConfig(mark=0x1F, tcp_port=15001, udp_port=15002, pod_bridges=("cni0", "cbr0"))
+
+
+def test_reentry_chain_hooks_the_pod_bridges_and_forwards_service_frames() -> None:
+    lines = [line.strip() for line in render_ruleset(BRIDGED, ()).splitlines()]
+    chain = lines[lines.index("chain pod_bridges {") + 1:]
+    assert chain[:3] == [
+        'type filter hook ingress devices = { "cni0", "cbr0" } priority -500; policy accept;',
+        f'ip daddr . meta l4proto . th dport @services ether daddr set {REENTRY_MAC} fwd to "{REENTRY_DEVICE}"',
+        "}",
+    ]
+    assert "set services { type ipv4_addr . inet_proto . inet_service; }" in lines
+
+
+def test_no_pod_bridges_no_reentry_chain() -> None:
+    text = render_ruleset(CONFIG, ELEMENTS)
+    assert "table netdev pyproxy {" in text and "chain pod_bridges" not in text and "fwd" not in text
+
+
+def test_reentry_set_holds_every_frontend_of_every_verdict() -> None:
+    text = render_ruleset(BRIDGED, ELEMENTS)
+    assert reentry_elements(text, "add") == {f"{ip} . {proto.lower()} . {port}" for _, (ip, proto, port) in ELEMENTS}
+    assert text.index("add element netdev") > text.index("chain pod_bridges")
+
+
+def test_update_keeps_a_frontend_that_only_changes_verdict_in_the_reentry_set() -> None:
+    added: set[Element] = {(CAP, ("10.96.0.11", "TCP", 443)), (CAP, ("10.96.0.20", "TCP", 80))}
+    removed: set[Element] = {(REJ, ("10.96.0.11", "TCP", 443)), (CAP, ("10.96.0.99", "UDP", 53))}
+    text = render_update(added, removed)
+    assert reentry_elements(text, "delete") == {"10.96.0.99 . udp . 53"}
+    assert reentry_elements(text, "add") == {"10.96.0.20 . tcp . 80"}
+    assert "chain" not in text
