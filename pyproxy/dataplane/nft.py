@@ -43,6 +43,7 @@ TABLE = "pyproxy"
 REENTRY_DEVICE = "pyproxy-fwd"  # the veth pyproxy forwards bridged service frames into
 REENTRY_PEER = "pyproxy-in"  # its peer, where they enter the IPv4 stack again
 REENTRY_MAC = "02:70:79:70:78:01"  # the peer's fixed (locally administered) address
+REENTRY_ADDRESS = "169.254.77.1"  # the peer's /32 (link-local): loose rp_filter wants one
 SET_TYPE = "ipv4_addr . inet_proto . inet_service"
 MATCH = "ip daddr . meta l4proto . th dport"
 SETS = {verdict: f"svc_{verdict.value}" for verdict in Verdict}

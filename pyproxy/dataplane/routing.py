@@ -7,7 +7,10 @@ Rules kept here:
 - For pods on a Linux bridge, a veth pair of pyproxy's own (`pyproxy-fwd` <-> `pyproxy-in`,
   the peer with a fixed MAC): the `netdev pyproxy` table forwards their frames to service
   addresses into it, so they re-enter the IPv4 stack without br_netfilter's state and
-  TPROXY holds for them (nft.py explains why). It carries no address and no route.
+  TPROXY holds for them (nft.py explains why). The peer holds one link-local /32, only so
+  that loose reverse-path filtering (`rp_filter=2`) accepts what enters there; strict
+  filtering (`rp_filter=1`) drops it, as the pods' route points at the bridge. That
+  address is not a node address (no NodePorts on it).
 - Installing is idempotent; `remove` takes away exactly what `install` added.
 """
 
@@ -22,7 +25,7 @@ from dataclasses import dataclass
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from pyproxy.dataplane.nft import REENTRY_DEVICE, REENTRY_MAC, REENTRY_PEER
+from pyproxy.dataplane.nft import REENTRY_ADDRESS, REENTRY_DEVICE, REENTRY_MAC, REENTRY_PEER
 
 SCOPE_HOST = 254  # a local route must say so, as `ip route add local` does
 
@@ -64,6 +67,7 @@ def _install_reentry(ipr: IPRoute) -> None:
         ipr.link("add", ifname=REENTRY_DEVICE, kind="veth", peer={"ifname": REENTRY_PEER})
     peer = ipr.link_lookup(ifname=REENTRY_PEER)[0]
     ipr.link("set", index=peer, address=REENTRY_MAC)
+    _ignore(errno.EEXIST, lambda: ipr.addr("add", index=peer, address=REENTRY_ADDRESS, prefixlen=32))
     for index in (peer, ipr.link_lookup(ifname=REENTRY_DEVICE)[0]):
         ipr.link("set", index=index, state="up")
 
@@ -77,9 +81,10 @@ def _ignore(code: int, call: Callable[[], object]) -> None:
 
 
 def local_addresses() -> list[str]:
-    """Every IPv4 address on this host (its network namespace)."""
+    """Every IPv4 address on this host (its network namespace), but pyproxy's own re-entry one."""
     with IPRoute() as ipr:
-        return sorted({str(msg.get_attr("IFA_ADDRESS")) for msg in ipr.get_addr(family=socket.AF_INET)})
+        addresses = {str(msg.get_attr("IFA_ADDRESS")) for msg in ipr.get_addr(family=socket.AF_INET)}
+    return sorted(addresses - {REENTRY_ADDRESS})
 
 
 def node_port_addresses(addresses: Iterable[str], cidrs: Iterable[str]) -> list[str]:

@@ -19,7 +19,7 @@ from pyproxy.demo.cluster import PODS, TCP_PORTS, UDP_PORTS, Cluster, build
 from pyproxy.demo.lab import Lab
 from tests.conftest import privileged_reason, skip_or_fail
 
-__all__ = ["PODS", "TCP_PORTS", "UDP_PORTS", "Cluster", "cluster"]
+__all__ = ["PODS", "TCP_PORTS", "UDP_PORTS", "Cluster", "bridged_cluster", "cluster"]
 
 
 VARIANTS = {  # pyproxy's command-line for each run of the kernel tier
@@ -33,13 +33,24 @@ VARIANTS = {  # pyproxy's command-line for each run of the kernel tier
 def cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
     """The cluster, with pyproxy in the variant named by the parameter: every test that uses
     it runs with the Protocol relay on uvloop and on asyncio, and with the splice relay."""
+    yield from _cluster(VARIANTS[request.param])
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def bridged_cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
+    """The same cluster, but both nodes hang their pods off a Linux bridge (`cni0`) with
+    `net.bridge.bridge-nf-call-iptables=1` set in the node (the bridge CNI plugin's shape)."""
+    yield from _cluster(VARIANTS[request.param], bridged=("node1", "node2"))
+
+
+def _cluster(proxy_args: tuple[str, ...], bridged: tuple[str, ...] = ()) -> Iterator[Cluster]:
     reason = privileged_reason()
     if reason:
         skip_or_fail(reason)
     workdir = Path(tempfile.mkdtemp(prefix="pyproxy-test-"))
     lab = Lab()
     try:
-        yield build(lab, workdir, proxy_args=VARIANTS[request.param])
+        yield build(lab, workdir, proxy_args=proxy_args, bridged=bridged)
     finally:
         lab.close()
         subprocess.run(["rm", "-rf", str(workdir)], check=False)
