@@ -8,6 +8,10 @@ Rules kept here:
   as the sync that applied it returns (the kernel write happens first for new frontends,
   last for removed ones, within the same sync).
 - A change of node addresses re-applies every Service (NodePort frontends move).
+- Local sources (kube-proxy's short-circuit: cluster set, node's address) are the node's
+  addresses, the cluster CIDRs, and the subnets of the pod bridges on this node: a pod on a
+  bridge cannot keep its own address towards an endpoint on the same bridge, which would
+  answer it directly over the bridge instead of through the proxy.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from pyproxy.model.store import ClusterStore
 from pyproxy.model.table import Element, ServiceTable
 
 log = logging.getLogger("pyproxy.proxier")
+POD_NETWORKS_EVERY = 1.0  # seconds: the pod bridges' subnets are read at most this often
 
 
 @dataclass
@@ -47,7 +52,10 @@ class Proxier:
     full_sync_needed: bool = True
     addresses: tuple[str, ...] = ()
     cluster_cidrs: tuple[ipaddress.IPv4Network, ...] = ()
+    pod_networks: Callable[[], list[str]] = list  # subnets on this node's pod bridges (netlink)
     _local: frozenset[str] = field(default_factory=frozenset)
+    _bridged: tuple[ipaddress.IPv4Network, ...] = ()
+    _bridged_read: float = float("-inf")
 
     async def sync(self) -> None:
         if not self.store.synced:
@@ -55,6 +63,12 @@ class Proxier:
             return
         started = time.monotonic()
         addresses = tuple(await asyncio.to_thread(self.node_addresses))  # pyroute2 runs its own loop
+        if started - self._bridged_read >= POD_NETWORKS_EVERY:  # bridges come and go rarely
+            self._bridged_read = started
+            bridged = parse_cidrs(await asyncio.to_thread(self.pod_networks))
+            if bridged != self._bridged:
+                log.info("pod bridge subnets: %s", ", ".join(map(str, bridged)) or "none")
+                self._bridged = bridged
         changed = self.store.take_changes()
         if addresses != self.addresses:
             log.info("node addresses: %s", ", ".join(addresses) or "none")
@@ -91,12 +105,15 @@ class Proxier:
 
     def is_local_source(self, ip: str) -> bool:
         """Traffic from the node itself or its cluster's pods (kube-proxy's short-circuit)."""
-        if ip in self._local:
-            return True
-        if self.cluster_cidrs:
-            address = ipaddress.IPv4Address(ip)
-            return any(address in net for net in self.cluster_cidrs)
-        return False
+        return is_local_source(ip, self._local, self.cluster_cidrs + self._bridged)
+
+
+def is_local_source(ip: str, node_addresses: frozenset[str], networks: Iterable[ipaddress.IPv4Network]) -> bool:
+    """The node's own address, or one inside the cluster CIDRs or a pod bridge's subnet."""
+    if ip in node_addresses:
+        return True
+    address = ipaddress.IPv4Address(ip)
+    return any(address in net for net in networks)
 
 
 def parse_cidrs(text: str | Iterable[str]) -> tuple[ipaddress.IPv4Network, ...]:

@@ -1,7 +1,8 @@
 """pyproxy's nftables table: rendering it (pure) and applying it (`nft -f -`, the only I/O).
 
 Rules kept here (DATAPLANE.md):
-- pyproxy owns exactly one table, `ip pyproxy`, and touches nothing else.
+- pyproxy owns exactly two tables, `ip pyproxy` and `netdev pyproxy` (pods on a bridge,
+  below), and touches nothing else.
 - The rules never change while running; services come and go as set elements:
   `capture` (TPROXY to the proxy), `reject` (no endpoints: TCP reset / ICMP unreachable),
   `drop_internal` and `drop_external` (Local policy without a local endpoint; external

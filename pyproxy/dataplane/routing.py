@@ -87,6 +87,21 @@ def local_addresses() -> list[str]:
     return sorted(addresses - {REENTRY_ADDRESS})
 
 
+def networks_on(interfaces: Iterable[str]) -> list[str]:
+    """The IPv4 subnets (CIDR) of the addresses on the named interfaces that exist."""
+    names = set(interfaces)
+    if not names:
+        return []
+    found: set[str] = set()
+    with IPRoute() as ipr:
+        for msg in ipr.get_addr(family=socket.AF_INET):
+            label = str(msg.get_attr("IFA_LABEL") or "")
+            if label.split(":")[0] in names:  # an IPv4 address's label is its interface's name
+                cidr = f"{msg.get_attr('IFA_ADDRESS')}/{msg['prefixlen']}"
+                found.add(str(ipaddress.IPv4Network(cidr, strict=False)))
+    return sorted(found)
+
+
 def node_port_addresses(addresses: Iterable[str], cidrs: Iterable[str]) -> list[str]:
     """The addresses NodePorts are served on: those inside `cidrs`, or all when none are given."""
     networks = [ipaddress.IPv4Network(c, strict=False) for c in cidrs]

@@ -116,3 +116,12 @@ def test_cluster_dns_over_udp_through_the_cluster_ip_from_a_bridged_pod(bridged:
     answered_by = {dns.lookup(bridged.lab, "bcl", f"{DNS_IP}:53", "whoami", "TXT")[0] for _ in range(20)}
     assert answered_by == {"bdns1", "bdns2"}  # the DNS pod on the same bridge and the one on node2
     assert dns.lookup(bridged.lab, "bcl", f"{DNS_IP}:53", "web", tcp=True) == ["10.1.2.3"]
+
+
+def test_local_nodeport_from_a_bridged_pod_to_its_own_node_is_a_hairpin(bridged: Cluster) -> None:
+    """The pod cannot keep its address: the endpoint pa sits on the same bridge and would
+    answer it directly. Like kube-proxy's short-circuit, it is served from the cluster set
+    with the node's address (pyproxy counts the pod bridge's subnet as local sources)."""
+    lines = bridged.run("bcl", "http", f"{node_ip(1)}:30181", "--count", "20", "--timeout", "3")
+    assert set(pods_of(lines)) == set(ALL), lines
+    assert bridged.lab.pods["bcl"].ip not in client_ips_of(lines)

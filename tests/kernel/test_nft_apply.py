@@ -17,13 +17,22 @@ from typing import Any
 
 import pytest
 
-from pyproxy.dataplane.nft import NftConfig, NftError, NftRunner, render_cleanup, render_ruleset, render_update
+from pyproxy.dataplane.nft import (
+    REENTRY_DEVICE,
+    NftConfig,
+    NftError,
+    NftRunner,
+    render_cleanup,
+    render_ruleset,
+    render_update,
+)
 from pyproxy.model.table import Element, Verdict
 from tests.conftest import privileged_reason, skip_or_fail
 
 pytestmark = pytest.mark.privileged
 
-CONFIG = NftConfig(mark=0x1F, tcp_port=15001, udp_port=15002, local_sources=("10.244.0.0/16",))
+CONFIG = NftConfig(mark=0x1F, tcp_port=15001, udp_port=15002, local_sources=("10.244.0.0/16",),
+                   pod_bridges=("cni0", "cbr0"))
 CAP, REJ, DI, DE = Verdict.CAPTURE, Verdict.REJECT, Verdict.DROP_INTERNAL, Verdict.DROP_EXTERNAL
 
 
@@ -39,9 +48,9 @@ class Netns:
         return subprocess.run(["ip", "netns", "exec", self.name, "nft", *args], capture_output=True, text=True,
                               check=check, timeout=10)
 
-    def sets(self) -> dict[str, set[tuple[str, str, int]]]:
+    def sets(self, family: str = "ip") -> dict[str, set[tuple[str, str, int]]]:
         """set name -> elements, read back from the kernel."""
-        listing: list[dict[str, Any]] = json.loads(self.nft("-j", "list", "table", "ip", "pyproxy").stdout)["nftables"]
+        listing: list[dict[str, Any]] = json.loads(self.nft("-j", "list", "table", family, "pyproxy").stdout)["nftables"]
         found: dict[str, set[tuple[str, str, int]]] = {}
         for entry in listing:
             if "set" not in entry:
@@ -62,6 +71,9 @@ def netns(tmp_path: Path) -> Iterator[Netns]:
     name = f"pyproxy-nft-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     subprocess.run(["ip", "netns", "add", name], check=True, timeout=10)
     try:
+        # the re-entry veth the pod-bridge chain forwards into (routing.py makes it in pyproxy)
+        subprocess.run(["ip", "-n", name, "link", "add", REENTRY_DEVICE, "type", "veth", "peer", "name", "in0"],
+                       check=True, timeout=10)
         yield Netns(name, tmp_path)
     finally:
         subprocess.run(["ip", "netns", "delete", name], check=False, timeout=10)
@@ -87,9 +99,15 @@ async def test_full_then_incremental_write(netns: Netns) -> None:
     sets = netns.sets()
     assert {k: v for k, v in sets.items() if k != "local_sources"} == kernel_view(first)
     tables = netns.nft("list", "tables").stdout.split()
-    assert tables == ["table", "ip", "pyproxy"]
+    assert tables == ["table", "ip", "pyproxy", "table", "netdev", "pyproxy"]
     ruleset = netns.nft("list", "table", "ip", "pyproxy").stdout
     assert "tproxy to 127.0.0.1:15001" in ruleset and "socket transparent 1" in ruleset
+    # the pod bridges' chain is accepted for bridges that do not exist (yet), and its set
+    # holds every frontend whatever its verdict
+    reentry = netns.nft("list", "table", "netdev", "pyproxy").stdout
+    assert 'devices = { cbr0, cni0 }' in reentry or 'devices = { cni0, cbr0 }' in reentry, reentry
+    assert f'fwd to "{REENTRY_DEVICE}"' in reentry
+    assert netns.sets("netdev") == {"services": {key for v in kernel_view(first).values() for key in v}}
 
     # an incremental sync: 10.96.0.11 gets endpoints, the UDP service goes away
     added: set[Element] = {(CAP, ("10.96.0.11", "TCP", 443))}
@@ -98,6 +116,7 @@ async def test_full_then_incremental_write(netns: Netns) -> None:
     second = (first - removed) | added
     sets = netns.sets()
     assert {k: v for k, v in sets.items() if k != "local_sources"} == kernel_view(second)
+    assert netns.sets("netdev") == {"services": {key for v in kernel_view(second).values() for key in v}}
 
     # a full write replaces the table whole: elements not in it are gone
     await netns.runner.apply(render_ruleset(CONFIG, {(CAP, ("10.96.0.10", "TCP", 80))}))

@@ -364,3 +364,14 @@ def test_expire_affinity_drops_only_stale_entries_of_every_port() -> None:
     assert h.table.expire_affinity(50.0) == 1  # a's 10 s pin is stale at t=50; b's 100 s pin is not
     sizes = {name.service.name: len(b.affinity) for name, b in h.table.balancers.items() if b.affinity is not None}
     assert sizes == {"a": 0, "b": 1}
+
+
+def test_local_sources_are_the_node_the_cluster_cidrs_and_the_pod_bridges_subnets() -> None:
+    from pyproxy.proxier import is_local_source, parse_cidrs
+
+    node = frozenset({"192.168.56.101", "10.244.1.1"})
+    assert is_local_source("192.168.56.101", node, ())
+    assert not is_local_source("10.244.1.7", node, ())  # a pod, but nothing says so
+    assert is_local_source("10.244.1.7", node, parse_cidrs(["10.244.1.0/24"]))  # on this node's bridge
+    assert not is_local_source("10.244.2.7", node, parse_cidrs(["10.244.1.0/24"]))  # another node's pod
+    assert not is_local_source("192.168.56.100", node, parse_cidrs("10.244.0.0/16,10.245.0.0/16"))
