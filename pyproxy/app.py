@@ -23,7 +23,7 @@ from pyproxy.dataplane.nft import NftConfig, NftRunner
 from pyproxy.dataplane.relay import Relay, RelayConfig
 from pyproxy.dataplane.splice import FastRelay, TcpRelay
 from pyproxy.dataplane.workers import NullNftRunner, WorkerRole
-from pyproxy.dataplane.routing import PolicyRouting, local_addresses, networks_on, node_port_addresses
+from pyproxy.dataplane.routing import PolicyRouting, local_addresses, node_port_addresses, pod_bridges
 from pyproxy.dataplane.stats import DataplaneStats
 from pyproxy.dataplane.udp import UdpConfig, UdpRelay
 from pyproxy.inspect.reader import ProxyReader
@@ -77,12 +77,11 @@ class ProxyApp:
                 tcp_port=dp.tcpProxyPort,
                 udp_port=dp.udpProxyPort,
                 local_sources=tuple(str(n) for n in parse_cidrs(config.clusterCIDR)),
-                pod_bridges=dp.podBridges,
             ),
             node_addresses=lambda: node_port_addresses(local_addresses(), config.nodePortAddresses),
             on_synced=self._synced,
             cluster_cidrs=parse_cidrs(config.clusterCIDR),
-            pod_networks=lambda: networks_on(dp.podBridges),
+            pod_bridges=lambda: pod_bridges(dp.podBridges),
         )
         self.runner = SyncRunner(self.proxier.sync, config.minSyncPeriod, config.syncPeriod)
         relay = Relay(

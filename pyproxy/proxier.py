@@ -8,6 +8,9 @@ Rules kept here:
   as the sync that applied it returns (the kernel write happens first for new frontends,
   last for removed ones, within the same sync).
 - A change of node addresses re-applies every Service (NodePort frontends move).
+- The pod bridges (the configured names that exist with an IPv4 address) are read at every
+  sync; when they change, the next write is a full one, whose `netdev pyproxy` chain hooks
+  exactly those (older kernels refuse a hook on a device that does not exist).
 - Local sources (kube-proxy's short-circuit: cluster set, node's address) are the node's
   addresses, the cluster CIDRs, and the subnets of the pod bridges on this node: a pod on a
   bridge cannot keep its own address towards an endpoint on the same bridge, which would
@@ -21,7 +24,7 @@ import ipaddress
 import logging
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from pyproxy.dataplane.nft import NftConfig, NftError, NftRunner, render_ruleset, render_update
 from pyproxy.model.objects import ServiceKey
@@ -29,7 +32,6 @@ from pyproxy.model.store import ClusterStore
 from pyproxy.model.table import Element, ServiceTable
 
 log = logging.getLogger("pyproxy.proxier")
-POD_NETWORKS_EVERY = 1.0  # seconds: the pod bridges' subnets are read at most this often
 
 
 @dataclass
@@ -52,23 +54,17 @@ class Proxier:
     full_sync_needed: bool = True
     addresses: tuple[str, ...] = ()
     cluster_cidrs: tuple[ipaddress.IPv4Network, ...] = ()
-    pod_networks: Callable[[], list[str]] = list  # subnets on this node's pod bridges (netlink)
+    pod_bridges: Callable[[], list[tuple[str, str]]] = list  # (bridge, subnet) on this node (netlink)
     _local: frozenset[str] = field(default_factory=frozenset)
     _bridged: tuple[ipaddress.IPv4Network, ...] = ()
-    _bridged_read: float = float("-inf")
 
     async def sync(self) -> None:
         if not self.store.synced:
             log.debug("not syncing: waiting for the first complete list of services and endpoint slices")
             return
         started = time.monotonic()
-        addresses = tuple(await asyncio.to_thread(self.node_addresses))  # pyroute2 runs its own loop
-        if started - self._bridged_read >= POD_NETWORKS_EVERY:  # bridges come and go rarely
-            self._bridged_read = started
-            bridged = parse_cidrs(await asyncio.to_thread(self.pod_networks))
-            if bridged != self._bridged:
-                log.info("pod bridge subnets: %s", ", ".join(map(str, bridged)) or "none")
-                self._bridged = bridged
+        addresses, bridges = await asyncio.to_thread(self._read_node)  # pyroute2 runs its own loop
+        self._use_pod_bridges(bridges)
         changed = self.store.take_changes()
         if addresses != self.addresses:
             log.info("node addresses: %s", ", ".join(addresses) or "none")
@@ -87,6 +83,17 @@ class Proxier:
         self.on_synced(result)
 
     _last_full: bool = False
+
+    def _read_node(self) -> tuple[tuple[str, ...], list[tuple[str, str]]]:
+        return tuple(self.node_addresses()), self.pod_bridges()
+
+    def _use_pod_bridges(self, bridges: list[tuple[str, str]]) -> None:
+        names = tuple(sorted({name for name, _ in bridges}))
+        if names != self.nft_config.pod_bridges:
+            log.info("pod bridges: %s", ", ".join(f"{n} {c}" for n, c in bridges) or "none")
+            self.nft_config = replace(self.nft_config, pod_bridges=names)
+            self.full_sync_needed = True  # the chain's hook devices change with the table
+        self._bridged = parse_cidrs(cidr for _, cidr in bridges)
 
     async def _write(self, added: set[Element], removed: set[Element]) -> None:
         self._last_full = self.full_sync_needed

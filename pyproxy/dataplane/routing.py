@@ -87,18 +87,18 @@ def local_addresses() -> list[str]:
     return sorted(addresses - {REENTRY_ADDRESS})
 
 
-def networks_on(interfaces: Iterable[str]) -> list[str]:
-    """The IPv4 subnets (CIDR) of the addresses on the named interfaces that exist."""
-    names = set(interfaces)
-    if not names:
+def pod_bridges(names: Iterable[str]) -> list[tuple[str, str]]:
+    """(interface, subnet) for every IPv4 address on the named interfaces that exist."""
+    wanted = set(names)
+    if not wanted:
         return []
-    found: set[str] = set()
+    found: set[tuple[str, str]] = set()
     with IPRoute() as ipr:
         for msg in ipr.get_addr(family=socket.AF_INET):
-            label = str(msg.get_attr("IFA_LABEL") or "")
-            if label.split(":")[0] in names:  # an IPv4 address's label is its interface's name
+            name = str(msg.get_attr("IFA_LABEL") or "").split(":")[0]  # an IPv4 label is its interface's name
+            if name in wanted:
                 cidr = f"{msg.get_attr('IFA_ADDRESS')}/{msg['prefixlen']}"
-                found.add(str(ipaddress.IPv4Network(cidr, strict=False)))
+                found.add((name, str(ipaddress.IPv4Network(cidr, strict=False))))
     return sorted(found)
 
 

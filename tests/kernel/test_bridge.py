@@ -125,3 +125,24 @@ def test_local_nodeport_from_a_bridged_pod_to_its_own_node_is_a_hairpin(bridged:
     lines = bridged.run("bcl", "http", f"{node_ip(1)}:30181", "--count", "20", "--timeout", "3")
     assert set(pods_of(lines)) == set(ALL), lines
     assert bridged.lab.pods["bcl"].ip not in client_ips_of(lines)
+
+
+def test_a_bridge_that_appears_later_is_hooked_at_the_next_sync(bridged: Cluster) -> None:
+    """As with a CNI plugin that makes its bridge for the node's first pod, after pyproxy
+    started: `cbr0` (one of the default pod bridges) appears on node1 with a pod behind it."""
+    lab = bridged.lab
+    lab.exec("node1", "ip", "link", "add", "cbr0", "type", "bridge")
+    lab.exec("node1", "ip", "addr", "add", "10.244.11.1/24", "dev", "cbr0")
+    lab.exec("node1", "ip", "link", "set", "cbr0", "up")
+    lab.add_ns("late")
+    lab.veth("late", "eth0", "node1", "vlate")
+    lab.exec("node1", "ip", "link", "set", "vlate", "master", "cbr0")
+    lab.exec("late", "ip", "addr", "add", "10.244.11.2/24", "dev", "eth0")
+    lab.exec("late", "ip", "route", "add", "default", "via", "10.244.11.1")
+    # any change makes a sync; it finds the new bridge and rewrites the table with its hook
+    bridged.apply(m.service("late", "10.96.1.20", [m.port(8080, 80)]),
+                  m.endpoint_slice("late", bridged.backends(*ALL), [m.slice_port(80)]), name="late.yaml",
+                  nodes=["node1"])
+    assert "pod bridges: cbr0 10.244.11.0/24, cni0 10.244.1.0/24" in bridged.log("node1")
+    lines = bridged.run("late", "http", f"{SVC_IP}:8080", "--count", "20", "--timeout", "3")
+    assert set(pods_of(lines)) == set(ALL), lines
