@@ -1,9 +1,10 @@
-"""pyproxy's nftables table: rendering it (pure) and applying it (`nft -f -`, the only I/O).
+"""pyproxy's nftables tables: rendering them (pure) and applying them (`nft -f -`, the only I/O).
 
 Rules kept here (DATAPLANE.md):
 - pyproxy owns exactly two tables, `ip pyproxy` and `netdev pyproxy` (pods on a bridge,
   below), and touches nothing else.
-- The rules never change while running; services come and go as set elements:
+- The rules never change while running (but for the pod bridges' hook devices, below);
+  services come and go as set elements:
   `capture` (TPROXY to the proxy), `reject` (no endpoints: TCP reset / ICMP unreachable),
   `drop_internal` and `drop_external` (Local policy without a local endpoint; external
   drops spare the node itself and `local_sources`, i.e. the cluster CIDR, whose traffic
@@ -12,7 +13,7 @@ Rules kept here (DATAPLANE.md):
   reply path of Local mode; before the capture rules it would steal new UDP queries).
 - An output `route` chain marks the node's own traffic to service addresses so that the
   policy route sends it through `lo` and back into prerouting.
-- A full write replaces the table atomically; an incremental write only adds and deletes
+- A full write replaces both tables atomically; an incremental write only adds and deletes
   elements. A failed incremental write is answered by a full write.
 
 Pods on a Linux bridge (DATAPLANE): with `net.bridge.bridge-nf-call-iptables=1`
@@ -21,9 +22,9 @@ bridge's own prerouting; TPROXY assigns the listener and sets the mark there, bu
 then orphans the skb (the assignment is gone) and br_netfilter skips the IP layer's own
 PREROUTING pass, so TCP/UDP find no socket for ClusterIP:port and the client times out
 (drop reason NO_SOCKET in tcp_v4_rcv). nft's bridge `meta broute` would avoid that pass,
-but is missing from common kernels (CONFIG_NFT_BRIDGE_META) and from nft before 1.0.8. So
+but is missing from common kernels (CONFIG_NFT_BRIDGE_META) and from nft 1.0.6. So
 pyproxy owns a second table, `netdev pyproxy`: an ingress chain on the pod bridges
-(`pod_bridges`; a name that does not exist yet is hooked when it appears) forwards frames
+(`pod_bridges`: the ones that exist, as the proxier reads them at each sync) forwards frames
 whose destination is a service address into pyproxy's own veth pair (`fwd to`
 REENTRY_DEVICE, destination MAC set to its peer's). A veth scrubs the skb (br_netfilter's
 state, the fake route), so the frame re-enters the IP stack on the peer like any routed
@@ -56,7 +57,7 @@ class NftConfig:
     tcp_port: int
     udp_port: int
     local_sources: tuple[str, ...] = ()  # CIDRs whose traffic counts as "from this cluster"
-    pod_bridges: tuple[str, ...] = ()  # bridges pods hang off (re-entry chain); none: no chain
+    pod_bridges: tuple[str, ...] = ()  # existing bridges pods hang off (re-entry chain); none: no chain
 
 
 def render_ruleset(config: NftConfig, elements: Iterable[Element]) -> str:

@@ -146,3 +146,23 @@ def test_a_bridge_that_appears_later_is_hooked_at_the_next_sync(bridged: Cluster
     assert "pod bridges: cbr0 10.244.11.0/24, cni0 10.244.1.0/24" in bridged.log("node1")
     lines = bridged.run("late", "http", f"{SVC_IP}:8080", "--count", "20", "--timeout", "3")
     assert set(pods_of(lines)) == set(ALL), lines
+
+
+def test_bridged_pods_also_work_with_br_netfilter_off(bridged: Cluster) -> None:
+    lab = bridged.lab
+    lab.sysctl("node1", "net.bridge.bridge-nf-call-iptables", "0")
+    try:
+        lines = bridged.run("bcl", "http", f"{SVC_IP}:8080", "--count", "20", "--timeout", "3")
+        assert set(pods_of(lines)) == set(ALL), lines
+        assert udp_echo_answers(bridged)
+    finally:
+        lab.sysctl("node1", "net.bridge.bridge-nf-call-iptables", "1")
+
+
+def udp_echo_answers(cluster: Cluster) -> bool:
+    """One UDP datagram through a ClusterIP from the bridged pod comes back from an echo pod."""
+    cluster.apply(m.service("udp-echo", "10.96.1.21", [m.port(5353, 5353, protocol="UDP")]),
+                  m.endpoint_slice("udp-echo", cluster.backends(*ALL), [m.slice_port(5353, protocol="UDP")]),
+                  name="udp-echo.yaml")
+    lines = cluster.run("bcl", "udp", "10.96.1.21:5353", "--timeout", "3")
+    return bool(lines) and "pod=" in lines[0]
