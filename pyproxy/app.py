@@ -50,7 +50,8 @@ def node_name_of(config: ProxyConfig) -> str:
 
 def policy_routing(config: ProxyConfig) -> PolicyRouting:
     dp = config.dataplane
-    return PolicyRouting(mark=dp.mark, table=dp.routeTable, priority=dp.rulePriority)
+    return PolicyRouting(mark=dp.mark, table=dp.routeTable, priority=dp.rulePriority,
+                         reentry_mark=dp.reentryMark)
 
 
 class ProxyApp:
@@ -77,11 +78,14 @@ class ProxyApp:
                 tcp_port=dp.tcpProxyPort,
                 udp_port=dp.udpProxyPort,
                 local_sources=tuple(str(n) for n in parse_cidrs(config.clusterCIDR)),
+                reentry_mark=dp.reentryMark,
             ),
             node_addresses=lambda: node_port_addresses(local_addresses(), config.nodePortAddresses),
             on_synced=self._synced,
             cluster_cidrs=parse_cidrs(config.clusterCIDR),
             pod_bridges=lambda: pod_bridges(dp.podBridges),
+            route_pod_bridges=(policy_routing(config).route_pod_bridges if self.worker.programs_kernel
+                               else lambda _: None),
         )
         self.runner = SyncRunner(self.proxier.sync, config.minSyncPeriod, config.syncPeriod)
         relay = Relay(

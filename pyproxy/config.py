@@ -38,6 +38,7 @@ class DataplaneConfig:
     tcpProxyPort: int = 15001
     udpProxyPort: int = 15001
     mark: int = 0x200000
+    reentryMark: int = 0x400000  # bridged frames re-entering on pyproxy-in (strict rp_filter's route)
     routeTable: int = 2010
     rulePriority: int = 9000
     dialTimeouts: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0)
@@ -192,6 +193,8 @@ def validate(config: ProxyConfig) -> None:
             raise ConfigError(path, f"{port} is not a port number")
     if dp.mark <= 0 or dp.mark & (dp.mark - 1):
         raise ConfigError("dataplane.mark", f"{dp.mark:#x} must be a single bit")
+    if dp.reentryMark <= 0 or dp.reentryMark & (dp.reentryMark - 1) or dp.reentryMark == dp.mark:
+        raise ConfigError("dataplane.reentryMark", f"{dp.reentryMark:#x} must be a single bit other than mark")
     if not dp.dialTimeouts or any(t <= 0 for t in dp.dialTimeouts):
         raise ConfigError("dataplane.dialTimeouts", "needs at least one positive timeout")
     for name in ("maxUDPFlows", "affinityCapacity"):
@@ -239,5 +242,6 @@ def dump_config(config: ProxyConfig) -> str:
         dp[key] = format_duration(dp[key])
     dp["dialTimeouts"] = [format_duration(t) for t in dp["dialTimeouts"]]
     dp["mark"] = _Hex(dp["mark"])
+    dp["reentryMark"] = _Hex(dp["reentryMark"])
     doc = {"apiVersion": API_VERSION, "kind": KIND, **body}
     return yaml.dump(doc, Dumper=_Dumper, sort_keys=False)

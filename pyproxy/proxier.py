@@ -55,6 +55,8 @@ class Proxier:
     addresses: tuple[str, ...] = ()
     cluster_cidrs: tuple[ipaddress.IPv4Network, ...] = ()
     pod_bridges: Callable[[], list[tuple[str, str]]] = list  # (bridge, subnet) on this node (netlink)
+    route_pod_bridges: Callable[[list[str]], None] = lambda _: None  # their reverse-path routes (netlink)
+    _routed: list[str] | None = None
     _local: frozenset[str] = field(default_factory=frozenset)
     _bridged: tuple[ipaddress.IPv4Network, ...] = ()
 
@@ -85,7 +87,13 @@ class Proxier:
     _last_full: bool = False
 
     def _read_node(self) -> tuple[tuple[str, ...], list[tuple[str, str]]]:
-        return tuple(self.node_addresses()), self.pod_bridges()
+        """Netlink, in a thread: the node's addresses and pod bridges; bridge routes kept current."""
+        addresses, bridges = tuple(self.node_addresses()), self.pod_bridges()
+        subnets = sorted({cidr for _, cidr in bridges})
+        if subnets != self._routed:
+            self.route_pod_bridges(subnets)
+            self._routed = subnets
+        return addresses, bridges
 
     def _use_pod_bridges(self, bridges: list[tuple[str, str]]) -> None:
         names = tuple(sorted({name for name, _ in bridges}))

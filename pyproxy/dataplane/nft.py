@@ -30,6 +30,10 @@ REENTRY_DEVICE, destination MAC set to its peer's). A veth scrubs the skb (br_ne
 state, the fake route), so the frame re-enters the IP stack on the peer like any routed
 pod's packet and meets the same rules here. Its set `services` holds every service
 address of every verdict, written in the same transaction as the `ip pyproxy` sets.
+Re-entering frames also get `reentry_mark`: with strict reverse-path filtering
+(`rp_filter=1`, which kind's nodes and many distributions set) a pod's packet arriving on
+REENTRY_PEER is dropped, since the pod's route points at the bridge; routing.py gives
+marked packets a reverse-path route through REENTRY_PEER.
 """
 
 from __future__ import annotations
@@ -58,6 +62,7 @@ class NftConfig:
     udp_port: int
     local_sources: tuple[str, ...] = ()  # CIDRs whose traffic counts as "from this cluster"
     pod_bridges: tuple[str, ...] = ()  # existing bridges pods hang off (re-entry chain); none: no chain
+    reentry_mark: int = 0  # set on re-entering frames (routing.py: their reverse-path route); 0: none
 
 
 def render_ruleset(config: NftConfig, elements: Iterable[Element]) -> str:
@@ -123,10 +128,15 @@ def _render_reentry(config: NftConfig) -> list[str]:
         lines += [
             "    chain pod_bridges {",
             f"        type filter hook ingress devices = {{ {devices} }} priority -500; policy accept;",
-            f'        {MATCH} @services ether daddr set {REENTRY_MAC} fwd to "{REENTRY_DEVICE}"',
+            f"        {MATCH} @services{_reentry_mark(config)} ether daddr set {REENTRY_MAC}"
+            f' fwd to "{REENTRY_DEVICE}"',
             "    }",
         ]
     return lines + ["}"]
+
+
+def _reentry_mark(config: NftConfig) -> str:
+    return f" meta mark set mark or {config.reentry_mark:#x}" if config.reentry_mark else ""
 
 
 def render_update(added: Iterable[Element], removed: Iterable[Element]) -> str:

@@ -7,10 +7,17 @@ Rules kept here:
 - For pods on a Linux bridge, a veth pair of pyproxy's own (`pyproxy-fwd` <-> `pyproxy-in`,
   the peer with a fixed MAC): the `netdev pyproxy` table forwards their frames to service
   addresses into it, so they re-enter the IPv4 stack without br_netfilter's state and
-  TPROXY holds for them (nft.py explains why). The peer holds one link-local /32, only so
-  that loose reverse-path filtering (`rp_filter=2`) accepts what enters there; strict
-  filtering (`rp_filter=1`) drops it, as the pods' route points at the bridge. That
-  address is not a node address (no NodePorts on it).
+  TPROXY holds for them (nft.py explains why). The peer holds one link-local /32, so that
+  loose reverse-path filtering (`rp_filter=2`) accepts what enters there; that address is
+  not a node address (no NodePorts on it).
+- Strict reverse-path filtering (`rp_filter=1`) checks that the route back to the source
+  leaves by the interface the packet came in on, but the pods' route points at the bridge.
+  So re-entering frames carry `reentry_mark`; the peer has `src_valid_mark=1` (the check's
+  lookup sees the mark; a per-interface setting of pyproxy's own interface), and a rule
+  `fwmark reentry_mark lookup table+1`, one priority before the TPROXY rule, finds there a
+  route per pod bridge subnet `dev pyproxy-in` (`route_pod_bridges`, at every change of the
+  bridges). Only the check's lookup ever matches those routes: forward lookups of marked
+  packets are for service addresses, which the table does not hold, so they fall through.
 - Installing is idempotent; `remove` takes away exactly what `install` added.
 """
 
@@ -35,6 +42,31 @@ class PolicyRouting:
     mark: int
     table: int
     priority: int
+    reentry_mark: int = 0  # 0: no reverse-path routes for re-entering frames
+
+    @property
+    def reentry_table(self) -> int:
+        return self.table + 1
+
+    def _reentry_rule(self, ipr: IPRoute, verb: str) -> None:
+        ipr.rule(verb, family=socket.AF_INET, fwmark=self.reentry_mark, fwmask=self.reentry_mark,
+                 table=self.reentry_table, priority=self.priority - 1)
+
+    def route_pod_bridges(self, subnets: Iterable[str]) -> None:
+        """Make the re-entry table hold exactly `subnets`, each `dev pyproxy-in`."""
+        if not self.reentry_mark:
+            return
+        with IPRoute() as ipr:
+            peer = ipr.link_lookup(ifname=REENTRY_PEER)
+            if not peer:
+                return
+            want = set(subnets)
+            for msg in ipr.get_routes(family=socket.AF_INET, table=self.reentry_table):
+                dst = f"{msg.get_attr('RTA_DST')}/{msg['dst_len']}"
+                if dst not in want:
+                    _ignore(errno.ESRCH, lambda: ipr.route("del", dst=dst, table=self.reentry_table))
+            for dst in sorted(want):
+                ipr.route("replace", dst=dst, oif=peer[0], table=self.reentry_table)
 
     def install(self) -> None:
         with IPRoute() as ipr:
@@ -47,6 +79,9 @@ class PolicyRouting:
                 "add", dst="0.0.0.0/0", type="local", scope=SCOPE_HOST, oif=lo, table=self.table,
             ))
             _install_reentry(ipr)
+            if self.reentry_mark:
+                _ignore(errno.EEXIST, lambda: self._reentry_rule(ipr, "add"))
+                _set_src_valid_mark(REENTRY_PEER)
 
     def remove(self) -> None:
         with IPRoute() as ipr:
@@ -58,6 +93,9 @@ class PolicyRouting:
             _ignore(errno.ESRCH, lambda: ipr.route(
                 "del", dst="0.0.0.0/0", type="local", scope=SCOPE_HOST, oif=lo, table=self.table,
             ))
+            if self.reentry_mark:
+                _ignore(errno.ENOENT, lambda: self._reentry_rule(ipr, "del"))
+                _ignore(errno.ESRCH, lambda: ipr.flush_routes(table=self.reentry_table))
             for index in ipr.link_lookup(ifname=REENTRY_DEVICE):  # its peer goes with it
                 _ignore(errno.ENODEV, lambda: ipr.link("del", index=index))
 
@@ -70,6 +108,12 @@ def _install_reentry(ipr: IPRoute) -> None:
     _ignore(errno.EEXIST, lambda: ipr.addr("add", index=peer, address=REENTRY_ADDRESS, prefixlen=32))
     for index in (peer, ipr.link_lookup(ifname=REENTRY_DEVICE)[0]):
         ipr.link("set", index=index, state="up")
+
+
+def _set_src_valid_mark(interface: str) -> None:
+    """The reverse-path check on `interface` (pyproxy's own) looks up routes with the mark."""
+    with open(f"/proc/sys/net/ipv4/conf/{interface}/src_valid_mark", "w") as f:
+        f.write("1")
 
 
 def _ignore(code: int, call: Callable[[], object]) -> None:

@@ -166,3 +166,18 @@ def udp_echo_answers(cluster: Cluster) -> bool:
                   name="udp-echo.yaml")
     lines = cluster.run("bcl", "udp", "10.96.1.21:5353", "--timeout", "3")
     return bool(lines) and "pod=" in lines[0]
+
+
+def test_bridged_pods_work_with_strict_reverse_path_filtering(bridged: Cluster) -> None:
+    """kind's nodes (and many distributions) set rp_filter=1; the re-entry must survive it."""
+    lab = bridged.lab
+    before = lab.exec("node1", "sysctl", "-n", "net.ipv4.conf.all.rp_filter").stdout.strip()
+    lab.sysctl("node1", "net.ipv4.conf.all.rp_filter", "1")
+    try:
+        lines = bridged.run("bcl", "http", f"{SVC_IP}:8080", "--count", "20", "--timeout", "3")
+        assert set(pods_of(lines)) == set(ALL), lines
+        lines = bridged.run("bcl", "http", f"{node_ip(1)}:30180", "--count", "10", "--timeout", "3")
+        assert len(pods_of(lines)) == 10, lines
+        assert udp_echo_answers(bridged)
+    finally:
+        lab.sysctl("node1", "net.ipv4.conf.all.rp_filter", before)

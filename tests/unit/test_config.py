@@ -25,7 +25,7 @@ def test_a_changed_config_round_trips() -> None:
     config = load_config(doc(
         hostnameOverride="node7", syncPeriod="1m30s", minSyncPeriod="250ms", nodePortAddresses=["192.168.0.0/16"],
         clusterCIDR="10.244.0.0/16", clientConnection={"kubeconfig": "/k", "apiServer": "https://10.0.0.1:6443", "qps": 5},
-        dataplane={"dialTimeouts": ["100ms", "1s"], "tcpIdleTimeout": "2h", "mark": 0x400000, "affinityCapacity": 10},
+        dataplane={"dialTimeouts": ["100ms", "1s"], "tcpIdleTimeout": "2h", "mark": 0x800000, "affinityCapacity": 10},
     ))
     assert config.syncPeriod == 90.0 and config.minSyncPeriod == 0.25
     assert config.dataplane.dialTimeouts == (0.1, 1.0) and config.dataplane.tcpIdleTimeout == 7200.0

@@ -193,3 +193,10 @@ def test_update_keeps_a_frontend_that_only_changes_verdict_in_the_reentry_set() 
     assert reentry_elements(text, "delete") == {"10.96.0.99 . udp . 53"}
     assert reentry_elements(text, "add") == {"10.96.0.20 . tcp . 80"}
     assert "chain" not in text
+
+
+def test_reentering_frames_carry_the_reentry_mark_before_they_are_forwarded() -> None:
+    config = NftConfig(mark=0x200000, tcp_port=15001, udp_port=15001, pod_bridges=("cni0",), reentry_mark=0x400000)
+    rule = next(line.strip() for line in render_ruleset(config, ()).splitlines() if "fwd to" in line)
+    assert rule == (f"ip daddr . meta l4proto . th dport @services meta mark set mark or 0x400000 "
+                    f'ether daddr set {REENTRY_MAC} fwd to "{REENTRY_DEVICE}"')

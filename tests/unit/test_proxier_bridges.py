@@ -54,3 +54,12 @@ async def test_a_bridge_that_goes_away_is_unhooked() -> None:
     assert 'devices = { "cbr0", "cni0" }' in runner.scripts[0]
     assert 'devices = { "cni0" }' in runner.scripts[1]
     assert not p.is_local_source("10.244.1.9") and p.is_local_source("10.88.3.3")
+
+
+async def test_reverse_path_routes_follow_the_bridge_subnets_and_are_set_only_on_change() -> None:
+    routed: list[list[str]] = []
+    p, _ = proxier([[], [("cni0", "10.244.1.0/24")], [("cni0", "10.244.1.0/24")], []])
+    p.route_pod_bridges = routed.append
+    for _ in range(4):
+        await p.sync()
+    assert routed == [[], ["10.244.1.0/24"], []]
