@@ -13,7 +13,7 @@ Rules kept here:
 - Strict reverse-path filtering (`rp_filter=1`) checks that the route back to the source
   leaves by the interface the packet came in on, but the pods' route points at the bridge.
   So re-entering frames carry `reentry_mark`; the peer has `src_valid_mark=1` (the check's
-  lookup sees the mark; a per-interface setting of pyproxy's own interface), and a rule
+  lookup sees the mark; a per-interface setting of pyproxy's own interface, set over netlink), and a rule
   `fwmark reentry_mark lookup table+1`, one priority before the TPROXY rule, finds there a
   route per pod bridge subnet `dev pyproxy-in` (`route_pod_bridges`, at every change of the
   bridges). Only the check's lookup ever matches those routes: forward lookups of marked
@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from pyproxy.dataplane.devconf import IPV4_DEVCONF_SRC_VMARK, set_ipv4_devconf
 from pyproxy.dataplane.nft import REENTRY_ADDRESS, REENTRY_DEVICE, REENTRY_MAC, REENTRY_PEER
 
 SCOPE_HOST = 254  # a local route must say so, as `ip route add local` does
@@ -111,9 +112,9 @@ def _install_reentry(ipr: IPRoute) -> None:
 
 
 def _set_src_valid_mark(interface: str) -> None:
-    """The reverse-path check on `interface` (pyproxy's own) looks up routes with the mark."""
-    with open(f"/proc/sys/net/ipv4/conf/{interface}/src_valid_mark", "w") as f:
-        f.write("1")
+    """The reverse-path check on `interface` (pyproxy's own) looks up routes with the mark.
+    Over netlink: in a container /proc/sys is read-only (devconf.py)."""
+    set_ipv4_devconf(interface, {IPV4_DEVCONF_SRC_VMARK: 1})
 
 
 def _ignore(code: int, call: Callable[[], object]) -> None:
