@@ -134,8 +134,10 @@ class Watcher:
         timing: WatchTiming = WatchTiming(),
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic,
+        broken: set[str] | None = None,
     ) -> None:
         self.handler = handler
+        self.broken = broken if broken is not None else set()  # kinds failing unexpectedly (health)
         self.clock = clock
         self.transport = transport
         self.notify = notify
@@ -167,6 +169,7 @@ class Watcher:
                 if not is_transient(err) or self.stop.is_set():
                     if not self.stop.is_set():
                         log.exception("%s watch failed unexpectedly", self.name)
+                        self.broken.add(self.name)
                         self.back_off(str(err))
                     continue
                 self.back_off(f"{type(err).__name__}: {err}")
@@ -197,6 +200,7 @@ class Watcher:
             raise SourceError(f"list of {self.name} carried no resourceVersion")
         self.lists += 1
         self.failures = 0
+        self.broken.discard(self.name)
         log.info("%s: listed %d objects at resourceVersion %s", self.name, len(items), self.state.resource_version)
         if self.handler.pending.snapshot(items):
             self.notify(self.handler)
@@ -256,6 +260,7 @@ class KubeSource:
         self.timing = timing
         reporter = InvalidObjectReporter(transport.post_event, node_name, time.monotonic) if events else None
         self.handlers = handlers(node_name, proxy_name, reporter)
+        self.broken: set[str] = set()  # kinds whose watcher failed unexpectedly and has not listed since
         self._stop = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -267,7 +272,10 @@ class KubeSource:
         ]
 
     async def run(self) -> None:
-        """Watch until cancelled; then stop the threads (bounded) and close the transport."""
+        """Watch until cancelled; then stop the threads (bounded) and close the transport.
+        After a failure (not a cancel) the transport stays open, so that a supervisor can
+        run it again."""
+        self._stop = threading.Event()
         tasks = self.start()
         try:
             await asyncio.gather(*tasks)
@@ -276,7 +284,9 @@ class KubeSource:
                 if not task.cancelling():  # a cancelled gather has already cancelled them
                     task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            self.transport.close()
+            current = asyncio.current_task()
+            if current is None or current.cancelling():
+                self.transport.close()
 
     def apply(self, handler: KindHandler) -> None:
         """On the loop: move a kind's queued changes into the store; nudge a sync if needed."""
@@ -297,7 +307,7 @@ class KubeSource:
     async def _run_watcher(self, handler: KindHandler) -> None:
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
-        watcher = Watcher(handler, self.transport, self._notify, self._stop, self.timing)
+        watcher = Watcher(handler, self.transport, self._notify, self._stop, self.timing, broken=self.broken)
 
         def finished() -> None:
             if not done.done():
