@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from pyproxy.config import ProxyConfig
+from pyproxy.dataplane.errors import ErrorLog
 from pyproxy.dataplane.nft import NftConfig, NftRunner
 from pyproxy.dataplane.relay import Relay, RelayConfig
 from pyproxy.dataplane.splice import FastRelay, TcpRelay
@@ -174,6 +175,7 @@ class ProxyApp:
         return "manifest-watch", follow_manifests
 
     async def run(self) -> int:
+        self._install_loop_errors()
         source_name, follow_source = await self._load_source()
         if self.worker.programs_kernel:
             await asyncio.to_thread(policy_routing(self.config).install)  # pyroute2 runs its own loop
@@ -201,6 +203,21 @@ class ProxyApp:
         job.activity = "serving health and metrics"
         job.up()
         await self.observer.run(self.stop)
+
+    def _install_loop_errors(self) -> None:
+        """Whatever reaches the event loop's exception handler (an error in a callback,
+        asyncio's own accept failures) is counted and logged at a bounded rate: the first
+        of a kind with its traceback, then one line with the count per window."""
+        errors = ErrorLog(self.stats.connection_errors, logging.getLogger("pyproxy.loop"))
+
+        def handle(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+            exc = context.get("exception")
+            message = str(context.get("message") or "unhandled error")
+            errors.note("loop", exc if isinstance(exc, BaseException) else None,
+                        f"event loop: {message}" + (f": {exc!r}" if exc is not None else ""),
+                        key=f"{message} {type(exc).__name__}", level=logging.ERROR)
+
+        asyncio.get_running_loop().set_exception_handler(handle)
 
     def _install_signals(self) -> None:
         loop = asyncio.get_running_loop()
