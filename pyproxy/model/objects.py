@@ -142,13 +142,10 @@ def part(err: InvalidObject, what: str) -> InvalidObject:
 class _Meta:
     namespace: str
     name: str
+    key: str  # "namespace/name", or the name of a cluster-scoped object
     root: Field
     labels: Field
     annotations: Field
-
-    @property
-    def key(self) -> str:
-        return f"{self.namespace}/{self.name}"
 
     def label(self, name: str) -> Field:
         return Field(self.labels.mapping().get(name), self.root.kind, self.key, f"metadata.labels[{name!r}]")
@@ -169,7 +166,7 @@ def _meta(obj: Any, kind: str, namespaced: bool = True) -> _Meta:
     labels, annotations = root.get("metadata").get("labels"), root.get("metadata").get("annotations")
     labels.mapping()
     annotations.mapping()
-    return _Meta(namespace, name, root, labels, annotations)
+    return _Meta(namespace, name, key, root, labels, annotations)
 
 
 def parse_service(obj: Mapping[str, Any], proxy_name: str | None = None, report: Report = log_part) -> Service | None:

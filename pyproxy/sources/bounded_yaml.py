@@ -88,7 +88,7 @@ def load_all(text: str, limits: YamlLimits) -> list[Any]:
         check_events(text, limits)
         return list(yaml.load_all(text, Loader=_Loader))
     except yaml.YAMLError as err:
-        raise YamlError(f"not valid YAML: {err}") from None
+        raise YamlError(f"not valid YAML: {' '.join(str(err).split())}") from None  # one log line
     except (RecursionError, MemoryError, ValueError, TypeError, OverflowError) as err:
         if isinstance(err, YamlError):
             raise
