@@ -241,16 +241,16 @@ def _service_ports(spec: Field, key: ServiceKey, svc_type: str, report: Report) 
         raise spec.get("ports").error("at least one port is required")
     ports: list[ServicePort] = []
     seen = _PortSeen()
-    first: InvalidObject | None = None
+    rejected: list[InvalidObject] = []
     for raw in fields:
         try:
             ports.append(_service_port(raw, key, svc_type, seen))
         except InvalidObject as err:
-            first = first or err
-            report(part(err, "port"))
-    if not ports:
-        assert first is not None
-        raise spec.get("ports").error(f"no port can be served ({first.reason})")
+            rejected.append(err)
+    if not ports:  # one rejection of the whole, not one per port as well
+        raise spec.get("ports").error(f"no port can be served ({rejected[0].reason})")
+    for rejection in rejected:
+        report(part(rejection, "port"))
     return tuple(ports)
 
 

@@ -34,6 +34,7 @@ from pyproxy.model.objects import (
     EndpointSlice,
     InvalidObject,
     Node,
+    Report,
     Service,
     ServiceKey,
     parse_endpoint_slice,
@@ -50,6 +51,7 @@ from pyproxy.sources.kube_watch import (
     Pending,
     Reconnect,
     Relist,
+    Skip,
     Upsert,
     WatchState,
     WatchTiming,
@@ -69,15 +71,21 @@ class KindHandler:
     """How one kind's objects become model values, and how they land in the store."""
 
     kind: Kind
-    parse: Callable[[Mapping[str, Any]], Any]
+    parse: Callable[[Mapping[str, Any], Report], Any]
     apply: Callable[[ClusterStore, dict[ObjectKey, Any] | None, dict[ObjectKey, Any]], None]
     pending: Pending[ObjectKey, Any] = field(default_factory=Pending)
     on_invalid: Callable[[Mapping[str, Any], InvalidObject], None] | None = None
 
     def value(self, obj: Mapping[str, Any]) -> Any:
-        """The model value of an object, or None when it is not ours or invalid (logged)."""
+        """The model value of an object, or None when it is not ours or invalid (logged).
+        A part left out (a port, an endpoint) is logged and reported the same way."""
+        def part(err: InvalidObject) -> None:
+            log.warning("skipping part of an object: %s", err)
+            if self.on_invalid is not None:
+                self.on_invalid(obj, err)
+
         try:
-            return self.parse(obj)
+            return self.parse(obj, part)
         except InvalidObject as err:
             log.error("skipping invalid object: %s", err)
             if self.on_invalid is not None:
@@ -113,9 +121,9 @@ def handlers(
 ) -> tuple[KindHandler, KindHandler, KindHandler]:
     services, slices, node = watched_kinds(node_name, proxy_name)
     return (
-        KindHandler(services, lambda o: parse_service(o, proxy_name), _apply_services, on_invalid=on_invalid),
-        KindHandler(slices, parse_endpoint_slice, _apply_slices, on_invalid=on_invalid),
-        KindHandler(node, lambda o: parse_node(o) if (o.get("metadata") or {}).get("name") == node_name else None, _apply_node),
+        KindHandler(services, lambda o, r: parse_service(o, proxy_name, report=r), _apply_services, on_invalid=on_invalid),
+        KindHandler(slices, lambda o, r: parse_endpoint_slice(o, report=r), _apply_slices, on_invalid=on_invalid),
+        KindHandler(node, lambda o, r: parse_node(o, report=r) if _key(o)[1] == node_name else None, _apply_node),
     )
 
 
@@ -222,6 +230,8 @@ class Watcher:
                     value = self.handler.value(decision.obj) if isinstance(decision, Upsert) else None
                     if self.handler.pending.change(_key(decision.obj), value):
                         self.notify(self.handler)
+                elif isinstance(decision, Skip):
+                    log.error("%s: skipping invalid object: %s", self.name, decision.reason)
                 elif isinstance(decision, Relist):
                     log.info("%s: %s; listing again", self.name, decision.reason)
                     return
@@ -234,8 +244,12 @@ class Watcher:
 
 
 def _key(obj: Mapping[str, Any]) -> ObjectKey:
-    meta = obj.get("metadata") or {}
-    return (str(meta.get("namespace") or ""), str(meta.get("name") or ""))
+    """(namespace, name) of any object, whatever its metadata's shape ("" for what is missing)."""
+    meta = obj.get("metadata")
+    if not isinstance(meta, Mapping):
+        return ("", "")
+    namespace, name = meta.get("namespace"), meta.get("name")
+    return (namespace if isinstance(namespace, str) else "", name if isinstance(name, str) else "")
 
 
 # -- the asyncio side ----------------------------------------------------------------------------

@@ -340,3 +340,34 @@ async def test_the_watcher_survives_bad_files_and_applies_later_good_changes(
     finally:
         stop.set()
         await task
+
+
+# --- objects from the API server get the same hardening -----------------------------------
+
+
+def test_hostile_objects_from_the_api_server_are_skipped_and_the_watch_goes_on(caplog: pytest.LogCaptureFixture) -> None:
+    from pyproxy.sources.kube import KubeSource, Watcher
+    from tests.unit.test_kube_source import FakeTransport, Stop, a_list, service
+
+    mixed = service("mixed", ip="10.96.0.11")
+    mixed["spec"]["ports"].append({"name": "sig", "port": 3868, "protocol": "SCTP"})
+    hostile = [{"kind": "Service", "metadata": ["not", "a", "mapping"]},
+               {"kind": "Service", "metadata": {"name": {"deep": [1, 2]}, "namespace": "default"}},
+               replaced(service("typed", ip="10.96.0.12"), ("spec", "ports", 0, "port"), [80])]
+    watch = [{"type": "MODIFIED", "object": o} for o in hostile] + [
+        {"type": "ADDED", "object": service("later", ip="10.96.0.13", rv="9")}]
+    stop = Stop()
+    transport = FakeTransport(stop, [a_list([service("good"), mixed, *hostile], "5")], [watch])
+    store = ClusterStore()
+    source = KubeSource(store, lambda: None, transport, "node1")
+    watcher = Watcher(source.handlers[0], transport, lambda h: None, stop)
+    watcher.run()
+    snapshot, changes = source.handlers[0].pending.take()
+    assert snapshot is not None
+    served = {k[1] for k, v in snapshot.items() if v is not None} | {k[1] for k, v in changes.items() if v is not None}
+    assert served == {"good", "mixed", "later"}
+    assert "watch failed unexpectedly" not in caplog.text and not source.broken
+    assert "Service default/mixed: spec.ports[1].protocol: protocol SCTP is not supported" in caplog.text
+    assert "Service default/typed: spec.ports: no port can be served (spec.ports[0].port: a list of 1 items" in caplog.text
+    reasons = [e["note"] for _, e in transport.events]
+    assert any("mixed" in n or "SCTP" in n for n in reasons), reasons
