@@ -47,6 +47,7 @@ IP_TRANSPARENT = 19
 IP_BIND_ADDRESS_NO_PORT = 24
 LINGER_RESET = struct.pack("ii", 1, 0)
 EARLY_BUFFER_LIMIT = 256 * 1024
+LISTEN_BACKLOG = 4096  # a burst of connections waits here for accept(); overflow drops handshakes
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,7 @@ def transparent_listener(host: str, port: int, kind: int = socket.SOCK_STREAM) -
         sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
         sock.bind((host, port))
         if kind == socket.SOCK_STREAM:
-            sock.listen(4096)
+            sock.listen(LISTEN_BACKLOG)
         sock.setblocking(False)
     except OSError:
         sock.close()
@@ -125,7 +126,9 @@ class Relay:
         """Serve on a new transparent listener, or on `sock` (a worker's reuseport socket)."""
         loop = asyncio.get_running_loop()
         sock = sock if sock is not None else transparent_listener(host, port)
-        self._server = await loop.create_server(lambda: ClientSide(self), sock=sock)
+        # create_server listens again, with its own backlog (100 unless told): a storm's
+        # handshakes would overflow it and their clients hang until SYN-ACK retries
+        self._server = await loop.create_server(lambda: ClientSide(self), sock=sock, backlog=LISTEN_BACKLOG)
 
     def stop_accepting(self) -> None:
         """Refuse new connections with a reset from now on (the listener stays open while
@@ -213,6 +216,11 @@ class ClientSide(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.pair is not None:
+            if exc is not None and not self.pair.closed:
+                if self.pair.upstream is None:
+                    self.relay.errors.note("client", exc, "clients reset their connections while the endpoint was dialed")
+                else:
+                    self.relay.errors.note("relay", exc, f"connections ended by a socket error: {exc}")
             self.pair.lost()
 
 

@@ -240,6 +240,19 @@ def storm(address: tuple[str, int], count: int, batch: int, send: bool, timeout:
     return f"storm connected={connected} failed={failed}"
 
 
+def _closed_by_peer(sock: socket.socket) -> bool:
+    """Whether the peer has closed (EOF after any unread reply, or a reset); never blocks."""
+    for _ in range(64):
+        try:
+            if not sock.recv(CHUNK, socket.MSG_DONTWAIT):
+                return True
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+    return False
+
+
 def silent(address: tuple[str, int], count: int, hold_for: float, send: bool, timeout: float,
            bind: str | None) -> str:
     socks = _open_batch(address, min(count, 20000), bind)
@@ -254,14 +267,7 @@ def silent(address: tuple[str, int], count: int, hold_for: float, send: bool, ti
                     pass
         print(f"opened {len(ok)}", flush=True)
         time.sleep(min(hold_for, 600))
-        closed = 0
-        for sock in ok:
-            try:
-                closed += sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
-            except BlockingIOError:
-                pass
-            except OSError:
-                closed += 1
+        closed = sum(_closed_by_peer(sock) for sock in ok)
         return f"silent opened={len(ok)} closed_by_peer={closed}"
     finally:
         for sock in socks:
