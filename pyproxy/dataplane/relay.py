@@ -48,6 +48,7 @@ IP_BIND_ADDRESS_NO_PORT = 24
 LINGER_RESET = struct.pack("ii", 1, 0)
 EARLY_BUFFER_LIMIT = 256 * 1024
 LISTEN_BACKLOG = 4096  # a burst of connections waits here for accept(); overflow drops handshakes
+ACCEPT_BATCH = 16  # accepts per wake-up of an asyncio listener
 
 
 @dataclass(frozen=True)
@@ -126,9 +127,12 @@ class Relay:
         """Serve on a new transparent listener, or on `sock` (a worker's reuseport socket)."""
         loop = asyncio.get_running_loop()
         sock = sock if sock is not None else transparent_listener(host, port)
-        # create_server listens again, with its own backlog (100 unless told): a storm's
-        # handshakes would overflow it and their clients hang until SYN-ACK retries
-        self._server = await loop.create_server(lambda: ClientSide(self), sock=sock, backlog=LISTEN_BACKLOG)
+        # create_server listens again with its `backlog` (100 unless told), which asyncio also
+        # uses as its accepts per wake-up, and on EMFILE asyncio (3.11) fails and schedules a
+        # retry for every one of them. So: a small batch for the loop, then the kernel's queue
+        # set back to LISTEN_BACKLOG (a storm's handshakes must not overflow it).
+        self._server = await loop.create_server(lambda: ClientSide(self), sock=sock, backlog=ACCEPT_BATCH)
+        sock.listen(LISTEN_BACKLOG)
 
     def stop_accepting(self) -> None:
         """Refuse new connections with a reset from now on (the listener stays open while

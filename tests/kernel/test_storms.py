@@ -179,7 +179,9 @@ def test_fd_exhaustion_is_logged_at_a_bounded_rate_and_service_comes_back(storm_
     cluster.lab.stop(old)
     config = cluster.workdir / "config.yaml"
     variant = [a for a in cluster_args(old)]
+    syncs = cluster.syncs("node1")
     proc = cluster.start_proxy("node1", *variant, "--config", str(config), wrap=("prlimit", "--nofile=96:96", "--"))
+    cluster.wait_for_log("node1", " synced ", syncs)  # the new process (the log file is the old one's)
     pid = proc.pid
     assert "96" in Path(f"/proc/{pid}/limits").read_text().split("Max open files")[1].split("\n")[0]
     assert all("pod=" in line for line in served(cluster, 3))
