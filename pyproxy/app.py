@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from pyproxy.config import ProxyConfig
+from pyproxy.dataplane.errors import ErrorLog
 from pyproxy.dataplane.nft import NftConfig, NftRunner
 from pyproxy.dataplane.relay import Relay, RelayConfig
 from pyproxy.dataplane.splice import FastRelay, TcpRelay
@@ -35,6 +36,7 @@ from pyproxy.proxier import Proxier, SyncResult, parse_cidrs
 from pyproxy.sources.kube import KubeSource
 from pyproxy.sources.kube_client import SourceError, open_transport
 from pyproxy.sources.manifests import ManifestSnapshot, fingerprint, load_manifests, watch_manifests
+from pyproxy.supervisor import Job, Supervisor
 from pyproxy.sync import SyncRunner
 
 log = logging.getLogger("pyproxy")
@@ -109,10 +111,12 @@ class ProxyApp:
             config=UdpConfig(idle_timeout=dp.udpIdleTimeout, max_flows=dp.maxUDPFlows),
         )
         self.stop = asyncio.Event()
+        self.supervisor = Supervisor(self.stop)  # every long-lived task runs under it
         reader = ProxyReader(self.store, self.table, lambda: itertools.chain(self.relay.connections(),
                                                                              self.udp.connections()),
                              shutting_down=self.stop.is_set, worker=self.worker.index)
-        self.observer = Observer(config, self.store, self.table, self.stats, self.runner, reader, self.worker)
+        self.observer = Observer(config, self.store, self.table, self.stats, self.runner, reader, self.worker,
+                                 down=lambda: self.supervisor.down)
         self.force = False
 
     def _synced(self, result: SyncResult) -> None:
@@ -127,12 +131,14 @@ class ProxyApp:
     def apply_manifests(self, snapshot: ManifestSnapshot) -> None:
         for problem in snapshot.problems:
             log.error("skipping invalid object: %s", problem)
+        for problem in snapshot.parts:
+            log.warning("skipping part of an object: %s", problem)
         self.store.replace_all(snapshot.services, snapshot.slices)
         self.store.set_node(snapshot.node)
         if self.store.has_changes:
             self.runner.request()
 
-    async def _load_source(self) -> tuple[str, Callable[[], Coroutine[Any, Any, None]]]:
+    async def _load_source(self) -> tuple[str, Callable[[Job], Coroutine[Any, Any, None]]]:
         """Standalone: load the manifests now. Cluster: connect; the watch task fills the store."""
         if not self.config.manifests:
             client = self.config.clientConnection
@@ -141,16 +147,35 @@ class ProxyApp:
             except SourceError as err:
                 raise StartupError(f"{err} (give --manifests DIR, --kubeconfig or --master)") from None
             kube = KubeSource(self.store, self.runner.request, transport, self.node_name, self.config.proxyName or None)
-            return "kube-source", kube.run  # no sync programs anything before both first lists (store.synced)
+
+            async def follow_kube(job: Job) -> None:
+                job.probe = lambda: bool(kube.broken)  # a watch thread failing unexpectedly
+                job.activity = "watching the API server"
+                job.up()
+                await kube.run()
+
+            return "kube-source", follow_kube  # no sync programs anything before both first lists (store.synced)
         manifests = Path(self.config.manifests)
-        first_fingerprint = fingerprint(manifests)
-        self.apply_manifests(load_manifests(manifests, self.node_name, self.config.proxyName or None))
-        return "manifest-watch", lambda: watch_manifests(
-            manifests, self.node_name, self.config.proxyName or None, self.apply_manifests,
-            self.config.manifestPollInterval, self.stop, first_fingerprint,
-        )
+        limits, proxy_name = self.config.manifestLimits, self.config.proxyName or None
+        first_fingerprint = await asyncio.to_thread(fingerprint, manifests)  # never read files on the loop
+        self.apply_manifests(await asyncio.to_thread(load_manifests, manifests, self.node_name, proxy_name, limits))
+
+        async def follow_manifests(job: Job) -> None:
+            def deliver(snapshot: ManifestSnapshot) -> None:
+                self.apply_manifests(snapshot)
+                job.up()
+
+            def activity(text: str) -> None:
+                job.activity = text
+
+            last = first_fingerprint if job.restarts == 0 else None  # after a failure: reload at once
+            await watch_manifests(manifests, self.node_name, proxy_name, deliver, self.config.manifestPollInterval,
+                                  self.stop, last, limits, activity)
+
+        return "manifest-watch", follow_manifests
 
     async def run(self) -> int:
+        self._install_loop_errors()
         source_name, follow_source = await self._load_source()
         if self.worker.programs_kernel:
             await asyncio.to_thread(policy_routing(self.config).install)  # pyroute2 runs its own loop
@@ -160,16 +185,39 @@ class ProxyApp:
         self._install_signals()
         log.info("pyproxy serving on node %s", self.node_name)
         self.runner.request()
-        tasks = [
-            asyncio.create_task(self.runner.run(self.stop), name="sync-runner"),
-            asyncio.create_task(self.observer.run(self.stop), name="health-metrics-debug"),  # workers: debug only
-            asyncio.create_task(follow_source(), name=source_name),
-        ]
+        self.supervisor.start("sync-runner", self._run_sync)
+        self.supervisor.start("health-metrics-debug", self._run_observer)  # workers: debug only
+        self.supervisor.start(source_name, follow_source)
         try:
             await self.stop.wait()
         finally:
-            await self._shutdown(tasks)
+            await self._shutdown()
         return 0
+
+    async def _run_sync(self, job: Job) -> None:
+        job.activity = "running syncs"
+        job.up()
+        await self.runner.run(self.stop)
+
+    async def _run_observer(self, job: Job) -> None:
+        job.activity = "serving health and metrics"
+        job.up()
+        await self.observer.run(self.stop)
+
+    def _install_loop_errors(self) -> None:
+        """Whatever reaches the event loop's exception handler (an error in a callback,
+        asyncio's own accept failures) is counted and logged at a bounded rate: the first
+        of a kind with its traceback, then one line with the count per window."""
+        errors = ErrorLog(self.stats.connection_errors, logging.getLogger("pyproxy.loop"))
+
+        def handle(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+            exc = context.get("exception")
+            message = str(context.get("message") or "unhandled error")
+            errors.note("loop", exc if isinstance(exc, BaseException) else None,
+                        f"event loop: {message}" + (f": {exc!r}" if exc is not None else ""),
+                        key=f"{message} {type(exc).__name__}", level=logging.ERROR)
+
+        asyncio.get_running_loop().set_exception_handler(handle)
 
     def _install_signals(self) -> None:
         loop = asyncio.get_running_loop()
@@ -184,11 +232,9 @@ class ProxyApp:
                 pair.close(abort=True)
         self.stop.set()
 
-    async def _shutdown(self, tasks: list[asyncio.Task[None]]) -> None:
+    async def _shutdown(self) -> None:
         self.relay.stop_accepting()
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.supervisor.close()
         open_connections = len(self.relay.pairs)
         if open_connections:
             log.info("draining %d open connections (up to %.0fs)", open_connections, self.config.dataplane.drainTimeout)

@@ -5,7 +5,7 @@ Rules kept here:
   kube-proxy's field names where the meaning carries over (`healthzBindAddress`,
   `metricsBindAddress`, `hostnameOverride`, `clusterCIDR`, `nodePortAddresses`,
   `syncPeriod`, `minSyncPeriod`, `clientConnection.kubeconfig`), and pyproxy's own under
-  `dataplane` and `standalone`.
+  `dataplane` and `manifestLimits`.
 - Every error names its field path; unknown fields are errors (a typo must not pass).
 - Durations are written the Kubernetes way: `30s`, `100ms`, `1h30m`.
 - Flags given on the command line override the file.
@@ -56,6 +56,19 @@ class DataplaneConfig:
 
 
 @dataclass(frozen=True)
+class ManifestLimits:
+    """Bounds on each manifest file, checked before anything is built from it (README)."""
+
+    maxFileSize: int = 16 * 1024 * 1024  # bytes
+    maxDocuments: int = 10000
+    maxDepth: int = 64  # nested mappings and lists; a Kubernetes object needs about 10
+    maxAliasExpansion: int = 100_000  # nodes the aliases of one document may stand for
+
+
+MAX_YAML_DEPTH = 200  # deeper, the YAML library's own recursion would fail first
+
+
+@dataclass(frozen=True)
 class ClientConnection:
     kubeconfig: str = ""
     apiServer: str = ""
@@ -74,6 +87,7 @@ class ProxyConfig:
     minSyncPeriod: float = 0.1
     manifests: str = ""
     manifestPollInterval: float = 0.5
+    manifestLimits: ManifestLimits = field(default_factory=ManifestLimits)
     eventLoop: str = "auto"
     debugAPI: bool = True  # serve the inspection API (/debug/*) on metricsBindAddress
     clientConnection: ClientConnection = field(default_factory=ClientConnection)
@@ -207,6 +221,11 @@ def validate(config: ProxyConfig) -> None:
             raise ConfigError(f"dataplane.podBridges[{i}]", f"{name!r} is not an interface name")
     if not 1 <= dp.workers <= 64:
         raise ConfigError("dataplane.workers", f"{dp.workers} must be in [1, 64]")
+    for limit in dataclasses.fields(ManifestLimits):
+        if getattr(config.manifestLimits, limit.name) < 1:
+            raise ConfigError(f"manifestLimits.{limit.name}", "must be at least 1")
+    if config.manifestLimits.maxDepth > MAX_YAML_DEPTH:
+        raise ConfigError("manifestLimits.maxDepth", f"{config.manifestLimits.maxDepth} must be at most {MAX_YAML_DEPTH}")
     if config.minSyncPeriod < 0 or config.syncPeriod <= 0:
         raise ConfigError("syncPeriod", "sync periods must be positive")
 

@@ -4,6 +4,7 @@ Rules kept here:
 - Events only nudge (`request()`); the runner decides when to sync.
 - Never more often than `min_interval`; at least every `max_interval` even without
   nudges; after a failed sync, again after `retry_interval`.
+- A failed sync logs its traceback once; the same failure again is one line per retry.
 - `pending_since` is when the oldest unapplied nudge arrived: health reads it to tell a
   stale data plane from a quiet one.
 """
@@ -36,6 +37,7 @@ class SyncRunner:
         self.last_run: float | None = None
         self.last_success: float | None = None
         self.applying_since: float | None = None  # the pending_since a running sync took
+        self.last_failure: str | None = None
         self._wake = asyncio.Event()
 
     def request(self) -> None:
@@ -84,8 +86,13 @@ class SyncRunner:
         self.applying_since = pending
         try:
             await self._sync()
-        except Exception:
-            log.exception("sync failed; retrying in %.1fs", self.retry_interval)
+        except Exception as err:
+            summary = f"{type(err).__name__}: {err}"
+            if summary != self.last_failure:  # a traceback for a new failure, one line for each repeat
+                log.exception("sync failed; retrying in %.1fs", self.retry_interval)
+            else:
+                log.error("sync failed again (%s); retrying in %.1fs", summary, self.retry_interval)
+            self.last_failure = summary
             if pending is not None:  # still the oldest unapplied change, even if more came meanwhile
                 self.pending_since = pending
             elif self.pending_since is None:
@@ -94,4 +101,5 @@ class SyncRunner:
         finally:
             self.applying_since = None
         self.last_success = self.clock()
+        self.last_failure = None
         return True

@@ -16,11 +16,17 @@ Rules kept here (SPEC.md §5, §8):
   half-closed), so nothing leaks.
 - `connections()` hands out read-only copies (`ConnectionInfo`) of the open pairs for the
   inspection API; each pair counts its own bytes beside its port's counters.
+- No socket outlives its pair: an upstream socket belongs to the dial attempt until a
+  transport owns it, and the attempt closes it on every way out (failure, timeout, the
+  client gone meanwhile, cancellation). A client already gone when its connection is
+  handled (no peer address any more) is aborted at once. An unexpected error in a
+  callback closes that pair. Errors are counted and logged at a bounded rate (errors.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import socket
 import struct
@@ -29,6 +35,7 @@ from collections.abc import Callable, Iterator, Set
 from dataclasses import dataclass, field
 from typing import Protocol, cast
 
+from pyproxy.dataplane.errors import ErrorLog, error_name
 from pyproxy.dataplane.stats import ConnectionInfo, DataplaneStats, PortStats
 from pyproxy.model.endpoints import Endpoint
 from pyproxy.model.objects import ServicePortName
@@ -40,6 +47,8 @@ IP_TRANSPARENT = 19
 IP_BIND_ADDRESS_NO_PORT = 24
 LINGER_RESET = struct.pack("ii", 1, 0)
 EARLY_BUFFER_LIMIT = 256 * 1024
+LISTEN_BACKLOG = 4096  # a burst of connections waits here for accept(); overflow drops handshakes
+ACCEPT_BATCH = 16  # accepts per wake-up of an asyncio listener
 
 
 @dataclass(frozen=True)
@@ -59,7 +68,7 @@ def transparent_listener(host: str, port: int, kind: int = socket.SOCK_STREAM) -
         sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
         sock.bind((host, port))
         if kind == socket.SOCK_STREAM:
-            sock.listen(4096)
+            sock.listen(LISTEN_BACKLOG)
         sock.setblocking(False)
     except OSError:
         sock.close()
@@ -109,12 +118,21 @@ class Relay:
     pairs: set[Pair] = field(default_factory=set)
     draining: bool = False
     _server: asyncio.AbstractServer | None = None
+    errors: ErrorLog = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.errors = ErrorLog(self.stats.connection_errors, log)
 
     async def start(self, host: str, port: int, sock: socket.socket | None = None) -> None:
         """Serve on a new transparent listener, or on `sock` (a worker's reuseport socket)."""
         loop = asyncio.get_running_loop()
         sock = sock if sock is not None else transparent_listener(host, port)
-        self._server = await loop.create_server(lambda: ClientSide(self), sock=sock)
+        # create_server listens again with its `backlog` (100 unless told), which asyncio also
+        # uses as its accepts per wake-up, and on EMFILE asyncio (3.11) fails and schedules a
+        # retry for every one of them. So: a small batch for the loop, then the kernel's queue
+        # set back to LISTEN_BACKLOG (a storm's handshakes must not overflow it).
+        self._server = await loop.create_server(lambda: ClientSide(self), sock=sock, backlog=ACCEPT_BATCH)
+        sock.listen(LISTEN_BACKLOG)
 
     def stop_accepting(self) -> None:
         """Refuse new connections with a reset from now on (the listener stays open while
@@ -127,6 +145,7 @@ class Relay:
         cut = await drain_pairs(self.pairs, timeout, self.clock)
         if self._server is not None:
             self._server.close()
+        self.errors.close()
         return cut
 
     def route(self, client: tuple[str, int], destination: tuple[str, int]) -> Route | None:
@@ -147,10 +166,26 @@ class ClientSide(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)  # uvloop's transports don't subclass asyncio's
+        try:
+            self._serve(transport)
+        except Exception as err:  # a bug costs this connection and a rate-limited log line, never a socket
+            self.relay.errors.note("internal", err, f"relay: unexpected error while serving a connection: {err!r}",
+                                   level=logging.ERROR)
+            if self.pair is not None:
+                self.pair.close(abort=True)
+            else:
+                transport.abort()
+
+    def _serve(self, transport: asyncio.Transport) -> None:
         client = transport.get_extra_info("peername")
         destination = transport.get_extra_info("sockname")
         if self.relay.draining:
             reset(transport)
+            return
+        if client is None or destination is None:  # reset before we got to it: getpeername failed
+            self.relay.errors.note("client", OSError(errno.ENOTCONN, "gone"),
+                                   "clients reset their connections before they were served")
+            transport.abort()
             return
         route = self.relay.route(client, destination)
         if route is None:
@@ -185,6 +220,11 @@ class ClientSide(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.pair is not None:
+            if exc is not None and not self.pair.closed:
+                if self.pair.upstream is None:
+                    self.relay.errors.note("client", exc, "clients reset their connections while the endpoint was dialed")
+                else:
+                    self.relay.errors.note("relay", exc, f"connections ended by a socket error: {exc}")
             self.pair.lost()
 
 
@@ -248,7 +288,16 @@ class Pair:
         )
 
     async def _dial(self, route: Route, candidates: tuple[Endpoint, ...], transparent: bool) -> None:
-        loop = asyncio.get_running_loop()
+        try:
+            await self._dial_endpoints(route, candidates, transparent)
+        except asyncio.CancelledError:
+            raise  # the pair closed while dialing; the attempt closed its socket on the way out
+        except Exception as err:
+            self.relay.errors.note("internal", err, f"relay: unexpected error while dialing: {err!r}",
+                                   level=logging.ERROR)
+            self.close(abort=True)
+
+    async def _dial_endpoints(self, route: Route, candidates: tuple[Endpoint, ...], transparent: bool) -> None:
         balancer = self.relay.table.balancers.get(route.port.name)
         client_ip = self.client_address[0]
         failed: set[tuple[str, int]] = set()
@@ -258,27 +307,45 @@ class Pair:
             endpoint = balancer.pick(client_ip, candidates, self.relay.clock(), exclude=failed)
             if endpoint is None:
                 break
-            sock: socket.socket | None = None
             try:
                 sock = _upstream_socket(client_ip if transparent else None)
-                await asyncio.wait_for(loop.sock_connect(sock, endpoint.address), timeout)
-                if self.closed:
-                    sock.close()
-                    return
-                transport, _ = await loop.create_connection(lambda: UpstreamSide(self), sock=sock)
+            except OSError as err:  # out of file descriptors, say: not the endpoint's fault
+                self.relay.errors.note("upstream", err, f"cannot make an upstream socket: {err}")
+                break
+            try:
+                transport = await self._dial_one(sock, endpoint, timeout)
             except (OSError, asyncio.TimeoutError) as err:
-                if sock is not None:
-                    sock.close()
                 failed.add(endpoint.address)
                 self.relay.stats.dial_failed(route.port.name, endpoint.address)
-                log.info("dial %s for %s failed: %s", endpoint, route.port.name, err or "timeout")
+                self.relay.errors.note("dial", err, f"dial {endpoint} for {route.port.name} failed: {err or 'timeout'}",
+                                       key=f"dial {endpoint} {error_name(err)}")
                 continue
+            if transport is None:
+                return  # the client left while we dialed
             self._connected(transport, endpoint)
             return
         if not self.closed:
             self.stats.refused += 1
             reset(self.client)
             self.lost()
+
+    async def _dial_one(self, sock: socket.socket, endpoint: Endpoint, timeout: float) -> asyncio.Transport | None:
+        """Connect `sock` and wrap it in a transport; None if the pair closed meanwhile. The
+        socket is closed on every way out but success (then the transport owns it)."""
+        loop = asyncio.get_running_loop()
+        transport: asyncio.Transport | None = None
+        try:
+            await asyncio.wait_for(loop.sock_connect(sock, endpoint.address), timeout)
+            if self.closed:
+                return None
+            transport, _ = await loop.create_connection(lambda: UpstreamSide(self), sock=sock)
+        finally:
+            if transport is None:
+                sock.close()
+        if self.closed:  # closed while the transport was made: nothing will close it but us
+            transport.abort()
+            return None
+        return transport
 
     def _connected(self, transport: asyncio.Transport, endpoint: Endpoint) -> None:
         self.upstream = transport
@@ -386,7 +453,7 @@ class Pair:
         idle = self.relay.clock() - self.last_activity
         remaining = self._timeout() - idle
         if remaining <= 0:
-            log.info("closing idle connection from %s:%s to %s", *self.client_address, self.endpoint)
+            self.relay.errors.note("idle", None, "closing connections idle past their timeout")
             self.close(abort=True)
             return
         self.timer = asyncio.get_running_loop().call_later(remaining, self._check_idle)

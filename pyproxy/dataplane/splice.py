@@ -32,6 +32,11 @@ Theory of operation:
 - Every socket is forgotten by the poller before it is closed.
 - `connections()` hands out read-only copies (`ConnectionInfo`) of the open pairs for the
   inspection API, as `relay.Relay` does.
+- No socket outlives its pair: while dialing, the client is watched for errors and
+  hang-ups only (mask 0), so a client that resets mid-dial closes the pair and its
+  upstream attempt at once; an unexpected error in a handler closes that pair. Out of
+  file descriptors, accepting pauses briefly instead of spinning. Errors are counted and
+  logged at a bounded rate (errors.py), never a line per connection.
 
 Why one module this long: accepting, dialing and the two byte directions are one
 connection's life and share its state; split over files they would all reach into each other.
@@ -51,6 +56,7 @@ from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from pyproxy.dataplane.errors import ErrorLog, error_name
 from pyproxy.dataplane.poller import ERR_HUP, IN, OUT, Poller
 from pyproxy.dataplane.relay import (
     LINGER_RESET,
@@ -75,6 +81,7 @@ READS_PER_WAKE = 4  # copy-mode reads per readable event
 F_SETPIPE_SZ = 1031
 SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 DEFAULT_SPLICE_AFTER = 64 * 1024
+ACCEPT_PAUSE = 0.1  # seconds without accepting after EMFILE/ENFILE/ENOBUFS (the listener stays readable)
 
 
 class PairLike(Protocol):
@@ -111,6 +118,11 @@ class FastRelay:
     _sweeper: asyncio.TimerHandle | None = None
     draining: bool = False
     _stats_cache: dict[tuple[str, str, int], tuple[Route, PortStats]] = field(default_factory=dict)
+    errors: ErrorLog = field(init=False)
+    _accept_paused: asyncio.TimerHandle | None = None
+
+    def __post_init__(self) -> None:
+        self.errors = ErrorLog(self.stats.connection_errors, log)
 
     async def start(self, host: str, port: int, sock: socket.socket | None = None) -> None:
         self._loop = asyncio.get_running_loop()
@@ -128,7 +140,7 @@ class FastRelay:
         """Close pairs idle past their bound: one timer for all pairs, not one each."""
         now = self.clock()
         for pair in [p for p in self.pairs if p.idle_expired(now)]:
-            log.info("closing idle connection from %s:%s to %s", *pair.client_address, pair.endpoint)
+            self.errors.note("idle", None, "closing connections idle past their timeout")
             pair.close(abort=True)
         assert self._loop is not None
         self._sweeper = self._loop.call_later(self._sweep_interval(), self._sweep)
@@ -144,8 +156,12 @@ class FastRelay:
         self.draining = True
 
     def _close_listener(self) -> None:
-        if self.listener is not None and self._loop is not None:
+        if self._accept_paused is not None:
+            self._accept_paused.cancel()
+            self._accept_paused = None
+        elif self.listener is not None and self._loop is not None:
             self._loop.remove_reader(self.listener.fileno())
+        if self.listener is not None:
             self.listener.close()
             self.listener = None
 
@@ -156,6 +172,7 @@ class FastRelay:
             self._sweeper.cancel()
         self._close_listener()
         self.poller.close()
+        self.errors.close()
         return cut
 
     poller: Poller = field(init=False)
@@ -169,20 +186,50 @@ class FastRelay:
                 fd, client = listener._accept()  # type: ignore[attr-defined]  # accept() converts enums each call
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as err:  # EMFILE, ENFILE, ENOBUFS: leave the rest queued
-                log.warning("accept failed: %s", err)
+            except OSError as err:  # EMFILE, ENFILE, ENOBUFS: leave the rest queued, and pause
+                self.errors.note("accept", err, f"accept failed: {err}; pausing accepts for {ACCEPT_PAUSE}s",
+                                 level=logging.WARNING)
+                self._pause_accepting()
                 return
             conn = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, fd)
             if self.draining:
                 _reset(conn)
-            else:
+                continue
+            try:
                 self._serve(conn, client)
+            except Exception as err:  # a bug costs this connection and a rate-limited line, never a socket
+                self.errors.note("internal", err, f"splice relay: unexpected error serving a connection: {err!r}",
+                                 level=logging.ERROR)
+                self._abandon(conn)
+
+    def _pause_accepting(self) -> None:
+        """A listener that cannot accept stays readable: stop watching it for a moment
+        rather than spin (the queued connections wait in the backlog)."""
+        if self.listener is None or self._loop is None or self._accept_paused is not None:
+            return
+        self._loop.remove_reader(self.listener.fileno())
+        self._accept_paused = self._loop.call_later(ACCEPT_PAUSE, self._resume_accepting)
+
+    def _resume_accepting(self) -> None:
+        self._accept_paused = None
+        if self.listener is not None and self._loop is not None:
+            self._loop.add_reader(self.listener.fileno(), self._accept)
+
+    def _abandon(self, conn: socket.socket) -> None:
+        """Close `conn` and whatever pair it got (the pair closes it too)."""
+        pair = next((p for p in self.pairs if p.client is conn), None)
+        if pair is not None:
+            pair.close(abort=True)
+        elif conn.fileno() >= 0:
+            self.poller.forget(conn.fileno())
+            _reset(conn)
 
     def _serve(self, conn: socket.socket, client: tuple[str, int]) -> None:
         conn.setblocking(False)
         try:
             destination = conn.getsockname()
-        except OSError:
+        except OSError as err:
+            self.errors.note("client", err, "clients reset their connections before they were served")
             conn.close()
             return
         frontend = (destination[0], "TCP", destination[1])
@@ -441,6 +488,8 @@ class FastPair:
 
     def dial(self, candidates: tuple[Endpoint, ...], transparent: bool) -> None:
         self.candidates, self.transparent = candidates, transparent
+        # errors and hang-ups only: a client that resets while we dial ends the pair at once
+        self.relay.poller.watch(self.client.fileno(), 0, self._client_event)
         self._dial_next()
 
     def _dial_next(self) -> None:
@@ -452,6 +501,7 @@ class FastPair:
                                      exclude=self.failed_endpoints)
         if endpoint is None:
             self.stats.refused += 1
+            self.relay.poller.forget(self.client.fileno())
             _reset(self.client)
             self._finish()
             return
@@ -460,8 +510,10 @@ class FastPair:
         self.endpoint = endpoint
         try:
             sock = _upstream_socket(self.client_address[0] if self.transparent else None)
-        except OSError as err:
-            self._dial_failed(err)
+        except OSError as err:  # out of file descriptors, say: not the endpoint's fault
+            self.relay.errors.note("upstream", err, f"cannot make an upstream socket: {err}")
+            self.stats.refused += 1
+            self.close(abort=True)
             return
         self.upstream = sock
         code = sock.connect_ex(endpoint.address)
@@ -497,7 +549,8 @@ class FastPair:
         assert self.endpoint is not None
         self.failed_endpoints.add(self.endpoint.address)
         self.relay.stats.dial_failed(self.route.port.name, self.endpoint.address)
-        log.info("dial %s for %s failed: %s", self.endpoint, self.route.port.name, err or "timeout")
+        self.relay.errors.note("dial", err, f"dial {self.endpoint} for {self.route.port.name} failed: {err or 'timeout'}",
+                               key=f"dial {self.endpoint} {error_name(err)}")
         self.endpoint = None
         self._dial_next()
 
@@ -523,7 +576,7 @@ class FastPair:
             self.close()
 
     def failed(self, err: OSError) -> None:
-        log.debug("connection from %s:%s: %s", *self.client_address, err)
+        self.relay.errors.note("relay", err, f"connections ended by a socket error: {err}")
         self.close()
 
     def close(self, abort: bool = False) -> None:
@@ -554,8 +607,32 @@ class FastPair:
             self.relay.poller.watch(fd, mask, self._upstream_event)
 
     def _client_event(self, bits: int) -> None:
+        try:
+            self._on_client(bits)
+        except Exception as err:
+            self._internal(err)
+
+    def _upstream_event(self, bits: int) -> None:
+        try:
+            self._on_upstream(bits)
+        except Exception as err:
+            self._internal(err)
+
+    def _internal(self, err: Exception) -> None:
+        """A bug in a handler: this pair ends (sockets and pipes closed), the loop goes on."""
+        self.relay.errors.note("internal", err, f"splice relay: unexpected error in a connection: {err!r}",
+                               level=logging.ERROR)
+        self.close(abort=True)
+
+    def _on_client(self, bits: int) -> None:
         up, down = self.up, self.down
-        if up is None or down is None or self.closed:
+        if self.closed:
+            return
+        if up is None or down is None:  # dialing: only errors and hang-ups are watched
+            if bits & ERR_HUP:
+                self.relay.errors.note("client", OSError(errno.ECONNRESET, "reset"),
+                                       "clients reset their connections while the endpoint was dialed")
+                self.close(abort=True)
             return
         if not (up.reading or down.writing):
             self._hung_up(up.src_fd, bits)
@@ -565,7 +642,7 @@ class FastPair:
         if down.writing and not self.closed and bits & (OUT | ERR_HUP):
             down.writable()
 
-    def _upstream_event(self, bits: int) -> None:
+    def _on_upstream(self, bits: int) -> None:
         up, down = self.up, self.down
         if self.closed:
             return

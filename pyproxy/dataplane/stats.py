@@ -65,6 +65,7 @@ class DataplaneStats:
     ports: dict[ServicePortName, PortStats] = field(default_factory=dict)
     dial_failures: Counter[tuple[ServicePortName, tuple[str, int]]] = field(default_factory=Counter)
     unknown_destination: int = 0
+    connection_errors: Counter[tuple[str, str]] = field(default_factory=Counter)  # (stage, error): errors.py
     udp: UdpStats = field(default_factory=UdpStats)
 
     def port(self, name: ServicePortName) -> PortStats:

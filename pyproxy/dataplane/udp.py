@@ -202,7 +202,13 @@ class UdpRelay:
             if destination is None or flags & socket.MSG_TRUNC:
                 self._drop("no_original_destination" if destination is None else "truncated")
                 continue
-            self.forward(data, client, destination)
+            try:
+                self.forward(data, client, destination)
+            except Exception as err:  # a bug costs this datagram and a rate-limited line, not the listener
+                self._drop("internal_error")
+                self.stats.connection_errors[("internal", type(err).__name__)] += 1
+                self._warn("internal", "UDP relay: unexpected error forwarding a datagram from %s:%s: %r",
+                           *client, err)
 
     def forward(self, data: bytes, client: Address, destination: Address) -> None:
         """One datagram from `client` to the service address `destination`: to its flow's endpoint."""
@@ -262,7 +268,12 @@ class UdpRelay:
         flow = Flow(key, name, endpoint.address, FlowIO(upstream, port_stats, started=now))
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
-        self._loop.add_reader(upstream.fileno(), self._from_endpoint, flow)
+        try:
+            self._loop.add_reader(upstream.fileno(), self._from_endpoint, flow)
+        except BaseException:  # the flow never existed: its socket must not outlive it
+            upstream.close()
+            self._close_reply_if_unused(destination)
+            raise
         self._planned_with.setdefault(name, route.port)
         evicted = self.flows.add(flow, now)
         for old in evicted:

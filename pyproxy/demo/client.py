@@ -14,6 +14,12 @@ Each subcommand prints one line per result, so callers can count and compare:
   its echo (for drain and endpoint-removal checks);
 - `udp ADDR [--size N] [--count N]`: send datagrams, print the pod's header line and
   whether the payload came back whole (`whole=True`).
+- `storm ADDR --count N [--batch B] [--send]`: N connections, B at a time, each reset
+  (SO_LINGER 0) as soon as its handshake completes (after sending `WHO` with `--send`);
+  print one line `storm connected=C failed=F` (hostile tests).
+- `silent ADDR --count N --hold S [--send]`: open N connections that send nothing (or
+  `WHO` and a half-close with `--send`) and never read, hold them S seconds, then close;
+  print `silent opened=O closed_by_peer=P`.
 Every operation has a timeout; nothing here loops without a bound.
 """
 
@@ -177,9 +183,101 @@ def hold(address: tuple[str, int], timeout: float, bind: str | None) -> str:
     return "closed"
 
 
+LINGER_RESET = b"\x01\x00\x00\x00\x00\x00\x00\x00"  # struct linger {on, 0 s}: close() sends RST
+
+
+def _open_batch(address: tuple[str, int], n: int, bind: str | None) -> list[socket.socket]:
+    socks = []
+    for _ in range(n):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        if bind:
+            sock.bind((bind, 0))
+        sock.connect_ex(address)
+        socks.append(sock)
+    return socks
+
+
+def _wait_connected(socks: list[socket.socket], timeout: float) -> list[socket.socket]:
+    """The sockets whose handshake completed within `timeout`."""
+    import select
+
+    poller = select.poll()
+    by_fd = {s.fileno(): s for s in socks}
+    for fd in by_fd:
+        poller.register(fd, select.POLLOUT)
+    done: list[socket.socket] = []
+    deadline = time.monotonic() + timeout
+    while by_fd and time.monotonic() < deadline:
+        for fd, _ in poller.poll(max(1, int((deadline - time.monotonic()) * 1000))):
+            sock = by_fd.pop(fd, None)
+            if sock is None:
+                continue
+            poller.unregister(fd)
+            if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0:
+                done.append(sock)
+    return done
+
+
+def storm(address: tuple[str, int], count: int, batch: int, send: bool, timeout: float, bind: str | None) -> str:
+    connected = failed = 0
+    for start in range(0, min(count, 100000), batch):
+        socks = _open_batch(address, min(batch, count - start), bind)
+        try:
+            ok = _wait_connected(socks, timeout)
+            connected += len(ok)
+            failed += len(socks) - len(ok)
+            for sock in ok:
+                if send:
+                    try:
+                        sock.send(b"WHO\n")
+                    except OSError:
+                        pass
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+        finally:
+            for sock in socks:
+                sock.close()
+    return f"storm connected={connected} failed={failed}"
+
+
+def _closed_by_peer(sock: socket.socket) -> bool:
+    """Whether the peer has closed (EOF after any unread reply, or a reset); never blocks."""
+    for _ in range(64):
+        try:
+            if not sock.recv(CHUNK, socket.MSG_DONTWAIT):
+                return True
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+    return False
+
+
+def silent(address: tuple[str, int], count: int, hold_for: float, send: bool, timeout: float,
+           bind: str | None) -> str:
+    socks = _open_batch(address, min(count, 20000), bind)
+    try:
+        ok = _wait_connected(socks, timeout)
+        for sock in ok:
+            if send:
+                try:
+                    sock.send(b"WHO\n")
+                    sock.shutdown(socket.SHUT_WR)
+                except OSError:
+                    pass
+        print(f"opened {len(ok)}", flush=True)
+        time.sleep(min(hold_for, 600))
+        closed = sum(_closed_by_peer(sock) for sock in ok)
+        return f"silent opened={len(ok)} closed_by_peer={closed}"
+    finally:
+        for sock in socks:
+            sock.close()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pyproxy-client")
-    parser.add_argument("mode", choices=["http", "who", "echo", "sink", "connect", "udp", "hold", "stall"])
+    parser.add_argument("mode", choices=["http", "who", "echo", "sink", "connect", "udp", "hold", "stall",
+                                           "storm", "silent"])
     parser.add_argument("address")
     parser.add_argument("--count", type=int, default=1)
     parser.add_argument("--interval", type=float, default=0.0)
@@ -187,8 +285,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--timeout", type=float, default=5.0)
     parser.add_argument("--bind", help="source address to bind")
+    parser.add_argument("--batch", type=int, default=200, help="storm: connections at a time")
+    parser.add_argument("--hold", type=float, default=1.0, help="silent: seconds to hold the connections")
+    parser.add_argument("--send", action="store_true", help="storm: send WHO first; silent: WHO and half-close")
     args = parser.parse_args(argv)
     address = _address(args.address)
+    if args.mode == "storm":
+        print(storm(address, args.count, max(1, args.batch), args.send, args.timeout, args.bind), flush=True)
+        return 0
+    if args.mode == "silent":
+        print(silent(address, args.count, args.hold, args.send, args.timeout, args.bind), flush=True)
+        return 0
     for i in range(min(args.count, 100000)):
         if i and args.interval:
             time.sleep(args.interval)

@@ -39,11 +39,12 @@ class Cluster:
         path.mkdir(parents=True, exist_ok=True)
         return path
 
-    def start_proxy(self, node: str, *extra: str) -> subprocess.Popen[Any]:
+    def start_proxy(self, node: str, *extra: str, wrap: Sequence[str] = ()) -> subprocess.Popen[Any]:
+        """Start pyproxy on `node`; `wrap` runs it through a command that execs it (prlimit)."""
         log_path = self.workdir / node / "pyproxy.log"
         self.manifest_dir(node)
         self.logs[node] = log_path
-        args = [sys.executable, "-m", "pyproxy", "--manifests", str(self.manifest_dir(node)),
+        args = [*wrap, sys.executable, "-m", "pyproxy", "--manifests", str(self.manifest_dir(node)),
                 "--hostname-override", node, "--healthz-bind-address", "0.0.0.0:10256", *extra]
         proc = self.lab.spawn(node, args, log=log_path)
         self.proxies[node] = proc

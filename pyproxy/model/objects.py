@@ -1,8 +1,14 @@
 """Kubernetes objects as pyproxy sees them, parsed from API-server-shaped dicts.
 
 Rules kept here:
-- Parsing is pure: a dict in, a frozen value out, or `InvalidObject` naming the object and
-  the reason. Nothing else is raised for bad input.
+- Parsing is pure: a dict in, a frozen value out, or `InvalidObject` naming the object, the
+  field path and the reason. Nothing else is raised for bad input, of any type, size or
+  depth: every field is read through the typed accessors of `fields.py`.
+- A bad field rejects as little as it can, as kube-proxy skips what it cannot use: a port,
+  not the Service; an endpoint, not the slice; a zone label, not the Node. The rejected
+  part goes to the caller's `report` (logged, and an Event in cluster mode); only a field
+  that governs the whole object (name, type, cluster IPs, affinity, traffic policy, the
+  slice's Service label) rejects the object.
 - Only what the proxy needs is kept; unknown fields are ignored, as the API server would.
 - Objects the proxy must ignore (headless, ExternalName, another proxy's, headless slices)
   parse to `None`, never to an error: they are valid, just not ours.
@@ -10,10 +16,15 @@ Rules kept here:
 
 from __future__ import annotations
 
-import ipaddress
-from collections.abc import Mapping
+import logging
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from pyproxy.model.fields import MAX_NAME, Field, InvalidObject, is_ipv6
+
+__all__ = ["InvalidObject"]  # re-exported: callers catch it from here
+log = logging.getLogger("pyproxy.objects")
 
 SERVICE_PROXY_NAME_LABEL = "service.kubernetes.io/service-proxy-name"
 HEADLESS_LABEL = "service.kubernetes.io/headless"
@@ -23,16 +34,12 @@ ZONE_LABEL = "topology.kubernetes.io/zone"
 DEFAULT_AFFINITY_TIMEOUT = 10800
 MAX_AFFINITY_TIMEOUT = 86400
 PROTOCOLS = ("TCP", "UDP")
-
-
-class InvalidObject(ValueError):
-    """A Service, EndpointSlice or Node that cannot be used, and why."""
-
-    def __init__(self, kind: str, key: str, reason: str) -> None:
-        super().__init__(f"{kind} {key}: {reason}")
-        self.kind = kind
-        self.key = key
-        self.reason = reason
+KNOWN_PROTOCOLS = ("TCP", "UDP", "SCTP")  # valid for the API server; pyproxy serves PROTOCOLS
+SERVICE_TYPES = ("ClusterIP", "NodePort", "LoadBalancer", "ExternalName")
+POLICIES = ("Cluster", "Local")
+MAX_PORTS = 1000
+MAX_ENDPOINTS = 10000  # the API server allows 1000 per slice
+MAX_ZONES = 100
 
 
 @dataclass(frozen=True, order=True)
@@ -118,266 +125,306 @@ class Node:
     autoscaler_tainted: bool
 
 
-def _meta(obj: Mapping[str, Any]) -> tuple[str, str, Mapping[str, str], Mapping[str, str]]:
-    meta = obj.get("metadata") or {}
-    if not isinstance(meta, Mapping):
-        raise InvalidObject(str(obj.get("kind", "object")), "?", "metadata is not a mapping")
-    name = meta.get("name")
-    namespace = meta.get("namespace") or "default"
-    if not isinstance(name, str) or not name:
-        raise InvalidObject(str(obj.get("kind", "object")), f"{namespace}/?", "metadata.name is missing")
-    kind, key = str(obj.get("kind", "object")), f"{namespace}/{name}"
-    labels = _mapping(meta.get("labels"), kind, key, "metadata.labels")
-    annotations = _mapping(meta.get("annotations"), kind, key, "metadata.annotations")
-    return str(namespace), name, labels, annotations
+Report = Callable[[InvalidObject], None]
 
 
-def _mapping(value: Any, kind: str, key: str, field: str) -> Mapping[str, Any]:
-    """`value` as a mapping (missing: empty); any other shape is an InvalidObject, never a crash."""
-    if value is None:
-        return {}
-    if not isinstance(value, Mapping):
-        raise InvalidObject(kind, key, f"{field}: expected a mapping, got {type(value).__name__}")
-    return value
+def log_part(err: InvalidObject) -> None:
+    """The default `report`: a rejected part is never dropped without a log line."""
+    log.warning("skipping part of an object: %s", err)
 
 
-def _list(value: Any, kind: str, key: str, field: str) -> list[Any]:
-    """`value` as a list (missing: empty); any other shape is an InvalidObject, never a crash."""
-    if value is None:
-        return []
-    if not isinstance(value, list):
-        raise InvalidObject(kind, key, f"{field}: expected a list, got {type(value).__name__}")
-    return value
+def part(err: InvalidObject, what: str) -> InvalidObject:
+    """A rejection of one part (a port, an address, an endpoint): the rest is used."""
+    return InvalidObject(err.kind, err.key, f"{err.reason} ({what} skipped)")
 
 
-def _ipv4(value: Any, kind: str, key: str, field: str) -> str:
-    try:
-        return str(ipaddress.IPv4Address(str(value)))
-    except ValueError:
-        raise InvalidObject(kind, key, f"{field}: {value!r} is not an IPv4 address") from None
+@dataclass(frozen=True)
+class _Meta:
+    namespace: str
+    name: str
+    key: str  # "namespace/name", or the name of a cluster-scoped object
+    root: Field
+    labels: Field
+    annotations: Field
+
+    def label(self, name: str) -> Field:
+        return Field(self.labels.mapping().get(name), self.root.kind, self.key, f"metadata.labels[{name!r}]")
 
 
-def _port_number(value: Any, kind: str, key: str, field: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
-        raise InvalidObject(kind, key, f"{field}: {value!r} is not a port number (1-65535)")
-    return value
+def _meta(obj: Any, kind: str, namespaced: bool = True) -> _Meta:
+    top = Field(obj, kind, "?")
+    if not isinstance(obj, Mapping):
+        raise top.wrong("a mapping")
+    meta = top.get("metadata")
+    meta.mapping()
+    namespace = meta.get("namespace").string("default", limit=MAX_NAME) if namespaced else ""
+    name_field = meta.get("name")
+    name_field.key = f"{namespace}/?" if namespaced else "?"
+    name = name_field.string(limit=MAX_NAME)
+    key = f"{namespace}/{name}" if namespaced else name
+    root = Field(obj, kind, key)
+    labels, annotations = root.get("metadata").get("labels"), root.get("metadata").get("annotations")
+    labels.mapping()
+    annotations.mapping()
+    return _Meta(namespace, name, key, root, labels, annotations)
 
 
-def _protocol(value: Any, kind: str, key: str, field: str) -> str:
-    protocol = value or "TCP"
-    if protocol not in PROTOCOLS:
-        raise InvalidObject(kind, key, f"{field}: protocol {protocol!r} is not supported")
-    return str(protocol)
+def parse_service(obj: Mapping[str, Any], proxy_name: str | None = None, report: Report = log_part) -> Service | None:
+    """Parse a v1 Service. None when pyproxy must not proxy it (not an error).
 
-
-def parse_service(obj: Mapping[str, Any], proxy_name: str | None = None) -> Service | None:
-    """Parse a v1 Service. None when pyproxy must not proxy it (not an error)."""
-    namespace, name, labels, _ = _meta(obj)
-    key = f"{namespace}/{name}"
-    spec = obj.get("spec") or {}
-    if not isinstance(spec, Mapping):
-        raise InvalidObject("Service", key, "spec is not a mapping")
-    owner = labels.get(SERVICE_PROXY_NAME_LABEL)
-    if owner is not None and owner != proxy_name:
+    A bad field that governs the whole Service (its name, type, cluster IPs, affinity,
+    traffic policies) rejects it; a bad port, external IP, load-balancer IP or health
+    check port is reported through `report` and left out, and the rest is served."""
+    meta = _meta(obj, "Service")
+    spec = meta.root.get("spec")
+    spec.mapping()
+    if not meta.label(SERVICE_PROXY_NAME_LABEL).missing and meta.label(SERVICE_PROXY_NAME_LABEL).value != proxy_name:
         return None
-    svc_type = spec.get("type") or "ClusterIP"
+    svc_type = spec.get("type").choice("ClusterIP", SERVICE_TYPES)
     if svc_type == "ExternalName":
         return None
-    if svc_type not in ("ClusterIP", "NodePort", "LoadBalancer"):
-        raise InvalidObject("Service", key, f"spec.type: unknown type {svc_type!r}")
     cluster_ips = _cluster_ips(spec)
-    if not cluster_ips or cluster_ips[0] == "None":
-        return None
-    cluster_ips = tuple(_ipv4(ip, "Service", key, "spec.clusterIPs") for ip in cluster_ips if ":" not in ip)
     if not cluster_ips:
-        return None  # IPv6-only: not served by this IPv4 proxier
-    service_key = ServiceKey(namespace, name)
-    ports = _service_ports(spec, service_key, svc_type)
+        return None  # headless, or IPv6-only: not served by this IPv4 proxier
+    service_key = ServiceKey(meta.namespace, meta.name)
     return Service(
         key=service_key,
         type=svc_type,
         cluster_ips=cluster_ips,
-        external_ips=tuple(
-            _ipv4(ip, "Service", key, "spec.externalIPs")
-            for ip in _list(spec.get("externalIPs"), "Service", key, "spec.externalIPs")
-            if ":" not in str(ip)  # IPv6: the other family's proxier serves it, as with clusterIPs
-        ),
-        load_balancer_ips=_lb_ips(obj, key) if svc_type == "LoadBalancer" else (),
-        ports=ports,
-        affinity_timeout=_affinity_timeout(spec, key),
-        external_local=_policy(spec, "externalTrafficPolicy", key) and svc_type != "ClusterIP",
-        internal_local=_policy(spec, "internalTrafficPolicy", key),
-        health_check_node_port=_health_check_node_port(spec, key, svc_type),
+        external_ips=_addresses(spec.get("externalIPs").items(), report, "external IP"),
+        load_balancer_ips=_lb_ips(meta.root, report) if svc_type == "LoadBalancer" else (),
+        ports=_service_ports(spec, service_key, svc_type, report),
+        affinity_timeout=_affinity_timeout(spec),
+        external_local=spec.get("externalTrafficPolicy").choice("Cluster", POLICIES) == "Local"
+        and svc_type != "ClusterIP",
+        internal_local=spec.get("internalTrafficPolicy").choice("Cluster", POLICIES) == "Local",
+        health_check_node_port=_health_check_node_port(spec, svc_type, report),
     )
 
 
-def _cluster_ips(spec: Mapping[str, Any]) -> tuple[str, ...]:
-    ips = spec.get("clusterIPs") or ()
-    if not ips and spec.get("clusterIP"):
-        ips = (spec["clusterIP"],)
-    return tuple(str(ip) for ip in ips)
+def _cluster_ips(spec: Field) -> tuple[str, ...]:
+    """The IPv4 cluster IPs; () for a headless Service. A bad one rejects the Service."""
+    fields = spec.get("clusterIPs").items(limit=2)
+    if not fields and not spec.get("clusterIP").missing:
+        fields = [spec.get("clusterIP")]
+    if not fields or fields[0].value in ("None", ""):
+        return ()
+    return tuple(ip for ip in (f.ip() for f in fields) if not is_ipv6(ip))
 
 
-def _service_ports(spec: Mapping[str, Any], key: ServiceKey, svc_type: str) -> tuple[ServicePort, ...]:
-    raw_ports = spec.get("ports") or ()
-    if not isinstance(raw_ports, list) or not raw_ports:
-        raise InvalidObject("Service", str(key), "spec.ports: at least one port is required")
+def _addresses(fields: list[Field], report: Report, what: str) -> tuple[str, ...]:
+    """IPv4 addresses of a list; a bad one is reported and left out, IPv6 ones are not ours."""
+    result = []
+    for f in fields:
+        try:
+            ip = f.ip()
+        except InvalidObject as err:
+            report(part(err, what))
+            continue
+        if not is_ipv6(ip):
+            result.append(ip)
+    return tuple(result)
+
+
+class _PortSeen:
+    """What earlier ports of one Service claimed: a later duplicate is the bad one."""
+
+    def __init__(self) -> None:
+        self.names: set[tuple[str, str]] = set()
+        self.numbers: set[tuple[str, int]] = set()
+        self.node_ports: set[tuple[str, int]] = set()
+
+
+def _service_ports(spec: Field, key: ServiceKey, svc_type: str, report: Report) -> tuple[ServicePort, ...]:
+    fields = spec.get("ports").items(limit=MAX_PORTS)
+    if not fields:
+        raise spec.get("ports").error("at least one port is required")
     ports: list[ServicePort] = []
-    seen: set[tuple[str, str]] = set()
-    numbers: set[tuple[str, int]] = set()  # one address:port is one service port, as the API server insists
-    node_ports: set[tuple[str, int]] = set()
-    for i, raw in enumerate(raw_ports):
-        field = f"spec.ports[{i}]"
-        if not isinstance(raw, Mapping):
-            raise InvalidObject("Service", str(key), f"{field} is not a mapping")
-        port_name = str(raw.get("name") or "")
-        protocol = _protocol(raw.get("protocol"), "Service", str(key), f"{field}.protocol")
-        if (port_name, protocol) in seen:
-            raise InvalidObject("Service", str(key), f"{field}: duplicate port name {port_name!r}/{protocol}")
-        seen.add((port_name, protocol))
-        port = _port_number(raw.get("port"), "Service", str(key), f"{field}.port")
-        if (protocol, port) in numbers:
-            raise InvalidObject("Service", str(key), f"{field}.port: duplicate port {port}/{protocol}")
-        numbers.add((protocol, port))
-        node_port = raw.get("nodePort")
-        if svc_type == "ClusterIP" or node_port is None:
-            node_port = None
-        else:
-            node_port = _port_number(node_port, "Service", str(key), f"{field}.nodePort")
-            if (protocol, node_port) in node_ports:
-                raise InvalidObject("Service", str(key), f"{field}.nodePort: duplicate node port {node_port}/{protocol}")
-            node_ports.add((protocol, node_port))
-        target = raw.get("targetPort", port)
-        if not isinstance(target, (int, str)) or isinstance(target, bool):
-            raise InvalidObject("Service", str(key), f"{field}.targetPort: {target!r} is neither a number nor a name")
-        ports.append(ServicePort(ServicePortName(key, port_name, protocol), port, node_port, target))
+    seen = _PortSeen()
+    rejected: list[InvalidObject] = []
+    for raw in fields:
+        try:
+            ports.append(_service_port(raw, key, svc_type, seen))
+        except InvalidObject as err:
+            rejected.append(err)
+    if not ports:  # one rejection of the whole, not one per port as well
+        raise spec.get("ports").error(f"no port can be served ({rejected[0].reason})")
+    for rejection in rejected:
+        report(part(rejection, "port"))
     return tuple(ports)
 
 
-def _lb_ips(obj: Mapping[str, Any], key: str) -> tuple[str, ...]:
-    status = _mapping(obj.get("status"), "Service", key, "status")
-    balancer = _mapping(status.get("loadBalancer"), "Service", key, "status.loadBalancer")
-    ingress = _list(balancer.get("ingress"), "Service", key, "status.loadBalancer.ingress")
-    ingress = [_mapping(i, "Service", key, f"status.loadBalancer.ingress[{n}]") for n, i in enumerate(ingress)]
-    return tuple(
-        _ipv4(i["ip"], "Service", key, "status.loadBalancer.ingress")
-        for i in ingress
-        if i.get("ip") and ":" not in str(i["ip"])  # IPv6 ingress: not this IPv4 proxier's
-    )
+def _service_port(raw: Field, key: ServiceKey, svc_type: str, seen: _PortSeen) -> ServicePort:
+    raw.mapping()
+    name = raw.get("name").string("", limit=MAX_NAME)
+    protocol = _protocol(raw.get("protocol"))
+    if (name, protocol) in seen.names:
+        raise raw.error(f"duplicate port name {name!r}/{protocol}")
+    port = raw.get("port").port()
+    if (protocol, port) in seen.numbers:
+        raise raw.get("port").error(f"duplicate port {port}/{protocol}")
+    node_port = None
+    if svc_type != "ClusterIP" and not raw.get("nodePort").missing:
+        node_port = raw.get("nodePort").port()
+        if (protocol, node_port) in seen.node_ports:
+            raise raw.get("nodePort").error(f"duplicate node port {node_port}/{protocol}")
+    target = raw.get("targetPort").int_or_name(port)
+    seen.names.add((name, protocol))
+    seen.numbers.add((protocol, port))
+    if node_port is not None:
+        seen.node_ports.add((protocol, node_port))
+    return ServicePort(ServicePortName(key, name, protocol), port, node_port, target)
 
 
-def _affinity_timeout(spec: Mapping[str, Any], key: str) -> int | None:
-    affinity = spec.get("sessionAffinity") or "None"
-    if affinity == "None":
+def _protocol(f: Field) -> str:
+    protocol = f.choice("TCP", KNOWN_PROTOCOLS)
+    if protocol not in PROTOCOLS:
+        raise f.error(f"protocol {protocol} is not supported by pyproxy ({', '.join(PROTOCOLS)})")
+    return protocol
+
+
+def _lb_ips(root: Field, report: Report) -> tuple[str, ...]:
+    try:
+        ingress = root.get("status").get("loadBalancer").get("ingress").items()
+    except InvalidObject as err:
+        report(part(err, "load-balancer status"))
+        return ()
+    fields = []
+    for entry in ingress:
+        try:
+            entry.mapping()
+        except InvalidObject as err:
+            report(part(err, "load-balancer IP"))
+            continue
+        if not entry.get("ip").missing:
+            fields.append(entry.get("ip"))
+    return _addresses(fields, report, "load-balancer IP")
+
+
+def _affinity_timeout(spec: Field) -> int | None:
+    if spec.get("sessionAffinity").choice("None", ("None", "ClientIP")) == "None":
         return None
-    if affinity != "ClientIP":
-        raise InvalidObject("Service", key, f"spec.sessionAffinity: {affinity!r} is not None or ClientIP")
-    config = _mapping(spec.get("sessionAffinityConfig"), "Service", key, "spec.sessionAffinityConfig")
-    config = _mapping(config.get("clientIP"), "Service", key, "spec.sessionAffinityConfig.clientIP")
-    timeout = config.get("timeoutSeconds", DEFAULT_AFFINITY_TIMEOUT)
-    if isinstance(timeout, bool) or not isinstance(timeout, int) or not 1 <= timeout <= MAX_AFFINITY_TIMEOUT:
-        raise InvalidObject(
-            "Service", key,
-            f"spec.sessionAffinityConfig.clientIP.timeoutSeconds: {timeout!r} is not in 1..{MAX_AFFINITY_TIMEOUT}",
-        )
-    return timeout
+    client_ip = spec.get("sessionAffinityConfig").get("clientIP")
+    if "timeoutSeconds" not in client_ip.mapping():  # an explicit null is not "left out"
+        return DEFAULT_AFFINITY_TIMEOUT
+    return client_ip.get("timeoutSeconds").integer(1, MAX_AFFINITY_TIMEOUT)
 
 
-def _policy(spec: Mapping[str, Any], field: str, key: str) -> bool:
-    value = spec.get(field) or "Cluster"
-    if value not in ("Cluster", "Local"):
-        raise InvalidObject("Service", key, f"spec.{field}: {value!r} is not Cluster or Local")
-    return bool(value == "Local")
-
-
-def _health_check_node_port(spec: Mapping[str, Any], key: str, svc_type: str) -> int | None:
+def _health_check_node_port(spec: Field, svc_type: str, report: Report) -> int | None:
     port = spec.get("healthCheckNodePort")
-    if port is None or svc_type != "LoadBalancer" or spec.get("externalTrafficPolicy") != "Local":
+    if port.missing or svc_type != "LoadBalancer" or spec.get("externalTrafficPolicy").value != "Local":
         return None
-    return _port_number(port, "Service", key, "spec.healthCheckNodePort")
+    try:
+        return port.port()
+    except InvalidObject as err:
+        report(part(err, "health check"))
+        return None
 
 
-def parse_endpoint_slice(obj: Mapping[str, Any]) -> EndpointSlice | None:
-    """Parse a discovery.k8s.io/v1 EndpointSlice. None for slices pyproxy ignores."""
-    namespace, name, labels, annotations = _meta(obj)
-    key = f"{namespace}/{name}"
-    if HEADLESS_LABEL in labels:
+def parse_endpoint_slice(obj: Mapping[str, Any], report: Report = log_part) -> EndpointSlice | None:
+    """Parse a discovery.k8s.io/v1 EndpointSlice. None for slices pyproxy ignores.
+
+    A bad name, Service label or address type rejects the slice; a bad port or endpoint
+    is reported through `report` and left out, and the rest is used."""
+    meta = _meta(obj, "EndpointSlice")
+    if not meta.label(HEADLESS_LABEL).missing:
         return None
-    service_name = labels.get(SERVICE_NAME_LABEL)
-    if not service_name:
-        raise InvalidObject("EndpointSlice", key, f"label {SERVICE_NAME_LABEL} is missing")
-    if not isinstance(service_name, str):  # e.g. YAML's unquoted 123; a ServiceKey must sort with the rest
-        raise InvalidObject("EndpointSlice", key, f"label {SERVICE_NAME_LABEL}: {service_name!r} is not a string")
-    address_type = obj.get("addressType", "IPv4")
-    if address_type != "IPv4":
+    service_name = meta.label(SERVICE_NAME_LABEL).string(limit=MAX_NAME)
+    if meta.root.get("addressType").string("IPv4", limit=MAX_NAME) != "IPv4":
         return None
     ports = []
-    for i, raw in enumerate(_list(obj.get("ports"), "EndpointSlice", key, "ports")):
-        field = f"ports[{i}]"
-        raw = _mapping(raw, "EndpointSlice", key, field)
-        if raw.get("port") is None:
-            continue  # a port the controller could not resolve: no traffic can use it
-        ports.append(SlicePort(
-            name=str(raw.get("name") or ""),
-            protocol=_protocol(raw.get("protocol"), "EndpointSlice", key, f"{field}.protocol"),
-            port=_port_number(raw.get("port"), "EndpointSlice", key, f"{field}.port"),
-        ))
-    endpoints = tuple(
-        _slice_endpoint(_mapping(raw, "EndpointSlice", key, f"endpoints[{i}]"), key, f"endpoints[{i}]")
-        for i, raw in enumerate(_list(obj.get("endpoints"), "EndpointSlice", key, "endpoints"))
-    )
+    for raw in meta.root.get("ports").items(limit=MAX_PORTS):
+        try:
+            slice_port = _slice_port(raw)
+        except InvalidObject as err:
+            report(part(err, "port"))
+            continue
+        if slice_port is not None:
+            ports.append(slice_port)
+    endpoints = []
+    for raw in meta.root.get("endpoints").items(limit=MAX_ENDPOINTS):
+        try:
+            endpoints.append(_slice_endpoint(raw))
+        except InvalidObject as err:
+            report(part(err, "endpoint"))
     return EndpointSlice(
-        namespace=namespace,
-        name=name,
-        service=ServiceKey(namespace, service_name),
+        namespace=meta.namespace,
+        name=meta.name,
+        service=ServiceKey(meta.namespace, service_name),
         ports=tuple(ports),
-        endpoints=tuple(e for e in endpoints if e is not None),
-        trigger_time=annotations.get(TRIGGER_TIME_ANNOTATION),
+        endpoints=tuple(endpoints),
+        trigger_time=_trigger_time(meta, report),
     )
 
 
-def _slice_endpoint(raw: Mapping[str, Any], key: str, field: str) -> SliceEndpoint | None:
-    addresses = _list(raw.get("addresses"), "EndpointSlice", key, f"{field}.addresses")
+def _slice_port(raw: Field) -> SlicePort | None:
+    raw.mapping()
+    if raw.get("port").missing:
+        return None  # a port the controller could not resolve: no traffic can use it
+    return SlicePort(
+        name=raw.get("name").string("", limit=MAX_NAME),
+        protocol=_protocol(raw.get("protocol")),
+        port=raw.get("port").port(),
+    )
+
+
+def _slice_endpoint(raw: Field) -> SliceEndpoint:
+    raw.mapping()
+    addresses = raw.get("addresses").items(limit=100)
     if not addresses:
-        raise InvalidObject("EndpointSlice", key, f"{field}.addresses: at least one address is required")
-    conditions = _mapping(raw.get("conditions"), "EndpointSlice", key, f"{field}.conditions")
-    ready, serving, terminating = (
-        _condition(conditions, name, key, field) for name in ("ready", "serving", "terminating")
-    )
-    hints = _mapping(raw.get("hints"), "EndpointSlice", key, f"{field}.hints")
-    for_zones = _list(hints.get("forZones"), "EndpointSlice", key, f"{field}.hints.forZones")
+        raise raw.get("addresses").error("at least one address is required")
+    ip = addresses[0].ip()
+    if is_ipv6(ip):
+        raise addresses[0].error(f"{ip} is not an IPv4 address (addressType is IPv4)")
+    conditions = raw.get("conditions")
+    ready, serving, terminating = (conditions.get(c).optional_bool() for c in ("ready", "serving", "terminating"))
     zones = None
+    for_zones = raw.get("hints").get("forZones").items(limit=MAX_ZONES)
     if for_zones:
-        zones = frozenset(
-            str(_mapping(z, "EndpointSlice", key, f"{field}.hints.forZones[{n}]").get("name"))
-            for n, z in enumerate(for_zones)
-        )
+        zones = frozenset(z.get("name").string(limit=MAX_NAME) for z in for_zones)
     return SliceEndpoint(
-        ip=_ipv4(addresses[0], "EndpointSlice", key, f"{field}.addresses[0]"),
+        ip=ip,
         ready=True if ready is None else ready,
         serving=True if serving is None else serving,
         terminating=False if terminating is None else terminating,
-        node_name=raw.get("nodeName"),
+        node_name=raw.get("nodeName").optional_string(limit=MAX_NAME),
         zone_hints=zones,
     )
 
 
-def _condition(conditions: Mapping[str, Any], name: str, key: str, field: str) -> bool | None:
-    value = conditions.get(name)
-    if value is not None and not isinstance(value, bool):
-        raise InvalidObject("EndpointSlice", key, f"{field}.conditions.{name}: {value!r} is not true or false")
-    return value
+def _trigger_time(meta: _Meta, report: Report) -> str | None:
+    field = Field(meta.annotations.mapping().get(TRIGGER_TIME_ANNOTATION), "EndpointSlice", meta.key,
+                  f"metadata.annotations[{TRIGGER_TIME_ANNOTATION!r}]")
+    try:
+        return field.optional_string(limit=64)
+    except InvalidObject as err:
+        report(part(err, "annotation"))
+        return None
 
 
-def parse_node(obj: Mapping[str, Any]) -> Node:
-    _, name, labels, _ = _meta(obj)
-    metadata = obj.get("metadata") or {}
-    spec = _mapping(obj.get("spec"), "Node", name, "spec")
-    taints = [_mapping(t, "Node", name, f"spec.taints[{n}]")
-              for n, t in enumerate(_list(spec.get("taints"), "Node", name, "spec.taints"))]
+def parse_node(obj: Mapping[str, Any], report: Report = log_part) -> Node:
+    """Parse a v1 Node. A bad zone label or taint is reported and ignored (no zone: no
+    topology hints), never a failure of the syncs that read it."""
+    meta = _meta(obj, "Node", namespaced=False)
+    zone = None
+    try:
+        zone = meta.label(ZONE_LABEL).optional_string(limit=MAX_NAME)
+    except InvalidObject as err:
+        report(part(err, "zone label"))
+    autoscaler_tainted = False
+    try:
+        taints = meta.root.get("spec").get("taints").items()
+    except InvalidObject as err:
+        report(part(err, "taints"))
+        taints = []
+    for taint in taints:
+        try:
+            autoscaler_tainted |= taint.get("key").optional_string() == "ToBeDeletedByClusterAutoscaler"
+        except InvalidObject as err:
+            report(part(err, "taint"))
     return Node(
-        name=name,
-        zone=labels.get(ZONE_LABEL),
-        being_deleted=metadata.get("deletionTimestamp") is not None,
-        autoscaler_tainted=any(t.get("key") == "ToBeDeletedByClusterAutoscaler" for t in taints),
+        name=meta.name,
+        zone=zone,
+        being_deleted=not meta.root.get("metadata").get("deletionTimestamp").missing,
+        autoscaler_tainted=autoscaler_tainted,
     )

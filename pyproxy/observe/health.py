@@ -6,6 +6,8 @@ Rules kept here (SPEC.md §6, kube-proxy's proxier health and service health ser
   "the data plane is not stale", not "something happened lately".
 - Before the first complete list of Services and EndpointSlices, the proxy counts as having
   had a change queued since it started: one that never gets its input turns unhealthy.
+- `/healthz` is also unhealthy while a supervised task (a source, the sync runner, a
+  server) has failed and is not working again (`down`, named in the body).
 - `/healthz` is also unhealthy while the node is being deleted or carries the
   ToBeDeletedByClusterAutoscaler taint, so that load balancers drain it; `/livez` ignores the
   node (a draining node's proxy must not be restarted for it). Until the Node is known it
@@ -59,6 +61,7 @@ class ProxyState:
     node: Node | None
     timeout: float
     epoch_offset: float = 0.0
+    down: tuple[str, ...] = ()  # supervised tasks failed and not working again
 
 
 def effective_pending(pending_since: float | None, synced: bool, started: float) -> float | None:
@@ -86,8 +89,11 @@ def wall_time(monotonic: float | None, epoch_offset: float) -> str:
 
 def healthz(now: float, state: ProxyState) -> Response:
     eligible = node_eligible(state.node)
-    healthy = proxy_healthy(now, state.pending_since, state.timeout) and eligible
-    return _proxy_response(now, state, healthy, {"nodeEligible": eligible})
+    healthy = proxy_healthy(now, state.pending_since, state.timeout) and eligible and not state.down
+    extra: dict[str, object] = {"nodeEligible": eligible}
+    if state.down:
+        extra["down"] = list(state.down)
+    return _proxy_response(now, state, healthy, extra)
 
 
 def livez(now: float, state: ProxyState) -> Response:

@@ -197,6 +197,11 @@ class DataplaneCollector(Collector):
         unknown = CounterMetricFamily("pyproxy_unknown_destination",
                                       "Captured connections to an address no service port owns (closed at once)",
                                       value=self.stats.unknown_destination)
+        errors = CounterMetricFamily("pyproxy_connection_errors",
+                                     "Connection errors by stage and error (logged at a bounded rate)",
+                                     labels=["stage", "error"])
+        for (stage, error), count in sorted(self.stats.connection_errors.items()):
+            errors.add_metric([stage, error], count)
         udp = self.stats.udp
         drops = CounterMetricFamily("pyproxy_udp_drops", "UDP datagrams not forwarded, by reason", labels=["reason"])
         for reason, count in sorted(udp.drops.items()):
@@ -204,7 +209,7 @@ class DataplaneCollector(Collector):
         closed = CounterMetricFamily("pyproxy_udp_flows_closed", "UDP flows ended, by reason", labels=["reason"])
         for reason, count in sorted(udp.flows_closed.items()):
             closed.add_metric([reason], count)
-        yield from (active, total, refused, moved, datagrams, dials, unknown, drops, closed)
+        yield from (active, total, refused, moved, datagrams, dials, unknown, errors, drops, closed)
 
 
 def _port_labels(name: ServicePortName) -> list[str]:

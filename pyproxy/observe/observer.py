@@ -39,6 +39,7 @@ class Observer:
     def __init__(
         self, config: ProxyConfig, store: CountingStore, table: ServiceTable, stats: DataplaneStats, runner: SyncRunner,
         reader: ProxyReader, worker: WorkerRole | None = None,
+        down: Callable[[], tuple[str, ...]] = tuple,
     ) -> None:
         self.config = config
         self.store = store
@@ -55,7 +56,7 @@ class Observer:
             debug=config.debugAPI,
         )
         self.health = HealthServers(
-            proxy_state_reader(runner, store, timeout=2 * config.syncPeriod, clock=runner.clock),
+            proxy_state_reader(runner, store, timeout=2 * config.syncPeriod, clock=runner.clock, down=down),
             clock=runner.clock,
             answered=self.metrics.answered,
         )

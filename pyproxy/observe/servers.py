@@ -50,6 +50,7 @@ def proxy_state_reader(
     timeout: float,
     clock: Callable[[], float] = time.monotonic,
     wall_clock: Callable[[], float] = time.time,
+    down: Callable[[], tuple[str, ...]] = tuple,
 ) -> Callable[[], ProxyState]:
     """Reads the proxy's health inputs at request time (`clock` must be the runner's)."""
     started = clock()
@@ -61,6 +62,7 @@ def proxy_state_reader(
             node=store.node,
             timeout=timeout,
             epoch_offset=wall_clock() - clock(),
+            down=down(),
         )
 
     return read

@@ -34,6 +34,7 @@ from pyproxy.model.objects import (
     EndpointSlice,
     InvalidObject,
     Node,
+    Report,
     Service,
     ServiceKey,
     parse_endpoint_slice,
@@ -50,6 +51,7 @@ from pyproxy.sources.kube_watch import (
     Pending,
     Reconnect,
     Relist,
+    Skip,
     Upsert,
     WatchState,
     WatchTiming,
@@ -69,15 +71,21 @@ class KindHandler:
     """How one kind's objects become model values, and how they land in the store."""
 
     kind: Kind
-    parse: Callable[[Mapping[str, Any]], Any]
+    parse: Callable[[Mapping[str, Any], Report], Any]
     apply: Callable[[ClusterStore, dict[ObjectKey, Any] | None, dict[ObjectKey, Any]], None]
     pending: Pending[ObjectKey, Any] = field(default_factory=Pending)
     on_invalid: Callable[[Mapping[str, Any], InvalidObject], None] | None = None
 
     def value(self, obj: Mapping[str, Any]) -> Any:
-        """The model value of an object, or None when it is not ours or invalid (logged)."""
+        """The model value of an object, or None when it is not ours or invalid (logged).
+        A part left out (a port, an endpoint) is logged and reported the same way."""
+        def part(err: InvalidObject) -> None:
+            log.warning("skipping part of an object: %s", err)
+            if self.on_invalid is not None:
+                self.on_invalid(obj, err)
+
         try:
-            return self.parse(obj)
+            return self.parse(obj, part)
         except InvalidObject as err:
             log.error("skipping invalid object: %s", err)
             if self.on_invalid is not None:
@@ -113,9 +121,9 @@ def handlers(
 ) -> tuple[KindHandler, KindHandler, KindHandler]:
     services, slices, node = watched_kinds(node_name, proxy_name)
     return (
-        KindHandler(services, lambda o: parse_service(o, proxy_name), _apply_services, on_invalid=on_invalid),
-        KindHandler(slices, parse_endpoint_slice, _apply_slices, on_invalid=on_invalid),
-        KindHandler(node, lambda o: parse_node(o) if (o.get("metadata") or {}).get("name") == node_name else None, _apply_node),
+        KindHandler(services, lambda o, r: parse_service(o, proxy_name, report=r), _apply_services, on_invalid=on_invalid),
+        KindHandler(slices, lambda o, r: parse_endpoint_slice(o, report=r), _apply_slices, on_invalid=on_invalid),
+        KindHandler(node, lambda o, r: parse_node(o, report=r) if _key(o)[1] == node_name else None, _apply_node),
     )
 
 
@@ -134,8 +142,10 @@ class Watcher:
         timing: WatchTiming = WatchTiming(),
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic,
+        broken: set[str] | None = None,
     ) -> None:
         self.handler = handler
+        self.broken = broken if broken is not None else set()  # kinds failing unexpectedly (health)
         self.clock = clock
         self.transport = transport
         self.notify = notify
@@ -167,6 +177,7 @@ class Watcher:
                 if not is_transient(err) or self.stop.is_set():
                     if not self.stop.is_set():
                         log.exception("%s watch failed unexpectedly", self.name)
+                        self.broken.add(self.name)
                         self.back_off(str(err))
                     continue
                 self.back_off(f"{type(err).__name__}: {err}")
@@ -197,6 +208,7 @@ class Watcher:
             raise SourceError(f"list of {self.name} carried no resourceVersion")
         self.lists += 1
         self.failures = 0
+        self.broken.discard(self.name)
         log.info("%s: listed %d objects at resourceVersion %s", self.name, len(items), self.state.resource_version)
         if self.handler.pending.snapshot(items):
             self.notify(self.handler)
@@ -218,6 +230,8 @@ class Watcher:
                     value = self.handler.value(decision.obj) if isinstance(decision, Upsert) else None
                     if self.handler.pending.change(_key(decision.obj), value):
                         self.notify(self.handler)
+                elif isinstance(decision, Skip):
+                    log.error("%s: skipping invalid object: %s", self.name, decision.reason)
                 elif isinstance(decision, Relist):
                     log.info("%s: %s; listing again", self.name, decision.reason)
                     return
@@ -230,8 +244,12 @@ class Watcher:
 
 
 def _key(obj: Mapping[str, Any]) -> ObjectKey:
-    meta = obj.get("metadata") or {}
-    return (str(meta.get("namespace") or ""), str(meta.get("name") or ""))
+    """(namespace, name) of any object, whatever its metadata's shape ("" for what is missing)."""
+    meta = obj.get("metadata")
+    if not isinstance(meta, Mapping):
+        return ("", "")
+    namespace, name = meta.get("namespace"), meta.get("name")
+    return (namespace if isinstance(namespace, str) else "", name if isinstance(name, str) else "")
 
 
 # -- the asyncio side ----------------------------------------------------------------------------
@@ -256,6 +274,7 @@ class KubeSource:
         self.timing = timing
         reporter = InvalidObjectReporter(transport.post_event, node_name, time.monotonic) if events else None
         self.handlers = handlers(node_name, proxy_name, reporter)
+        self.broken: set[str] = set()  # kinds whose watcher failed unexpectedly and has not listed since
         self._stop = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -267,7 +286,10 @@ class KubeSource:
         ]
 
     async def run(self) -> None:
-        """Watch until cancelled; then stop the threads (bounded) and close the transport."""
+        """Watch until cancelled; then stop the threads (bounded) and close the transport.
+        After a failure (not a cancel) the transport stays open, so that a supervisor can
+        run it again."""
+        self._stop = threading.Event()
         tasks = self.start()
         try:
             await asyncio.gather(*tasks)
@@ -276,7 +298,9 @@ class KubeSource:
                 if not task.cancelling():  # a cancelled gather has already cancelled them
                     task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            self.transport.close()
+            current = asyncio.current_task()
+            if current is None or current.cancelling():
+                self.transport.close()
 
     def apply(self, handler: KindHandler) -> None:
         """On the loop: move a kind's queued changes into the store; nudge a sync if needed."""
@@ -297,7 +321,7 @@ class KubeSource:
     async def _run_watcher(self, handler: KindHandler) -> None:
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
-        watcher = Watcher(handler, self.transport, self._notify, self._stop, self.timing)
+        watcher = Watcher(handler, self.transport, self._notify, self._stop, self.timing, broken=self.broken)
 
         def finished() -> None:
             if not done.done():

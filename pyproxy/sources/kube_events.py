@@ -28,15 +28,19 @@ NOTE_LIMIT = 1024  # the API server rejects longer notes
 
 def event_body(obj: Mapping[str, Any], err: InvalidObject, node_name: str, now: datetime.datetime) -> dict[str, Any] | None:
     """An API-shaped Warning Event about `obj`, or None when it cannot carry one."""
-    meta = obj.get("metadata") or {}
+    meta = obj.get("metadata")
+    if not isinstance(meta, Mapping):
+        return None
     namespace, name = meta.get("namespace"), meta.get("name")
     if not isinstance(namespace, str) or not namespace or not isinstance(name, str) or not name:
         return None
-    regarding = {"apiVersion": obj.get("apiVersion") or ("v1" if err.kind == "Service" else "discovery.k8s.io/v1"),
-                 "kind": obj.get("kind") or err.kind, "namespace": namespace, "name": name}
+    api_version, kind = obj.get("apiVersion"), obj.get("kind")
+    regarding = {"apiVersion": api_version if isinstance(api_version, str) and api_version else
+                 ("v1" if err.kind == "Service" else "discovery.k8s.io/v1"),
+                 "kind": kind if isinstance(kind, str) and kind else err.kind, "namespace": namespace, "name": name}
     for field, key in (("uid", "uid"), ("resourceVersion", "resourceVersion")):
-        if meta.get(key):
-            regarding[field] = str(meta[key])
+        if isinstance(meta.get(key), str) and meta[key]:
+            regarding[field] = meta[key][:256]
     return {
         "apiVersion": "events.k8s.io/v1",
         "kind": "Event",

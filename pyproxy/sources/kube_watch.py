@@ -4,7 +4,8 @@ Rules kept here (kopf's `watching.py`, client-go's reflector, STYLE.md 3):
 - A watch starts from the resourceVersion of the last list or event (`WatchState`). With no
   resourceVersion the loop must list first; a list is a complete snapshot.
 - Each watch event becomes one decision: upsert an object, delete it, note a bookmark,
-  re-list (410 Gone: our resourceVersion has expired), or reconnect (any other error).
+  re-list (410 Gone: our resourceVersion has expired), reconnect (any other error), or
+  skip an object that has no usable name (its resourceVersion still counts).
 - Reconnects back off exponentially up to a cap, jittered so that many proxies restarted
   together do not reconnect in lockstep (`Backoff`).
 - Watch handlers hand their results to the event loop through `Pending`, which coalesces:
@@ -92,7 +93,15 @@ class Reconnect:
     reason: str
 
 
-Decision = Upsert | Delete | Relist | Reconnect | None
+@dataclass(frozen=True)
+class Skip:
+    """An event about an object that cannot even be named: logged, and the watch goes on
+    (a reconnect would replay it from the same resourceVersion, forever)."""
+
+    reason: str
+
+
+Decision = Upsert | Delete | Relist | Reconnect | Skip | None
 
 
 class WatchState:
@@ -109,7 +118,9 @@ class WatchState:
             return Reconnect(f"malformed watch event: {str(event)[:200]}")
         kind, obj = event.get("type"), event["object"]
         if kind == "ERROR":
-            return self.on_status(int(obj.get("code") or 0), str(obj.get("message") or obj.get("reason") or ""))
+            code = obj.get("code")
+            message = obj.get("message") or obj.get("reason") or ""
+            return self.on_status(code if isinstance(code, int) else 0, str(message)[:500])
         if kind not in ("ADDED", "MODIFIED", "DELETED", "BOOKMARK"):
             return Reconnect(f"unknown watch event type {kind!r}")
         rv = resource_version(obj)
@@ -119,7 +130,7 @@ class WatchState:
             return None
         key = object_key(obj)
         if key is None:
-            return Reconnect(f"{kind} event without metadata.name")
+            return Skip(f"{kind} event about an object without a string metadata.name")
         return Delete(key, obj) if kind == "DELETED" else Upsert(key, obj)
 
     def on_status(self, code: int, message: str) -> Relist | Reconnect:

@@ -136,3 +136,28 @@ def test_flag_errors_name_the_field_and_exit_2(tmp_path: Path, capsys: pytest.Ca
 ])
 def test_durations(text: object, seconds: float) -> None:
     assert parse_duration(text, "x") == seconds
+
+
+def test_manifest_limits_have_defaults_and_can_be_set() -> None:
+    limits = ProxyConfig().manifestLimits
+    assert (limits.maxFileSize, limits.maxDocuments, limits.maxDepth, limits.maxAliasExpansion) == (
+        16 * 1024 * 1024, 10000, 64, 100000)
+    assert "maxAliasExpansion: 100000" in dump_config(ProxyConfig())
+    config = load_config(doc(manifestLimits={"maxDepth": 20, "maxFileSize": 1024}))
+    assert config.manifestLimits.maxDepth == 20 and config.manifestLimits.maxFileSize == 1024
+
+
+@pytest.mark.parametrize(
+    ("limits", "path"),
+    [
+        ({"maxDepth": 0}, "manifestLimits.maxDepth"),
+        ({"maxDepth": 5000}, "manifestLimits.maxDepth"),
+        ({"maxDocuments": "many"}, "manifestLimits.maxDocuments"),
+        ({"maxAliases": 3}, "manifestLimits.maxAliases"),
+        ({"maxFileSize": -1}, "manifestLimits.maxFileSize"),
+    ],
+)
+def test_bad_manifest_limits_name_their_field(limits: dict[str, object], path: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(doc(manifestLimits=limits))
+    assert info.value.path == path

@@ -125,10 +125,19 @@ def test_gone_means_list_again_and_other_errors_mean_reconnect() -> None:
     assert isinstance(state.on_status(410, ""), Relist)
 
 
-@pytest.mark.parametrize("bad", [None, "x", {"type": "ADDED"}, {"type": "WEIRD", "object": {}},
-                                 {"type": "ADDED", "object": {"metadata": {}}}])
+@pytest.mark.parametrize("bad", [None, "x", {"type": "ADDED"}, {"type": "WEIRD", "object": {}}])
 def test_malformed_events_reconnect(bad: Any) -> None:
     assert isinstance(WatchState().on_event(bad), Reconnect)
+
+
+@pytest.mark.parametrize("obj", [{"metadata": {}}, {"metadata": ["x"]}, {"metadata": {"name": 5}}])
+def test_an_event_about_a_nameless_object_is_skipped_not_replayed(obj: Any) -> None:
+    """Reconnecting would replay the same event from the same resourceVersion forever."""
+    from pyproxy.sources.kube_watch import Skip
+
+    state = WatchState()
+    state.resource_version = "1"
+    assert isinstance(state.on_event({"type": "ADDED", "object": obj}), Skip)
 
 
 # -- backoff, framing, hand-off -----------------------------------------------------------------
