@@ -225,13 +225,19 @@ def pod_ip(kind: Cluster, name: str) -> str:
 
 def test_inspect_from_the_daemonset_pod_shows_the_pin(kind: Cluster) -> None:
     """`kubectl exec` into the node's pyproxy pod: `pyproxy inspect affinity` names the pin."""
-    answer = sc.from_pod(kind, "client-worker", "http://webpod/", count=3)[-1]
-    assert answer.pod
     proxy = kind.kubectl("-n", "kube-system", "get", "pod", "-l", "app.kubernetes.io/name=pyproxy",
                          f"--field-selector=spec.nodeName={WORKER}", "-o", "name").stdout.strip()
-    table = kind.kubectl("-n", "kube-system", "exec", proxy, "--", "pyproxy", "inspect", "affinity",
-                         "--service", "default/webpod", "-o", "wide").stdout
-    rows = [line.split() for line in table.splitlines()[1:]]
-    assert [pod_ip(kind, "client-worker"), f"{pod_ip(kind, answer.pod)}:80"] in [r[3:5] for r in rows], table
+    client = pod_ip(kind, "client-worker")
+    seen: list[str] = []
+
+    def pinned() -> bool:  # (an earlier test's patch back to ClientIP may still be syncing)
+        answer = sc.from_pod(kind, "client-worker", "http://webpod/")[0]
+        table = kind.kubectl("-n", "kube-system", "exec", proxy, "--", "pyproxy", "inspect", "affinity",
+                             "--service", "default/webpod", "-o", "wide").stdout
+        seen[:] = [table]
+        rows = [line.split()[3:5] for line in table.splitlines()[1:]]
+        return answer.pod is not None and [client, f"{pod_ip(kind, answer.pod)}:80"] in rows
+
+    assert sc.until(pinned, 20, step_s=1), seen
     services = kind.kubectl("-n", "kube-system", "exec", proxy, "--", "pyproxy", "inspect", "services").stdout
     assert "sample-session-affinity" in services and "kube-dns" in services
