@@ -9,8 +9,10 @@ times: the Protocol relay on uvloop and on plain asyncio, and the splice relay.
 from __future__ import annotations
 
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -43,14 +45,37 @@ def bridged_cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
     yield from _cluster(VARIANTS[request.param], bridged=("node1", "node2"))
 
 
-def _cluster(proxy_args: tuple[str, ...], bridged: tuple[str, ...] = ()) -> Iterator[Cluster]:
+def _cluster(proxy_args: tuple[str, ...], bridged: tuple[str, ...] = (),
+             client_addresses: tuple[str, ...] = ()) -> Iterator[Cluster]:
     reason = privileged_reason()
     if reason:
         skip_or_fail(reason)
     workdir = Path(tempfile.mkdtemp(prefix="pyproxy-test-"))
     lab = Lab()
     try:
-        yield build(lab, workdir, proxy_args=proxy_args, bridged=bridged)
+        cluster = build(lab, workdir, proxy_args=proxy_args, bridged=bridged)
+        for ip in client_addresses:  # extra source addresses on the LAN client
+            lab.exec("client", "ip", "addr", "add", f"{ip}/24", "dev", "eth0")
+        yield cluster
     finally:
         lab.close()
         subprocess.run(["rm", "-rf", str(workdir)], check=False)
+
+
+@contextmanager
+def held_connection(cluster: Cluster, address: str) -> Iterator[subprocess.Popen[str]]:
+    """A client connection kept open (HOLD) that echoes each line sent through it."""
+    proc = subprocess.Popen(
+        ["ip", "netns", "exec", cluster.lab.ns("client"), sys.executable, "-m", "pyproxy.demo.client",
+         "hold", address, "--timeout", "10"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+        for stream in (proc.stdin, proc.stdout):
+            if stream is not None:
+                stream.close()

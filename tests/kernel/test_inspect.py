@@ -11,15 +11,14 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
 from pyproxy.demo import manifests as m
 from pyproxy.demo.lab import CLIENT_IP
-from tests.kernel.conftest import Cluster
+from tests.kernel.conftest import Cluster, held_connection
 
 pytestmark = pytest.mark.privileged
 
@@ -92,25 +91,6 @@ def test_affinity_pins_appear_with_the_pod_that_answered_and_their_age(cluster: 
     assert (pb["node"], pb["isLocal"], pb["inClusterSet"], pb["inLocalSet"]) == ("node2", False, True, False), pb
     endpoints = inspect(cluster, "node1", "endpoints", "--service", "sticky", "-o", "wide")
     assert endpoints.returncode == 0 and endpoints.stdout.count("ready,serving") == 3, endpoints.stdout
-
-
-@contextmanager
-def held_connection(cluster: Cluster, address: str) -> Iterator[subprocess.Popen[str]]:
-    """A client connection kept open (HOLD) that echoes each line sent through it."""
-    proc = subprocess.Popen(
-        ["ip", "netns", "exec", cluster.lab.ns("client"), sys.executable, "-m", "pyproxy.demo.client",
-         "hold", address, "--timeout", "10"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(10)
-        for stream in (proc.stdin, proc.stdout):
-            if stream is not None:
-                stream.close()
 
 
 def test_connections_appear_while_open_with_bytes_and_go_after_close(cluster: Cluster) -> None:

@@ -8,20 +8,16 @@ metrics address shows every worker's pins and connections, and sums every worker
 
 from __future__ import annotations
 
-import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from pyproxy.demo import manifests as m
-from pyproxy.demo.cluster import Cluster, build
-from pyproxy.demo.lab import Lab
-from tests.conftest import privileged_reason, skip_or_fail
-from tests.kernel.test_inspect import held_connection, inspect, inspect_json, pod_ip, until
+from pyproxy.demo.cluster import Cluster
+from tests.kernel.conftest import _cluster, held_connection
+from tests.kernel.test_inspect import inspect, inspect_json, pod_ip, until
 
 pytestmark = pytest.mark.privileged
 
@@ -31,19 +27,7 @@ SOURCES = [f"192.168.56.{n}" for n in range(150, 166)]  # 16 client addresses: b
 
 @pytest.fixture(scope="module")
 def workers_cluster() -> Iterator[Cluster]:
-    reason = privileged_reason()
-    if reason:
-        skip_or_fail(reason)
-    workdir = Path(tempfile.mkdtemp(prefix="pyproxy-test-"))
-    lab = Lab()
-    try:
-        cluster = build(lab, workdir, proxy_args=("--workers", "2", "--relay", "splice"))
-        for ip in SOURCES:
-            lab.exec("client", "ip", "addr", "add", f"{ip}/24", "dev", "eth0")
-        yield cluster
-    finally:
-        lab.close()
-        subprocess.run(["rm", "-rf", str(workdir)], check=False)
+    yield from _cluster(("--workers", "2", "--relay", "splice"), client_addresses=tuple(SOURCES))
 
 
 def metric_total(text: str, name: str, **labels: str) -> float:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import re
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 
@@ -16,7 +15,7 @@ import pytest
 
 from pyproxy.demo import manifests as m
 from pyproxy.demo.lab import CLIENT_IP, write_manifest
-from tests.kernel.conftest import Cluster
+from tests.kernel.conftest import Cluster, held_connection
 
 pytestmark = pytest.mark.privileged
 
@@ -60,20 +59,8 @@ def test_half_close_is_forwarded(cluster: Cluster) -> None:
 @pytest.fixture
 def held(cluster: Cluster) -> Iterator[subprocess.Popen[str]]:
     """A client connection kept open (HOLD), that echoes each line we send through it."""
-    proc = subprocess.Popen(
-        ["ip", "netns", "exec", cluster.lab.ns("client"), sys.executable, "-m", "pyproxy.demo.client",
-         "hold", "10.96.1.4:80", "--timeout", "10"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    try:
+    with held_connection(cluster, "10.96.1.4:80") as proc:
         yield proc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(10)
-        for stream in (proc.stdin, proc.stdout):
-            if stream is not None:
-                stream.close()
 
 
 def send_line(proc: subprocess.Popen[str], text: str) -> str:
