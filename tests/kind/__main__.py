@@ -7,7 +7,7 @@
     cmd/kind demo                                      the scenarios, walked through in the cluster
     cmd/kind down                                      delete the cluster, stop the docker daemon
 
-Everything is built from source into /var/cache/pyproxy the first time (about 45 min on 2
+Everything is built from source into /var/cache/pyproxy the first time (about 30 min on 2
 cores: Kubernetes, etcd, containerd, CoreDNS, kind; Debian bases with debootstrap); later runs
 reuse it. docker runs in a network namespace of its own with no route out (tests/kind/dockerd.py).
 """

@@ -3,7 +3,7 @@
 The cluster is made exactly as the README tells a user (`cmd/kind up --no-pyproxy`, then
 `kubectl apply -f daemonset.yaml`), once per pod network in `cluster.CNIS`, and deleted after
 that network's tests; the docker daemon is stopped at the end of the session. Building the
-toolchain the first time takes about 45 minutes (then it is cached in /var/cache/pyproxy).
+toolchain the first time takes about 30 minutes (then it is cached in /var/cache/pyproxy).
 Outside CI the tier skips with the reason when it cannot run; under CI=true it fails.
 Select it alone with `-m kind`, or leave it out with `-m "not kind"`.
 """
