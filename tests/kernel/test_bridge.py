@@ -11,7 +11,6 @@ a service address times out; routed pods are covered by the other modules.
 from __future__ import annotations
 
 import collections
-import re
 import shutil
 
 import pytest
@@ -21,6 +20,7 @@ from pyproxy.demo import manifests as m
 from pyproxy.demo.lab import BRIDGE, CLIENT_IP, node_ip
 from tests.conftest import skip_or_fail
 from tests.kernel.conftest import Cluster
+from tests.kernel.test_scenarios import client_ips_of, pods_of
 
 pytestmark = pytest.mark.privileged
 
@@ -31,14 +31,6 @@ EMPTY_IP = "10.96.1.13"
 DNS_IP = "10.96.1.53"
 ALL = ("pa", "pb", "pc")
 RECORDS = {"web": "10.1.2.3", "db": "10.1.2.4"}
-
-
-def pods_of(lines: list[str]) -> list[str]:
-    return [re.search(r"From=(\S+)", line).group(1) for line in lines]  # type: ignore[union-attr]
-
-
-def client_ips_of(lines: list[str]) -> list[str]:
-    return [re.search(r"ClientIP=(\S+)", line).group(1) for line in lines]  # type: ignore[union-attr]
 
 
 @pytest.fixture(scope="module")

@@ -9,19 +9,16 @@ variant (uvloop, Protocol relay) is enough here.
 from __future__ import annotations
 
 import os
-import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from pyproxy.demo import manifests as m
-from pyproxy.demo.cluster import Cluster, build
-from pyproxy.demo.lab import Lab, write_manifest
-from tests.conftest import privileged_reason, skip_or_fail
+from pyproxy.demo.cluster import Cluster
+from pyproxy.demo.lab import write_manifest
+from tests.kernel.conftest import _cluster
 from tests.kernel.test_storms import fetch
 from tests.unit.test_hostile_input import alias_bomb
 
@@ -30,19 +27,10 @@ pytestmark = pytest.mark.privileged
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Cluster]:
-    reason = privileged_reason()
-    if reason:
-        skip_or_fail(reason)
-    workdir = Path(tempfile.mkdtemp(prefix="pyproxy-manifests-"))
-    lab = Lab()
-    try:
-        built = build(lab, workdir, proxy_args=("--event-loop", "uvloop"))
+    for built in _cluster(("--event-loop", "uvloop")):
         built.apply(m.service("steady", "10.96.6.1", [m.port(80, 80)]),
                     m.endpoint_slice("steady", built.backends("pa"), [m.slice_port(80)]), name="steady.yaml")
         yield built
-    finally:
-        lab.close()
-        subprocess.run(["rm", "-rf", str(workdir)], check=False)
 
 
 def steady_is_served(cluster: Cluster) -> None:

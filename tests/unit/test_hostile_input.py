@@ -25,6 +25,7 @@ from pyproxy.model.objects import parse_endpoint_slice, parse_node, parse_servic
 from pyproxy.model.store import ClusterStore
 from pyproxy.model.table import ServiceTable
 from pyproxy.sources.manifests import ManifestError, ManifestSnapshot, fingerprint, load_manifests, watch_manifests
+from tests.unit.test_objects import rejections
 
 SERVICE: dict[str, Any] = {
     "apiVersion": "v1", "kind": "Service",
@@ -83,15 +84,6 @@ def replaced(doc: dict[str, Any], path: tuple[Any, ...], value: Any) -> Any:
     return result
 
 
-def parse_all(parse: Callable[..., Any], obj: Any) -> list[InvalidObject]:
-    reported: list[InvalidObject] = []
-    try:
-        parse(obj, report=reported.append)
-    except InvalidObject as err:
-        reported.append(err)
-    return reported
-
-
 PARSERS: list[tuple[str, Callable[..., Any], dict[str, Any]]] = [
     ("Service", parse_service, SERVICE), ("EndpointSlice", parse_endpoint_slice, SLICE), ("Node", parse_node, NODE),
 ]
@@ -104,10 +96,10 @@ def test_wrong_types_in_every_field_are_rejections_naming_the_field(
     """Every field family (metadata, labels, spec scalars, lists, ports, endpoints,
     conditions, hints, status, taints) gets every kind of wrong value: the only outcome is
     a result or an InvalidObject that names the object kind and a reason."""
-    assert parse_all(parse, doc) == []  # the base document is good
+    assert rejections(parse, doc) == []  # the base document is good
     for path in paths(doc):
         for value in WEIRD:
-            for err in parse_all(parse, replaced(doc, path, value)):
+            for err in rejections(parse, replaced(doc, path, value)):
                 assert err.kind == kind and err.reason, err
                 assert len(str(err)) < 600, f"reasons quote values briefly: {str(err)[:200]}"
 
@@ -124,7 +116,7 @@ def test_wrong_types_in_every_field_are_rejections_naming_the_field(
     ],
 )
 def test_a_wrong_type_names_the_object_the_field_and_the_reason(path: tuple[Any, ...], value: Any, expected: str) -> None:
-    found = parse_all(parse_service, replaced(SERVICE, path, value))
+    found = rejections(parse_service, replaced(SERVICE, path, value))
     assert any(expected in str(err) for err in found), [str(e) for e in found]
 
 
