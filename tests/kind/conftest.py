@@ -68,10 +68,7 @@ def kind(request: pytest.FixtureRequest, kind_daemon: dockerd.Daemon) -> Iterato
     try:
         cluster.load(kind_daemon, images.PYPROXY_IMAGE)
         kind_cli.apply_pyproxy(c)
-        for name in ("pods.yaml", "s1.yaml", "s3.yaml", "s5.yaml", "s6-s7.yaml"):
-            scenarios.apply(c, name)
-        scenarios.wait_pods(c, "app=client")
-        scenarios.wait_rollout(c, "sample-deployment", "webpod", "s5-cp", "s5-worker", "named", "multi")
+        scenarios.apply_all(c)
         yield c
     finally:
         _dump_on_failure(c, request)

@@ -23,10 +23,7 @@ def show(title: str, answers: list[sc.Answer]) -> None:
 
 def main(cluster: Cluster) -> int:
     print("== applying the scenarios' Deployments and Services")
-    for name in ("pods.yaml", "s1.yaml", "s3.yaml", "s5.yaml", "s6-s7.yaml"):
-        sc.apply(cluster, name)
-    sc.wait_pods(cluster, "app=client")
-    sc.wait_rollout(cluster, "sample-deployment", "webpod", "s5-cp", "s5-worker", "named", "multi")
+    sc.apply_all(cluster)
     url = "http://sample-session-affinity:8080/"
 
     print("\n== S1: ClientIP affinity, timeoutSeconds 10 (kubectl exec client-cp -- curl ...)")

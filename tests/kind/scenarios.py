@@ -49,6 +49,18 @@ def apply(cluster: Cluster, name: str) -> None:
     cluster.kubectl("apply", "-f", str(MANIFESTS / name))
 
 
+FILES = ("pods.yaml", "s1.yaml", "s3.yaml", "s5.yaml", "s6-s7.yaml")
+DEPLOYMENTS = ("sample-deployment", "webpod", "s5-cp", "s5-worker", "named", "multi")
+
+
+def apply_all(cluster: Cluster) -> None:
+    """Every scenario's YAML, applied; returns once the clients and echo pods are Ready."""
+    for name in FILES:
+        apply(cluster, name)
+    wait_pods(cluster, "app=client")
+    wait_rollout(cluster, *DEPLOYMENTS)
+
+
 def wait_rollout(cluster: Cluster, *deployments: str, timeout_s: int = 120) -> None:
     for d in deployments:
         cluster.kubectl("rollout", "status", f"deployment/{d}", f"--timeout={timeout_s}s", timeout=timeout_s + 10)
