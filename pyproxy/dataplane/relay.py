@@ -16,6 +16,15 @@ Rules kept here (SPEC.md §5, §8):
   half-closed), so nothing leaks.
 - `connections()` hands out read-only copies (`ConnectionInfo`) of the open pairs for the
   inspection API; each pair counts its own bytes beside its port's counters.
+- Moving to a successor (`detach_pairs`, `adopt_pair`; pyproxy/lifecycle/connections.py):
+  an established pair stops reading both sides, waits (bounded) until both transports'
+  write buffers are empty, and is handed out as dup'd fds plus its state; closing the
+  transports then closes only this process's copy of each socket, so the kernel sends no
+  FIN or RST. A pair still dialing, or whose write buffer did not empty in time
+  ("mid-write": a transport's buffer cannot be taken out), resumes and drains here.
+  The successor wraps the fds in new transports paused from their first callback
+  (`Holding`), writes the bytes the old process still held, and goes on reading only the
+  directions that have not ended; the idle timer fires after the time that was left.
 - No socket outlives its pair: an upstream socket belongs to the dial attempt until a
   transport owns it, and the attempt closes it on every way out (failure, timeout, the
   client gone meanwhile, cancellation). A client already gone when its connection is
@@ -28,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import os
 import socket
 import struct
 import time
@@ -37,6 +47,7 @@ from typing import Protocol, cast
 
 from pyproxy.dataplane.errors import ErrorLog, error_name
 from pyproxy.dataplane.stats import ConnectionInfo, DataplaneStats, PortStats
+from pyproxy.lifecycle.connstate import DirectionState, TcpState, movable
 from pyproxy.model.endpoints import Endpoint
 from pyproxy.model.objects import ServicePortName
 from pyproxy.model.table import Route, ServiceTable, plan_connection
@@ -49,6 +60,7 @@ LINGER_RESET = struct.pack("ii", 1, 0)
 EARLY_BUFFER_LIMIT = 256 * 1024
 LISTEN_BACKLOG = 4096  # a burst of connections waits here for accept(); overflow drops handshakes
 ACCEPT_BATCH = 16  # accepts per wake-up of an asyncio listener
+MOVE_FLUSH_BOUND = 1.0  # seconds a pair being moved may take to empty its write buffers
 
 
 @dataclass(frozen=True)
@@ -155,6 +167,92 @@ class Relay:
         """A read-only picture of every open pair (for the inspection API)."""
         for pair in list(self.pairs):
             yield pair.info()
+
+    # moving to a successor
+
+    async def detach_pairs(self, bound: float = MOVE_FLUSH_BOUND) -> list[tuple[TcpState, list[int]]]:
+        """Take every established pair out of this process: its state and its fds (dups
+        the caller sends and closes). Pairs that cannot move stay and drain here."""
+        held = [p for p in list(self.pairs) if movable(p.upstream is not None, p.closed, 0) is None]
+        for pair in held:
+            pair.hold()
+        deadline = self.clock() + bound
+        while any(p.write_buffered() for p in held if not p.closed) and self.clock() < deadline:
+            await asyncio.sleep(0.005)
+        moved: list[tuple[TcpState, list[int]]] = []
+        for pair in held:
+            why = movable(pair.upstream is not None, pair.closed, pair.write_buffered())
+            if why is None:
+                moved.append(pair.detach())
+            elif not pair.closed:
+                self.errors.note("move", None, f"connections left to drain here instead of moving: {why}")
+                pair.release()
+        return moved
+
+    async def adopt_pair(self, state: TcpState, fds: list[int]) -> None:
+        """Go on relaying a pair another process detached (`fds`: client, upstream; this
+        relay has no pipes, so the caller turned pipe contents into `held` bytes)."""
+        loop = asyncio.get_running_loop()
+        client_sock = socket.socket(fileno=fds[0])
+        upstream_sock = socket.socket(fileno=fds[1])
+        client_hold: Holding | None = None
+        upstream_hold: Holding | None = None
+        try:
+            client, client_hold = await loop.connect_accepted_socket(Holding, client_sock)
+            upstream, upstream_hold = await loop.create_connection(Holding, sock=upstream_sock)
+        except BaseException:
+            for hold, sock in ((client_hold, client_sock), (upstream_hold, upstream_sock)):
+                if hold is not None and hold.transport is not None:
+                    hold.transport.abort()
+                else:
+                    sock.close()
+            raise
+        pair = Pair(self, client, state.client, self.stats.port(state.port), state.port, state.frontend)
+        client_side = ClientSide(self)
+        client_side.pair = pair
+        client.set_protocol(client_side)
+        upstream.set_protocol(UpstreamSide(pair))
+        pair.adopt(upstream, moved_endpoint(state.endpoint), state)
+        for hold, side in ((client_hold, client_side), (upstream_hold, upstream.get_protocol())):
+            hold.replay(cast(asyncio.Protocol, side))
+
+
+def moved_endpoint(address: tuple[str, int]) -> Endpoint:
+    """The endpoint of a moved connection (only its address matters once connected)."""
+    return Endpoint(address[0], address[1], ready=True, serving=True, terminating=False, is_local=False)
+
+
+class Holding(asyncio.Protocol):
+    """The first protocol of an adopted socket's transport: paused from the start, it keeps
+    whatever still reaches it until the pair's own protocol takes over (`replay`)."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.data: list[bytes] = []
+        self.eof = False
+        self.lost: tuple[Exception | None] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.pause_reading()
+
+    def data_received(self, data: bytes) -> None:
+        self.data.append(data)
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = (exc,)
+
+    def replay(self, protocol: asyncio.Protocol) -> None:
+        for chunk in self.data:
+            protocol.data_received(chunk)
+        if self.eof:
+            protocol.eof_received()
+        if self.lost is not None:
+            protocol.connection_lost(self.lost[0])
 
 
 class ClientSide(asyncio.Protocol):
@@ -275,6 +373,7 @@ class Pair:
         self.last_activity = self.started = relay.clock()
         self.timer: asyncio.TimerHandle | None = None
         self.dialer: asyncio.Task[None] | None = None
+        self.moving = False  # reading is held while the pair is handed to a successor
         relay.pairs.add(self)
         stats.active += 1
         stats.total += 1
@@ -390,6 +489,8 @@ class Pair:
             self.client.pause_reading()
 
     def resume(self, upstream: bool) -> None:
+        if self.moving:
+            return
         if upstream:
             if self.upstream is not None and not self.upstream_done:
                 self.upstream.resume_reading()
@@ -400,6 +501,72 @@ class Pair:
         endpoint = self.endpoint.address if self.endpoint is not None else None
         return ConnectionInfo("TCP", self.port_name, self.client_address, self.frontend, endpoint, self.bytes_in,
                               self.bytes_out, self.started, self.last_activity, self.client_done, self.upstream_done)
+
+    # moving to a successor
+
+    def hold(self) -> None:
+        """Stop reading both sides, so what is buffered can only shrink."""
+        self.moving = True
+        self.client.pause_reading()
+        if self.upstream is not None:
+            self.upstream.pause_reading()
+
+    def write_buffered(self) -> int:
+        return sum(t.get_write_buffer_size() for t in (self.client, self.upstream) if t is not None)
+
+    def release(self) -> None:
+        """Not moving after all: read again what neither ended nor has its peer's buffer full."""
+        self.moving = False
+        low = self.relay.config.write_buffer_low
+        if not self.client_done and (self.upstream is None or self.upstream.get_write_buffer_size() <= low):
+            self.client.resume_reading()
+        if self.upstream is not None and not self.upstream_done and self.client.get_write_buffer_size() <= low:
+            self.upstream.resume_reading()
+
+    def detach(self) -> tuple[TcpState, list[int]]:
+        """This pair's state and dups of its two sockets; then it ends here without a FIN
+        or RST (the kernel sockets live on in the dups). Write buffers must be empty."""
+        assert self.upstream is not None and self.endpoint is not None
+        fds: list[int] = []
+        try:
+            for transport in (self.client, self.upstream):
+                fds.append(os.dup(transport.get_extra_info("socket").fileno()))
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        now = self.relay.clock()
+        state = TcpState(
+            self.port_name, self.client_address, self.frontend, self.endpoint.address, now - self.started,
+            now - self.last_activity, self.bytes_in, self.bytes_out,
+            up=DirectionState(eof=self.client_done, shut=self.client_done, carried=self.bytes_in),
+            down=DirectionState(eof=self.upstream_done, shut=self.upstream_done, carried=self.bytes_out),
+        )
+        self.close()  # buffers are empty: close() only closes this process's fds
+        return state, fds
+
+    def adopt(self, upstream: asyncio.Transport, endpoint: Endpoint, state: TcpState) -> None:
+        """Take up a moved pair's state (`upstream`: its connected transport, paused)."""
+        self.upstream, self.endpoint = upstream, endpoint
+        config = self.relay.config
+        upstream.set_write_buffer_limits(config.write_buffer_high, config.write_buffer_low)
+        now = self.relay.clock()
+        self.started, self.last_activity = now - state.age, now - state.idle
+        self.bytes_in, self.bytes_out = state.bytes_in, state.bytes_out
+        self.client_done, self.upstream_done = state.up.eof, state.down.eof
+        # reading first, then the held bytes: no callback runs in between, and a full
+        # buffer's pause_writing must win over the resume
+        if not self.client_done:
+            self.client.resume_reading()
+        if not self.upstream_done:
+            upstream.resume_reading()
+        for transport, direction in ((upstream, state.up), (self.client, state.down)):
+            if direction.held:
+                transport.write(direction.held)
+            if direction.eof and not direction.shut:
+                transport.write_eof()
+        loop = asyncio.get_running_loop()
+        self.timer = loop.call_later(max(0.0, self._timeout() - state.idle), self._check_idle)
 
     # closing
 

@@ -32,6 +32,13 @@ Theory of operation:
 - Every socket is forgotten by the poller before it is closed.
 - `connections()` hands out read-only copies (`ConnectionInfo`) of the open pairs for the
   inspection API, as `relay.Relay` does.
+- Moving to a successor (`detach_pairs`, `adopt_pair`): an established pair is taken out
+  of the poller's set (unregistered: the kernel sockets live on in the dups, so closing
+  this process's fds would not remove them) and handed out with its state: per direction
+  the bytes still held (`pending`), the pipe's two fds and how much it holds, EOF and
+  shutdown flags. Nothing is in flight in userspace otherwise, so every established pair
+  moves; a pair still dialing drains here. The successor rebuilds the two Directions and
+  restarts each where it was: writing what is held, forwarding a pending EOF, or reading.
 - No socket outlives its pair: while dialing, the client is watched for errors and
   hang-ups only (mask 0), so a client that resets mid-dial closes the pair and its
   upstream attempt at once; an unexpected error in a handler closes that pair. Out of
@@ -67,8 +74,9 @@ from pyproxy.dataplane.relay import (
     transparent_listener,
 )
 from pyproxy.dataplane.stats import ConnectionInfo, DataplaneStats, PortStats
-from pyproxy.model.endpoints import Endpoint
-from pyproxy.model.table import Route, ServiceTable, plan_connection
+from pyproxy.lifecycle.connstate import DirectionState, TcpState, movable
+from pyproxy.model.endpoints import Endpoint, EndpointSets
+from pyproxy.model.table import PortState, Route, ServiceTable, plan_connection
 
 log = logging.getLogger("pyproxy.splice")
 
@@ -101,6 +109,10 @@ class TcpRelay(Protocol):
     async def drain(self, timeout: float) -> int: ...
 
     def connections(self) -> Iterator[ConnectionInfo]: ...
+
+    async def detach_pairs(self) -> list[tuple[TcpState, list[int]]]: ...
+
+    async def adopt_pair(self, state: TcpState, fds: list[int]) -> None: ...
 
 
 @dataclass
@@ -164,6 +176,32 @@ class FastRelay:
         if self.listener is not None:
             self.listener.close()
             self.listener = None
+
+    # moving to a successor
+
+    async def detach_pairs(self) -> list[tuple[TcpState, list[int]]]:
+        """Take every established pair out of this process: its state and its fds (dups
+        the caller sends and closes). Pairs still dialing stay and drain here."""
+        moved = []
+        for pair in list(self.pairs):
+            if movable(pair.up is not None and pair.down is not None, pair.closed, 0) is None:
+                moved.append(pair.detach())
+        return moved
+
+    async def adopt_pair(self, state: TcpState, fds: list[int]) -> None:
+        """Go on relaying a pair another process detached (`fds`: client, upstream, then
+        the read and write ends of each direction's pipe that came along, up first)."""
+        assert self._loop is not None, "adopt_pair before start"
+        frontend = (state.frontend[0], "TCP", state.frontend[1])
+        route = self.table.routes.get(frontend)
+        if route is None or route.port.name != state.port:  # gone meanwhile: the pair still lives
+            route = Route(PortState(state.port, EndpointSets((), (), ()), None, False, False), external=False)
+        client, upstream = socket.socket(fileno=fds[0]), socket.socket(fileno=fds[1])
+        client.setblocking(False)
+        upstream.setblocking(False)
+        pair = FastPair(self, self._loop, client, state.client, route, self.stats.port(state.port), state.frontend)
+        pair.adopt(upstream, state, fds[2:])
+
 
     async def drain(self, timeout: float) -> int:
         """Wait for open connections to finish, up to `timeout`; abort the rest. Returns how many were cut."""
@@ -259,6 +297,32 @@ class FastRelay:
             self._stats_cache.clear()
         self._stats_cache[frontend] = (route, stats)
         return stats
+
+def _moved_endpoint(address: tuple[str, int]) -> Endpoint:
+    return Endpoint(address[0], address[1], ready=True, serving=True, terminating=False, is_local=False)
+
+
+def _restore(direction: Direction, state: DirectionState, pipe: tuple[int, int] | None) -> None:
+    """Set a moved direction's fields from its state."""
+    direction.eof, direction.shut, direction.carried = state.eof, state.shut, state.carried
+    direction.pending = memoryview(state.held) if state.held else None
+    direction.pipe, direction.in_pipe = pipe, (state.in_pipe if pipe is not None else 0)
+
+
+def _restart(direction: Direction) -> None:
+    """Go on where the old process stopped: write what is held, forward an EOF, or read."""
+    if direction.pending is not None or direction.in_pipe:
+        direction._wait_for_dst()
+    elif direction.eof:
+        direction._shut()  # nothing once shut
+    else:
+        direction._watch_src()
+
+
+def _snapshot(direction: Direction) -> DirectionState:
+    held = bytes(direction.pending) if direction.pending is not None else b""
+    return DirectionState(direction.eof, direction.shut, held, direction.pipe is not None, direction.in_pipe,
+                          direction.carried)
 
 
 def _reset(sock: socket.socket) -> None:
@@ -568,6 +632,49 @@ class FastPair:
         return ConnectionInfo("TCP", self.route.port.name, self.client_address, self.frontend, endpoint,
                               self.bytes_in, self.bytes_out, self.started, self.last_activity,
                               up is not None and up.eof, down is not None and down.eof)
+
+    # moving to a successor
+
+    def detach(self) -> tuple[TcpState, list[int]]:
+        """This pair's state and dups of its sockets and pipes; then it ends here without a
+        FIN or RST (the kernel objects live on in the dups)."""
+        up, down, upstream, endpoint = self.up, self.down, self.upstream, self.endpoint
+        assert up is not None and down is not None and upstream is not None and endpoint is not None
+        owned = [self.client.fileno(), upstream.fileno()]
+        for direction in (up, down):
+            if direction.pipe is not None:
+                owned.extend(direction.pipe)
+        fds: list[int] = []
+        try:
+            for fd in owned:
+                fds.append(os.dup(fd))
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        now = self.relay.clock()
+        state = TcpState(self.route.port.name, self.client_address, self.frontend, endpoint.address,
+                         now - self.started, now - self.last_activity, self.bytes_in, self.bytes_out,
+                         _snapshot(up), _snapshot(down))
+        for fd in owned[:2]:  # out of the epoll set: closing our fd would not take it out
+            self.relay.poller.park(fd)
+        self.close()
+        return state, fds
+
+    def adopt(self, upstream: socket.socket, state: TcpState, pipe_fds: list[int]) -> None:
+        """Take up a moved pair: its connected upstream, its directions' state and pipes."""
+        self.upstream, self.endpoint = upstream, _moved_endpoint(state.endpoint)
+        now = self.relay.clock()
+        self.started, self.last_activity = now - state.age, now - state.idle
+        self.bytes_in, self.bytes_out = state.bytes_in, state.bytes_out
+        self.up = Direction(self, self.client, upstream, count_in=True)
+        self.down = Direction(self, upstream, self.client, count_in=False)
+        pipes = iter(zip(pipe_fds[::2], pipe_fds[1::2]))
+        for direction, moved in ((self.up, state.up), (self.down, state.down)):
+            _restore(direction, moved, next(pipes) if moved.pipe else None)
+        for direction in (self.up, self.down):
+            if not self.closed:
+                _restart(direction)
 
     # closing
 

@@ -22,6 +22,13 @@ Rules kept here:
   closed when its flow goes; nothing else holds one.
 - Nothing is answered for a datagram that cannot be forwarded: it is dropped and counted
   by reason (a service port without endpoints is refused by nftables before it gets here).
+- Moving to a successor (`detach_flows`, `adopt_flows`): the old process stops reading
+  the listener and every flow's socket, and hands out each flow (a dup of its upstream
+  socket, its key, port, endpoint, age and idle time); replies that arrive meanwhile wait
+  in the socket's receive queue for the successor. The successor opens its own reply
+  socket for the service address, so replies still come from it, and the flow's idle
+  expiry goes on from where it was. A flow the successor already has (its client sent a
+  datagram to the successor first) keeps the successor's socket; the moved one is closed.
 - `connections()` hands out read-only copies (`ConnectionInfo`) of the flows, with each
   flow's own byte counts, for the inspection API.
 """
@@ -30,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import resource
 import socket
 import time
@@ -38,6 +46,7 @@ from dataclasses import dataclass, field
 
 from pyproxy.dataplane.relay import IP_TRANSPARENT, transparent_listener
 from pyproxy.dataplane.stats import ConnectionInfo, DataplaneStats, PortStats
+from pyproxy.lifecycle.connstate import UdpState
 from pyproxy.model.flows import Address, Flow, FlowKey, FlowTable, usable_endpoints
 from pyproxy.model.objects import ServicePortName
 from pyproxy.model.table import PortState, ServiceTable, plan_connection
@@ -182,6 +191,65 @@ class UdpRelay:
             io = flow.handle
             yield ConnectionInfo("UDP", flow.port, flow.client, flow.service_address, flow.endpoint,
                                  io.bytes_in, io.bytes_out, io.started, flow.last_active)
+
+    # moving to a successor
+
+    def detach_flows(self) -> list[tuple[UdpState, int]]:
+        """Stop serving here and take every flow out: its state and a dup of its socket
+        (the caller sends and closes it)."""
+        if self._listener is not None and self._loop is not None:
+            self._loop.remove_reader(self._listener.fileno())  # no new flows here from now on
+        now = self.clock()
+        moved: list[tuple[UdpState, int]] = []
+        for flow in list(self.flows):
+            io = flow.handle
+            fd = os.dup(io.upstream.fileno())
+            moved.append((UdpState(flow.port, flow.client, flow.service_address, flow.endpoint, now - io.started,
+                                   now - flow.last_active, io.bytes_in, io.bytes_out), fd))
+            self._close(flow, "moved")
+        return moved
+
+    def adopt_flows(self, moved: list[tuple[UdpState, socket.socket]]) -> int:
+        """Go on serving flows another process detached; returns how many were taken up."""
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        now = self.clock()
+        flows: dict[FlowKey, Flow[FlowIO]] = {}
+        for state, sock in moved:
+            key: FlowKey = (state.client, state.service)
+            if key in flows or self.flows.get(key) is not None:
+                self.stats.udp.flows_closed["moved_duplicate"] += 1
+                sock.close()
+                continue
+            try:
+                sock.setblocking(False)
+                self._reply_socket(state.service)
+            except OSError as err:
+                self._warn("socket", "cannot take up a moved UDP flow from %s:%s: %s", *state.client, err)
+                self.stats.udp.flows_closed["moved_failed"] += 1
+                sock.close()
+                if not any(f.service_address == state.service for f in flows.values()):
+                    self._close_reply_if_unused(state.service)
+                continue
+            port_stats = self.stats.port(state.port)
+            flow = Flow(key, state.port, state.endpoint, FlowIO(sock, port_stats, now - state.age, state.bytes_in,
+                                                                state.bytes_out), last_active=now - state.idle)
+            flows[key] = flow
+            self._loop.add_reader(sock.fileno(), self._from_endpoint, flow)
+            route = self.table.routes.get((state.service[0], "UDP", state.service[1]))
+            if route is not None and route.port.name == state.port:
+                self._planned_with.setdefault(state.port, route.port)
+            self.stats.udp.flows_active += 1
+            self.stats.udp.flows_total += 1
+            port_stats.active += 1
+            port_stats.total += 1
+        for old in self.flows.adopt(list(flows.values())):
+            self._release(old, "evicted")
+        if self._timer is not None:  # a moved flow may expire before the timer set for the others
+            self._timer.cancel()
+            self._timer = None
+        self._arm_timer()
+        return len(flows)
 
     # client -> endpoint
 

@@ -3,8 +3,9 @@
 Each subcommand prints one line per result, so callers can count and compare:
 - `http ADDR [--count N] [--interval S]`: GET /, print the echo pod's body line;
 - `who ADDR [--count N]`: the echo pod's `pod=... client=...` line;
-- `echo ADDR --bytes N`: stream N pseudo-random bytes while reading them back, half-close,
-  and print `sent=N received=M match=True|False` (sha256 of both directions);
+- `echo ADDR --bytes N [--rate B]`: stream N pseudo-random bytes (at most B bytes/s if
+  given) while reading them back, half-close, and print `sent=N received=M
+  match=True|False` (sha256 of both directions);
 - `sink ADDR --bytes N`: send N bytes, half-close, print whether the pod counted the
   same bytes and sha256;
 - `connect ADDR`: print `ok|refused|timeout|reset <ms>`;
@@ -71,17 +72,22 @@ def who(address: tuple[str, int], timeout: float, bind: str | None) -> str:
         return _read_all(sock).decode(errors="replace").strip()
 
 
-def _send_random(sock: socket.socket, size: int, digest: hashlib._Hash) -> None:
-    """Send `size` pseudo-random bytes, feeding each chunk to `digest` too."""
+def _send_random(sock: socket.socket, size: int, digest: hashlib._Hash, rate: float = 0.0) -> None:
+    """Send `size` pseudo-random bytes (at most `rate` bytes/s if given), feeding each chunk to `digest` too."""
     remaining = size
+    start = time.monotonic()
     while remaining > 0:
         chunk = os.urandom(min(CHUNK, remaining))
         digest.update(chunk)
         sock.sendall(chunk)
         remaining -= len(chunk)
+        if rate > 0:
+            ahead = (size - remaining) / rate - (time.monotonic() - start)
+            if ahead > 0:
+                time.sleep(ahead)
 
 
-def echo(address: tuple[str, int], size: int, timeout: float, bind: str | None) -> str:
+def echo(address: tuple[str, int], size: int, timeout: float, bind: str | None, rate: float = 0.0) -> str:
     sent_digest, received_digest = hashlib.sha256(), hashlib.sha256()
     received = 0
     with _connect(address, timeout, bind) as sock:
@@ -95,7 +101,7 @@ def echo(address: tuple[str, int], size: int, timeout: float, bind: str | None) 
 
         thread = threading.Thread(target=reader, daemon=True)
         thread.start()
-        _send_random(sock, size, sent_digest)
+        _send_random(sock, size, sent_digest, rate)
         sock.shutdown(socket.SHUT_WR)
         thread.join(timeout)
     match = received == size and sent_digest.digest() == received_digest.digest()
@@ -282,6 +288,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--count", type=int, default=1)
     parser.add_argument("--interval", type=float, default=0.0)
     parser.add_argument("--bytes", type=int, default=1 << 20)
+    parser.add_argument("--rate", type=float, default=0.0, help="echo: bytes per second at most")
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--timeout", type=float, default=5.0)
     parser.add_argument("--bind", help="source address to bind")
@@ -305,7 +312,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             elif args.mode == "who":
                 line = who(address, args.timeout, args.bind)
             elif args.mode == "echo":
-                line = echo(address, args.bytes, args.timeout, args.bind)
+                line = echo(address, args.bytes, args.timeout, args.bind, args.rate)
             elif args.mode == "sink":
                 line = sink(address, args.bytes, args.timeout, args.bind)
             elif args.mode == "stall":

@@ -5,7 +5,8 @@ One process serves every given TCP and UDP port. On TCP, the first line picks th
   the write-ups show: `Host=<host>  Path=<path>  From=<pod>  ClientIP=<ip>  XFF=`;
 - `WHO`: `pod=<pod> client=<ip> port=<local port>` and close;
 - `ECHO`: every byte back until EOF, then EOF back (data integrity, half-close);
-- `SINK`: read to EOF, answer `<count> <sha256>`;
+- `SINK [S]`: read to EOF, answer `<count> <sha256>` (S seconds after the EOF if given:
+  the connection stays half-closed meanwhile);
 - `HOLD`: like WHO but the line is sent and the connection stays open, echoing, until EOF.
 On UDP every datagram is answered with `pod=<pod> client=<ip> port=<local port> len=<n>`
 followed by the datagram itself (so large datagrams come back whole).
@@ -32,7 +33,7 @@ def who(pod: str, writer: asyncio.StreamWriter) -> bytes:
 async def serve_tcp(pod: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     try:
         line = await asyncio.wait_for(reader.readline(), 30)
-        command = line.strip().split(b" ")[0]
+        command, *rest = line.strip().split(b" ")
         if command in (b"GET", b"HEAD", b"POST"):
             await _http(pod, line, reader, writer)
         elif command == b"WHO":
@@ -47,9 +48,11 @@ async def serve_tcp(pod: str, reader: asyncio.StreamReader, writer: asyncio.Stre
             while chunk := await reader.read(READ_SIZE):
                 digest.update(chunk)
                 count += len(chunk)
+            if rest:
+                await asyncio.sleep(min(30.0, float(rest[0])))
             writer.write(f"{count} {digest.hexdigest()}\n".encode())
         await writer.drain()
-    except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError):
+    except (OSError, ValueError, asyncio.TimeoutError, asyncio.IncompleteReadError):
         pass
     finally:
         writer.close()

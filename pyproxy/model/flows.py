@@ -90,6 +90,26 @@ class FlowTable(Generic[H]):
             evicted.append(self._pop(next(iter(self._flows))))
         return evicted
 
+    def adopt(self, flows: Collection[Flow[H]]) -> list[Flow[H]]:
+        """Admit flows moved from another process, each with its own `last_active` (the
+        order stays least recently active first); returns the flows evicted to keep
+        within capacity. Like `add`, a key already present is an error."""
+        keys = [f.key for f in flows]
+        if len(set(keys)) != len(keys) or any(key in self._flows for key in keys):
+            raise KeyError("moved flows repeat a flow key")
+        fresh = list(flows)
+        if not fresh:
+            return []
+        for flow in fresh:
+            self._by_port.setdefault(flow.port, set()).add(flow.key)
+            self._per_address[flow.service_address] = self._per_address.get(flow.service_address, 0) + 1
+        merged = sorted([*self._flows.values(), *fresh], key=lambda f: f.last_active)
+        self._flows = OrderedDict((f.key, f) for f in merged)
+        evicted = []
+        while len(self._flows) > self.capacity:
+            evicted.append(self._pop(next(iter(self._flows))))
+        return evicted
+
     def remove(self, key: FlowKey) -> Flow[H] | None:
         return self._pop(key) if key in self._flows else None
 

@@ -135,3 +135,26 @@ def test_usable_endpoints_are_the_cluster_and_local_sets() -> None:
     state = PortState(DNS, EndpointSets(all=(a, b), cluster=(b,), local=(a,)), None, False, False)
     assert usable_endpoints(state) == {POD_A, POD_B}
     assert usable_endpoints(None) == frozenset(), "a port that is gone has no usable endpoint"
+
+
+def test_moved_flows_keep_their_idle_time_and_the_expiry_order() -> None:
+    table: FlowTable[str] = FlowTable(capacity=3, idle_timeout=30)
+    table.add(flow(1000), now=100)
+    old, older = flow(2000), flow(3000)
+    old.last_active, older.last_active = 90, 80
+    assert table.adopt([old, older]) == []
+    assert [f.client[1] for f in table] == [3000, 2000, 1000], "least recently active first"
+    assert table.next_expiry() == 110
+    assert [f.client[1] for f in table.expire(now=121)] == [3000, 2000]
+    assert table.address_in_use(SVC)
+
+
+def test_moved_flows_beyond_capacity_evict_the_least_recently_active() -> None:
+    table: FlowTable[str] = FlowTable(capacity=2, idle_timeout=30)
+    table.add(flow(1000), now=100)
+    moved = [flow(2000), flow(3000)]
+    moved[0].last_active, moved[1].last_active = 50, 101
+    assert [f.client[1] for f in table.adopt(moved)] == [2000]
+    assert {f.client[1] for f in table} == {1000, 3000}
+    with pytest.raises(KeyError):
+        table.adopt([flow(1000)])

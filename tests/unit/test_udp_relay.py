@@ -263,3 +263,46 @@ async def test_an_endpoint_refusing_ends_its_flow(sockets: Sockets) -> None:
     relay.forward(b"x", (CLIENT, 40000), SVC)
     assert len(relay.flows) == 0 and relay.stats.udp.drops["endpoint_refused"] == 1
     relay.close()
+
+
+async def test_a_moved_flow_goes_on_in_the_successor_with_its_idle_time(sockets: Sockets) -> None:
+    table, _ = table_with(PODS)
+    clock = Clock()
+    old = relay_for(table, sockets, clock)
+    old.forward(b"q1", (CLIENT, 40000), SVC)
+    pod = sockets.endpoint_end(0)
+    assert pod.recv(100) == b"q1"
+    clock.now += 10
+    moved = old.detach_flows()
+    assert len(moved) == 1 and len(old.flows) == 0 and old.stats.udp.flows_closed["moved"] == 1
+    assert sockets.replies[0].closed, "the old process's reply socket goes with its last flow"
+    state, fd = moved[0]
+    assert (state.client, state.service, state.idle, state.bytes_in) == ((CLIENT, 40000), SVC, 10.0, 2)
+    pod.send(b"a1")  # a reply while the flow is between processes waits in the socket
+    successor = relay_for(table, sockets, clock)
+    assert successor.adopt_flows([(state, socket.socket(fileno=fd))]) == 1
+    assert successor.flows.next_expiry() == clock.now - 10 + 30, "the idle time came along"
+    reply = sockets.replies[1]
+    await until(lambda: reply.sent)
+    assert reply.address == SVC and reply.sent == [(b"a1", (CLIENT, 40000))]
+    successor.forward(b"q2", (CLIENT, 40000), SVC)
+    assert pod.recv(100) == b"q2", "the client's next datagram takes the same socket to the same pod"
+    assert len(sockets.upstreams) == 1
+    clock.now += 29
+    successor.expire_idle()
+    assert len(successor.flows) == 1, "the moved flow's expiry slides with traffic as before"
+    successor.close()
+
+
+async def test_a_moved_flow_the_successor_already_has_is_closed_not_doubled(sockets: Sockets) -> None:
+    table, _ = table_with(PODS)
+    clock = Clock()
+    old = relay_for(table, sockets, clock)
+    old.forward(b"q", (CLIENT, 40000), SVC)
+    successor = relay_for(table, sockets, clock)
+    successor.forward(b"q", (CLIENT, 40000), SVC)
+    moved = [(state, socket.socket(fileno=fd)) for state, fd in old.detach_flows()]
+    assert successor.adopt_flows(moved) == 0
+    assert moved[0][1].fileno() == -1 and successor.stats.udp.flows_closed["moved_duplicate"] == 1
+    assert len(successor.flows) == 1 and successor.stats.udp.flows_active == 1
+    successor.close()

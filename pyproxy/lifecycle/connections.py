@@ -1,0 +1,160 @@
+"""Open connections move to the successor: the two hooks of the hand-over.
+
+Theory of operation:
+- `export_connections(app)` runs in the old process once the successor holds the
+  listeners and this process has stopped accepting. It takes every connection that can
+  move out of this process's relays and returns one `Message` per connection: kind
+  `tcp-pair` or `udp-flow`, the body from `connstate` (versioned), and the fds it needs
+  (dups: the caller sends them and then closes them; the kernel sockets stay alive in the
+  dups, so nothing is sent on the wire when the relays let go of their own fds).
+- `adopt_connections(app, messages)` runs in the successor: each pair or flow is taken up
+  by its relay and goes on where it stopped. A body it cannot read (another state
+  version, a malformed field) or a wrong number of fds costs that one connection: its
+  sockets are reset (the peers learn at once, rather than waiting on a dead socket), the
+  rest go on, and the reason is logged. Messages of other kinds are left alone.
+- What moves: every established TCP pair of the splice relay (its held bytes and pipes
+  come along), every established pair of the Protocol relay whose write buffers empty
+  within `relay.MOVE_FLUSH_BOUND`, and every UDP flow. What drains in the old process as
+  before: pairs still dialing their endpoint, and Protocol-relay pairs still mid-write
+  (a transport's write buffer cannot be taken out of it). Half-closed pairs move.
+- A pair may change relay on the way (protocol <-> splice): the Protocol relay has no
+  pipes, so a pipe's contents are read out here into the direction's held bytes.
+- With `--workers N` each worker is its own process with its own relay: each one exports
+  its own connections, and its successor worker (the same index) adopts them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+from pyproxy.dataplane.relay import LINGER_RESET, Relay
+from pyproxy.lifecycle.connstate import (
+    TCP_KIND,
+    UDP_KIND,
+    DirectionState,
+    StateError,
+    TcpState,
+    decode_tcp,
+    decode_udp,
+    encode_tcp,
+    encode_udp,
+)
+
+if TYPE_CHECKING:
+    from pyproxy.app import ProxyApp
+
+log = logging.getLogger("pyproxy.handover")
+
+KINDS = (TCP_KIND, UDP_KIND)
+
+
+@dataclass
+class Message:
+    kind: str
+    body: dict[str, Any] = field(default_factory=dict)
+    fds: tuple[int, ...] = ()
+
+
+async def export_connections(app: ProxyApp) -> list[Message]:
+    """Take every movable connection out of this process (see the module header)."""
+    messages = [Message(TCP_KIND, encode_tcp(state), tuple(fds)) for state, fds in await app.relay.detach_pairs()]
+    tcp = len(messages)
+    messages += [Message(UDP_KIND, encode_udp(state), (fd,)) for state, fd in app.udp.detach_flows()]
+    log.info("handing over %d TCP connections and %d UDP flows; %d connections drain here", tcp,
+             len(messages) - tcp, len(app.relay.pairs))
+    return messages
+
+
+async def adopt_connections(app: ProxyApp, messages: list[Message]) -> None:
+    """Go on serving the connections `export_connections` handed over."""
+    tcp = udp = 0
+    flows = []
+    for message in messages:
+        if message.kind not in KINDS:
+            continue
+        fds = list(message.fds)
+        try:
+            if message.kind == UDP_KIND:
+                flow = decode_udp(message.body)
+                _check_fds(message.kind, fds, flow.fd_count)
+                flows.append((flow, socket.socket(fileno=fds[0])))
+                continue
+            state = decode_tcp(message.body)
+            _check_fds(message.kind, fds, state.fd_count)
+            if isinstance(app.relay, Relay) or any(d.held and d.pipe for d in (state.up, state.down)):
+                fds, pipes = fds[:2], fds[2:]
+                state = _absorb_pipes(state, pipes)
+        except (StateError, OSError) as err:
+            log.error("cannot take up a moved connection (%s): %s; resetting it", message.kind, err)
+            _reset_fds(fds)
+            continue
+        try:
+            await app.relay.adopt_pair(state, fds)  # from here on the relay owns the fds
+        except OSError as err:
+            log.error("cannot take up a moved connection from %s:%s: %s", *state.client, err)
+            continue
+        tcp += 1
+    if flows:
+        udp = app.udp.adopt_flows(flows)
+    log.info("took up %d TCP connections and %d UDP flows from the previous process", tcp, udp)
+
+
+def _check_fds(kind: str, fds: list[int], expected: int) -> None:
+    if len(fds) != expected:
+        raise StateError(f"{kind}: {len(fds)} descriptors, its state needs {expected}")
+
+
+def _absorb_pipes(state: TcpState, pipes: list[int]) -> TcpState:
+    """The same pair without pipes: what each holds goes after the direction's held bytes
+    (the bytes were read first), and the pipes (read, write end per direction) are closed."""
+    ends = iter(zip(pipes[::2], pipes[1::2]))
+    directions: list[DirectionState] = []
+    try:
+        for direction in (state.up, state.down):
+            if direction.pipe:
+                read_end, _ = next(ends)
+                directions.append(replace(direction, held=direction.held + _read_pipe(read_end, direction.in_pipe),
+                                          pipe=False, in_pipe=0))
+            else:
+                directions.append(direction)
+    finally:
+        for fd in pipes:
+            os.close(fd)
+    return replace(state, up=directions[0], down=directions[1])
+
+
+def _read_pipe(fd: int, size: int) -> bytes:
+    """The `size` bytes a moved pipe holds (they are all there: nobody writes to it)."""
+    os.set_blocking(fd, False)
+    chunks: list[bytes] = []
+    left = size
+    while left:
+        chunk = os.read(fd, left)
+        if not chunk:
+            raise StateError(f"a moved pipe held {size - left} bytes, its state said {size}")
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def _reset_fds(fds: list[int]) -> None:
+    """Close received fds; sockets with a reset, so their peers do not wait on them."""
+    for fd in fds:
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError:  # not a socket (a pipe end)
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+            continue
+        try:
+            if sock.type == socket.SOCK_STREAM:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+        except OSError:
+            pass
+        sock.close()
