@@ -52,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--relay", choices=("protocol", "splice"),
                    help="TCP byte path (dataplane.relay; default protocol)")
     p.add_argument("--workers", type=int, help="worker processes sharing the listener (dataplane.workers; default 1)")
+    p.add_argument("--state-dir", help="hand-over socket and state snapshot (lifecycle.stateDir; default /run/pyproxy)")
     p.add_argument("--cleanup", action="store_true", help="remove everything pyproxy installed, then exit")
     p.add_argument("--event-loop", choices=EVENT_LOOPS,
                    help="event loop: uvloop, asyncio, or auto (uvloop when installed; the default)")
@@ -88,7 +89,10 @@ def effective_config(args: argparse.Namespace) -> ProxyConfig:
         dataplane = dataclasses.replace(dataplane, relay=args.relay)
     if args.workers is not None:
         dataplane = dataclasses.replace(dataplane, workers=args.workers)
-    config = dataclasses.replace(config, clientConnection=client, dataplane=dataplane, **top)
+    lifecycle = config.lifecycle
+    if args.state_dir is not None:
+        lifecycle = dataclasses.replace(lifecycle, stateDir=args.state_dir)
+    config = dataclasses.replace(config, clientConnection=client, dataplane=dataplane, lifecycle=lifecycle, **top)
     validate(config)
     return config
 

@@ -141,10 +141,12 @@ class UdpRelay:
     def __post_init__(self) -> None:
         self.flows = FlowTable(self.config.max_flows, self.config.idle_timeout)
 
-    async def start(self, host: str, port: int) -> None:
+    async def start(self, host: str, port: int, sock: socket.socket | None = None) -> None:
+        """Serve on a new transparent listener, or on `sock` (handed over by a predecessor)."""
         self._loop = asyncio.get_running_loop()
         ensure_fd_budget(self.config.max_flows + 2048)  # a socket per flow, a few reply sockets, the rest
-        sock = transparent_listener(host, port, socket.SOCK_DGRAM)
+        sock = sock if sock is not None else transparent_listener(host, port, socket.SOCK_DGRAM)
+        sock.setblocking(False)
         try:
             sock.setsockopt(socket.SOL_IP, IP_ORIGDSTADDR, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.config.listener_buffer)
@@ -153,6 +155,18 @@ class UdpRelay:
             sock.close()
             raise
         self._listener = sock
+
+    @property
+    def listener(self) -> socket.socket | None:
+        return self._listener
+
+    def release_listener(self) -> None:
+        """A successor reads the listener now (pyproxy/lifecycle): stop reading it and close
+        this copy; the flows open here go on until they idle out (or are moved)."""
+        if self._listener is not None and self._loop is not None:
+            self._loop.remove_reader(self._listener.fileno())
+            self._listener.close()
+            self._listener = None
 
     def close(self) -> None:
         """Stop listening and close every flow and reply socket."""

@@ -39,7 +39,8 @@ class Node:
 
     def start(self, *extra: str) -> subprocess.Popen[str]:
         proc = self.lab.spawn("node1", [sys.executable, "-m", "pyproxy", "--manifests", str(self.manifests),
-                                        "--hostname-override", "node1", "--relay", self.relay, *extra],
+                                        "--hostname-override", "node1", "--relay", self.relay,
+                                        "--state-dir", str(self.workdir / "state"), *extra],
                               log=self.log_path)
         deadline = time.monotonic() + 20
         while " synced " not in self.log() and time.monotonic() < deadline:
