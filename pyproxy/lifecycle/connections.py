@@ -5,8 +5,12 @@ Theory of operation:
   listeners and this process has stopped accepting. It takes every connection that can
   move out of this process's relays and returns one `Message` per connection: kind
   `tcp-pair` or `udp-flow`, the body from `connstate` (versioned), and the fds it needs
-  (dups: the caller sends them and then closes them; the kernel sockets stay alive in the
-  dups, so nothing is sent on the wire when the relays let go of their own fds).
+  (dups: the kernel sockets stay alive in them, so nothing is sent on the wire when the
+  relays let go of their own fds). The channel sends copies and leaves these open.
+- `export_finished(app, adopted)` (old process, once the successor answered): adopted, the
+  dups are closed and the connections are the successor's alone; not adopted (the
+  successor cannot adopt, or failed before taking any), this process takes them back with
+  the same adoption code and they drain here, as if they had never left.
 - `adopt_connections(app, messages)` runs in the successor: each pair or flow is taken up
   by its relay and goes on where it stopped. A body it cannot read (another state
   version, a malformed field) or a wrong number of fds costs that one connection: its
@@ -28,10 +32,11 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from pyproxy.dataplane.relay import LINGER_RESET, Relay
+from pyproxy.lifecycle.channel import Message, close_fds
 from pyproxy.lifecycle.connstate import (
     TCP_KIND,
     UDP_KIND,
@@ -52,21 +57,32 @@ log = logging.getLogger("pyproxy.handover")
 KINDS = (TCP_KIND, UDP_KIND)
 
 
-@dataclass
-class Message:
-    kind: str
-    body: dict[str, Any] = field(default_factory=dict)
-    fds: tuple[int, ...] = ()
-
-
 async def export_connections(app: ProxyApp) -> list[Message]:
     """Take every movable connection out of this process (see the module header)."""
+    global _exported
     messages = [Message(TCP_KIND, encode_tcp(state), tuple(fds)) for state, fds in await app.relay.detach_pairs()]
     tcp = len(messages)
     messages += [Message(UDP_KIND, encode_udp(state), (fd,)) for state, fd in app.udp.detach_flows()]
     log.info("handing over %d TCP connections and %d UDP flows; %d connections drain here", tcp,
              len(messages) - tcp, len(app.relay.pairs))
+    _exported = messages
     return messages
+
+
+_exported: list[Message] = []  # what this process handed out and still holds the dups of
+
+
+async def export_finished(app: ProxyApp, adopted: bool) -> None:
+    """The successor has answered: drop our dups, or take the connections back."""
+    global _exported
+    messages, _exported = _exported, []
+    if adopted:
+        for message in messages:
+            close_fds(message.fds)
+        return
+    if messages:
+        log.warning("the successor did not take up the connections: %d go on here and drain", len(messages))
+        await adopt_connections(app, messages)
 
 
 async def adopt_connections(app: ProxyApp, messages: list[Message]) -> None:
@@ -94,8 +110,8 @@ async def adopt_connections(app: ProxyApp, messages: list[Message]) -> None:
             continue
         try:
             await app.relay.adopt_pair(state, fds)  # from here on the relay owns the fds
-        except OSError as err:
-            log.error("cannot take up a moved connection from %s:%s: %s", *state.client, err)
+        except Exception as err:  # never raise once some are taken up: they would run twice
+            log.error("cannot take up a moved connection from %s:%s: %r", *state.client, err)
             continue
         tcp += 1
     if flows:

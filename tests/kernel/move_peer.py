@@ -5,7 +5,8 @@ Run in a test's namespace: `python -m tests.kernel.move_peer --relay protocol|sp
 Service whose endpoint is `--endpoint` on `--listen` (no TPROXY needed: the listen address
 itself is routed as a frontend), and accepts hand-overs on the unix socket `--inbox`.
 On stdin, `handover PATH` exports every connection (pyproxy.lifecycle.connections), sends
-the messages to PATH (length-prefixed JSON, fds with SCM_RIGHTS), closes its dups, prints
+the messages to PATH (pyproxy.lifecycle.channel: JSON, fds with SCM_RIGHTS; the `end` and
+`done` steps of the hand-over), closes its dups once the peer took them up, prints
 `moved N left M`, drains what is left and prints `drained cut=K`. Each hand-over received
 prints `adopted N`. `count` prints `pairs N`; EOF on stdin ends the process.
 """
@@ -13,27 +14,22 @@ prints `adopted N`. `count` prints `pairs N`; EOF on stdin ends the process.
 from __future__ import annotations
 
 import argparse
-import array
 import asyncio
-import json
-import os
 import socket
-import struct
 import sys
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 from pyproxy.dataplane.relay import Relay, RelayConfig
 from pyproxy.dataplane.splice import FastRelay, TcpRelay
 from pyproxy.dataplane.stats import DataplaneStats
 from pyproxy.dataplane.udp import UdpRelay
-from pyproxy.lifecycle.connections import Message, adopt_connections, export_connections
+from pyproxy.lifecycle.channel import Channel, Message
+from pyproxy.lifecycle.connections import adopt_connections, export_connections, export_finished
 from pyproxy.model.objects import ServiceKey, parse_endpoint_slice, parse_service
 from pyproxy.model.store import ClusterStore
 from pyproxy.model.table import ServiceTable
 
 SERVICE = ("10.96.0.1", 80)
-LENGTH = struct.Struct("!II")  # body length, fd count
 
 
 @dataclass
@@ -42,7 +38,6 @@ class Peer:
 
     relay: TcpRelay
     udp: UdpRelay
-    inbox: list[Message] = field(default_factory=list)
 
 
 def table_for(listen: tuple[str, int], endpoint: tuple[str, int]) -> ServiceTable:
@@ -63,37 +58,6 @@ def table_for(listen: tuple[str, int], endpoint: tuple[str, int]) -> ServiceTabl
     return table
 
 
-def send_messages(path: str, messages: list[Message]) -> None:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(10)
-        sock.connect(path)
-        for message in messages:
-            body = json.dumps({"kind": message.kind, "body": message.body}).encode()
-            rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", message.fds).tobytes())]
-            sock.sendmsg([LENGTH.pack(len(body), len(message.fds)) + body], rights)
-        sock.shutdown(socket.SHUT_WR)
-        sock.recv(1)  # the peer has taken them all
-
-
-def receive_messages(conn: socket.socket) -> list[Message]:
-    messages = []
-    while True:
-        head, ancillary, _, _ = conn.recvmsg(LENGTH.size, socket.CMSG_SPACE(64 * 4))
-        if not head:
-            return messages
-        fds = array.array("i")
-        for level, kind, data in ancillary:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
-        size, count = LENGTH.unpack(head)
-        body = b""
-        while len(body) < size:
-            body += conn.recv(size - len(body))
-        raw: dict[str, Any] = json.loads(body)
-        assert len(fds) == count, (len(fds), count)
-        messages.append(Message(raw["kind"], raw["body"], tuple(fds)))
-
-
 async def serve_inbox(peer: Peer, path: str) -> None:
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
@@ -103,10 +67,13 @@ async def serve_inbox(peer: Peer, path: str) -> None:
     while True:
         conn, _ = await loop.sock_accept(listener)
         conn.setblocking(True)
-        messages = await asyncio.to_thread(receive_messages, conn)
+        channel = Channel(conn)
+        messages = []
+        while (message := await asyncio.to_thread(channel.receive)).kind != "end":
+            messages.append(message)
         await adopt_connections(peer, messages)  # type: ignore[arg-type]
-        conn.sendall(b"k")
-        conn.close()
+        await asyncio.to_thread(channel.send, Message("done", {"adopted": True}))
+        channel.close()
         print(f"adopted {len(messages)}", flush=True)
 
 
@@ -127,12 +94,11 @@ async def main_async(args: argparse.Namespace) -> None:
         elif line[0] == "handover":
             relay.stop_accepting()
             messages = await export_connections(peer)  # type: ignore[arg-type]
-            try:
-                await asyncio.to_thread(send_messages, line[1], messages)
-            finally:
-                for message in messages:
-                    for fd in message.fds:
-                        os.close(fd)
+            channel = await asyncio.to_thread(Channel.connect, line[1])
+            await asyncio.to_thread(channel.send_all, [*messages, Message("end")])
+            done = await asyncio.to_thread(channel.receive, False)
+            channel.close()
+            await export_finished(peer, bool(done.body.get("adopted")))  # type: ignore[arg-type]
             print(f"moved {len(messages)} left {len(relay.pairs)}", flush=True)
             cut = await relay.drain(args.drain)
             print(f"drained cut={cut}", flush=True)
