@@ -217,6 +217,8 @@ class ProxyApp:
             if affinity is not None:
                 self._restore_affinity(affinity, extra_age)
             await self._listen(handed, outcome)
+            if handed is not None:
+                self.udp.hold_listener()  # until the predecessor's UDP flows are here (dataplane/udp.py)
         except BaseException:
             if handed is not None:
                 handed.channel.close()  # the predecessor keeps serving
@@ -231,7 +233,10 @@ class ProxyApp:
         if life.snapshotInterval > 0:
             self.supervisor.start("state-snapshot", self._run_snapshots)
         if handed is not None:
-            await complete(handed, self, self)
+            try:
+                await complete(handed, self, self)
+            finally:
+                self.udp.read_listener()
         handover_task = asyncio.get_running_loop().create_task(self._serve_handover(), name="hand-over")
         try:
             await self._lifetime()

@@ -27,8 +27,11 @@ Rules kept here:
   socket, its key, port, endpoint, age and idle time); replies that arrive meanwhile wait
   in the socket's receive queue for the successor. The successor opens its own reply
   socket for the service address, so replies still come from it, and the flow's idle
-  expiry goes on from where it was. A flow the successor already has (its client sent a
-  datagram to the successor first) keeps the successor's socket; the moved one is closed.
+  expiry goes on from where it was. The successor serves the listener before the flows
+  arrive, so it may have opened a flow of its own for a moved one's key (a datagram came
+  first): the moved flow takes the key back (its endpoint is the one the client talks
+  to), and the successor's own socket is retired, still read for `RETIRE_GRACE` seconds so
+  the answers to what it sent reach the client, then closed.
 - `connections()` hands out read-only copies (`ConnectionInfo`) of the flows, with each
   flow's own byte counts, for the inspection API.
 """
@@ -58,6 +61,7 @@ SOCKADDR_IN_SIZE = 16
 RECEIVE_SIZE = 65536  # the largest IPv4 UDP payload is 65507: nothing is ever cut
 ANCILLARY_SIZE = socket.CMSG_SPACE(SOCKADDR_IN_SIZE)
 WARN_INTERVAL = 10.0
+RETIRE_GRACE = 5.0  # seconds a flow replaced by a moved one still passes its endpoint's answers
 
 
 @dataclass(frozen=True)
@@ -137,6 +141,7 @@ class UdpRelay:
     _replies: dict[Address, socket.socket] = field(default_factory=dict)
     _planned_with: dict[ServicePortName, PortState] = field(default_factory=dict)
     _warned: dict[str, float] = field(default_factory=dict)
+    _retired: set[Flow[FlowIO]] = field(default_factory=set)  # replaced by moved flows: answers only
 
     def __post_init__(self) -> None:
         self.flows = FlowTable(self.config.max_flows, self.config.idle_timeout)
@@ -160,6 +165,17 @@ class UdpRelay:
     def listener(self) -> socket.socket | None:
         return self._listener
 
+    def hold_listener(self) -> None:
+        """A successor taking over: read no client datagram until the predecessor's flows
+        are here (`read_listener`), or a flow's next datagram would open a second flow,
+        maybe to another pod. They wait in the listener's queue meanwhile."""
+        if self._listener is not None and self._loop is not None:
+            self._loop.remove_reader(self._listener.fileno())
+
+    def read_listener(self) -> None:
+        if self._listener is not None and self._loop is not None:
+            self._loop.add_reader(self._listener.fileno(), self._from_clients)
+
     def release_listener(self) -> None:
         """A successor reads the listener now (pyproxy/lifecycle): stop reading it and close
         this copy; the flows open here go on until they idle out (or are moved)."""
@@ -177,8 +193,9 @@ class UdpRelay:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        for flow in self.flows.clear():
+        for flow in [*self.flows.clear(), *self._retired]:
             self._release(flow, "shutdown")
+        self._retired.clear()
         for sock in self._replies.values():
             sock.close()
         self._replies.clear()
@@ -231,10 +248,13 @@ class UdpRelay:
         flows: dict[FlowKey, Flow[FlowIO]] = {}
         for state, sock in moved:
             key: FlowKey = (state.client, state.service)
-            if key in flows or self.flows.get(key) is not None:
+            if key in flows:  # the same flow twice in one hand-over: the first one counts
                 self.stats.udp.flows_closed["moved_duplicate"] += 1
                 sock.close()
                 continue
+            mine = self.flows.get(key)
+            if mine is not None:
+                self._retire(mine)
             try:
                 sock.setblocking(False)
                 self._reply_socket(state.service)
@@ -264,6 +284,18 @@ class UdpRelay:
             self._timer = None
         self._arm_timer()
         return len(flows)
+
+    def _retire(self, flow: Flow[FlowIO]) -> None:
+        """Out of the table, but still passing its endpoint's answers for a while."""
+        self.flows.remove(flow.key)
+        self._retired.add(flow)
+        assert self._loop is not None
+        self._loop.call_later(RETIRE_GRACE, self._end_retired, flow)
+
+    def _end_retired(self, flow: Flow[FlowIO]) -> None:
+        if flow in self._retired:
+            self._retired.discard(flow)
+            self._release(flow, "replaced_by_moved")
 
     # client -> endpoint
 
@@ -375,7 +407,7 @@ class UdpRelay:
 
     def _from_endpoint(self, flow: Flow[FlowIO]) -> None:
         reply = self._replies.get(flow.service_address)
-        if reply is None or self.flows.get(flow.key) is not flow:
+        if reply is None or (self.flows.get(flow.key) is not flow and flow not in self._retired):
             return  # closed in this same loop iteration
         sock, port = flow.handle.upstream, flow.handle.stats
         received = 0

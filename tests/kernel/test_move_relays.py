@@ -1,10 +1,11 @@
 """Open connections move between relay processes on the real kernel (no proxy around them).
 
 Each relay runs in its own process (tests/kernel/move_peer.py) in one namespace of its
-own; a hand-over sends every connection's fds with SCM_RIGHTS and its state as JSON, the
-way the pyproxy hand-over does, and the test checks what a user would: streams through a
-moved connection stay intact and in order both ways (sha256), a half-closed one finishes,
-and the sender's closing its copies sends nothing on the wire.
+own; a hand-over sends every connection's fds with SCM_RIGHTS and its state as JSON over
+the hand-over channel, as pyproxy's does. These are the cases the whole-proxy test
+(test_relay.py, two restarts) does not reach with its configuration: an idle timer
+carried over (a 3 s idle bound), and a connection that cannot move and drains in the
+old process (the Protocol relay, mid-write).
 """
 
 from __future__ import annotations
@@ -112,48 +113,6 @@ def box(request: pytest.FixtureRequest) -> Iterator[Box]:
     finally:
         box.close()
         subprocess.run(["rm", "-rf", str(workdir)], check=False)
-
-
-def test_long_streams_cross_two_handovers_intact(box: Box) -> None:
-    first, listen, _ = box.peer()
-    second, _, second_inbox = box.peer()
-    third, _, third_inbox = box.peer()
-    size = 24 << 20
-    streams = [box.client("echo", listen, "--bytes", str(size), "--rate", str(size / 3), "--timeout", "30")
-               for _ in range(2)]
-    time.sleep(0.8)
-    say(first, f"handover {second_inbox}")
-    assert expect(first, "moved") == "moved 2 left 0"
-    assert expect(second, "adopted") == "adopted 2"
-    time.sleep(0.8)
-    say(second, f"handover {third_inbox}")
-    assert expect(second, "moved") == "moved 2 left 0"
-    assert expect(third, "adopted") == "adopted 2"
-    for stream in streams:
-        assert expect(stream, "sent", timeout=40) == f"sent={size} received={size} match=True"
-    say(third, "count")
-    assert expect(third, "pairs") == "pairs 0"
-
-
-def test_half_closed_connection_moves_and_finishes(box: Box) -> None:
-    """The client has sent everything and shut its side; the endpoint answers after the
-    hand-over, through the successor."""
-    first, listen, _ = box.peer()
-    second, _, inbox = box.peer()
-    client = inline_client(box, listen, (
-        "data=os.urandom(3<<20)\n"
-        "s.sendall(b'SINK 2\\n'+data); s.shutdown(socket.SHUT_WR)\n"
-        "print('shut',flush=True)\n"
-        "answer=b''\n"
-        "while (c:=s.recv(65536)): answer+=c\n"
-        "print('answer', answer.decode().strip()==f'{len(data)} {hashlib.sha256(data).hexdigest()}', flush=True)\n"
-    ))
-    expect(client, "shut")
-    time.sleep(0.3)
-    say(first, f"handover {inbox}")
-    assert expect(first, "moved") == "moved 1 left 0"
-    assert expect(second, "adopted") == "adopted 1"
-    assert expect(client, "answer", timeout=10) == "answer True"
 
 
 def inline_client(box: Box, listen: str, body: str) -> subprocess.Popen[str]:

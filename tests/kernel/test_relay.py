@@ -1,7 +1,8 @@
-"""The relay on the real kernel: bytes intact, half-close, draining, and bad manifests.
+"""The relay on the real kernel: bytes intact, half-close, draining, bad manifests, and open
+connections moving to a successor pyproxy.
 
 Same cluster as test_scenarios.py (pa on node1; pb, pc on node2; the LAN client routes the
-service CIDR to node1).
+service CIDR to node1). The restarts come last: node1's pyproxy is another process after them.
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ import pytest
 from pyproxy.demo import manifests as m
 from pyproxy.demo.lab import CLIENT_IP, write_manifest
 from tests.kernel.conftest import Cluster, held_connection
+from tests.kernel.moving import HALF_CLOSED, STREAM, TCP_SVC, UDP_FLOW, UDP_SVC, Clients, clients, line_of, restart
+
+__all__ = ["clients"]  # a fixture
 
 pytestmark = pytest.mark.privileged
 
@@ -122,3 +126,34 @@ def test_unparsable_file_at_reload_keeps_the_last_good_state(cluster: Cluster) -
         pods = {re.search(r"pod=(\S+)", line).group(1)  # type: ignore[union-attr]
                 for line in cluster.run("client", "who", "10.96.1.7:80", "--count", "6")}
     assert pods == {"pa"}
+
+
+def test_open_connections_cross_two_restarts_intact(cluster: Cluster, clients: Clients) -> None:
+    """Two long streams, a UDP flow and (from the second restart on) a half-closed
+    connection move to the successor twice; none drains in the old process or is cut."""
+    cluster.apply(
+        m.service("move", TCP_SVC, [m.port(80, 80)]),
+        m.endpoint_slice("move", cluster.backends("pa", "pb", "pc"), [m.slice_port(80)]),
+        m.service("moveudp", UDP_SVC, [m.port(53, 53, protocol="UDP")]),
+        m.endpoint_slice("moveudp", cluster.backends("pa", "pb", "pc"), [m.slice_port(53, protocol="UDP")]),
+        name="move.yaml",
+    )
+    streams = [clients.start(STREAM) for _ in range(2)]
+    udp = clients.start(UDP_FLOW)
+    time.sleep(1)
+    first = restart(cluster)
+    half = clients.start(HALF_CLOSED)
+    line_of(half, "shut", 10)
+    time.sleep(0.5)
+    second = restart(cluster)
+    time.sleep(0.5)
+    assert first == "handing over 2 TCP connections and 1 UDP flows; 0 connections drain here"
+    assert second == "handing over 3 TCP connections and 1 UDP flows; 0 connections drain here"
+    for stream in streams:
+        assert stream.stdin is not None
+        stream.stdin.write("stop\n")
+        stream.stdin.flush()
+    for stream in streams:  # more than 20 MB each way; all of it came back, in order
+        assert line_of(stream, "stream", 40) == "stream True True True"
+    assert line_of(half, "answer", 15) == "answer True"
+    assert line_of(udp, "udp", 15) == "udp True 1", "every answer, from the service address, from one pod"

@@ -294,15 +294,30 @@ async def test_a_moved_flow_goes_on_in_the_successor_with_its_idle_time(sockets:
     successor.close()
 
 
-async def test_a_moved_flow_the_successor_already_has_is_closed_not_doubled(sockets: Sockets) -> None:
+async def test_a_moved_flow_takes_its_key_back_and_the_successors_own_still_passes_answers(
+    sockets: Sockets,
+) -> None:
+    """The client's datagram reached the successor before its flow did: the successor
+    opened a flow of its own. The moved flow takes over; answers to both reach the client."""
     table, _ = table_with(PODS)
     clock = Clock()
     old = relay_for(table, sockets, clock)
-    old.forward(b"q", (CLIENT, 40000), SVC)
+    old.forward(b"q1", (CLIENT, 40000), SVC)
     successor = relay_for(table, sockets, clock)
-    successor.forward(b"q", (CLIENT, 40000), SVC)
+    successor.forward(b"q2", (CLIENT, 40000), SVC)
+    moved_pod, own_pod = sockets.endpoint_end(0), sockets.endpoint_end(1)
+    assert moved_pod.recv(100) == b"q1" and own_pod.recv(100) == b"q2"
     moved = [(state, socket.socket(fileno=fd)) for state, fd in old.detach_flows()]
-    assert successor.adopt_flows(moved) == 0
-    assert moved[0][1].fileno() == -1 and successor.stats.udp.flows_closed["moved_duplicate"] == 1
-    assert len(successor.flows) == 1 and successor.stats.udp.flows_active == 1
+    assert successor.adopt_flows(moved) == 1
+    flow = successor.flows.get(((CLIENT, 40000), SVC))
+    assert flow is not None and flow.handle.upstream is moved[0][1]
+    own_pod.send(b"a2")
+    moved_pod.send(b"a1")
+    reply = sockets.replies[-1]
+    await until(lambda: len(reply.sent) == 2)
+    assert sorted(reply.sent) == [(b"a1", (CLIENT, 40000)), (b"a2", (CLIENT, 40000))]
+    successor.forward(b"q3", (CLIENT, 40000), SVC)
+    assert moved_pod.recv(100) == b"q3"
+    assert successor.stats.udp.flows_active == 2, "the retired flow counts until it is closed"
     successor.close()
+    assert successor.stats.udp.flows_active == 0 and sockets.upstreams[1][2].fileno() == -1
