@@ -135,12 +135,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run(config: ProxyConfig) -> int:
+    early: dict[str, Any] = {}
+    if config.dataplane.workers == 1:  # listen before the imports (pyproxy/lifecycle/early.py)
+        from pyproxy.lifecycle.early import bind_early
+
+        early = bind_early(config.dataplane.tcpProxyPort, config.dataplane.udpProxyPort)
     from pyproxy.app import ProxyApp, StartupError
     from pyproxy.dataplane.workers import WorkerRole, run_workers
     from pyproxy.sources.manifests import ManifestError
 
     async def _main(worker: WorkerRole | None = None) -> int:
-        return await ProxyApp(config, worker).run()
+        return await ProxyApp(config, worker, early=early).run()
 
     def serve(worker: WorkerRole | None = None) -> int:
         try:

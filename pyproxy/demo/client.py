@@ -280,18 +280,37 @@ def silent(address: tuple[str, int], count: int, hold_for: float, send: bool, ti
 
 
 def loop(address: tuple[str, int], duration: float, interval: float, timeout: float, use_udp: bool,
-         stop_file: str | None, bind: str | None) -> str:
-    """Attempts back to back until `duration` passes (at most 600 s) or `stop_file` exists."""
+         stop_file: str | None, bind: str | None, reply_timeout: float) -> str:
+    """Attempts back to back until `duration` passes (at most 600 s) or `stop_file` exists.
+    TCP: the handshake has `timeout`, the answer `reply_timeout`; `blackhole_ms` is the
+    longest run of handshakes that did not complete (from the first such attempt to the
+    next completed handshake: SYNs dropped), `gap_ms` the longest time between two answers
+    (time without service)."""
     started = time.monotonic()
     ok = failed = 0
     failures: list[str] = []
     pods: dict[str, int] = {}
-    slowest = gap = 0.0
+    slowest = gap = blackhole = 0.0
     last_answer = started
+    unconnected_since: float | None = None
     while time.monotonic() - started < min(duration, 600.0) and not (stop_file and os.path.exists(stop_file)):
         attempt = time.monotonic()
         try:
-            line = udp(address, 64, timeout, bind) if use_udp else who(address, timeout, bind)
+            if use_udp:
+                line = udp(address, 64, timeout, bind)
+            else:
+                try:
+                    sock = _connect(address, timeout, bind)
+                except OSError:
+                    unconnected_since = attempt if unconnected_since is None else unconnected_since
+                    raise
+                if unconnected_since is not None:
+                    blackhole = max(blackhole, time.monotonic() - unconnected_since)
+                    unconnected_since = None
+                with sock:
+                    sock.settimeout(reply_timeout)
+                    sock.sendall(b"WHO\n")
+                    line = _read_all(sock).decode(errors="replace").strip()
             good = line.startswith("pod=") and (not use_udp or line.endswith("whole=True"))
         except OSError as err:
             line, good = f"{type(err).__name__}: {err}", False
@@ -311,7 +330,8 @@ def loop(address: tuple[str, int], duration: float, interval: float, timeout: fl
             time.sleep(interval)
     gap = max(gap, time.monotonic() - last_answer - interval)
     return json.dumps({"ok": ok, "failed": failed, "failures": failures, "slowest_ms": round(slowest * 1000, 1),
-                       "gap_ms": round(gap * 1000, 1), "pods": pods})
+                       "gap_ms": round(gap * 1000, 1), "blackhole_ms": round(blackhole * 1000, 1),
+                       "pods": pods})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -331,10 +351,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=10.0, help="loop: seconds (at most 600)")
     parser.add_argument("--udp", action="store_true", help="loop: UDP exchanges instead of TCP connections")
     parser.add_argument("--stop-file", help="loop: stop once this file exists")
+    parser.add_argument("--reply-timeout", type=float, help="loop: seconds for a TCP answer (default --timeout)")
     args = parser.parse_args(argv)
     address = _address(args.address)
     if args.mode == "loop":
-        print(loop(address, args.duration, args.interval, args.timeout, args.udp, args.stop_file, args.bind), flush=True)
+        print(loop(address, args.duration, args.interval, args.timeout, args.udp, args.stop_file, args.bind,
+                   args.reply_timeout or args.timeout), flush=True)
         return 0
     if args.mode == "storm":
         print(storm(address, args.count, max(1, args.batch), args.send, args.timeout, args.bind), flush=True)
