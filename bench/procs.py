@@ -138,7 +138,11 @@ class Registry:
         if proc.alive():
             _signal_group(proc.pid, signal.SIGTERM)
             deadline = time.monotonic() + grace
+            again = time.monotonic() + 0.5  # pyproxy serves on after one SIGTERM, leaves at a second
             while proc.alive() and time.monotonic() < deadline:
+                if again and time.monotonic() > again:
+                    _signal_group(proc.pid, signal.SIGTERM)
+                    again = 0.0
                 time.sleep(0.05)
         _signal_group(proc.pid, signal.SIGKILL)  # also catches leftovers of the group
         try:

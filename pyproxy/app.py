@@ -74,8 +74,10 @@ def policy_routing(config: ProxyConfig) -> PolicyRouting:
 
 
 class ProxyApp:
-    def __init__(self, config: ProxyConfig, worker: WorkerRole | None = None) -> None:
+    def __init__(self, config: ProxyConfig, worker: WorkerRole | None = None,
+                 early: dict[str, socket.socket] | None = None) -> None:
         self.config = config
+        self.early = dict(early or {})  # listeners bound before the imports (lifecycle/early.py)
         self.worker = worker or WorkerRole()  # one of dataplane.workers; only worker 0 programs the kernel
         self.node_name = node_name_of(config)
         dp = config.dataplane
@@ -203,7 +205,7 @@ class ProxyApp:
         self._install_loop_errors()
         life = self.config.lifecycle
         outcome = Outcome()
-        if self.worker.listener is None:  # a worker of a fresh group has its listener already
+        if self.worker.listener is None and not self.early:  # bound here: nobody else holds them
             outcome = await asyncio.to_thread(take_over, socket_path(life.stateDir, self.worker.index),
                                               self.identity(), life.handOverTimeout)
         handed = outcome.inherited
@@ -220,6 +222,8 @@ class ProxyApp:
             if handed is not None:
                 self.udp.hold_listener()  # until the predecessor's UDP flows are here (dataplane/udp.py)
         except BaseException:
+            for sock in self.early.values():
+                sock.close()
             if handed is not None:
                 handed.channel.close()  # the predecessor keeps serving
                 handed.close_unused()
@@ -310,21 +314,21 @@ class ProxyApp:
 
     async def _listen(self, handed: Inherited | None, outcome: Outcome) -> None:
         dp = self.config.dataplane
-        tcp = self.worker.listener
-        udp: socket.socket | None = None
+        tcp = self.worker.listener or self.early.pop("tcp", None)
+        udp: socket.socket | None = self.early.pop("udp", None)
         if handed is not None:
             tcp, udp = handed.take("tcp"), handed.take("udp")
             self.inherited.update(handed.sockets)  # the HTTP listeners, for the observer
             handed.sockets.clear()
-        if tcp is None:
-            tcp = await self._bind(socket.SOCK_STREAM, dp.tcpProxyPort, outcome.found)
-        await self.relay.start("127.0.0.1", dp.tcpProxyPort, tcp)
         if self.worker.programs_kernel:  # other workers serve TCP only
-            if udp is None:
+            if udp is None:  # binds at once beside a refused predecessor's (SO_REUSEADDR): the newer one reads
                 udp = await self._bind(socket.SOCK_DGRAM, dp.udpProxyPort, outcome.found)
             await self.udp.start("127.0.0.1", dp.udpProxyPort, udp)
         elif udp is not None:
             udp.close()
+        if tcp is None:
+            tcp = await self._bind(socket.SOCK_STREAM, dp.tcpProxyPort, outcome.found)
+        await self.relay.start("127.0.0.1", dp.tcpProxyPort, tcp)
 
     async def _bind(self, kind: int, port: int, wait: bool) -> socket.socket:
         """A new transparent listener; while a refused predecessor still holds the port, retry."""
@@ -335,9 +339,9 @@ class ProxyApp:
             except OSError as err:
                 if not wait or err.errno != errno.EADDRINUSE:
                     raise
-            if time.monotonic() - waiting_since < 0.06:
+            if time.monotonic() - waiting_since < 0.01:
                 log.info("waiting for the running pyproxy to release 127.0.0.1:%d", port)
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.01)
 
     async def _serve_handover(self) -> None:
         life = self.config.lifecycle

@@ -135,12 +135,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run(config: ProxyConfig) -> int:
+    early: dict[str, Any] = {}
+    if config.dataplane.workers == 1:  # listen before the imports (pyproxy/lifecycle/early.py)
+        from pyproxy.lifecycle.early import bind_early
+
+        early = bind_early(config.dataplane.tcpProxyPort, config.dataplane.udpProxyPort)
     from pyproxy.app import ProxyApp, StartupError
     from pyproxy.dataplane.workers import WorkerRole, run_workers
     from pyproxy.sources.manifests import ManifestError
 
     async def _main(worker: WorkerRole | None = None) -> int:
-        return await ProxyApp(config, worker).run()
+        return await ProxyApp(config, worker, early=early).run()
 
     def serve(worker: WorkerRole | None = None) -> int:
         try:
@@ -154,11 +159,34 @@ def run(config: ProxyConfig) -> int:
 
     if config.dataplane.workers > 1:  # fork before any event loop exists; each worker serves as above
         try:
-            return run_workers(config.dataplane.workers, "127.0.0.1", config.dataplane.tcpProxyPort, serve)
+            return run_workers(config.dataplane.workers, "127.0.0.1", config.dataplane.tcpProxyPort, serve,
+                               lambda: predecessor_hands_over(config))
         except PermissionError as err:
             log.error("cannot start: %s (pyproxy needs root or CAP_NET_ADMIN)", err)
             return 1
     return serve()
+
+
+def predecessor_hands_over(config: ProxyConfig) -> bool:
+    """`--workers N`: does a running group hand over to this one? A group that refuses
+    (another protocol version) is waited for until it has gone (it releases on SIGTERM)."""
+    import time
+
+    from pyproxy.app import node_name_of
+    from pyproxy.lifecycle.channel import Channel
+    from pyproxy.lifecycle.handover import identity_of, socket_path, take_over
+
+    path = socket_path(config.lifecycle.stateDir, 0)
+    mine = identity_of(config, node_name_of(config), 0, config.dataplane.workers, probe=True)
+    outcome = take_over(path, mine, config.lifecycle.handOverTimeout)
+    if outcome.refused is None:
+        return outcome.found
+    while True:  # bounded by the running group's own drain bound
+        try:
+            Channel.connect(path, 1.0).close()
+        except OSError:
+            return False
+        time.sleep(0.2)
 
 
 def _run_loop(coro: Any, event_loop: str = "auto") -> int:

@@ -117,7 +117,8 @@ class Observer:
         out: list[tuple[int, int]] = []
         for server in servers:
             for sock in getattr(server, "sockets", ()) or ():
-                out.append((sock.getsockname()[1], sock.fileno()))
+                if sock.family == socket.AF_INET:  # a worker's unix debug socket is its group's own
+                    out.append((sock.getsockname()[1], sock.fileno()))
         return out
 
     async def close(self) -> None:
