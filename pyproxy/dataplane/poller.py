@@ -21,6 +21,8 @@ import select
 from collections.abc import Callable
 
 IN, OUT = select.EPOLLIN, select.EPOLLOUT
+RDHUP = select.EPOLLRDHUP  # the peer's FIN is queued (asked for with IN: see splice.Direction.readable)
+IN_RDHUP = IN | RDHUP
 ERR_HUP = select.EPOLLERR | select.EPOLLHUP
 MAX_EVENTS = 256
 
