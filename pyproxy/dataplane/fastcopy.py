@@ -13,6 +13,10 @@ copy_once(src_fd, dst_fd) -> int:
 - any other socket error raises OSError.
 At most BUFFER_SIZE bytes are read per call, into a buffer of the module's own (the event
 loop is single-threaded, and nothing keeps a view of it between calls).
+
+`dispatch` (compiled only; None without it, and poller.py then loops in Python):
+dispatch(epfd, handlers) runs one `epoll_wait` with timeout 0 and calls `handlers[fd](bits)`
+for each event whose fd is in the dict at that moment, building no list of events.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ _view = memoryview(_buffer)
 
 CopyOnce = Callable[[int, int], int]
 TakeRest = Callable[[], bytes]
+Dispatch = Callable[[int, dict[int, Callable[[int], None]]], int]
 _rest = b""
 
 
@@ -57,7 +62,7 @@ def take_rest_py() -> bytes:
     return rest
 
 
-def _native() -> tuple[CopyOnce, TakeRest] | None:
+def _native() -> tuple[CopyOnce, TakeRest, Dispatch] | None:
     if os.environ.get("PYPROXY_PURE_PYTHON") == "1":
         return None
     try:
@@ -65,10 +70,11 @@ def _native() -> tuple[CopyOnce, TakeRest] | None:
     except ImportError:
         return None
     assert _fastcopy.BUFFER_SIZE == BUFFER_SIZE
-    native: tuple[CopyOnce, TakeRest] = (_fastcopy.copy_once, _fastcopy.take_rest)
+    native: tuple[CopyOnce, TakeRest, Dispatch] = (_fastcopy.copy_once, _fastcopy.take_rest, _fastcopy.dispatch)
     return native
 
 
 _compiled = _native()
 NATIVE = _compiled is not None
-copy_once, take_rest = _compiled if _compiled is not None else (copy_once_py, take_rest_py)
+copy_once, take_rest = (_compiled[0], _compiled[1]) if _compiled is not None else (copy_once_py, take_rest_py)
+dispatch: Dispatch | None = _compiled[2] if _compiled is not None else None

@@ -12,10 +12,17 @@
  *           take_rest() returns that tail (once)
  *   raises OSError on any other error of either socket.
  * The read buffer is this module's own (the event loop is single-threaded).
+ *
+ * dispatch(epfd, handlers) -> int
+ *   one epoll_wait(epfd, timeout 0) for up to MAX_EVENTS events, then handlers[fd](bits) for
+ *   each event whose fd is in the dict at that moment (a handler may change the dict); no list
+ *   of tuples is built. Returns the number of events; a handler's exception propagates (the
+ *   remaining events are level-triggered and come again).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <errno.h>
+#include <sys/epoll.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -72,7 +79,49 @@ static PyObject *take_rest(PyObject *self, PyObject *unused) {
     return out;
 }
 
+#define MAX_EVENTS 256
+
+static PyObject *dispatch(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2 || !PyDict_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "dispatch(epfd, handlers: dict)");
+        return NULL;
+    }
+    int epfd = PyLong_AsLong(args[0]);
+    if (PyErr_Occurred())
+        return NULL;
+    PyObject *handlers = args[1];
+    struct epoll_event events[MAX_EVENTS];
+    int n = epoll_wait(epfd, events, MAX_EVENTS, 0);
+    if (n < 0) {
+        if (errno == EINTR)
+            return PyLong_FromLong(0);
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    for (int i = 0; i < n; i++) {
+        PyObject *key = PyLong_FromLong(events[i].data.fd);
+        if (key == NULL)
+            return NULL;
+        PyObject *handler = PyDict_GetItemWithError(handlers, key);
+        Py_DECREF(key);
+        if (handler == NULL) {
+            if (PyErr_Occurred())
+                return NULL;
+            continue;
+        }
+        Py_INCREF(handler);
+        PyObject *bits = PyLong_FromUnsignedLong(events[i].events);
+        PyObject *result = bits == NULL ? NULL : PyObject_CallOneArg(handler, bits);
+        Py_XDECREF(bits);
+        Py_DECREF(handler);
+        if (result == NULL)
+            return NULL;
+        Py_DECREF(result);
+    }
+    return PyLong_FromLong(n);
+}
+
 static PyMethodDef methods[] = {
+    {"dispatch", (PyCFunction)(void (*)(void))dispatch, METH_FASTCALL, "epoll_wait once, call the handlers"},
     {"copy_once", (PyCFunction)(void (*)(void))copy_once, METH_FASTCALL, "one read from src, written to dst"},
     {"take_rest", take_rest, METH_NOARGS, "the unsent tail of the last partial copy"},
     {NULL, NULL, 0, NULL},
