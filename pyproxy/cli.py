@@ -49,8 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nodeport-addresses", help="comma-separated CIDRs whose local addresses serve NodePorts")
     p.add_argument("--cluster-cidr", help="comma-separated pod CIDRs: traffic from them counts as in-cluster")
     p.add_argument("--proxy-port", type=int, help="local port of the transparent listeners (default 15001)")
-    p.add_argument("--relay", choices=("protocol", "splice"),
-                   help="TCP byte path (dataplane.relay; default protocol)")
+    p.add_argument("--relay", choices=("splice", "protocol"),
+                   help="TCP byte path (dataplane.relay; default splice)")
     p.add_argument("--workers", type=int, help="worker processes sharing the listener (dataplane.workers; default 1)")
     p.add_argument("--state-dir", help="hand-over socket and state snapshot (lifecycle.stateDir; default /run/pyproxy)")
     p.add_argument("--cleanup", action="store_true", help="remove everything pyproxy installed, then exit")

@@ -49,8 +49,8 @@ class DataplaneConfig:
     drainTimeout: float = 30.0
     affinityCapacity: int = 65536
     consistentAffinitySeed: str = ""
-    relay: str = "protocol"  # TCP byte path: "protocol" (asyncio Protocols) or "splice" (raw fds + os.splice)
-    spliceAfter: int = 65536  # relay "splice": bytes a direction copies before it switches to os.splice
+    relay: str = "splice"  # TCP byte path: "splice" (raw fds, copy or os.splice per direction) or "protocol" (asyncio Protocols)
+    spliceAfter: int = 65536  # relay "splice": bytes of bulk reads in a row before a direction moves to os.splice
     workers: int = 1  # processes sharing the listener (SO_REUSEPORT, steered by client address)
     podBridges: tuple[str, ...] = ("cni0", "cbr0")  # Linux bridges pods hang off (hooked when they appear)
 

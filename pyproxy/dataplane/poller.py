@@ -12,6 +12,8 @@ Rules kept here:
   spinning until the fd is wanted again).
 - `forget(fd)` must be called before the fd is closed: it drops the bookkeeping (no syscall).
 - Handlers tolerate spurious events (an fd number reused within one batch of events).
+- With the compiled helper (fastcopy.dispatch) one C call waits and dispatches; without it,
+  the same loop runs in Python.
 """
 
 from __future__ import annotations
@@ -20,7 +22,11 @@ import asyncio
 import select
 from collections.abc import Callable
 
+from pyproxy.dataplane.fastcopy import dispatch as native_dispatch
+
 IN, OUT = select.EPOLLIN, select.EPOLLOUT
+RDHUP = select.EPOLLRDHUP  # the peer's FIN is queued (asked for with IN: see splice.Direction.readable)
+IN_RDHUP = IN | RDHUP
 ERR_HUP = select.EPOLLERR | select.EPOLLHUP
 MAX_EVENTS = 256
 
@@ -33,7 +39,10 @@ class Poller:
         self._epoll = select.epoll()
         self._masks: dict[int, int] = {}
         self._handlers: dict[int, Handler] = {}
-        loop.add_reader(self._epoll.fileno(), self._dispatch)
+        if native_dispatch is None:
+            loop.add_reader(self._epoll.fileno(), self._dispatch)
+        else:  # the C function itself is the loop's callback: no Python frame per wake-up
+            loop.add_reader(self._epoll.fileno(), native_dispatch, self._epoll.fileno(), self._handlers)
 
     def watch(self, fd: int, mask: int, handler: Handler) -> None:
         old = self._masks.get(fd)

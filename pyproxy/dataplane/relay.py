@@ -555,8 +555,8 @@ class Pair:
         state = TcpState(
             self.port_name, self.client_address, self.frontend, self.endpoint.address, now - self.started,
             now - self.last_activity, self.bytes_in, self.bytes_out,
-            up=DirectionState(eof=self.client_done, shut=self.client_done, carried=self.bytes_in),
-            down=DirectionState(eof=self.upstream_done, shut=self.upstream_done, carried=self.bytes_out),
+            up=DirectionState(eof=self.client_done, shut=self.client_done),
+            down=DirectionState(eof=self.upstream_done, shut=self.upstream_done),
         )
         self.close()  # buffers are empty: close() only closes this process's fds
         return state, fds

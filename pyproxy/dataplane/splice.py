@@ -36,7 +36,7 @@ Theory of operation:
   of the poller's set (unregistered: the kernel sockets live on in the dups, so closing
   this process's fds would not remove them) and handed out with its state: per direction
   the bytes still held (`pending`), the pipe's two fds and how much it holds, EOF and
-  shutdown flags. Nothing is in flight in userspace otherwise, so every established pair
+  shutdown flags (the copy/splice policy's counters start again from zero). Nothing is in flight in userspace otherwise, so every established pair
   moves; a pair still dialing drains here. The successor rebuilds the two Directions and
   restarts each where it was: writing what is held, forwarding a pending EOF, or reading.
 - No socket outlives its pair: while dialing, the client is watched for errors and
@@ -51,6 +51,7 @@ connection's life and share its state; split over files they would all reach int
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import errno
 import fcntl
@@ -64,31 +65,41 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from pyproxy.dataplane.errors import ErrorLog, error_name
-from pyproxy.dataplane.poller import ERR_HUP, IN, OUT, Poller
+from pyproxy.dataplane.fastcopy import BUFFER_SIZE as COPY_BUFFER
+from pyproxy.dataplane.fastcopy import copy_once, take_rest
+from pyproxy.dataplane.poller import ERR_HUP, IN, IN_RDHUP, OUT, RDHUP, Poller
 from pyproxy.dataplane.relay import (
+    IP_BIND_ADDRESS_NO_PORT,
+    IP_TRANSPARENT,
     LINGER_RESET,
     RelayConfig,
-    _upstream_socket,
     drain_pairs,
     pair_timeout,
     transparent_listener,
 )
 from pyproxy.dataplane.stats import ConnectionInfo, DataplaneStats, PortStats
 from pyproxy.lifecycle.connstate import DirectionState, TcpState, movable
+from pyproxy.model.copymode import SPLICE_NOW, CopyPolicy
 from pyproxy.model.endpoints import Endpoint, EndpointSets
 from pyproxy.model.table import PortState, Route, ServiceTable, plan_connection
 
 log = logging.getLogger("pyproxy.splice")
 
+Sock = _socket.socket  # the C socket type (socket.socket's base): cheaper to make and to close
+AF_INET, SOCK_STREAM, IPPROTO_TCP, TCP_NODELAY, SOL_IP = (
+    socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, socket.TCP_NODELAY, socket.SOL_IP)
+SOCK_STREAM_NONBLOCK = socket.SOCK_STREAM | socket.SOCK_NONBLOCK
+
 ACCEPT_BATCH = 64
-COPY_BUFFER = 64 * 1024
 PIPE_SIZE = 256 * 1024
-SPLICE_BURSTS = 4  # splice rounds per readable event before yielding to the loop
+SPLICE_SLOTS = (0,) * 4  # splice rounds per readable event before yielding to the loop
 STATS_CACHE_LIMIT = 65536
-READS_PER_WAKE = 4  # copy-mode reads per readable event
+READ_SLOTS = (0,) * 4  # copy-mode reads per readable event (a tuple: no range() per event)
 F_SETPIPE_SZ = 1031
 SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 DEFAULT_SPLICE_AFTER = 64 * 1024
+IN_ERR_HUP = IN | ERR_HUP
+OUT_ERR_HUP = OUT | ERR_HUP
 ACCEPT_PAUSE = 0.1  # seconds without accepting after EMFILE/ENFILE/ENOBUFS (the listener stays readable)
 
 
@@ -130,7 +141,6 @@ class FastRelay:
     splice_after: int = DEFAULT_SPLICE_AFTER
     pairs: set[FastPair] = field(default_factory=set)
     listener: socket.socket | None = None
-    buffer: bytearray = field(default_factory=lambda: bytearray(COPY_BUFFER))
     _loop: asyncio.AbstractEventLoop | None = None
     _sweeper: asyncio.TimerHandle | None = None
     draining: bool = False
@@ -140,6 +150,9 @@ class FastRelay:
 
     def __post_init__(self) -> None:
         self.errors = ErrorLog(self.stats.connection_errors, log)
+        self.policy = CopyPolicy(splice_after=self.splice_after)
+
+    policy: CopyPolicy = field(init=False)
 
     async def start(self, host: str, port: int, sock: socket.socket | None = None) -> None:
         self._loop = asyncio.get_running_loop()
@@ -238,7 +251,7 @@ class FastRelay:
                                  level=logging.WARNING)
                 self._pause_accepting()
                 return
-            conn = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, fd)
+            conn = _socket.socket(AF_INET, SOCK_STREAM, 0, fd)  # the C type: no Python-level __init__/close
             if self.draining:
                 _reset(conn)
                 continue
@@ -262,7 +275,7 @@ class FastRelay:
         if self.listener is not None and self._loop is not None:
             self._loop.add_reader(self.listener.fileno(), self._accept)
 
-    def _abandon(self, conn: socket.socket) -> None:
+    def _abandon(self, conn: Sock) -> None:
         """Close `conn` and whatever pair it got (the pair closes it too)."""
         pair = next((p for p in self.pairs if p.client is conn), None)
         if pair is not None:
@@ -271,7 +284,7 @@ class FastRelay:
             self.poller.forget(conn.fileno())
             _reset(conn)
 
-    def _serve(self, conn: socket.socket, client: tuple[str, int]) -> None:
+    def _serve(self, conn: Sock, client: tuple[str, int]) -> None:
         conn.setblocking(False)
         try:
             destination = conn.getsockname()
@@ -312,10 +325,15 @@ def _moved_endpoint(address: tuple[str, int]) -> Endpoint:
 
 
 def _restore(direction: Direction, state: DirectionState, pipe: tuple[int, int] | None) -> None:
-    """Set a moved direction's fields from its state."""
-    direction.eof, direction.shut, direction.carried = state.eof, state.shut, state.carried
-    direction.pending = memoryview(state.held) if state.held else None
-    direction.pipe, direction.in_pipe = pipe, (state.in_pipe if pipe is not None else 0)
+    """Set a moved direction's fields from its state. A pipe the new Direction made for
+    itself (splice from the first byte) gives way to the moved one, or to held bytes
+    (which are written in copy mode: a direction holds bytes or a pipe, never both)."""
+    if direction.pipe is not None and (pipe is not None or state.held):
+        direction._to_copy()
+    direction.eof, direction.shut = state.eof, state.shut
+    direction.pending = state.held or None
+    if pipe is not None:
+        direction.pipe, direction.in_pipe = pipe, state.in_pipe
 
 
 def _restart(direction: Direction) -> None:
@@ -330,11 +348,26 @@ def _restart(direction: Direction) -> None:
 
 def _snapshot(direction: Direction) -> DirectionState:
     held = bytes(direction.pending) if direction.pending is not None else b""
-    return DirectionState(direction.eof, direction.shut, held, direction.pipe is not None, direction.in_pipe,
-                          direction.carried)
+    return DirectionState(direction.eof, direction.shut, held, direction.pipe is not None, direction.in_pipe)
 
 
-def _reset(sock: socket.socket) -> None:
+def _dial_socket(source_ip: str | None) -> Sock:
+    """A non-blocking upstream socket (SOCK_NONBLOCK: no extra syscall), TCP_NODELAY, and
+    bound to the client's address when it is to be kept (transparent)."""
+    sock = _socket.socket(AF_INET, SOCK_STREAM_NONBLOCK)
+    try:
+        sock.setsockopt(IPPROTO_TCP, TCP_NODELAY, 1)
+        if source_ip is not None:
+            sock.setsockopt(SOL_IP, IP_TRANSPARENT, 1)
+            sock.setsockopt(SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+            sock.bind((source_ip, 0))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _reset(sock: Sock) -> None:
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
     except OSError:
@@ -343,26 +376,28 @@ def _reset(sock: socket.socket) -> None:
 
 
 class Direction:
-    """One direction of a pair: bytes from `src` to `dst`."""
+    """One direction of a pair: bytes from `src` to `dst`, copied or spliced (model/copymode.py)."""
 
-    __slots__ = ("pair", "loop", "src", "dst", "src_fd", "dst_fd", "pending", "pipe", "in_pipe",
-                 "eof", "shut", "carried", "splice_after", "count_in", "reading", "writing")
+    __slots__ = ("pair", "src", "dst", "src_fd", "dst_fd", "pending", "pipe", "in_pipe",
+                 "eof", "shut", "streak", "small", "policy", "count_in", "reading", "writing")
 
-    def __init__(self, pair: FastPair, src: socket.socket, dst: socket.socket, count_in: bool) -> None:
+    def __init__(self, pair: FastPair, src: Sock, dst: Sock, count_in: bool) -> None:
         self.pair = pair
-        self.loop = pair.loop
         self.src, self.dst = src, dst
         self.src_fd, self.dst_fd = src.fileno(), dst.fileno()
-        self.pending: memoryview | None = None  # copy mode: bytes read but not yet written
+        self.pending: bytes | None = None  # copy mode: bytes read but not yet written
         self.pipe: tuple[int, int] | None = None  # splice mode: (read end, write end)
         self.in_pipe = 0
         self.eof = False
         self.shut = False
-        self.carried = 0
-        self.splice_after = pair.relay.splice_after
+        self.policy = pair.relay.policy
+        self.streak = 0  # copy mode: bytes of bulk reads in a row
+        self.small = 0  # splice mode: small rounds in a row
         self.count_in = count_in  # client -> upstream
         self.reading = False  # src is watched for reading
         self.writing = False  # dst is watched for writing
+        if self.policy.splice_first:
+            self._to_splice()
 
     def _watch_src(self) -> None:
         if not self.reading:
@@ -374,43 +409,52 @@ class Direction:
             self.reading = False
             self.pair.interest(self.src_fd)
 
-    def readable(self) -> None:
-        """Move what src has (a few reads per wake-up: the EOF often sits right behind the data)."""
+    def readable(self, bits: int = 0) -> None:
+        """Move what src has. A read shorter than the buffer drained the socket, unless the
+        peer's FIN is there too (EPOLLRDHUP): then read on, to see the EOF now."""
         if self.pipe is not None:
             self._splice_in()
             return
-        buffer = self.pair.relay.buffer
-        for _ in range(READS_PER_WAKE):
+        copy = copy_once
+        policy = self.policy
+        for _ in READ_SLOTS:
             try:
-                n = self.src.recv_into(buffer)
-            except (BlockingIOError, InterruptedError):
-                break
+                n = copy(self.src_fd, self.dst_fd)
             except OSError as err:
                 self.pair.failed(err)
                 return
-            if n == 0:
-                self._ended()
-                return
-            self._account(n)
-            view = memoryview(buffer)[:n]
-            try:
-                sent = self.dst.send(view)
-            except (BlockingIOError, InterruptedError):
-                sent = 0
-            except OSError as err:
-                self.pair.failed(err)
-                return
-            if sent < n:
-                self.pending = memoryview(bytes(view[sent:]))  # the shared buffer is reused next read
+            if n <= 0:
+                if n == -1:  # drained
+                    break
+                if n == 0:
+                    self._ended()
+                    return
+                self._account(-1 - n)  # dst is full: keep the rest, wait for it to drain
+                self.pending = take_rest()
+                self.streak = 0
                 self._wait_for_dst()
                 return
-            if 0 <= self.splice_after <= self.carried:
-                self._to_splice()
+            pair = self.pair  # self._account(n), inlined: this is the per-message path
+            pair.last_activity = pair.relay.clock()
+            if self.count_in:
+                pair.stats.bytes_in += n
+                pair.bytes_in += n
+            else:
+                pair.stats.bytes_out += n
+                pair.bytes_out += n
+            if n >= policy.bulk_read or self.streak:  # a short read only ever resets the streak
+                streak = policy.copy_read(self.streak, n)
+                if streak == SPLICE_NOW:
+                    self.streak = 0
+                    self._to_splice()
+                    break
+                self.streak = streak
+            if n < COPY_BUFFER and not bits & RDHUP:
                 break
-        self._watch_src()
+        if not self.reading:
+            self._watch_src()
 
     def _account(self, n: int) -> None:
-        self.carried += n
         pair = self.pair
         pair.last_activity = pair.relay.clock()
         if self.count_in:
@@ -424,17 +468,26 @@ class Direction:
         try:
             r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError:
-            self.splice_after = -1  # out of fds: keep copying
-            return
+            return  # out of fds: keep copying (the next bulk streak tries again)
         try:
             fcntl.fcntl(w, F_SETPIPE_SZ, PIPE_SIZE)
         except OSError:
             pass  # the default 64 KiB pipe still works
         self.pipe = (r, w)
+        self.small = 0
+
+    def _to_copy(self) -> None:
+        """Back to copying (the pipe is empty): small messages again."""
+        assert self.pipe is not None and not self.in_pipe
+        os.close(self.pipe[0])
+        os.close(self.pipe[1])
+        self.pipe = None
+        self.streak = 0
 
     def _splice_in(self) -> None:
         assert self.pipe is not None
-        for _ in range(SPLICE_BURSTS):
+        policy = self.policy
+        for _ in SPLICE_SLOTS:
             try:
                 n = os.splice(self.src_fd, self.pipe[1], PIPE_SIZE, flags=SPLICE_FLAGS)
             except (BlockingIOError, InterruptedError):
@@ -452,6 +505,10 @@ class Direction:
             if self.in_pipe:
                 self._wait_for_dst()
                 return
+            self.small = policy.splice_round(self.small, n)
+            if policy.back_to_copy(self.small):
+                self._to_copy()
+                break
         self._watch_src()
 
     def _flush_pipe(self) -> bool:
@@ -494,8 +551,6 @@ class Direction:
         if self.eof:
             self._shut()
         else:
-            if self.pipe is None and 0 <= self.splice_after <= self.carried:
-                self._to_splice()
             self._watch_src()
 
     def _ended(self) -> None:
@@ -530,7 +585,7 @@ class FastPair:
     """One proxied connection on the fast path: dial, then two `Direction`s."""
 
     def __init__(
-        self, relay: FastRelay, loop: asyncio.AbstractEventLoop, client: socket.socket,
+        self, relay: FastRelay, loop: asyncio.AbstractEventLoop, client: Sock,
         client_address: tuple[str, int], route: Route, stats: PortStats, frontend: tuple[str, int],
     ) -> None:
         self.relay = relay
@@ -542,7 +597,7 @@ class FastPair:
         self.frontend = frontend
         self.bytes_in = 0  # this pair's own share of stats.bytes_in / bytes_out
         self.bytes_out = 0
-        self.upstream: socket.socket | None = None
+        self.upstream: Sock | None = None
         self.endpoint: Endpoint | None = None
         self.up: Direction | None = None  # client -> upstream
         self.down: Direction | None = None  # upstream -> client
@@ -582,7 +637,7 @@ class FastPair:
         self.attempt += 1
         self.endpoint = endpoint
         try:
-            sock = _upstream_socket(self.client_address[0] if self.transparent else None)
+            sock = _dial_socket(self.client_address[0] if self.transparent else None)
         except OSError as err:  # out of file descriptors, say: not the endpoint's fault
             self.relay.errors.note("upstream", err, f"cannot make an upstream socket: {err}")
             self.stats.refused += 1
@@ -704,10 +759,11 @@ class FastPair:
         poller = self.relay.poller
         if self.upstream is not None:
             poller.forget(self.upstream.fileno())
-            (_reset if abort else socket.socket.close)(self.upstream)
+            (_reset if abort else Sock.close)(self.upstream)
         poller.forget(self.client.fileno())
-        (_reset if abort else socket.socket.close)(self.client)
+        (_reset if abort else Sock.close)(self.client)
         self._finish()
+        self.up = self.down = None  # no cycle left: the pair is freed by its refcount, not the GC
 
     # readiness: one epoll registration per socket (poller.py)
 
@@ -716,21 +772,49 @@ class FastPair:
         up, down = self.up, self.down
         assert up is not None and down is not None
         if fd == up.src_fd:  # the client
-            mask = (IN if up.reading else 0) | (OUT if down.writing else 0)
+            mask = (IN_RDHUP if up.reading else 0) | (OUT if down.writing else 0)
             self.relay.poller.watch(fd, mask, self._client_event)
         else:
-            mask = (IN if down.reading else 0) | (OUT if up.writing else 0)
+            mask = (IN_RDHUP if down.reading else 0) | (OUT if up.writing else 0)
             self.relay.poller.watch(fd, mask, self._upstream_event)
 
     def _client_event(self, bits: int) -> None:
         try:
-            self._on_client(bits)
+            up, down = self.up, self.down
+            if self.closed:
+                return
+            if up is None or down is None:  # dialing: only errors and hang-ups are watched
+                if bits & ERR_HUP:
+                    self.relay.errors.note("client", OSError(errno.ECONNRESET, "reset"),
+                                           "clients reset their connections while the endpoint was dialed")
+                    self.close(abort=True)
+                return
+            if not (up.reading or down.writing):
+                self._hung_up(up.src_fd, bits)
+                return
+            if up.reading and bits & IN_ERR_HUP:
+                up.readable(bits)
+            if down.writing and not self.closed and bits & OUT_ERR_HUP:
+                down.writable()
         except Exception as err:
             self._internal(err)
 
     def _upstream_event(self, bits: int) -> None:
         try:
-            self._on_upstream(bits)
+            up, down = self.up, self.down
+            if self.closed:
+                return
+            if up is None or down is None:
+                if self.upstream is not None and bits & OUT_ERR_HUP:
+                    self._dial_done()
+                return
+            if not (down.reading or up.writing):
+                self._hung_up(down.src_fd, bits)
+                return
+            if down.reading and bits & IN_ERR_HUP:
+                down.readable(bits)
+            if up.writing and not self.closed and bits & OUT_ERR_HUP:
+                up.writable()
         except Exception as err:
             self._internal(err)
 
@@ -739,40 +823,6 @@ class FastPair:
         self.relay.errors.note("internal", err, f"splice relay: unexpected error in a connection: {err!r}",
                                level=logging.ERROR)
         self.close(abort=True)
-
-    def _on_client(self, bits: int) -> None:
-        up, down = self.up, self.down
-        if self.closed:
-            return
-        if up is None or down is None:  # dialing: only errors and hang-ups are watched
-            if bits & ERR_HUP:
-                self.relay.errors.note("client", OSError(errno.ECONNRESET, "reset"),
-                                       "clients reset their connections while the endpoint was dialed")
-                self.close(abort=True)
-            return
-        if not (up.reading or down.writing):
-            self._hung_up(up.src_fd, bits)
-            return
-        if up.reading and bits & (IN | ERR_HUP):
-            up.readable()
-        if down.writing and not self.closed and bits & (OUT | ERR_HUP):
-            down.writable()
-
-    def _on_upstream(self, bits: int) -> None:
-        up, down = self.up, self.down
-        if self.closed:
-            return
-        if up is None or down is None:
-            if self.upstream is not None and bits & (OUT | ERR_HUP):
-                self._dial_done()
-            return
-        if not (down.reading or up.writing):
-            self._hung_up(down.src_fd, bits)
-            return
-        if down.reading and bits & (IN | ERR_HUP):
-            down.readable()
-        if up.writing and not self.closed and bits & (OUT | ERR_HUP):
-            up.writable()
 
     def _hung_up(self, fd: int, bits: int) -> None:
         """An error or hang-up on an fd nobody is waiting on: fail, or stop it spinning."""

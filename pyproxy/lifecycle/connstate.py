@@ -13,8 +13,7 @@ and `--relay splice` (an upgrade that changes the relay):
   has sent EOF (`eof`) and whether that EOF was already forwarded as shutdown(SHUT_WR) on
   the destination (`shut`); the bytes read from the source but not yet written to the
   destination (`held`, base64 in the body), and, for the splice relay, whether the
-  direction's pipe comes along (its two fds) with `in_pipe` bytes in it; `carried` counts
-  what the direction moved so far (the splice relay switches to splicing past a threshold).
+  direction's pipe comes along (its two fds) with `in_pipe` bytes in it.
 - the fds: always the client socket, then the upstream socket, then the pipes' read and
   write ends, `up` first, for the directions that have one.
 
@@ -52,7 +51,6 @@ class DirectionState:
     held: bytes = b""  # read from the source, not yet written to the destination
     pipe: bool = False  # its splice pipe comes along (two fds)
     in_pipe: int = 0  # bytes in that pipe
-    carried: int = 0
 
 
 @dataclass(frozen=True)
@@ -107,7 +105,7 @@ def _port(name: ServicePortName) -> dict[str, str]:
 
 def _direction(d: DirectionState) -> dict[str, Any]:
     return {"eof": d.eof, "shut": d.shut, "held": base64.b64encode(d.held).decode("ascii"), "pipe": d.pipe,
-            "in_pipe": d.in_pipe, "carried": d.carried}
+            "in_pipe": d.in_pipe}
 
 
 def encode_tcp(state: TcpState) -> dict[str, Any]:
@@ -174,7 +172,7 @@ class _Body:
         except binascii.Error:
             raise StateError(f"{self.what} {key}: field 'held' is not base64") from None
         state = DirectionState(sub.get("eof", bool), sub.get("shut", bool), held, sub.get("pipe", bool),
-                               sub.count("in_pipe"), sub.count("carried"))
+                               sub.count("in_pipe"))
         if state.shut and not state.eof:
             raise StateError(f"{self.what} {key}: shut without eof")
         if state.in_pipe and not state.pipe:

@@ -3,7 +3,7 @@
 Each asserts what a user sees: the log line names the file, the object, the field and the
 reason; the other Services keep serving meanwhile; /healthz stays 200; and the watcher goes
 on applying later good changes. The source does not depend on the byte path, so one
-variant (uvloop, Protocol relay) is enough here.
+variant (the default: splice relay on uvloop) is enough here.
 """
 
 from __future__ import annotations

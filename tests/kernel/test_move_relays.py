@@ -2,8 +2,9 @@
 
 Each relay runs in its own process (tests/kernel/move_peer.py) in one namespace of its
 own; a hand-over sends every connection's fds with SCM_RIGHTS and its state as JSON over
-the hand-over channel, as pyproxy's does. These are the cases the whole-proxy test
-(test_relay.py, two restarts) does not reach with its configuration: an idle timer
+the hand-over channel, as pyproxy's does. Streams crossing two hand-overs run here for
+each relay and loop (the whole-proxy test in test_relay.py covers the kernel tier's two
+variants); and the cases that test does not reach with its configuration: an idle timer
 carried over (a 3 s idle bound), and a connection that cannot move and drains in the
 old process (the Protocol relay, mid-write).
 """
@@ -23,6 +24,7 @@ import pytest
 
 from pyproxy.demo.lab import Lab
 from tests.conftest import privileged_reason, skip_or_fail
+from tests.kernel.moving import stream_code
 
 pytestmark = pytest.mark.privileged
 
@@ -113,6 +115,29 @@ def box(request: pytest.FixtureRequest) -> Iterator[Box]:
     finally:
         box.close()
         subprocess.run(["rm", "-rf", str(workdir)], check=False)
+
+
+def test_long_streams_cross_two_handovers_intact(box: Box) -> None:
+    first, listen, _ = box.peer()
+    second, _, second_inbox = box.peer()
+    third, _, third_inbox = box.peer()
+    host, port = listen.split(":")
+    streams = [box.spawn(["-c", stream_code(host, int(port))], stdin=True) for _ in range(2)]
+    time.sleep(0.8)
+    say(first, f"handover {second_inbox}")
+    assert expect(first, "moved") == "moved 2 left 0"
+    assert expect(second, "adopted") == "adopted 2"
+    time.sleep(0.8)
+    say(second, f"handover {third_inbox}")
+    assert expect(second, "moved") == "moved 2 left 0"
+    assert expect(third, "adopted") == "adopted 2"
+    time.sleep(1.5)  # over 16 MB each way in all
+    for stream in streams:
+        say(stream, "stop")
+    for stream in streams:
+        assert expect(stream, "stream", timeout=40) == "stream True True True"
+    say(third, "count")
+    assert expect(third, "pairs") == "pairs 0"
 
 
 def inline_client(box: Box, listen: str, body: str) -> subprocess.Popen[str]:

@@ -153,7 +153,7 @@ def test_open_connections_cross_two_restarts_intact(cluster: Cluster, clients: C
         assert stream.stdin is not None
         stream.stdin.write("stop\n")
         stream.stdin.flush()
-    for stream in streams:  # more than 20 MB each way; all of it came back, in order
+    for stream in streams:  # more than 16 MB each way; all of it came back, in order
         assert line_of(stream, "stream", 40) == "stream True True True"
     assert line_of(half, "answer", 15) == "answer True"
     assert line_of(udp, "udp", 15) == "udp True 1", "every answer, from the service address, from one pod"

@@ -10,7 +10,7 @@ and checks that other clients are served while it happens:
   at the limit by clients that never leave; it logs at a bounded rate, and serves again
   once they are gone.
 The proxies here run with short idle timeouts (a config file), so this module builds its
-own cluster (every variant: uvloop, asyncio, splice).
+own cluster (every variant: splice on uvloop, Protocol on asyncio).
 """
 
 from __future__ import annotations
