@@ -24,16 +24,17 @@ from pyproxy.demo.cluster import Cluster
 TCP_SVC, UDP_SVC = "10.96.5.1", "10.96.5.2"
 
 
-def restart(cluster: Cluster, node: str = "node1") -> str:
-    """Start a successor with the same command line; return the old process's log lines
-    about what it handed over, once it has exited."""
+def restart(cluster: Cluster, node: str = "node1", workers: int = 1) -> list[str]:
+    """Start a successor with the same command line; once every worker took its share up
+    and the old process exited, return the old workers' log lines about what they handed over."""
     old = cluster.proxies[node]
     args = [str(a) for a in cast(list[str], old.args)][4:]  # after `ip netns exec NS`
     taken = cluster.log(node).count("took up")
     cluster.proxies[node] = cluster.lab.spawn(node, args, log=cluster.logs[node])
-    cluster.wait_for_log(node, "took up", taken, timeout=30)
+    for seen in range(taken, taken + workers):
+        cluster.wait_for_log(node, "took up", seen, timeout=30)
     assert old.wait(30) == 0
-    return str(re.findall(r"handing over .*", cluster.log(node))[-1])
+    return [str(line) for line in re.findall(r"handing over .*", cluster.log(node))[-workers:]]
 
 
 class Clients:
@@ -85,11 +86,11 @@ def line_of(proc: subprocess.Popen[Any], prefix: str, timeout: float) -> str:
     raise AssertionError(f"no '{prefix}' line within {timeout}s: {''.join(seen)[-1000:]}")
 
 
-def stream_code(host: str, port: int) -> str:
+def stream_code(host: str, port: int, source: str = "") -> str:
     """A stream both ways (ECHO), about 8 MB/s, until a line on stdin; then one result line."""
     return f"""
 import hashlib, os, socket, sys, threading, time
-s = socket.create_connection(("{host}", {port}), timeout=30)
+s = socket.create_connection(("{host}", {port}), timeout=30, source_address=("{source}", 0))
 s.sendall(b"ECHO\\n")
 sent, got, stop = hashlib.sha256(), hashlib.sha256(), threading.Event()
 counts = [0, 0]

@@ -4,11 +4,14 @@ Each worker keeps its own affinity table, connections and counters; clients are 
 a worker by their source address. The client namespace gets several extra addresses, so
 that both workers of node1's proxy serve some of them, and the test checks that node1's
 metrics address shows every worker's pins and connections, and sums every worker's counters.
+Last, node1's proxy is restarted: each worker hands its open connections to its
+counterpart in the successor group (tests/kernel/moving.py).
 """
 
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,6 +20,7 @@ import pytest
 from pyproxy.demo import manifests as m
 from pyproxy.demo.cluster import Cluster
 from tests.kernel.conftest import _cluster, held_connection
+from tests.kernel.moving import UDP_FLOW, Clients, line_of, restart, stream_code
 from tests.kernel.test_inspect import inspect, inspect_json, pod_ip, until
 
 pytestmark = pytest.mark.privileged
@@ -114,3 +118,40 @@ def test_a_workers_socket_answers_only_its_own_user(workers_cluster: Cluster) ->
 
     assert ask("root") == "200"
     assert ask("nobody").startswith("no answer"), "another user must not read a worker's view"
+
+
+@pytest.fixture
+def worker_clients(workers_cluster: Cluster) -> Iterator[Clients]:
+    made = Clients(workers_cluster)
+    try:
+        yield made
+    finally:
+        made.close()
+
+
+def test_each_worker_hands_its_connections_to_its_successor(workers_cluster: Cluster,
+                                                           worker_clients: Clients) -> None:
+    cluster = workers_cluster
+    cluster.apply(
+        m.service("moving", "10.96.5.1", [m.port(80, 80)]),
+        m.endpoint_slice("moving", cluster.backends("pa", "pb", "pc"), [m.slice_port(80)]),
+        m.service("movingudp", "10.96.5.2", [m.port(53, 53, protocol="UDP")]),
+        m.endpoint_slice("movingudp", cluster.backends("pa", "pb", "pc"), [m.slice_port(53, protocol="UDP")]),
+        name="moving.yaml",
+    )
+    streams = [worker_clients.start(stream_code("10.96.5.1", 80, source)) for source in SOURCES[:6]]
+    udp = worker_clients.start(UDP_FLOW)
+    time.sleep(1.5)
+    lines = restart(cluster, workers=2)
+    counts = sorted(int(line.split()[2]) for line in lines)
+    assert sum(counts) == 6 and counts[0] > 0, f"both workers had streams to hand over: {lines}"
+    assert all(line.endswith("; 0 connections drain here") for line in lines), lines
+    assert sum(" 1 UDP flows" in line for line in lines) == 1, "worker 0 serves UDP"
+    time.sleep(1)
+    for stream in streams:
+        assert stream.stdin is not None
+        stream.stdin.write("stop\n")
+        stream.stdin.flush()
+    for stream in streams:
+        assert line_of(stream, "stream", 40) == "stream True True True"
+    assert line_of(udp, "udp", 15) == "udp True 1"

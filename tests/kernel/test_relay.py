@@ -141,11 +141,11 @@ def test_open_connections_cross_two_restarts_intact(cluster: Cluster, clients: C
     streams = [clients.start(STREAM) for _ in range(2)]
     udp = clients.start(UDP_FLOW)
     time.sleep(1)
-    first = restart(cluster)
+    [first] = restart(cluster)
     half = clients.start(HALF_CLOSED)
     line_of(half, "shut", 10)
     time.sleep(0.5)
-    second = restart(cluster)
+    [second] = restart(cluster)
     time.sleep(0.5)
     assert first == "handing over 2 TCP connections and 1 UDP flows; 0 connections drain here"
     assert second == "handing over 3 TCP connections and 1 UDP flows; 0 connections drain here"
