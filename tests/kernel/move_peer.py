@@ -8,7 +8,8 @@ On stdin, `handover PATH` exports every connection (pyproxy.lifecycle.connection
 the messages to PATH (pyproxy.lifecycle.channel: JSON, fds with SCM_RIGHTS; the `end` and
 `done` steps of the hand-over), closes its dups once the peer took them up, prints
 `moved N left M`, drains what is left and prints `drained cut=K`. Each hand-over received
-prints `adopted N`. `count` prints `pairs N`; EOF on stdin ends the process.
+prints `adopted N` (with `--refuse` it adopts nothing and answers so, as a release
+without the hooks would). `count` prints `pairs N`; EOF on stdin ends the process.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pyproxy.dataplane.relay import Relay, RelayConfig
 from pyproxy.dataplane.splice import FastRelay, TcpRelay
 from pyproxy.dataplane.stats import DataplaneStats
 from pyproxy.dataplane.udp import UdpRelay
-from pyproxy.lifecycle.channel import Channel, Message
+from pyproxy.lifecycle.channel import Channel, Message, close_fds
 from pyproxy.lifecycle.connections import adopt_connections, export_connections, export_finished
 from pyproxy.model.objects import ServiceKey, parse_endpoint_slice, parse_service
 from pyproxy.model.store import ClusterStore
@@ -58,7 +59,7 @@ def table_for(listen: tuple[str, int], endpoint: tuple[str, int]) -> ServiceTabl
     return table
 
 
-async def serve_inbox(peer: Peer, path: str) -> None:
+async def serve_inbox(peer: Peer, path: str, refuse: bool) -> None:
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
     listener.listen(4)
@@ -71,8 +72,12 @@ async def serve_inbox(peer: Peer, path: str) -> None:
         messages = []
         while (message := await asyncio.to_thread(channel.receive)).kind != "end":
             messages.append(message)
-        await adopt_connections(peer, messages)  # type: ignore[arg-type]
-        await asyncio.to_thread(channel.send, Message("done", {"adopted": True}))
+        if refuse:  # as a release that cannot adopt connections: closes what it got
+            for message in messages:
+                close_fds(message.fds)
+        else:
+            await adopt_connections(peer, messages)  # type: ignore[arg-type]
+        await asyncio.to_thread(channel.send, Message("done", {"adopted": not refuse}))
         channel.close()
         print(f"adopted {len(messages)}", flush=True)
 
@@ -86,7 +91,7 @@ async def main_async(args: argparse.Namespace) -> None:
                        else Relay(table, lambda ip: False, stats, config))
     await relay.start(*listen)
     peer = Peer(relay, UdpRelay(table, lambda ip: False, stats))
-    inbox = asyncio.get_running_loop().create_task(serve_inbox(peer, args.inbox))
+    inbox = asyncio.get_running_loop().create_task(serve_inbox(peer, args.inbox, args.refuse))
     print("ready", flush=True)
     while line := (await asyncio.to_thread(sys.stdin.readline)).split():
         if line[0] == "count":
@@ -119,6 +124,7 @@ def main() -> int:
     parser.add_argument("--inbox", required=True)
     parser.add_argument("--idle", type=float, default=3600.0)
     parser.add_argument("--drain", type=float, default=10.0)
+    parser.add_argument("--refuse", action="store_true", help="answer hand-overs with adopted=false")
     args = parser.parse_args()
     if args.loop == "uvloop":
         import uvloop

@@ -118,9 +118,12 @@ def box(request: pytest.FixtureRequest) -> Iterator[Box]:
 
 
 def test_long_streams_cross_two_handovers_intact(box: Box) -> None:
+    """The second hand-over goes to the other relay (an upgrade that changes
+    `dataplane.relay`): splice pipes become held bytes for the Protocol relay, and back."""
+    other = "protocol" if "splice" in box.variant else "splice"
     first, listen, _ = box.peer()
     second, _, second_inbox = box.peer()
-    third, _, third_inbox = box.peer()
+    third, _, third_inbox = box.peer("--relay", other)
     host, port = listen.split(":")
     streams = [box.spawn(["-c", stream_code(host, int(port))], stdin=True) for _ in range(2)]
     time.sleep(0.8)
@@ -138,6 +141,21 @@ def test_long_streams_cross_two_handovers_intact(box: Box) -> None:
         assert expect(stream, "stream", timeout=40) == "stream True True True"
     say(third, "count")
     assert expect(third, "pairs") == "pairs 0"
+
+
+def test_connections_a_successor_does_not_adopt_go_on_in_the_old_process(box: Box) -> None:
+    first, listen, _ = box.peer()
+    refusing, _, inbox = box.peer("--refuse")
+    host, port = listen.split(":")
+    stream = box.spawn(["-c", stream_code(host, int(port))], stdin=True)
+    time.sleep(0.5)
+    say(first, f"handover {inbox}")
+    assert expect(first, "moved") == "moved 1 left 1", "taken back"
+    assert expect(refusing, "adopted") == "adopted 1"
+    time.sleep(2.5)  # over 16 MB each way in all
+    say(stream, "stop")
+    assert expect(stream, "stream", timeout=40) == "stream True True True"
+    assert expect(first, "drained") == "drained cut=0"
 
 
 def inline_client(box: Box, listen: str, body: str) -> subprocess.Popen[str]:
