@@ -157,6 +157,11 @@ class Registry:
             self.stop(proc)
 
 
+def kill_group(pgid: int) -> None:
+    """SIGKILL to a process group this run started (a crash of a contender)."""
+    _signal_group(pgid, signal.SIGKILL)
+
+
 def _signal_group(pgid: int, sig: int) -> None:
     try:
         os.killpg(pgid, sig)
