@@ -138,7 +138,7 @@ class Registry:
         if proc.alive():
             _signal_group(proc.pid, signal.SIGTERM)
             deadline = time.monotonic() + grace
-            again = time.monotonic() + 0.5  # pyproxy serves on after one SIGTERM, leaves at a second
+            again = time.monotonic() + 0.1  # pyproxy serves on after one SIGTERM, leaves at a second
             while proc.alive() and time.monotonic() < deadline:
                 if again and time.monotonic() > again:
                     _signal_group(proc.pid, signal.SIGTERM)

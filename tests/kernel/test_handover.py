@@ -166,18 +166,21 @@ def test_crash_restart_restores_affinity_from_the_snapshot_and_the_gap_is_short(
     """`kill -9`, then a new process: the rules left in place blackhole new connections only
     until it listens (it binds before its imports), and connections made after that wait
     in the queue instead of failing; it restores every client's pin from the snapshot."""
-    first, _ = node.start()
+    config = node.workdir / "fast-snapshot.yaml"
+    config.write_text("apiVersion: pyproxy.io/v1alpha1\nkind: PyProxyConfiguration\n"
+                      "lifecycle:\n  snapshotInterval: 500ms\n")
+    first, _ = node.start("--config", str(config))
     stop = node.workdir / "stop"
     loops = node.loops(stop, timeout=0.1, interval=0.005, reply_timeout=5.0)
     try:
         wait_for(lambda: "sticky" in read(node.state / "state.json"), 10)
-        time.sleep(2.5)  # one snapshot interval with both pins in it
+        time.sleep(1.0)  # two snapshot intervals with both pins in it
         before = json.loads(read(node.state / "state.json"))
         assert {len(part["pins"]) for part in before["affinity"]} == {1}, before["affinity"]
         os.kill(first.pid, signal.SIGKILL)
         first.wait(5)
         killed = time.monotonic()
-        _, log = node.start()
+        _, log = node.start("--config", str(config))
         ready = time.monotonic() - killed
         time.sleep(1.0)
     finally:
