@@ -324,21 +324,21 @@ class ProxyApp:
         self.inherited.update(got)  # the HTTP listeners, for the observer
         if self.worker.programs_kernel:  # other workers serve TCP (IPv4) only
             if udp is None:
-                udp = await self._bind("127.0.0.1", socket.SOCK_DGRAM, dp.udpProxyPort, outcome.found)
+                udp = await self._bind("127.0.0.1", socket.SOCK_DGRAM, dp.udpProxyPort, True)
             await self.udp.start("127.0.0.1", dp.udpProxyPort, udp)
             if udp6 is None:
-                udp6 = await self._bind_ipv6(socket.SOCK_DGRAM, dp.udpProxyPort, outcome.found)
+                udp6 = await self._bind_ipv6(socket.SOCK_DGRAM, dp.udpProxyPort, True)
             if udp6 is not None:
                 await self.udp.start("::1", dp.udpProxyPort, udp6)
             if tcp6 is None:
-                tcp6 = await self._bind_ipv6(socket.SOCK_STREAM, dp.tcpProxyPort, outcome.found)
+                tcp6 = await self._bind_ipv6(socket.SOCK_STREAM, dp.tcpProxyPort, True)
         else:
             for sock in (udp, udp6, tcp6):
                 if sock is not None:
                     sock.close()
             tcp6 = None
         if tcp is None:
-            tcp = await self._bind("127.0.0.1", socket.SOCK_STREAM, dp.tcpProxyPort, outcome.found)
+            tcp = await self._bind("127.0.0.1", socket.SOCK_STREAM, dp.tcpProxyPort, True)
         await self.relay.start("127.0.0.1", dp.tcpProxyPort, tcp, tcp6)
 
     async def _bind_ipv6(self, kind: int, port: int, wait: bool) -> socket.socket | None:
@@ -351,7 +351,8 @@ class ProxyApp:
             return None
 
     async def _bind(self, host: str, kind: int, port: int, wait: bool) -> socket.socket:
-        """A new transparent listener; while a refused predecessor still holds the port, retry."""
+        """A new transparent listener; while the port is held (a refused predecessor, or a
+        release without hand-over that will release it when it stops), retry."""
         waiting_since = time.monotonic()
         while True:
             try:
@@ -360,7 +361,9 @@ class ProxyApp:
                 if not wait or err.errno != errno.EADDRINUSE:
                     raise
             if time.monotonic() - waiting_since < 0.01:
-                log.info("waiting for the running pyproxy to release %s", join_host_port(host, port))
+                log.info("waiting for the running pyproxy to release %s (one that refused the hand-over, "
+                         "or an older release without it: it releases the port when it stops)",
+                         join_host_port(host, port))
             await asyncio.sleep(0.01)
 
     async def _serve_handover(self) -> None:
