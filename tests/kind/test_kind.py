@@ -329,5 +329,7 @@ def test_rollout_restart_of_pyproxy_fails_no_new_connection(kind: Cluster) -> No
     for (client, kind_of), out in outputs.items():
         lines = "".join(out).split()
         assert len(lines) > 50 and set(lines) == {"OK"}, (client, kind_of, lines.count("FAIL"), len(lines))
+        print(f"\n[kind {kind.cni}] rollout restart: {client} {kind_of}: {len(lines)} requests, "
+              f"{lines.count('FAIL')} failed")
     logs = kind.kubectl("-n", "kube-system", "logs", "-l", "app.kubernetes.io/name=pyproxy", "--tail=-1").stdout
     assert logs.count("affinity pins merged") >= 2, logs[-3000:]  # each new pod took over from an old one
