@@ -238,12 +238,11 @@ class ProxyApp:
             self.supervisor.start("state-snapshot", self._run_snapshots)
         if handed is not None:
             await complete(handed, self, self)
-        handover_task = asyncio.get_running_loop().create_task(self._serve_handover(), name="hand-over")
+        self._handover_task = asyncio.get_running_loop().create_task(self._serve_handover(), name="hand-over")
         try:
             await self._lifetime()
         finally:
-            handover_task.cancel()
-            await asyncio.gather(handover_task, return_exceptions=True)
+            await self._stop_handover()
             await self._shutdown()
             for sock in self.inherited.values():  # taken over but never served (a server turned off)
                 sock.close()
@@ -406,7 +405,7 @@ class ProxyApp:
                 if server is not None and server.refused is not None:
                     log.info("stopping after refusing a successor (%s): releasing the listeners and draining",
                              server.refused)
-                    server.close()  # a waiting supervisor of workers sees nobody here any more
+                    await self._stop_handover()  # a waiting supervisor of workers sees nobody here any more
                     self.relay.release_listener()
                     self.udp.release_listener()
                     return
@@ -427,6 +426,16 @@ class ProxyApp:
             terminating.cancel()
 
     stop_now = False  # the drain bound passed with no successor: what is left is cut
+    _handover_task: asyncio.Task[None] | None = None
+
+    async def _stop_handover(self) -> None:
+        """No successor is answered any more (the socket closes after its accept is cancelled)."""
+        task, self._handover_task = self._handover_task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        if self.handover is not None:
+            self.handover.close()
 
     async def _handed_over(self) -> None:
         while self.handover is None:
