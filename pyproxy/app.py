@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from pyproxy.config import ProxyConfig
+from pyproxy.dataplane.dualstack import DualStackRelay
 from pyproxy.dataplane.errors import ErrorLog
 from pyproxy.dataplane.nft import NftConfig, NftRunner
 from pyproxy.dataplane.relay import Relay, RelayConfig, transparent_listener
@@ -45,6 +46,7 @@ from pyproxy.inspect.reader import ProxyReader
 from pyproxy.lifecycle.handover import HandOverServer, Identity, Inherited, Outcome, complete, identity_of, socket_path, take_over
 from pyproxy.lifecycle.snapshot import SnapshotWriter, read_snapshot, snapshot_path
 from pyproxy.lifecycle.state import StateError, affinity_state, restore_affinity, restore_store, store_state
+from pyproxy.model.family import join_host_port
 from pyproxy.model.objects import ServiceKey
 from pyproxy.observe.metrics import CountingStore
 from pyproxy.observe.observer import Observer
@@ -109,20 +111,20 @@ class ProxyApp:
                                else lambda _: None),
         )
         self.runner = SyncRunner(self.proxier.sync, config.minSyncPeriod, config.syncPeriod)
-        relay = Relay(
-            table=self.table,
-            is_local_source=self.proxier.is_local_source,
-            stats=self.stats,
-            config=RelayConfig(
-                dial_timeouts=dp.dialTimeouts,
-                idle_timeout=dp.tcpIdleTimeout,
-                half_close_timeout=dp.tcpHalfCloseTimeout,
-            ),
+        relay_config = RelayConfig(
+            dial_timeouts=dp.dialTimeouts,
+            idle_timeout=dp.tcpIdleTimeout,
+            half_close_timeout=dp.tcpHalfCloseTimeout,
         )
-        self.relay: TcpRelay = relay
-        if dp.relay == "splice":  # the raw-fd + os.splice byte path (pyproxy/dataplane/splice.py)
-            self.relay = FastRelay(self.table, self.proxier.is_local_source, self.stats, relay.config,
-                                   splice_after=dp.spliceAfter)
+
+        def make_relay() -> TcpRelay:  # one per address family (dualstack.py)
+            if dp.relay == "splice":  # the raw-fd + os.splice byte path (pyproxy/dataplane/splice.py)
+                return FastRelay(self.table, self.proxier.is_local_source, self.stats, relay_config,
+                                 splice_after=dp.spliceAfter)
+            return Relay(table=self.table, is_local_source=self.proxier.is_local_source, stats=self.stats,
+                         config=relay_config)
+
+        self.relay = DualStackRelay(make_relay, serve_ipv6=self.worker.programs_kernel)
         self.udp = UdpRelay(
             table=self.table,
             is_local_source=self.proxier.is_local_source,
@@ -241,12 +243,11 @@ class ProxyApp:
                 await complete(handed, self, self)
             finally:
                 self.udp.read_listener()
-        handover_task = asyncio.get_running_loop().create_task(self._serve_handover(), name="hand-over")
+        self._handover_task = asyncio.get_running_loop().create_task(self._serve_handover(), name="hand-over")
         try:
             await self._lifetime()
         finally:
-            handover_task.cancel()
-            await asyncio.gather(handover_task, return_exceptions=True)
+            await self._stop_handover()
             await self._shutdown()
             for sock in self.inherited.values():  # taken over but never served (a server turned off)
                 sock.close()
@@ -313,34 +314,60 @@ class ProxyApp:
         log.info("restored %d affinity pins", count)
 
     async def _listen(self, handed: Inherited | None, outcome: Outcome) -> None:
+        """Serve on the listeners: handed over, bound early (lifecycle/early.py), the worker's,
+        or bound here (waiting while a refused predecessor still holds them). UDP first: it
+        binds beside a refused predecessor's socket at once (SO_REUSEADDR: the newer reads)."""
         dp = self.config.dataplane
-        tcp = self.worker.listener or self.early.pop("tcp", None)
-        udp: socket.socket | None = self.early.pop("udp", None)
+        got = dict(self.early)
+        self.early.clear()
         if handed is not None:
-            tcp, udp = handed.take("tcp"), handed.take("udp")
-            self.inherited.update(handed.sockets)  # the HTTP listeners, for the observer
+            got.update(handed.sockets)
             handed.sockets.clear()
-        if self.worker.programs_kernel:  # other workers serve TCP only
-            if udp is None:  # binds at once beside a refused predecessor's (SO_REUSEADDR): the newer one reads
-                udp = await self._bind(socket.SOCK_DGRAM, dp.udpProxyPort, outcome.found)
+        tcp = self.worker.listener or got.pop("tcp", None)
+        tcp6, udp, udp6 = got.pop("tcp6", None), got.pop("udp", None), got.pop("udp6", None)
+        self.inherited.update(got)  # the HTTP listeners, for the observer
+        if self.worker.programs_kernel:  # other workers serve TCP (IPv4) only
+            if udp is None:
+                udp = await self._bind("127.0.0.1", socket.SOCK_DGRAM, dp.udpProxyPort, True)
             await self.udp.start("127.0.0.1", dp.udpProxyPort, udp)
-        elif udp is not None:
-            udp.close()
+            if udp6 is None:
+                udp6 = await self._bind_ipv6(socket.SOCK_DGRAM, dp.udpProxyPort, True)
+            if udp6 is not None:
+                await self.udp.start("::1", dp.udpProxyPort, udp6)
+            if tcp6 is None:
+                tcp6 = await self._bind_ipv6(socket.SOCK_STREAM, dp.tcpProxyPort, True)
+        else:
+            for sock in (udp, udp6, tcp6):
+                if sock is not None:
+                    sock.close()
+            tcp6 = None
         if tcp is None:
-            tcp = await self._bind(socket.SOCK_STREAM, dp.tcpProxyPort, outcome.found)
-        await self.relay.start("127.0.0.1", dp.tcpProxyPort, tcp)
+            tcp = await self._bind("127.0.0.1", socket.SOCK_STREAM, dp.tcpProxyPort, True)
+        await self.relay.start("127.0.0.1", dp.tcpProxyPort, tcp, tcp6)
 
-    async def _bind(self, kind: int, port: int, wait: bool) -> socket.socket:
-        """A new transparent listener; while a refused predecessor still holds the port, retry."""
+    async def _bind_ipv6(self, kind: int, port: int, wait: bool) -> socket.socket | None:
+        """The [::1] listener, or None on a node without IPv6 (one warning line)."""
+        try:
+            return await self._bind("::1", kind, port, wait)
+        except OSError as err:  # EAFNOSUPPORT, or EADDRNOTAVAIL without ::1
+            what = "UDP" if kind == socket.SOCK_DGRAM else "TCP"
+            log.warning("no IPv6 %s listener on [::1]:%d (%s): serving IPv4 only", what, port, err)
+            return None
+
+    async def _bind(self, host: str, kind: int, port: int, wait: bool) -> socket.socket:
+        """A new transparent listener; while the port is held (a refused predecessor, or a
+        release without hand-over that will release it when it stops), retry."""
         waiting_since = time.monotonic()
         while True:
             try:
-                return transparent_listener("127.0.0.1", port, kind)
+                return transparent_listener(host, port, kind)
             except OSError as err:
                 if not wait or err.errno != errno.EADDRINUSE:
                     raise
             if time.monotonic() - waiting_since < 0.01:
-                log.info("waiting for the running pyproxy to release 127.0.0.1:%d", port)
+                log.info("waiting for the running pyproxy to release %s (one that refused the hand-over, "
+                         "or an older release without it: it releases the port when it stops)",
+                         join_host_port(host, port))
             await asyncio.sleep(0.01)
 
     async def _serve_handover(self) -> None:
@@ -356,10 +383,11 @@ class ProxyApp:
 
     def listener_sockets(self) -> list[tuple[str, int]]:
         named: list[tuple[str, int]] = []
-        if self.relay.listener is not None:
-            named.append(("tcp", self.relay.listener.fileno()))
-        if self.udp.listener is not None:
-            named.append(("udp", self.udp.listener.fileno()))
+        for name, sock in (("tcp", self.relay.listener), ("tcp6", self.relay.listener6)):
+            if sock is not None:
+                named.append((name, sock.fileno()))
+        for sock in self.udp.listeners:
+            named.append(("udp6" if sock.family == socket.AF_INET6 else "udp", sock.fileno()))
         for port, fd in self.observer.listening():
             named.append((f"http:{port}", fd))
         return named
@@ -382,7 +410,7 @@ class ProxyApp:
                 if server is not None and server.refused is not None:
                     log.info("stopping after refusing a successor (%s): releasing the listeners and draining",
                              server.refused)
-                    server.close()  # a waiting supervisor of workers sees nobody here any more
+                    await self._stop_handover()  # a waiting supervisor of workers sees nobody here any more
                     self.relay.release_listener()
                     self.udp.release_listener()
                     return
@@ -403,6 +431,16 @@ class ProxyApp:
             terminating.cancel()
 
     stop_now = False  # the drain bound passed with no successor: what is left is cut
+    _handover_task: asyncio.Task[None] | None = None
+
+    async def _stop_handover(self) -> None:
+        """No successor is answered any more (the socket closes after its accept is cancelled)."""
+        task, self._handover_task = self._handover_task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        if self.handover is not None:
+            self.handover.close()
 
     async def _handed_over(self) -> None:
         while self.handover is None:
@@ -490,4 +528,5 @@ class ProxyApp:
 
 def _log_conflict(key: ServiceKey, frontend: Frontend, owner: ServiceKey) -> None:
     ip, protocol, port = frontend
-    log.error("Service %s: %s:%d/%s is already served for Service %s; not serving it", key, ip, port, protocol, owner)
+    log.error("Service %s: %s/%s is already served for Service %s; not serving it", key, join_host_port(ip, port),
+              protocol, owner)

@@ -35,6 +35,7 @@ import socket
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
+from pyproxy.dataplane.dualstack import DualStackRelay
 from pyproxy.dataplane.relay import LINGER_RESET, Relay
 from pyproxy.lifecycle.channel import Message, close_fds
 from pyproxy.lifecycle.connstate import (
@@ -101,7 +102,8 @@ async def adopt_connections(app: ProxyApp, messages: list[Message]) -> None:
                 continue
             state = decode_tcp(message.body)
             _check_fds(message.kind, fds, state.fd_count)
-            if isinstance(app.relay, Relay) or any(d.held and d.pipe for d in (state.up, state.down)):
+            relay = app.relay.relay_for(state.client[0]) if isinstance(app.relay, DualStackRelay) else app.relay
+            if isinstance(relay, Relay) or any(d.held and d.pipe for d in (state.up, state.down)):
                 fds, pipes = fds[:2], fds[2:]
                 state = _absorb_pipes(state, pipes)
         except (StateError, OSError) as err:

@@ -20,15 +20,20 @@ from __future__ import annotations
 import socket
 
 IP_TRANSPARENT = 19
+IPV6_TRANSPARENT = 75
 BACKLOG = 4096
 
 
-def _listener(port: int, kind: int) -> socket.socket:
-    sock = socket.socket(socket.AF_INET, kind)
+def _listener(port: int, kind: int, ipv6: bool = False) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6 if ipv6 else socket.AF_INET, kind)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
-        sock.bind(("127.0.0.1", port))
+        if ipv6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
+        else:
+            sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+        sock.bind(("::1" if ipv6 else "127.0.0.1", port))
         if kind == socket.SOCK_STREAM:
             sock.listen(BACKLOG)
         sock.setblocking(False)
@@ -39,7 +44,8 @@ def _listener(port: int, kind: int) -> socket.socket:
 
 
 def bind_early(tcp_port: int, udp_port: int) -> dict[str, socket.socket]:
-    """{"tcp": ..., "udp": ...} when both could be bound now, else {} (nothing kept)."""
+    """{"tcp": ..., "udp": ...} when both could be bound now, else {} (nothing kept); with
+    "tcp6" and "udp6" on [::1] too where the node has IPv6 (else the normal path warns)."""
     try:
         tcp = _listener(tcp_port, socket.SOCK_STREAM)
     except OSError:
@@ -49,4 +55,10 @@ def bind_early(tcp_port: int, udp_port: int) -> dict[str, socket.socket]:
     except OSError:
         tcp.close()
         return {}
-    return {"tcp": tcp, "udp": udp}
+    got = {"tcp": tcp, "udp": udp}
+    for name, port, kind in (("tcp6", tcp_port, socket.SOCK_STREAM), ("udp6", udp_port, socket.SOCK_DGRAM)):
+        try:
+            got[name] = _listener(port, kind, ipv6=True)
+        except OSError:
+            pass
+    return got

@@ -209,6 +209,11 @@ class HandOverServer:
                     self.finished.set()
                 else:
                     log.error("hand-over aborted, still serving: %s", err)
+            except Exception:  # noqa: BLE001 - a bug here must not end the hand-over server unseen
+                log.exception("hand-over failed unexpectedly%s",
+                              "" if self.handed_over.is_set() else "; still serving")
+                if self.handed_over.is_set():
+                    self.finished.set()
             finally:
                 channel.close()
         self.close()

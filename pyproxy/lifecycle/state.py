@@ -10,7 +10,8 @@ Theory of operation:
   expiry goes on exactly where it was. A snapshot on disk also records its wall-clock
   write time, and the age it has been lying there is added on restore.
 - Encoding is a plain JSON tree built from the model's frozen dataclasses (`encode_obj`,
-  `decode_obj` by their type hints): nothing is pickled, so a corrupt or hostile file can
+  `decode_obj` by their type hints; enums by value; a field with a default may be absent,
+  so the state of the release before one that added it still decodes): nothing is pickled, so a corrupt or hostile file can
   only fail to decode, never run code. Any decode failure is a `StateError` naming the
   part; the caller ignores that part and logs why.
 - Affinity is restored into balancers that exist after the first sync (a pin for a port
@@ -21,6 +22,7 @@ Theory of operation:
 from __future__ import annotations
 
 import dataclasses
+import enum
 import types
 import typing
 from collections.abc import Mapping
@@ -44,6 +46,8 @@ def encode_obj(obj: Any) -> Any:
         return [encode_obj(v) for v in obj]
     if isinstance(obj, frozenset):
         return sorted(encode_obj(v) for v in obj)
+    if isinstance(obj, enum.Enum):
+        return encode_obj(obj.value)
     if obj is None or isinstance(obj, (str, int, float, bool)):
         return obj
     raise StateError(f"cannot encode {type(obj).__name__}")
@@ -79,14 +83,25 @@ def decode_obj(hint: Any, raw: Any, path: str = "") -> Any:
         if not isinstance(raw, list):
             raise StateError(f"{path}: expected a list")
         return frozenset(decode_obj(arg, v, path) for v in raw)
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        try:
+            return hint(raw)
+        except ValueError:
+            raise StateError(f"{path}: {raw!r} is not a {hint.__name__}") from None
     if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         if not isinstance(raw, dict):
             raise StateError(f"{path}: expected an object for {hint.__name__}")
         hints = typing.get_type_hints(hint)
-        names = [f.name for f in dataclasses.fields(hint)]
-        if set(raw) != set(names):
-            raise StateError(f"{path}: {hint.__name__} fields differ")
-        return hint(**{n: decode_obj(hints[n], raw[n], f"{path}.{n}") for n in names})
+        fields = dataclasses.fields(hint)
+        names = {f.name for f in fields}
+        if set(raw) - names:
+            raise StateError(f"{path}: {hint.__name__} has no field {sorted(set(raw) - names)[0]!r}")
+        missing = [f.name for f in fields if f.name not in raw and f.default is dataclasses.MISSING
+                   and f.default_factory is dataclasses.MISSING]
+        if missing:
+            raise StateError(f"{path}: {hint.__name__} lacks {missing[0]!r}")
+        # a field this release added (with a default) may be absent from an older one's state
+        return hint(**{n: decode_obj(hints[n], raw[n], f"{path}.{n}") for n in names if n in raw})
     if hint is float:
         if isinstance(raw, bool) or not isinstance(raw, (int, float)):
             raise StateError(f"{path}: expected a number")

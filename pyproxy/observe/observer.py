@@ -117,7 +117,7 @@ class Observer:
         out: list[tuple[int, int]] = []
         for server in servers:
             for sock in getattr(server, "sockets", ()) or ():
-                if sock.family == socket.AF_INET:  # a worker's unix debug socket is its group's own
+                if sock.family in (socket.AF_INET, socket.AF_INET6):  # a worker's unix debug socket is its own
                     out.append((sock.getsockname()[1], sock.fileno()))
         return out
 
