@@ -87,7 +87,8 @@ def line_of(proc: subprocess.Popen[Any], prefix: str, timeout: float) -> str:
 
 
 def stream_code(host: str, port: int, source: str = "") -> str:
-    """A stream both ways (ECHO), about 8 MB/s, until a line on stdin; then one result line."""
+    """A stream both ways (ECHO), about 8 MB/s, until a line on stdin: prints `flowing` once
+    bytes come back, then one result line."""
     return f"""
 import hashlib, os, socket, sys, threading, time
 s = socket.create_connection(("{host}", {port}), timeout=30, source_address=("{source}", 0))
@@ -97,6 +98,8 @@ counts = [0, 0]
 
 def read():
     while chunk := s.recv(1 << 16):
+        if not counts[1]:
+            print("flowing", flush=True)  # the relay has the connection: bytes came back
         got.update(chunk)
         counts[1] += len(chunk)
 
@@ -132,21 +135,23 @@ print("answer", answer.decode().strip() == f"{{len(data)}} {{hashlib.sha256(data
 """
 
 UDP_FLOW = f"""
-import socket, time
+import socket, sys, threading, time
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 s.connect(("{UDP_SVC}", 53))  # a connected socket takes answers from the service address only
 s.settimeout(2)
+stop = threading.Event()
+threading.Thread(target=lambda: (sys.stdin.readline(), stop.set()), daemon=True).start()
 pods, sent, got = set(), 0, 0
-end = time.monotonic() + 6
-while time.monotonic() < end:
+end = time.monotonic() + 60
+while not stop.is_set() and time.monotonic() < end:  # until the test says stop
     s.send(b"q%d" % sent)
     sent += 1
     answer = s.recv(2000)
     head, _, body = answer.partition(b"\\n")
     got += body == b"q%d" % (sent - 1)
     pods.add(head.split()[0])
+    if sent == 1:
+        print("answered", flush=True)
     time.sleep(0.05)
 print("udp", sent == got, len(pods), flush=True)
 """
-
-

@@ -141,17 +141,19 @@ def test_each_worker_hands_its_connections_to_its_successor(workers_cluster: Clu
     )
     streams = [worker_clients.start(stream_code("10.96.5.1", 80, source)) for source in SOURCES[:6]]
     udp = worker_clients.start(UDP_FLOW)
-    time.sleep(1.5)
+    for stream in streams:
+        line_of(stream, "flowing", 20)
+    line_of(udp, "answered", 20)
     lines = restart(cluster, workers=2)
     counts = sorted(int(line.split()[2]) for line in lines)
     assert sum(counts) == 6 and counts[0] > 0, f"both workers had streams to hand over: {lines}"
     assert all(line.endswith("; 0 connections drain here") for line in lines), lines
     assert sum(" 1 UDP flows" in line for line in lines) == 1, "worker 0 serves UDP"
     time.sleep(1)
-    for stream in streams:
-        assert stream.stdin is not None
-        stream.stdin.write("stop\n")
-        stream.stdin.flush()
+    for proc in [*streams, udp]:
+        assert proc.stdin is not None
+        proc.stdin.write("stop\n")
+        proc.stdin.flush()
     for stream in streams:
         assert line_of(stream, "stream", 40) == "stream True True True"
     assert line_of(udp, "udp", 15) == "udp True 1"

@@ -126,7 +126,8 @@ def test_long_streams_cross_two_handovers_intact(box: Box) -> None:
     third, _, third_inbox = box.peer("--relay", other)
     host, port = listen.split(":")
     streams = [box.spawn(["-c", stream_code(host, int(port))], stdin=True) for _ in range(2)]
-    time.sleep(0.8)
+    for stream in streams:
+        expect(stream, "flowing")
     say(first, f"handover {second_inbox}")
     assert expect(first, "moved") == "moved 2 left 0"
     assert expect(second, "adopted") == "adopted 2"
@@ -148,7 +149,7 @@ def test_connections_a_successor_does_not_adopt_go_on_in_the_old_process(box: Bo
     refusing, _, inbox = box.peer("--refuse")
     host, port = listen.split(":")
     stream = box.spawn(["-c", stream_code(host, int(port))], stdin=True)
-    time.sleep(0.5)
+    expect(stream, "flowing")
     say(first, f"handover {inbox}")
     assert expect(first, "moved") == "moved 1 left 1", "taken back"
     assert expect(refusing, "adopted") == "adopted 1"

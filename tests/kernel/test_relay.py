@@ -140,7 +140,9 @@ def test_open_connections_cross_two_restarts_intact(cluster: Cluster, clients: C
     )
     streams = [clients.start(STREAM) for _ in range(2)]
     udp = clients.start(UDP_FLOW)
-    time.sleep(1)
+    for stream in streams:
+        line_of(stream, "flowing", 20)
+    line_of(udp, "answered", 20)
     [first] = restart(cluster)
     half = clients.start(HALF_CLOSED)
     line_of(half, "shut", 10)
@@ -149,10 +151,10 @@ def test_open_connections_cross_two_restarts_intact(cluster: Cluster, clients: C
     time.sleep(0.5)
     assert first == "handing over 2 TCP connections and 1 UDP flows; 0 connections drain here"
     assert second == "handing over 3 TCP connections and 1 UDP flows; 0 connections drain here"
-    for stream in streams:
-        assert stream.stdin is not None
-        stream.stdin.write("stop\n")
-        stream.stdin.flush()
+    for proc in [*streams, udp]:
+        assert proc.stdin is not None
+        proc.stdin.write("stop\n")
+        proc.stdin.flush()
     for stream in streams:  # more than 16 MB each way; all of it came back, in order
         assert line_of(stream, "stream", 40) == "stream True True True"
     assert line_of(half, "answer", 15) == "answer True"
