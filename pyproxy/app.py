@@ -52,8 +52,6 @@ from pyproxy.observe.metrics import CountingStore
 from pyproxy.observe.observer import Observer
 from pyproxy.model.table import Frontend, ServiceTable
 from pyproxy.proxier import Proxier, SyncResult, parse_cidrs
-from pyproxy.sources.kube import KubeSource
-from pyproxy.sources.kube_client import SourceError, open_transport
 from pyproxy.sources.manifests import ManifestSnapshot, fingerprint, load_manifests, watch_manifests
 from pyproxy.supervisor import Job, Supervisor
 from pyproxy.sync import SyncRunner
@@ -170,6 +168,11 @@ class ProxyApp:
     async def _load_source(self) -> tuple[str, Callable[[Job], Coroutine[Any, Any, None]]]:
         """Standalone: load the manifests now. Cluster: connect; the watch task fills the store."""
         if not self.config.manifests:
+            # imported here: standalone never needs the API client, and a restart after a
+            # crash serves sooner without loading it (lifecycle/early.py)
+            from pyproxy.sources.kube import KubeSource
+            from pyproxy.sources.kube_client import SourceError, open_transport
+
             client = self.config.clientConnection
             try:
                 transport = await asyncio.to_thread(open_transport, client.kubeconfig, client.apiServer)
