@@ -18,10 +18,10 @@ Rules kept here (SPEC.md §5, §8):
 - `connections()` hands out read-only copies (`ConnectionInfo`) of the open pairs for the
   inspection API; each pair counts its own bytes beside its port's counters.
 - Moving to a successor (`detach_pairs`, `adopt_pair`; pyproxy/lifecycle/connections.py):
-  an established pair stops reading both sides, waits (bounded) until both transports'
-  write buffers are empty, and is handed out as dup'd fds plus its state; closing the
-  transports then closes only this process's copy of each socket, so the kernel sends no
-  FIN or RST. A pair still dialing, or whose write buffer did not empty in time
+  an established pair stops reading both sides, waits until both transports' write
+  buffers are empty (all pairs at once, at most MOVE_FLUSH_BOUND), and is handed out as
+  dup'd fds plus its state; closing the transports then closes only this process's copy
+  of each socket, so the kernel sends no FIN or RST. A pair still dialing, or whose write buffer did not empty in time
   ("mid-write": a transport's buffer cannot be taken out), resumes and drains here.
   The successor wraps the fds in new transports paused from their first callback
   (`Holding`), writes the bytes the old process still held, and goes on reading only the
@@ -63,7 +63,7 @@ LINGER_RESET = struct.pack("ii", 1, 0)
 EARLY_BUFFER_LIMIT = 256 * 1024
 LISTEN_BACKLOG = 4096  # a burst of connections waits here for accept(); overflow drops handshakes
 ACCEPT_BATCH = 16  # accepts per wake-up of an asyncio listener
-MOVE_FLUSH_BOUND = 1.0  # seconds a pair being moved may take to empty its write buffers
+MOVE_FLUSH_BOUND = 0.2  # seconds the pairs being moved may take to empty their write buffers (reads paused)
 
 
 @dataclass(frozen=True)

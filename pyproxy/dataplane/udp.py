@@ -28,9 +28,10 @@ Rules kept here:
   socket, its key, port, endpoint, age and idle time); replies that arrive meanwhile wait
   in the socket's receive queue for the successor. The successor opens its own reply
   socket for the service address, so replies still come from it, and the flow's idle
-  expiry goes on from where it was. The successor serves the listener before the flows
-  arrive, so it may have opened a flow of its own for a moved one's key (a datagram came
-  first): the moved flow takes the key back (its endpoint is the one the client talks
+  expiry goes on from where it was. The successor reads no client datagram until the
+  flows are there, at most `HOLD_BOUND` (then it serves clients anyway: a slow hand-over
+  must not leave DNS waiting). So it may have opened a flow of its own for a moved one's
+  key (a datagram came first): the moved flow takes the key back (its endpoint is the one the client talks
   to), and the successor's own socket is retired, still read for `RETIRE_GRACE` seconds so
   the answers to what it sent reach the client, then closed.
 - `connections()` hands out read-only copies (`ConnectionInfo`) of the flows, with each
@@ -64,6 +65,7 @@ SOCKADDR_IN6_SIZE = 28
 RECEIVE_SIZE = 65536  # the largest UDP payload is 65507 (IPv4), 65527 (IPv6): nothing is ever cut
 ANCILLARY_SIZE = socket.CMSG_SPACE(SOCKADDR_IN6_SIZE)
 WARN_INTERVAL = 10.0
+HOLD_BOUND = 0.25  # seconds a successor waits for the moved flows before it reads clients anyway
 RETIRE_GRACE = 5.0  # seconds a flow replaced by a moved one still passes its endpoint's answers
 
 
@@ -148,6 +150,7 @@ class UdpRelay:
     _planned_with: dict[ServicePortName, PortState] = field(default_factory=dict)
     _warned: dict[str, float] = field(default_factory=dict)
     _retired: set[Flow[FlowIO]] = field(default_factory=set)  # replaced by moved flows: answers only
+    _held: asyncio.TimerHandle | None = None  # clients unread until the moved flows are here (or it fires)
 
     def __post_init__(self) -> None:
         self.flows = FlowTable(self.config.max_flows, self.config.idle_timeout)
@@ -175,18 +178,23 @@ class UdpRelay:
     def listeners(self) -> list[socket.socket]:
         return list(self._listeners)
 
-    def hold_listener(self) -> None:
+    def hold_listener(self, bound: float = HOLD_BOUND) -> None:
         """A successor taking over: read no client datagram until the predecessor's flows
-        are here (`read_listener`), or a flow's next datagram would open a second flow,
-        maybe to another pod. They wait in the listener's queue meanwhile."""
-        if self._loop is not None:
-            for listener in self._listeners:
-                self._loop.remove_reader(listener.fileno())
+        are here (`read_listener`), at most `bound` seconds, or a flow's next datagram
+        would open a second flow, maybe to another pod. They wait in the listener's queue."""
+        if self._loop is None or self._held is not None:
+            return
+        for listener in self._listeners:
+            self._loop.remove_reader(listener.fileno())
+        self._held = self._loop.call_later(bound, self.read_listener)
 
     def read_listener(self) -> None:
-        if self._loop is not None:
-            for listener in self._listeners:
-                self._loop.add_reader(listener.fileno(), self._from_clients, listener)
+        if self._held is None or self._loop is None:
+            return
+        self._held.cancel()
+        self._held = None
+        for listener in self._listeners:
+            self._loop.add_reader(listener.fileno(), self._from_clients, listener)
 
     def release_listener(self) -> None:
         """A successor reads the listeners now (pyproxy/lifecycle): stop reading them and
@@ -243,7 +251,9 @@ class UdpRelay:
     def detach_flows(self) -> list[tuple[UdpState, int]]:
         """Stop serving here and take every flow out: its state and a dup of its socket
         (the caller sends and closes it)."""
-        self.hold_listener()  # no new flows here from now on
+        if self._loop is not None:  # no new flows here from now on
+            for listener in self._listeners:
+                self._loop.remove_reader(listener.fileno())
         now = self.clock()
         moved: list[tuple[UdpState, int]] = []
         for flow in list(self.flows):

@@ -18,7 +18,7 @@ Theory of operation:
   rest go on, and the reason is logged. Messages of other kinds are left alone.
 - What moves: every established TCP pair of the splice relay (its held bytes and pipes
   come along), every established pair of the Protocol relay whose write buffers empty
-  within `relay.MOVE_FLUSH_BOUND`, and every UDP flow. What drains in the old process as
+  within `relay.MOVE_FLUSH_BOUND` (0.2 s), and every UDP flow. What drains in the old process as
   before: pairs still dialing their endpoint, and Protocol-relay pairs still mid-write
   (a transport's write buffer cannot be taken out of it). Half-closed pairs move.
 - A pair may change relay on the way (protocol <-> splice): the Protocol relay has no
