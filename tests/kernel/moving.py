@@ -70,6 +70,17 @@ def clients(cluster: Cluster) -> Iterator[Clients]:
         made.close()
 
 
+def tell(procs: list[subprocess.Popen[str]], line: str) -> None:
+    """Send `line` to each process's stdin (one already gone shows up in its output)."""
+    for proc in procs:
+        assert proc.stdin is not None
+        try:
+            proc.stdin.write(line + "\n")
+            proc.stdin.flush()
+        except BrokenPipeError:
+            pass
+
+
 def line_of(proc: subprocess.Popen[Any], prefix: str, timeout: float) -> str:
     """The first line `proc` prints starting with `prefix` (bounded); its output is closed after."""
     assert proc.stdout is not None
@@ -107,13 +118,17 @@ reader = threading.Thread(target=read)
 reader.start()
 threading.Thread(target=lambda: (sys.stdin.readline(), stop.set()), daemon=True).start()
 start = time.monotonic()
-while not stop.is_set():  # about 8 MB/s until the test says stop
-    chunk = os.urandom(1 << 16)
-    sent.update(chunk)
-    s.sendall(chunk)
-    counts[0] += len(chunk)
-    time.sleep(max(0.0, counts[0] / (8 << 20) - (time.monotonic() - start)))
-s.shutdown(socket.SHUT_WR)
+try:
+    while not stop.is_set():  # about 8 MB/s until the test says stop
+        chunk = os.urandom(1 << 16)
+        sent.update(chunk)
+        s.sendall(chunk)
+        counts[0] += len(chunk)
+        time.sleep(max(0.0, counts[0] / (8 << 20) - (time.monotonic() - start)))
+    s.shutdown(socket.SHUT_WR)
+except OSError as err:
+    print("stream error after", counts, "bytes:", repr(err), flush=True)
+    raise
 reader.join(30)
 print("stream", counts[0] > (16 << 20), counts[0] == counts[1], sent.digest() == got.digest(), flush=True)
 """

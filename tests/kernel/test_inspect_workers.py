@@ -20,7 +20,7 @@ import pytest
 from pyproxy.demo import manifests as m
 from pyproxy.demo.cluster import Cluster
 from tests.kernel.conftest import _cluster, held_connection
-from tests.kernel.moving import UDP_FLOW, Clients, line_of, restart, stream_code
+from tests.kernel.moving import UDP_FLOW, Clients, line_of, restart, stream_code, tell
 from tests.kernel.test_inspect import inspect, inspect_json, pod_ip, until
 
 pytestmark = pytest.mark.privileged
@@ -135,7 +135,8 @@ def test_each_worker_hands_its_connections_to_its_successor(workers_cluster: Clu
     cluster.apply(
         m.service("moving", "10.96.5.1", [m.port(80, 80)]),
         m.endpoint_slice("moving", cluster.backends("pa", "pb", "pc"), [m.slice_port(80)]),
-        m.service("movingudp", "10.96.5.2", [m.port(53, 53, protocol="UDP")]),
+        m.service("movingudp", "10.96.5.2", [m.port(53, 53, protocol="UDP")],
+                  affinity_timeout=600),  # a datagram past the 0.25 s hold keeps its pod too
         m.endpoint_slice("movingudp", cluster.backends("pa", "pb", "pc"), [m.slice_port(53, protocol="UDP")]),
         name="moving.yaml",
     )
@@ -150,10 +151,7 @@ def test_each_worker_hands_its_connections_to_its_successor(workers_cluster: Clu
     assert all(line.endswith("; 0 connections drain here") for line in lines), lines
     assert sum(" 1 UDP flows" in line for line in lines) == 1, "worker 0 serves UDP"
     time.sleep(1)
-    for proc in [*streams, udp]:
-        assert proc.stdin is not None
-        proc.stdin.write("stop\n")
-        proc.stdin.flush()
+    tell([*streams, udp], "stop")
     for stream in streams:
         assert line_of(stream, "stream", 40) == "stream True True True"
     assert line_of(udp, "udp", 15) == "udp True 1"

@@ -17,7 +17,9 @@ import pytest
 from pyproxy.demo import manifests as m
 from pyproxy.demo.lab import CLIENT_IP, write_manifest
 from tests.kernel.conftest import Cluster, held_connection
-from tests.kernel.moving import HALF_CLOSED, STREAM, TCP_SVC, UDP_FLOW, UDP_SVC, Clients, clients, line_of, restart
+from tests.kernel.moving import (
+    HALF_CLOSED, STREAM, TCP_SVC, UDP_FLOW, UDP_SVC, Clients, clients, line_of, restart, tell,
+)
 
 __all__ = ["clients"]  # a fixture
 
@@ -134,7 +136,8 @@ def test_open_connections_cross_two_restarts_intact(cluster: Cluster, clients: C
     cluster.apply(
         m.service("move", TCP_SVC, [m.port(80, 80)]),
         m.endpoint_slice("move", cluster.backends("pa", "pb", "pc"), [m.slice_port(80)]),
-        m.service("moveudp", UDP_SVC, [m.port(53, 53, protocol="UDP")]),
+        m.service("moveudp", UDP_SVC, [m.port(53, 53, protocol="UDP")],
+                  affinity_timeout=600),  # a datagram past the 0.25 s hold keeps its pod too
         m.endpoint_slice("moveudp", cluster.backends("pa", "pb", "pc"), [m.slice_port(53, protocol="UDP")]),
         name="move.yaml",
     )
@@ -151,10 +154,7 @@ def test_open_connections_cross_two_restarts_intact(cluster: Cluster, clients: C
     time.sleep(0.5)
     assert first == "handing over 2 TCP connections and 1 UDP flows; 0 connections drain here"
     assert second == "handing over 3 TCP connections and 1 UDP flows; 0 connections drain here"
-    for proc in [*streams, udp]:
-        assert proc.stdin is not None
-        proc.stdin.write("stop\n")
-        proc.stdin.flush()
+    tell([*streams, udp], "stop")
     for stream in streams:  # more than 16 MB each way; all of it came back, in order
         assert line_of(stream, "stream", 40) == "stream True True True"
     assert line_of(half, "answer", 15) == "answer True"
