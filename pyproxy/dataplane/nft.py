@@ -9,8 +9,15 @@ Rules kept here (DATAPLANE.md):
   `drop_internal` and `drop_external` (Local policy without a local endpoint; external
   drops spare the node itself and `local_sources`, i.e. the cluster CIDR, whose traffic
   is captured and served from the cluster set: kube-proxy's short-circuit).
-- Order in prerouting: refusals and drops, then capture, then `socket transparent` (the
-  reply path of Local mode; before the capture rules it would steal new UDP queries).
+- Order in prerouting: the source-range firewall, then refusals and drops, then capture,
+  then `socket transparent` (the reply path of Local mode; before the capture rules it
+  would steal new UDP queries).
+- Source ranges (model/firewall.py): a packet to a `svc_firewall` frontend whose
+  (frontend . source) is not in the interval set `svc_allow` is dropped, first thing in
+  prerouting and in output (the node's own traffic is checked too, as kube-proxy does).
+  Like the other sets, both change only by elements. Every packet is checked, not only a
+  connection's first (pyproxy keeps no conntrack state): a source taken out of the ranges
+  loses its open connections too.
 - An output `route` chain marks the node's own traffic to service addresses so that the
   policy route sends it through `lo` and back into prerouting.
 - A full write replaces both tables atomically; an incremental write only adds and deletes
@@ -43,7 +50,7 @@ import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from pyproxy.model.table import Element, Verdict
+from pyproxy.model.table import Allow, Element, Verdict
 
 TABLE = "pyproxy"
 REENTRY_DEVICE = "pyproxy-fwd"  # the veth pyproxy forwards bridged service frames into
@@ -53,6 +60,10 @@ REENTRY_ADDRESS = "169.254.77.1"  # the peer's /32 (link-local): loose rp_filter
 SET_TYPE = "ipv4_addr . inet_proto . inet_service"
 MATCH = "ip daddr . meta l4proto . th dport"
 SETS = {verdict: f"svc_{verdict.value}" for verdict in Verdict}
+ALLOW_SET = "svc_allow"  # (frontend . source CIDR) pairs that may pass the firewall
+ALLOW_SET_TYPE = f"{SET_TYPE} . ipv4_addr"
+ALLOW_MATCH = f"{MATCH} . ip saddr"
+FIREWALL_RULE = f"{MATCH} @{SETS[Verdict.FIREWALL]} {ALLOW_MATCH} != @{ALLOW_SET} drop"
 
 
 @dataclass(frozen=True)
@@ -65,7 +76,7 @@ class NftConfig:
     reentry_mark: int = 0  # set on re-entering frames (routing.py: their reverse-path route); 0: none
 
 
-def render_ruleset(config: NftConfig, elements: Iterable[Element]) -> str:
+def render_ruleset(config: NftConfig, elements: Iterable[Element], allows: Iterable[Allow] = ()) -> str:
     """The whole table, replacing any previous one in the same transaction."""
     mark = f"0x{config.mark:x}"
     set_mark = f"meta mark set meta mark or {mark}"
@@ -81,11 +92,13 @@ def render_ruleset(config: NftConfig, elements: Iterable[Element]) -> str:
         f"delete table ip {TABLE}",
         f"table ip {TABLE} {{",
         sets,
+        f"    set {ALLOW_SET} {{ type {ALLOW_SET_TYPE}; flags interval; }}",
         "    set local_sources { type ipv4_addr; flags interval; "
         + (f"elements = {{ {local_sources} }}; " if local_sources else "")
         + "}",
         "    chain prerouting {",
         "        type filter hook prerouting priority mangle; policy accept;",
+        f"        {FIREWALL_RULE}",
         f"        {MATCH} @svc_reject meta l4proto tcp reject with tcp reset",
         f"        {MATCH} @svc_reject reject",
         f"        {MATCH} @svc_drop_internal drop",
@@ -99,6 +112,7 @@ def render_ruleset(config: NftConfig, elements: Iterable[Element]) -> str:
         "    }",
         "    chain output {",
         "        type route hook output priority mangle; policy accept;",
+        f"        {FIREWALL_RULE}",
         f"        {MATCH} @svc_drop_internal drop",
         # the node's own UDP to a service without endpoints: an ICMP error cannot come back
         # through lo, so refuse it here (send() fails at once) rather than let it time out
@@ -112,6 +126,7 @@ def render_ruleset(config: NftConfig, elements: Iterable[Element]) -> str:
     ]
     elements = list(elements)
     lines += _element_lines("add", elements) + _reentry_lines("add", _keys(elements))
+    lines += _allow_lines("add", allows)
     return "\n".join(lines) + "\n"
 
 
@@ -139,13 +154,16 @@ def _reentry_mark(config: NftConfig) -> str:
     return f" meta mark set mark or {config.reentry_mark:#x}" if config.reentry_mark else ""
 
 
-def render_update(added: Iterable[Element], removed: Iterable[Element]) -> str:
+def render_update(added: Iterable[Element], removed: Iterable[Element],
+                  allows_added: Iterable[Allow] = (), allows_removed: Iterable[Allow] = ()) -> str:
     """An incremental transaction: only set elements change."""
     added, removed = list(added), list(removed)
     # a frontend that only changes verdict stays in the re-entry set
     keys_added, keys_removed = _keys(added), _keys(removed)
-    lines = _element_lines("delete", removed) + _element_lines("add", added)
+    lines = _allow_lines("delete", allows_removed)
+    lines += _element_lines("delete", removed) + _element_lines("add", added)
     lines += _reentry_lines("delete", keys_removed - keys_added) + _reentry_lines("add", keys_added - keys_removed)
+    lines += _allow_lines("add", allows_added)
     return "\n".join(lines) + "\n" if lines else ""
 
 
@@ -154,7 +172,16 @@ def render_cleanup() -> str:
 
 
 def _keys(elements: Iterable[Element]) -> set[tuple[str, str, int]]:
-    return {key for _, key in elements}
+    """The frontends the elements give a verdict (a FIREWALL element only guards one)."""
+    return {key for verdict, key in elements if verdict is not Verdict.FIREWALL}
+
+
+def _allow_lines(verb: str, allows: Iterable[Allow]) -> list[str]:
+    items = [f"{ip} . {protocol.lower()} . {port} . {cidr}" for (ip, protocol, port), cidr in sorted(allows)]
+    return [
+        f"{verb} element ip {TABLE} {ALLOW_SET} {{ {', '.join(items[start:start + 1000])} }}"
+        for start in range(0, len(items), 1000)
+    ]
 
 
 def _reentry_lines(verb: str, keys: set[tuple[str, str, int]]) -> list[str]:

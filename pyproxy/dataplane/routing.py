@@ -147,6 +147,23 @@ def pod_bridges(names: Iterable[str]) -> list[tuple[str, str]]:
     return sorted(found)
 
 
+MAIN_TABLE = 254
+
+
+def interface_routes() -> list[tuple[str, str]]:
+    """(interface, destination CIDR) of every IPv4 route of the main table but default ones:
+    what --detect-local-mode BridgeInterface and InterfaceNamePrefix match pods by."""
+    with IPRoute() as ipr:
+        names = {link["index"]: str(link.get_attr("IFLA_IFNAME")) for link in ipr.get_links()}
+        routes = ipr.get_routes(family=socket.AF_INET, table=MAIN_TABLE)
+    found = set()
+    for msg in routes:
+        oif, dst = msg.get_attr("RTA_OIF"), msg.get_attr("RTA_DST")
+        if oif in names and dst and msg["dst_len"] > 0:
+            found.add((names[oif], str(ipaddress.IPv4Network(f"{dst}/{msg['dst_len']}", strict=False))))
+    return sorted(found)
+
+
 def node_port_addresses(addresses: Iterable[str], cidrs: Iterable[str]) -> list[str]:
     """The addresses NodePorts are served on: those inside `cidrs`, or all when none are given."""
     networks = [ipaddress.IPv4Network(c, strict=False) for c in cidrs]
