@@ -297,3 +297,43 @@ def test_configz_serves_the_effective_config_as_kube_proxy_does() -> None:
     assert (doc["apiVersion"], doc["kind"]) == ("pyproxy.io/v1alpha1", "PyProxyConfiguration")
     assert doc["detectLocalMode"] == "NodeCIDR" and doc["nodePortAddresses"] == ["primary"]
     assert doc["syncPeriod"] == "30s" and doc["dataplane"]["mark"] == 0x200000
+
+
+# --- the proxier: waiting for the Node, and the kernel's local_sources -----------------------------
+
+
+class Recording:
+    def __init__(self) -> None:
+        self.scripts: list[str] = []
+
+    async def apply(self, script: str) -> None:
+        if script:
+            self.scripts.append(script)
+
+
+def node_cidr_proxier() -> tuple[Any, ClusterStore, Recording]:
+    from pyproxy.proxier import Proxier
+
+    store = ClusterStore()
+    store.services_synced = store.slices_synced = True
+    runner = Recording()
+    proxier = Proxier(store=store, table=ServiceTable("node1", rng=random.Random(1)), nft=runner,  # type: ignore[arg-type]
+                      nft_config=NftConfig(mark=0x200000, tcp_port=15001, udp_port=15001),
+                      node_addresses=lambda: ["192.168.56.101"], detection=LocalDetection("NodeCIDR"), needs_node=True)
+    return proxier, store, runner
+
+
+async def test_node_cidr_waits_for_the_node_then_follows_its_pod_cidrs() -> None:
+    proxier, store, runner = node_cidr_proxier()
+    await proxier.sync()
+    assert runner.scripts == [], "nothing is programmed before the Node has been looked up"
+    store.set_node(Node("node1", None, False, False))  # found, but no podCIDRs yet
+    await proxier.sync()
+    assert len(runner.scripts) == 1 and "set local_sources { type ipv4_addr; flags interval; }" in runner.scripts[0]
+    assert not proxier.is_local_source("10.244.1.5") and proxier.is_local_source("192.168.56.101")
+    store.set_node(Node("node1", None, False, False, pod_cidrs=("10.244.1.0/24",)))
+    await proxier.sync()
+    assert "elements = { 10.244.1.0/24 }" in runner.scripts[-1], "a change of pods rewrites the table"
+    assert proxier.is_local_source("10.244.1.5") and not proxier.is_local_source("10.244.2.5")
+    await proxier.sync()
+    assert len(runner.scripts) == 2, "and only a change does"
