@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from pyproxy.config import ProxyConfig
+from pyproxy.dataplane.dualstack import DualStackRelay
 from pyproxy.dataplane.errors import ErrorLog
 from pyproxy.dataplane.nft import NftConfig, NftRunner
 from pyproxy.dataplane.relay import Relay, RelayConfig
@@ -28,6 +29,7 @@ from pyproxy.dataplane.routing import PolicyRouting, interface_routes, local_add
 from pyproxy.dataplane.stats import DataplaneStats
 from pyproxy.dataplane.udp import UdpConfig, UdpRelay
 from pyproxy.inspect.reader import ProxyReader
+from pyproxy.model.family import join_host_port, node_port_candidate
 from pyproxy.model.objects import ServiceKey
 from pyproxy.observe.metrics import CountingStore
 from pyproxy.observe.observer import Observer
@@ -93,20 +95,20 @@ class ProxyApp:
                                else lambda _: None),
         )
         self.runner = SyncRunner(self.proxier.sync, config.minSyncPeriod, config.syncPeriod)
-        relay = Relay(
-            table=self.table,
-            is_local_source=self.proxier.is_local_source,
-            stats=self.stats,
-            config=RelayConfig(
-                dial_timeouts=dp.dialTimeouts,
-                idle_timeout=dp.tcpIdleTimeout,
-                half_close_timeout=dp.tcpHalfCloseTimeout,
-            ),
+        relay_config = RelayConfig(
+            dial_timeouts=dp.dialTimeouts,
+            idle_timeout=dp.tcpIdleTimeout,
+            half_close_timeout=dp.tcpHalfCloseTimeout,
         )
-        self.relay: TcpRelay = relay
-        if dp.relay == "splice":  # the raw-fd + os.splice byte path (pyproxy/dataplane/splice.py)
-            self.relay = FastRelay(self.table, self.proxier.is_local_source, self.stats, relay.config,
-                                   splice_after=dp.spliceAfter)
+
+        def make_relay() -> TcpRelay:  # one per address family (dualstack.py)
+            if dp.relay == "splice":  # the raw-fd + os.splice byte path (pyproxy/dataplane/splice.py)
+                return FastRelay(self.table, self.proxier.is_local_source, self.stats, relay_config,
+                                 splice_after=dp.spliceAfter)
+            return Relay(table=self.table, is_local_source=self.proxier.is_local_source, stats=self.stats,
+                         config=relay_config)
+
+        self.relay: TcpRelay = DualStackRelay(make_relay, serve_ipv6=self.worker.programs_kernel)
         self.udp = UdpRelay(
             table=self.table,
             is_local_source=self.proxier.is_local_source,
@@ -125,7 +127,8 @@ class ProxyApp:
     def _node_port_addresses(self) -> list[str]:
         """The local addresses that serve NodePorts (netlink; `primary` reads the Node)."""
         node = self.store.node
-        return nodeports.select(local_addresses(), self.config.nodePortAddresses, node.host_ips if node else ())
+        candidates = [a for a in local_addresses() if node_port_candidate(a)]  # never link-local or ::1
+        return nodeports.select(candidates, self.config.nodePortAddresses, node.host_ips if node else ())
 
     def _synced(self, result: SyncResult) -> None:
         self.observer.synced(result.seconds)  # sync metrics; health check endpoint counts
@@ -188,8 +191,12 @@ class ProxyApp:
         if self.worker.programs_kernel:
             await asyncio.to_thread(policy_routing(self.config).install)  # pyroute2 runs its own loop
         await self.relay.start("127.0.0.1", self.config.dataplane.tcpProxyPort, self.worker.listener)
-        if self.worker.programs_kernel:  # other workers serve TCP only
+        if self.worker.programs_kernel:  # other workers serve TCP (IPv4) only
             await self.udp.start("127.0.0.1", self.config.dataplane.udpProxyPort)
+            try:
+                await self.udp.start("::1", self.config.dataplane.udpProxyPort)
+            except OSError as err:  # no IPv6 on this node
+                log.warning("no IPv6 UDP listener (%s): serving IPv4 only", err)
         self._install_signals()
         log.info("pyproxy serving on node %s", self.node_name)
         self.runner.request()
@@ -262,4 +269,5 @@ def local_detection(config: ProxyConfig) -> LocalDetection:
 
 def _log_conflict(key: ServiceKey, frontend: Frontend, owner: ServiceKey) -> None:
     ip, protocol, port = frontend
-    log.error("Service %s: %s:%d/%s is already served for Service %s; not serving it", key, ip, port, protocol, owner)
+    log.error("Service %s: %s/%s is already served for Service %s; not serving it", key, join_host_port(ip, port),
+              protocol, owner)

@@ -211,7 +211,7 @@ def validate(config: ProxyConfig) -> None:
             split_host_port(value, path)
     for i, cidr in enumerate(config.nodePortAddresses):
         if cidr not in NODE_PORT_KEYWORDS:
-            _cidr(cidr, f"nodePortAddresses[{i}]", "an IPv4 CIDR or one of primary, all")
+            _cidr(cidr, f"nodePortAddresses[{i}]", "a CIDR or one of primary, all")
     for i, cidr in enumerate(c for c in config.clusterCIDR.split(",") if c):
         _cidr(cidr, f"clusterCIDR[{i}]")
     _validate_detect_local(config)
@@ -260,15 +260,20 @@ def _validate_detect_local(config: ProxyConfig) -> None:
             raise ConfigError(path, f"{name!r} is not an interface name")
 
 
-def _cidr(value: str, path: str, expected: str = "an IPv4 CIDR") -> None:
+def _cidr(value: str, path: str, expected: str = "an IPv4 or IPv6 CIDR") -> None:
     try:
-        ipaddress.IPv4Network(value, strict=False)
+        ipaddress.ip_network(value, strict=False)
     except ValueError:
         raise ConfigError(path, f"{value!r} is not {expected}") from None
 
 
 def split_host_port(value: str, path: str) -> tuple[str, int]:
+    """`host:port`, `[IPv6]:port` or `:port` (every IPv4 address)."""
     host, sep, port = value.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ConfigError(path, f"{value!r}: write an IPv6 address as [address]:port")
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ConfigError(path, f"{value!r} is not host:port")
     return host or "0.0.0.0", int(port)

@@ -66,7 +66,7 @@ class Proxier:
     route_pod_bridges: Callable[[list[str]], None] = lambda _: None  # their reverse-path routes (netlink)
     _routed: list[str] | None = None
     _local: frozenset[str] = field(default_factory=frozenset)
-    _bridged: tuple[ipaddress.IPv4Network, ...] = ()
+    _bridged: tuple[Network, ...] = ()
     _pods: tuple[Network, ...] = ()
     _warned_no_pod_cidrs: bool = False
 
@@ -120,8 +120,7 @@ class Proxier:
                         "counts as local until it has", node.name if node else "(not found)")
             self._warned_no_pod_cidrs = True
         pods = pod_networks(self.detection, node, routes)
-        sources = tuple(str(n) for n in ipaddress.collapse_addresses(
-            [n for n in pods if isinstance(n, ipaddress.IPv4Network)] + list(self._bridged)))
+        sources = tuple(str(n) for n in sorted(set(pods) | set(self._bridged), key=lambda n: (n.version, n)))
         if pods != self._pods:
             log.info("local pods (detect-local-mode %s): %s", self.detection.mode,
                      ", ".join(map(str, pods)) or "none detected")
@@ -163,9 +162,9 @@ def is_local_source(ip: str, node_addresses: frozenset[str], networks: Iterable[
     if ip in node_addresses:
         return True
     address = ipaddress.ip_address(ip)
-    return any(address in net for net in networks)
+    return any(address in net for net in networks if net.version == address.version)
 
 
-def parse_cidrs(text: str | Iterable[str]) -> tuple[ipaddress.IPv4Network, ...]:
+def parse_cidrs(text: str | Iterable[str]) -> tuple[Network, ...]:
     items = text.split(",") if isinstance(text, str) else text
-    return tuple(ipaddress.IPv4Network(c.strip(), strict=False) for c in items if c.strip())
+    return tuple(ipaddress.ip_network(c.strip(), strict=False) for c in items if c.strip())

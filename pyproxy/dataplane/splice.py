@@ -68,6 +68,7 @@ from pyproxy.dataplane.relay import (
 )
 from pyproxy.dataplane.stats import ConnectionInfo, DataplaneStats, PortStats
 from pyproxy.model.endpoints import Endpoint
+from pyproxy.model.family import host_port
 from pyproxy.model.table import Route, ServiceTable, plan_connection
 
 log = logging.getLogger("pyproxy.splice")
@@ -191,7 +192,8 @@ class FastRelay:
                                  level=logging.WARNING)
                 self._pause_accepting()
                 return
-            conn = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, fd)
+            conn = socket.socket(listener.family, socket.SOCK_STREAM, 0, fd)
+            client = host_port(client)
             if self.draining:
                 _reset(conn)
                 continue
@@ -227,7 +229,7 @@ class FastRelay:
     def _serve(self, conn: socket.socket, client: tuple[str, int]) -> None:
         conn.setblocking(False)
         try:
-            destination = conn.getsockname()
+            destination = host_port(conn.getsockname())
         except OSError as err:
             self.errors.note("client", err, "clients reset their connections before they were served")
             conn.close()
@@ -509,7 +511,7 @@ class FastPair:
         self.attempt += 1
         self.endpoint = endpoint
         try:
-            sock = _upstream_socket(self.client_address[0] if self.transparent else None)
+            sock = _upstream_socket(self.client_address[0] if self.transparent else None, ipv6=":" in endpoint.ip)
         except OSError as err:  # out of file descriptors, say: not the endpoint's fault
             self.relay.errors.note("upstream", err, f"cannot make an upstream socket: {err}")
             self.stats.refused += 1

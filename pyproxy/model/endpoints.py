@@ -15,13 +15,17 @@ The contract (kube-proxy's CategorizeEndpoints, SPEC.md §2), as one pure functi
   endpoint. So missing or partial hints, a node without a zone, or no endpoint hinted for
   here all fall back to the whole cluster. The serving-and-terminating fallback ignores
   hints; the local set never uses them.
+- Dual-stack: each family is categorized on its own (`categorize_families`), as
+  kube-proxy's per-family proxiers do, so the terminating fallback and the hints of one
+  family never depend on the other's endpoints; the port's combined sets are their union.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from pyproxy.model.family import Family, family_of, join_host_port
 from pyproxy.model.objects import EndpointSlice, ServicePortName
 
 
@@ -40,8 +44,12 @@ class Endpoint:
     def address(self) -> tuple[str, int]:
         return (self.ip, self.port)
 
+    @property
+    def family(self) -> Family:
+        return family_of(self.ip)
+
     def __str__(self) -> str:
-        return f"{self.ip}:{self.port}"
+        return join_host_port(self.ip, self.port)
 
 
 @dataclass(frozen=True)
@@ -113,6 +121,22 @@ def _available(endpoint: Endpoint, mode: str | None, node_name: str, zone: str |
     if mode == PREFER_SAME_ZONE:
         return zone in (endpoint.zone_hints or ())
     return True
+
+
+def categorize_families(
+    endpoints: tuple[Endpoint, ...], zone: str | None, node_name: str = ""
+) -> dict[Family, EndpointSets]:
+    """`categorize` for each family on its own (every family present, empty or not)."""
+    return {f: categorize(tuple(e for e in endpoints if e.family is f), zone, node_name) for f in Family}
+
+
+def combine(endpoints: tuple[Endpoint, ...], families: Mapping[Family, EndpointSets]) -> EndpointSets:
+    """A port's sets over every family: what it may use at all (affinity pins, flows, views)."""
+    return EndpointSets(
+        all=endpoints,
+        cluster=tuple(e for f in Family for e in families[f].cluster),
+        local=tuple(e for f in Family for e in families[f].local),
+    )
 
 
 def _usable(endpoints: tuple[Endpoint, ...]) -> tuple[Endpoint, ...]:
