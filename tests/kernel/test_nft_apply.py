@@ -191,3 +191,7 @@ async def test_source_range_firewall_sets_take_overlapping_ranges_of_many_fronte
     await netns.runner.apply(render_update(set(), set(), set(), {(lb, "203.0.113.0/25")}))
     listed = netns.nft("list", "set", "ip", "pyproxy", "svc_allow").stdout
     assert "203.0.113.0/25" not in listed and "1.2.3.4 . tcp . 80 . 192.168.0.0/24" in listed
+    lb6 = ("fd00:97::1", "TCP", 80)  # the ip6 table has its own pair of sets
+    await netns.runner.apply(render_update({(CAP, lb6), (Verdict.FIREWALL, lb6)}, set(), {(lb6, "fd00:56::/64")}))
+    listed6 = netns.nft("list", "set", "ip6", "pyproxy", "svc_allow").stdout
+    assert "fd00:97::1 . tcp . 80 . fd00:56::/64" in listed6, listed6
