@@ -3,8 +3,11 @@
 
 One cluster (uvloop, Protocol relay: these are kernel rules and model decisions, not byte
 paths). The LAN client has a second address, 192.168.56.150, as a host outside the ranges;
-`cl` is a pod on node1; node1 itself is a client too. Load-balancer IPs are in 10.96.100.0/24,
-which the client routes to node1 with the service CIDR.
+`cl` is a pod on node1 on a routed veth (`vcl`), `cb` a pod on node1 on a bridge of its own
+(`brpods`, 10.244.1.128/25, not one of pyproxy's pod bridges, with br_netfilter's IPv4 hook
+off in node1 so plain routing reaches TPROXY); node1 itself is a client too.
+Load-balancer IPs are in 10.96.100.0/24, which the client routes to node1 with the service
+CIDR.
 """
 
 from __future__ import annotations
@@ -29,7 +32,21 @@ ALL = ("pa", "pb", "pc")
 def cluster() -> Iterator[Cluster]:
     for built in _cluster(("--event-loop", "uvloop"), client_addresses=(OUTSIDE,)):
         built.lab.add_pod("cl", "node1")
+        add_bridged_pod(built, "cb", "10.244.1.130")
         yield built
+
+
+def add_bridged_pod(cluster: Cluster, name: str, ip: str) -> None:
+    lab = cluster.lab
+    lab.exec("node1", "sysctl", "-q", "-w", "net.bridge.bridge-nf-call-iptables=0", check=False)
+    lab.exec("node1", "ip", "link", "add", "brpods", "type", "bridge")
+    lab.exec("node1", "ip", "addr", "add", "10.244.1.129/25", "dev", "brpods")
+    lab.exec("node1", "ip", "link", "set", "brpods", "up")
+    lab.add_ns(name)
+    lab.veth(name, "eth0", "node1", f"b{name}")
+    lab.exec("node1", "ip", "link", "set", f"b{name}", "master", "brpods")
+    lab.exec(name, "ip", "addr", "add", f"{ip}/25", "dev", "eth0")
+    lab.exec(name, "ip", "route", "add", "default", "via", "10.244.1.129")
 
 
 def pods_of(lines: list[str]) -> list[str]:
@@ -113,15 +130,16 @@ NODE1 = {"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node1"},
          "status": {"addresses": [{"type": "InternalIP", "address": node_ip(1)}]}}
 
 
-@pytest.mark.parametrize(("args", "pods_detected"), [
-    ((), False),  # ClusterCIDR without --cluster-cidr: only the node itself is local
-    (("--cluster-cidr", "10.244.0.0/16"), True),
-    (("--detect-local-mode", "NodeCIDR"), True),  # the Node's spec.podCIDRs (node.yaml)
-    (("--detect-local-mode", "InterfaceNamePrefix", "--pod-interface-name-prefix", "v"), True),  # veths vpa, vcl
-    (("--detect-local-mode", "BridgeInterface", "--pod-bridge-interface", "cni0"), False),  # node1 has no bridge
-], ids=["none", "ClusterCIDR", "NodeCIDR", "InterfaceNamePrefix", "BridgeInterface-absent"])
+@pytest.mark.parametrize(("args", "detected"), [
+    ((), {"cl": False, "cb": False}),  # ClusterCIDR without --cluster-cidr: only the node itself is local
+    (("--cluster-cidr", "10.244.0.0/16"), {"cl": True, "cb": True}),
+    (("--detect-local-mode", "NodeCIDR"), {"cl": True, "cb": True}),  # the Node's spec.podCIDRs (node.yaml)
+    # the routed veths vpa and vcl; cb's veth is a bridge port, its route goes via brpods
+    (("--detect-local-mode", "InterfaceNamePrefix", "--pod-interface-name-prefix", "v"), {"cl": True, "cb": False}),
+    (("--detect-local-mode", "BridgeInterface", "--pod-bridge-interface", "brpods"), {"cl": False, "cb": True}),
+], ids=["none", "ClusterCIDR", "NodeCIDR", "InterfaceNamePrefix", "BridgeInterface"])
 def test_detect_local_mode_decides_the_short_circuit(cluster: Cluster, args: tuple[str, ...],
-                                                     pods_detected: bool) -> None:
+                                                     detected: dict[str, bool]) -> None:
     """A pod of node1 to a Local-policy load-balancer IP whose pods are all on node2: when
     node1 knows it for its pod, it is served from the cluster set with the node's address
     (kube-proxy's short-circuit); when not, it is external traffic without a local endpoint,
@@ -132,10 +150,11 @@ def test_detect_local_mode_decides_the_short_circuit(cluster: Cluster, args: tup
                   m.endpoint_slice("lt", cluster.backends("pb", "pc"), [m.slice_port(80)]))
     if args:  # the first case is the proxy as the cluster started it
         restart_node1(cluster, *args)
-    if pods_detected:
-        lines = cluster.run("cl", "http", f"{lb}:80", "--count", "4")
-        assert set(pods_of(lines)) <= {"pb", "pc"}
-        assert cluster.lab.pods["cl"].ip not in client_ips_of(lines), "the short-circuit uses the node's address"
-    else:
-        assert not reaches(cluster, "cl", f"{lb}:80")
+    for pod, is_local in detected.items():
+        if is_local:
+            lines = cluster.run(pod, "http", f"{lb}:80", "--count", "4")
+            assert set(pods_of(lines)) <= {"pb", "pc"}, (pod, lines)
+            assert set(client_ips_of(lines)) == {node_ip(1)}, "the short-circuit: the node's address"
+        else:
+            assert not reaches(cluster, pod, f"{lb}:80"), f"{pod} is not detected as a pod of node1: dropped"
     assert not reaches(cluster, "client", f"{lb}:80"), "outside traffic has no local endpoint on node1"
