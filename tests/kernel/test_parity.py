@@ -12,6 +12,7 @@ CIDR.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator
 from typing import Any
@@ -114,6 +115,18 @@ def test_ip_mode_proxy_is_not_captured(cluster: Cluster) -> None:
     assert not cluster.run("client", "connect", f"{proxied}:80", "--timeout", "1")[0].startswith("ok"), \
         "an ipMode Proxy address is left to the load balancer: the node does not answer for it"
     cluster.apply(name="services.yaml")
+
+
+def test_configz_on_the_metrics_address(cluster: Cluster) -> None:
+    """kube-proxy's /configz: the running proxy's effective configuration, as JSON."""
+    from tests.kernel.test_health import fetch
+
+    answer = fetch(cluster, "node1", "http://127.0.0.1:10249/configz")
+    assert answer["status"] == 200 and answer["headers"]["Content-Type"] == "application/json"
+    config = json.loads(answer["body"])["pyproxy.io"]
+    assert config["kind"] == "PyProxyConfiguration"
+    assert config["hostnameOverride"] == "node1" and config["eventLoop"] == "uvloop", "flags are applied"
+    assert config["healthzBindAddress"] == "0.0.0.0:10256"
 
 
 def restart_node1(cluster: Cluster, *args: str) -> None:
