@@ -337,3 +337,22 @@ async def test_node_cidr_waits_for_the_node_then_follows_its_pod_cidrs() -> None
     assert proxier.is_local_source("10.244.1.5") and not proxier.is_local_source("10.244.2.5")
     await proxier.sync()
     assert len(runner.scripts) == 2, "and only a change does"
+
+
+async def test_interface_modes_read_the_routes_at_every_sync() -> None:
+    from pyproxy.proxier import Proxier
+
+    store = ClusterStore()
+    store.services_synced = store.slices_synced = True
+    runner = Recording()
+    views = iter([[("veth1", "10.244.1.7/32")], [("veth1", "10.244.1.7/32"), ("veth2", "10.244.1.8/32")]])
+    proxier = Proxier(store=store, table=ServiceTable("node1", rng=random.Random(1)), nft=runner,  # type: ignore[arg-type]
+                      nft_config=NftConfig(mark=0x200000, tcp_port=15001, udp_port=15001),
+                      node_addresses=lambda: ["192.168.56.101"], interface_routes=lambda: next(views),
+                      detection=LocalDetection("InterfaceNamePrefix", interface_prefix="veth"))
+    await proxier.sync()
+    assert "elements = { 10.244.1.7/32 }" in runner.scripts[0]
+    assert proxier.is_local_source("10.244.1.7") and not proxier.is_local_source("10.244.1.8")
+    await proxier.sync()  # a new pod's veth: it counts from this sync on
+    assert "elements = { 10.244.1.7/32, 10.244.1.8/32 }" in runner.scripts[1]
+    assert proxier.is_local_source("10.244.1.8")
