@@ -67,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--relay", choices=("protocol", "splice"),
                    help="TCP byte path (dataplane.relay; default protocol)")
     p.add_argument("--workers", type=int, help="worker processes sharing the listener (dataplane.workers; default 1)")
+    p.add_argument("--state-dir", help="hand-over socket and state snapshot (lifecycle.stateDir; default /run/pyproxy)")
     p.add_argument("--cleanup", action="store_true", help="remove everything pyproxy installed, then exit")
     p.add_argument("--event-loop", choices=EVENT_LOOPS,
                    help="event loop: uvloop, asyncio, or auto (uvloop when installed; the default)")
@@ -110,7 +111,10 @@ def effective_config(args: argparse.Namespace) -> ProxyConfig:
         dataplane = dataclasses.replace(dataplane, relay=args.relay)
     if args.workers is not None:
         dataplane = dataclasses.replace(dataplane, workers=args.workers)
-    config = dataclasses.replace(config, clientConnection=client, dataplane=dataplane, **top)
+    lifecycle = config.lifecycle
+    if args.state_dir is not None:
+        lifecycle = dataclasses.replace(lifecycle, stateDir=args.state_dir)
+    config = dataclasses.replace(config, clientConnection=client, dataplane=dataplane, lifecycle=lifecycle, **top)
     validate(config)
     return config
 
@@ -153,12 +157,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run(config: ProxyConfig) -> int:
+    early: dict[str, Any] = {}
+    if config.dataplane.workers == 1:  # listen before the imports (pyproxy/lifecycle/early.py)
+        from pyproxy.lifecycle.early import bind_early
+
+        early = bind_early(config.dataplane.tcpProxyPort, config.dataplane.udpProxyPort)
     from pyproxy.app import ProxyApp, StartupError
     from pyproxy.dataplane.workers import WorkerRole, run_workers
     from pyproxy.sources.manifests import ManifestError
 
     async def _main(worker: WorkerRole | None = None) -> int:
-        return await ProxyApp(config, worker).run()
+        return await ProxyApp(config, worker, early=early).run()
 
     def serve(worker: WorkerRole | None = None) -> int:
         try:
@@ -172,11 +181,34 @@ def run(config: ProxyConfig) -> int:
 
     if config.dataplane.workers > 1:  # fork before any event loop exists; each worker serves as above
         try:
-            return run_workers(config.dataplane.workers, "127.0.0.1", config.dataplane.tcpProxyPort, serve)
+            return run_workers(config.dataplane.workers, "127.0.0.1", config.dataplane.tcpProxyPort, serve,
+                               lambda: predecessor_hands_over(config))
         except PermissionError as err:
             log.error("cannot start: %s (pyproxy needs root or CAP_NET_ADMIN)", err)
             return 1
     return serve()
+
+
+def predecessor_hands_over(config: ProxyConfig) -> bool:
+    """`--workers N`: does a running group hand over to this one? A group that refuses
+    (another protocol version) is waited for until it has gone (it releases on SIGTERM)."""
+    import time
+
+    from pyproxy.app import node_name_of
+    from pyproxy.lifecycle.channel import Channel
+    from pyproxy.lifecycle.handover import identity_of, socket_path, take_over
+
+    path = socket_path(config.lifecycle.stateDir, 0)
+    mine = identity_of(config, node_name_of(config), 0, config.dataplane.workers, probe=True)
+    outcome = take_over(path, mine, config.lifecycle.handOverTimeout)
+    if outcome.refused is None:
+        return outcome.found
+    while True:  # bounded by the running group's own drain bound
+        try:
+            Channel.connect(path, 1.0).close()
+        except OSError:
+            return False
+        time.sleep(0.2)
 
 
 def _run_loop(coro: Any, event_loop: str = "auto") -> int:

@@ -6,7 +6,7 @@ Rules kept here:
   `metricsBindAddress`, `hostnameOverride`, `clusterCIDR`, `nodePortAddresses`,
   `detectLocalMode`, `detectLocal.bridgeInterface`, `detectLocal.interfaceNamePrefix`,
   `syncPeriod`, `minSyncPeriod`, `clientConnection.kubeconfig`), and pyproxy's own under
-  `dataplane` and `manifestLimits`.
+  `dataplane`, `manifestLimits` and `lifecycle`.
 - Every error names its field path; unknown fields are errors (a typo must not pass).
 - Durations are written the Kubernetes way: `30s`, `100ms`, `1h30m`.
 - Flags given on the command line override the file.
@@ -73,6 +73,18 @@ MAX_YAML_DEPTH = 200  # deeper, the YAML library's own recursion would fail firs
 
 
 @dataclass(frozen=True)
+class LifecycleConfig:
+    """Restarts and upgrades (pyproxy/lifecycle): where the hand-over socket and the state
+    snapshot live, how fresh the snapshot is kept, and what a process does once it has
+    handed everything to a successor."""
+
+    stateDir: str = "/run/pyproxy"  # hand-over socket and snapshot (a hostPath in daemonset.yaml)
+    snapshotInterval: float = 2.0  # the snapshot on disk is at most this old (0: no snapshot)
+    handOverTimeout: float = 10.0  # each step of a hand-over; past it, the old process keeps serving
+    afterHandOver: str = "exit"  # "exit", or "wait" for SIGTERM (a DaemonSet pod: no restart loop)
+
+
+@dataclass(frozen=True)
 class ClientConnection:
     kubeconfig: str = ""
     apiServer: str = ""
@@ -106,6 +118,7 @@ class ProxyConfig:
     debugAPI: bool = True  # serve the inspection API (/debug/*) on metricsBindAddress
     clientConnection: ClientConnection = field(default_factory=ClientConnection)
     dataplane: DataplaneConfig = field(default_factory=DataplaneConfig)
+    lifecycle: LifecycleConfig = field(default_factory=LifecycleConfig)
 
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
@@ -242,6 +255,14 @@ def validate(config: ProxyConfig) -> None:
             raise ConfigError(f"manifestLimits.{limit.name}", "must be at least 1")
     if config.manifestLimits.maxDepth > MAX_YAML_DEPTH:
         raise ConfigError("manifestLimits.maxDepth", f"{config.manifestLimits.maxDepth} must be at most {MAX_YAML_DEPTH}")
+    life = config.lifecycle
+    if life.afterHandOver not in ("exit", "wait"):
+        raise ConfigError("lifecycle.afterHandOver", f"{life.afterHandOver!r} must be exit or wait")
+    if not life.stateDir.startswith("/") or len(life.stateDir) > 80:
+        raise ConfigError("lifecycle.stateDir", f"{life.stateDir!r} must be an absolute path of at most 80 characters"
+                          " (the hand-over socket's path must fit a unix socket address)")
+    if life.snapshotInterval < 0 or life.handOverTimeout <= 0:
+        raise ConfigError("lifecycle", "snapshotInterval must be >= 0 and handOverTimeout positive")
     if config.minSyncPeriod < 0 or config.syncPeriod <= 0:
         raise ConfigError("syncPeriod", "sync periods must be positive")
 
@@ -304,4 +325,6 @@ def config_document(config: ProxyConfig) -> dict[str, Any]:
     for key in ("tcpIdleTimeout", "tcpHalfCloseTimeout", "udpIdleTimeout", "drainTimeout"):
         dp[key] = format_duration(dp[key])
     dp["dialTimeouts"] = [format_duration(t) for t in dp["dialTimeouts"]]
+    for key in ("snapshotInterval", "handOverTimeout"):
+        body["lifecycle"][key] = format_duration(body["lifecycle"][key])
     return {"apiVersion": API_VERSION, "kind": KIND, **body}

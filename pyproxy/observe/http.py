@@ -35,15 +35,20 @@ BODY_LIMIT = 64 * 1024
 READ_TIMEOUT = 5.0
 
 
-async def start_http(host: str, port: int, handler: Handler) -> asyncio.Server:
-    """Listen on host:port (raises OSError when the port cannot be bound)."""
+async def start_http(host: str, port: int, handler: Handler, sock: socket.socket | None = None) -> asyncio.Server:
+    """Listen on host:port, or serve on `sock` (a listener handed over by a predecessor);
+    raises OSError when the port cannot be bound."""
+    if sock is not None:
+        return await asyncio.start_server(functools.partial(_serve_one, handler), sock=sock, limit=HEAD_LIMIT)
     return await asyncio.start_server(
         functools.partial(_serve_one, handler), host or "0.0.0.0", port, limit=HEAD_LIMIT, reuse_address=True
     )
 
 
-async def serve_http(host: str, port: int, handler: QueryHandler) -> asyncio.Server:
+async def serve_http(host: str, port: int, handler: QueryHandler, sock: socket.socket | None = None) -> asyncio.Server:
     """Like `start_http`, for a handler that takes the query and may await."""
+    if sock is not None:
+        return await asyncio.start_server(functools.partial(_serve, handler), sock=sock, limit=HEAD_LIMIT)
     return await asyncio.start_server(
         functools.partial(_serve, handler), host or "0.0.0.0", port, limit=HEAD_LIMIT, reuse_address=True
     )

@@ -10,6 +10,8 @@ Rules kept here:
   kube-proxy's does, `/configz`: the effective configuration as JSON, under its group
   name (`{"pyproxy.io": {"apiVersion": ..., "kind": "PyProxyConfiguration", ...}}`), to
   any method.
+- A successor takes over every listener open here (`listening()`); the servers it opens
+  take a handed-over socket for their port when there is one (`take_socket`).
 - With `--workers N`, worker 0 serves all of the above; every other worker serves only its
   own debug view and /metrics, on its worker socket, for worker 0 to aggregate (it must
   not open health check node ports: worker 0 has them).
@@ -20,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
 from collections.abc import Awaitable, Callable, Mapping
 
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -31,7 +34,7 @@ from pyproxy.inspect.reader import ProxyReader
 from pyproxy.inspect.server import InspectApi, serve_worker_socket, worker_socket_name
 from pyproxy.model.table import ServiceTable
 from pyproxy.observe.health import Response
-from pyproxy.observe.http import serve_http
+from pyproxy.observe.http import serve_http, start_http
 from pyproxy.observe.metrics import CountingStore, ProxyMetrics
 from pyproxy.observe.servers import HealthServers, proxy_state_reader
 from pyproxy.sync import SyncRunner
@@ -45,6 +48,7 @@ class Observer:
         self, config: ProxyConfig, store: CountingStore, table: ServiceTable, stats: DataplaneStats, runner: SyncRunner,
         reader: ProxyReader, worker: WorkerRole | None = None,
         down: Callable[[], tuple[str, ...]] = tuple,
+        take_socket: Callable[[int], socket.socket | None] = lambda _: None,
     ) -> None:
         self.config = config
         self.store = store
@@ -64,7 +68,9 @@ class Observer:
             proxy_state_reader(runner, store, timeout=2 * config.syncPeriod, clock=runner.clock, down=down),
             clock=runner.clock,
             answered=self.metrics.answered,
+            listen=lambda host, port, handler: start_http(host, port, handler, sock=take_socket(port)),
         )
+        self.take_socket = take_socket
         self.metrics_server: asyncio.Server | None = None
 
     def synced(self, seconds: float) -> None:
@@ -94,7 +100,7 @@ class Observer:
 
     async def _start_metrics(self) -> None:
         host, port = split_host_port(self.config.metricsBindAddress, "metricsBindAddress")
-        self.metrics_server = await serve_http(host, port, self.answer_metrics)
+        self.metrics_server = await serve_http(host, port, self.answer_metrics, sock=self.take_socket(port))
         log.info("serving /metrics, /configz%s on %s:%d", " and /debug" if self.config.debugAPI else "", host, port)
 
     async def answer_metrics(self, method: str, path: str, query: Mapping[str, str]) -> Response:
@@ -113,6 +119,17 @@ class Observer:
             await stop.wait()
         finally:
             await self.close()
+
+    def listening(self) -> list[tuple[int, int]]:
+        """(port, descriptor) of every HTTP listener open now: what a successor takes over."""
+        servers: list[object] = [self.metrics_server, self.health.proxy_server,
+                                 *(check.server for check in self.health.checks.values())]
+        out: list[tuple[int, int]] = []
+        for server in servers:
+            for sock in getattr(server, "sockets", ()) or ():
+                if sock.family in (socket.AF_INET, socket.AF_INET6):  # a worker's unix debug socket is its own
+                    out.append((sock.getsockname()[1], sock.fileno()))
+        return out
 
     async def close(self) -> None:
         await self.health.close()

@@ -118,7 +118,7 @@ class KubeCluster:
         self.logs[node] = log_path
         args = [sys.executable, "-m", "pyproxy", "--kubeconfig", str(self.kube.kubeconfig_path),
                 "--master", f"https://{API_IP}:{API_PORT}", "--hostname-override", node,
-                "--healthz-bind-address", "0.0.0.0:10256", *extra]
+                "--healthz-bind-address", "0.0.0.0:10256", "--state-dir", str(self.workdir / f"state-{node}"), *extra]
         self.proxies[node] = self.lab.spawn(node, args, log=log_path)
         self.wait_for_log(node, " synced ", 0)
 
