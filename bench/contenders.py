@@ -209,7 +209,7 @@ def build(families: Sequence[str], listen_host: str, backends: Backends, workdir
                 d = workdir / label
                 out.append(Contender(label, family, (PYPROXY_CLUSTER_IP, SERVICE_PORT), exclusive=True,
                                      argv=(sys.executable, "-m", "pyproxy", "--manifests", str(d / "manifests"),
-                                           "--hostname-override", "node1", *extra),
+                                           "--hostname-override", "node1", "--state-dir", str(d / "state"), *extra),
                                      files={"manifests/bench.yaml": pyproxy_manifest(hosts)},
                                      mode_files={"affinity": {
                                          "manifests/bench.yaml": pyproxy_manifest(hosts, True),

@@ -84,11 +84,12 @@ class Harness:
             self.registry.start(c.id, in_ns(self.topo.node_ns, self._pinned(0, list(c.argv))), d / "run.log", cwd=self.repo)
 
     def proc(self, c: Contender) -> procs.Started | None:
-        return next((p for p in self.registry.started if p.name == c.id), None)
+        """The contender's process: the live one, when a restart started a successor."""
+        mine = [p for p in self.registry.started if p.name == c.id]
+        return next((p for p in reversed(mine) if p.alive()), mine[0] if mine else None)
 
     def stop(self, c: Contender) -> None:
-        p = self.proc(c)
-        if p is not None:
+        for p in [p for p in self.registry.started if p.name == c.id]:
             self.registry.stop(p)
 
     def activate(self, c: Contender, mode: str = "") -> str:
@@ -143,6 +144,63 @@ class Harness:
         except (ValueError, KeyError):
             return Measurement(w.name, "control", "pyproxy", 1, error=f"no result: {done.stderr.strip()[-300:]}")
         return Measurement(w.name, "control", "pyproxy", 1, summary=summary, wall_s=time.monotonic() - t0)
+
+    def measure_restart(self, c: Contender, w: Workload, restarts: int = 2) -> Measurement:
+        """`bench.restart` from the client while the contender is restarted `restarts` times,
+        a second apart: pyproxy by a successor started beside it (`restart`: it takes over,
+        the old one drains and exits) or by kill -9 and a new start (`crash`); dnat has no
+        process, its rules and conntrack are the kernel's and stay (kube-proxy's restart).
+        `w.duration` bounds the whole run."""
+        tag = f"{w.name}-{c.id}"
+        out_path, log_path = self.workdir / "load" / f"{tag}.json", self.workdir / "load" / f"{tag}.log"
+        stop = self.workdir / "load" / f"{tag}.stop"
+        out_path.parent.mkdir(exist_ok=True)
+        for path in (out_path, stop, Path(f"{stop}.ready")):
+            path.unlink(missing_ok=True)
+        argv = in_ns(self.topo.client_ns, self._py("-m", "bench.restart", "--target", f"{c.target[0]}:{c.target[1]}",
+                                                    "--duration", f"{w.duration:g}", "--stop-file", str(stop), *w.args))
+        t0 = time.monotonic()
+        load = self.registry.start(f"load-{tag}", argv, log_path, cwd=self.repo, stdout=out_path)
+        error = ""
+        while load.alive() and not Path(f"{stop}.ready").exists() and time.monotonic() < t0 + 20:
+            time.sleep(0.05)
+        for _ in range(restarts):
+            time.sleep(1.0)
+            if c.family == "pyproxy" and not error:
+                error = self._restart(c, w.mode)
+        time.sleep(1.0)
+        stop.touch()
+        while load.alive() and time.monotonic() < t0 + w.duration + 60:
+            time.sleep(0.1)
+        if load.alive():
+            error = error or "restart run exceeded its time bound"
+        self.registry.stop(load)
+        summary: dict[str, object] = {}
+        try:
+            summary = {**json.loads(out_path.read_text())["summary"], "restarts": restarts}
+        except (OSError, ValueError, KeyError) as exc:
+            error = error or f"no result from bench.restart ({type(exc).__name__}): {load.log_tail(3)}"
+        return Measurement(workload=w.name, mode=w.mode, contender=c.id, round=1, error=error, summary=summary,
+                           wall_s=time.monotonic() - t0)
+
+    def _restart(self, c: Contender, how: str) -> str:
+        """Restart a pyproxy contender; return once the new process serves ('' or the reason not)."""
+        old = self.proc(c)
+        if old is None or not old.alive():
+            return f"{c.id} is not running"
+        log = self.workdir / c.id / "run.log"
+        mark = "pyproxy serving on node" if how == "crash" else "this process stopped accepting"
+        before = log.read_text().count(mark) if log.exists() else 0
+        if how == "crash":
+            procs.kill_group(old.pid)
+            old.popen.wait(10)
+        self.registry.start(c.id, in_ns(self.topo.node_ns, self._pinned(0, list(c.argv))), log, cwd=self.repo)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if log.read_text().count(mark) > before:
+                return ""
+            time.sleep(0.02)
+        return f"{c.id}: not serving again within 20 s"
 
     def backend_cpu(self) -> float:
         return sum(procs.cpu_seconds(p.pid) for p in self.registry.started if p.name.startswith("backend-"))

@@ -138,7 +138,11 @@ class Registry:
         if proc.alive():
             _signal_group(proc.pid, signal.SIGTERM)
             deadline = time.monotonic() + grace
+            again = time.monotonic() + 0.1  # pyproxy serves on after one SIGTERM, leaves at a second
             while proc.alive() and time.monotonic() < deadline:
+                if again and time.monotonic() > again:
+                    _signal_group(proc.pid, signal.SIGTERM)
+                    again = 0.0
                 time.sleep(0.05)
         _signal_group(proc.pid, signal.SIGKILL)  # also catches leftovers of the group
         try:
@@ -151,6 +155,11 @@ class Registry:
     def stop_all(self) -> None:
         for proc in reversed(list(self.started)):
             self.stop(proc)
+
+
+def kill_group(pgid: int) -> None:
+    """SIGKILL to a process group this run started (a crash of a contender)."""
+    _signal_group(pgid, signal.SIGKILL)
 
 
 def _signal_group(pgid: int, sig: int) -> None:

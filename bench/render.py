@@ -58,6 +58,10 @@ def summary_columns(cells: Sequence[Cell]) -> list[Column]:
             cols += [(workload, "sticky_share", "sticky clients"), (workload, "moved_needlessly_share", "moved needlessly")]
         elif mode == "control":
             cols.append((workload, "p99_ms", f"{workload}: change to routed p99 ms"))
+        elif mode in ("restart", "crash"):
+            cols += [(workload, "gap_ms", f"{workload}: ms without service"),
+                     (workload, "failed_per_restart", "new conns failed per restart"),
+                     (workload, "held_lost_share", "open conns lost (share)")]
     return cols
 
 
@@ -90,9 +94,12 @@ DETAIL_KEYS = {
     "idle": ("target", "established", "mem_per_conn_kib"),
     "affinity": ("sticky_share", "after_sticky_share", "moved_needlessly_share"),
     "control": ("services", "full_sync_ms", "p50_ms", "p90_ms", "p99_ms", "max_ms"),
+    "restart": ("gap_ms", "failed_per_restart", "held_lost_share"),
+    "crash": ("gap_ms", "failed_per_restart", "held_lost_share"),
 }
 HEADLINE_KEY = {"stream": "gbit_per_s", "rr": "ops_per_s", "crr": "ops_per_s", "latency": "p99_ms",
-                "idle": "established", "affinity": "sticky_share", "control": "p99_ms"}
+                "idle": "established", "affinity": "sticky_share", "control": "p99_ms",
+                "restart": "gap_ms", "crash": "gap_ms"}
 
 
 def detail_tables(cells: Sequence[Cell], contenders: Sequence[str]) -> list[str]:

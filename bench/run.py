@@ -133,6 +133,17 @@ def run_rounds(h: Harness, active: list[ct.Contender], loads: list[workloads.Wor
                 measurements.append(m)
                 _log(f"{w.name}: {_brief(m)}")
             continue
+        if w.mode in ("restart", "crash"):  # once per contender that can be restarted
+            for c in active:
+                if c.family not in ("pyproxy", "dnat") or (w.contenders and c.id not in w.contenders):
+                    continue
+                error = h.activate(c)
+                m = (summary.Measurement(w.name, w.mode, c.id, 1, error=f"not ready: {error}") if error
+                     else h.measure_restart(c, w))
+                h.deactivate(c)
+                measurements.append(m)
+                _log(f"{w.name} {c.id}: {_brief(m)}")
+            continue
         rate = None
         if w.rate_fraction:
             ref = summary.reference_rate(summary.aggregate(measurements)) or latency_ref

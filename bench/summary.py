@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 HEADLINE = {"stream": "gbit_per_s", "rr": "ops_per_s", "crr": "ops_per_s", "latency": "p99_ms",
-            "idle": "established", "affinity": "sticky_share", "control": "p99_ms"}
+            "idle": "established", "affinity": "sticky_share", "control": "p99_ms",
+            "restart": "gap_ms", "crash": "gap_ms"}
 LOWER_IS_BETTER = {"p50_ms", "p90_ms", "p99_ms", "p99.9_ms", "max_ms", "mem_per_conn_kib", "errors"}
 
 
@@ -81,6 +82,12 @@ def figures(m: Measurement) -> dict[str, float | None]:
         for key in ("sticky_share", "after_sticky_share", "moved_needlessly_share"):
             value = s.get(key)
             out[key] = float(value) if value is not None else None
+    if m.mode in ("restart", "crash"):
+        restarts = max(1.0, float(s.get("restarts", 1)))
+        out["gap_ms"] = float(s.get("gap_ms", 0.0))
+        out["failed_per_restart"] = float(s.get("failed", 0)) / restarts
+        out["held_lost_share"] = float(s.get("held_lost", 0)) / max(1.0, float(s.get("held", 0)))
+        out["errors"] = float(s.get("failed", 0))
     if m.mode == "control":
         out["services"] = float(s.get("services", 0))
         out["full_sync_ms"] = float(s.get("full_sync_s", 0.0)) * 1000

@@ -8,6 +8,9 @@ Rules kept here:
   `crr` workload must come before them.
 - Quick: fewer rounds, shorter, a subset (stream-1, crr, latency@50%, idle), for a CI smoke
   run under 5 minutes with the five non-pyproxy families.
+- `restart` and `crash` (bench/restart.py): one run per contender that can be restarted
+  (pyproxy: a successor started beside it takes over, twice; `crash`: kill -9 and start
+  again, twice; dnat: nothing to restart, its state is the kernel's, as kube-proxy's).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ class Workload:
     args: tuple[str, ...] = ()
     use_sources: bool = False  # spread connections over the client's source addresses
     rate_fraction: float = 0.0  # latency: fraction of the reference crr rate
+    contenders: tuple[str, ...] = ()  # restart, crash: only these ids ('' : every one that can restart)
 
     def load_args(self, target: tuple[str, int], sources: str, rate: float | None = None) -> list[str]:
         argv = [self.mode, "--target", f"{target[0]}:{target[1]}", "--duration", f"{self.duration:g}",
@@ -48,6 +52,8 @@ def full(duration: float = 5.0, idle_conns: int = 10000) -> list[Workload]:
         Workload("affinity", "affinity", max(d, 10.0), ("--per-client", "8", "--conns", "16", "--settle", "3"),
                  use_sources=True),
         *control(30),
+        Workload("restart", "restart", 60.0, ("--conns", "4", "--held", "50")),
+        Workload("crash", "crash", 60.0, ("--conns", "4", "--held", "50")),
     ]
 
 
@@ -68,6 +74,7 @@ def quick(duration: float = 1.5, idle_conns: int = 1000) -> list[Workload]:
         Workload("affinity", "affinity", 3.0, ("--per-client", "4", "--conns", "16", "--settle", "1"),
                  use_sources=True),
         *control(10, (10000,)),
+        Workload("restart", "restart", 60.0, ("--conns", "2", "--held", "10"), contenders=("dnat", "pyproxy-splice")),
     ]
 
 

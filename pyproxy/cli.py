@@ -17,7 +17,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pyproxy.config import EVENT_LOOPS, ConfigError, ProxyConfig, dump_config, load_config, validate
+from pyproxy.config import (
+    DETECT_LOCAL_MODES,
+    EVENT_LOOPS,
+    ConfigError,
+    ProxyConfig,
+    dump_config,
+    load_config,
+    validate,
+)
 
 log = logging.getLogger("pyproxy")
 
@@ -46,12 +54,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hostname-override", help="this node's name (default: the hostname)")
     p.add_argument("--healthz-bind-address", help="host:port of /healthz and /livez (default 0.0.0.0:10256)")
     p.add_argument("--metrics-bind-address", help="host:port of /metrics (default 127.0.0.1:10249)")
-    p.add_argument("--nodeport-addresses", help="comma-separated CIDRs whose local addresses serve NodePorts")
+    p.add_argument("--nodeport-addresses",
+                   help="comma-separated CIDRs and keywords (primary: the Node object's primary IPs; all) "
+                        "whose local addresses serve NodePorts (default: every local address)")
     p.add_argument("--cluster-cidr", help="comma-separated pod CIDRs: traffic from them counts as in-cluster")
+    p.add_argument("--detect-local-mode", choices=DETECT_LOCAL_MODES,
+                   help="how this node's pods are told apart (default ClusterCIDR; NodeCIDR reads the Node's podCIDRs)")
+    p.add_argument("--pod-bridge-interface", help="detect-local-mode BridgeInterface: the pods' bridge")
+    p.add_argument("--pod-interface-name-prefix",
+                   help="detect-local-mode InterfaceNamePrefix: the prefix of the pods' interface names")
     p.add_argument("--proxy-port", type=int, help="local port of the transparent listeners (default 15001)")
     p.add_argument("--relay", choices=("protocol", "splice"),
                    help="TCP byte path (dataplane.relay; default protocol)")
     p.add_argument("--workers", type=int, help="worker processes sharing the listener (dataplane.workers; default 1)")
+    p.add_argument("--state-dir", help="hand-over socket and state snapshot (lifecycle.stateDir; default /run/pyproxy)")
     p.add_argument("--cleanup", action="store_true", help="remove everything pyproxy installed, then exit")
     p.add_argument("--event-loop", choices=EVENT_LOOPS,
                    help="event loop: uvloop, asyncio, or auto (uvloop when installed; the default)")
@@ -70,12 +86,19 @@ def effective_config(args: argparse.Namespace) -> ProxyConfig:
         ("cluster_cidr", "clusterCIDR"),
         ("manifests", "manifests"),
         ("event_loop", "eventLoop"),
+        ("detect_local_mode", "detectLocalMode"),
     ):
         value = getattr(args, flag)
         if value is not None:
             top[name] = value
     if args.nodeport_addresses is not None:
         top["nodePortAddresses"] = tuple(c.strip() for c in args.nodeport_addresses.split(",") if c.strip())
+    detect = config.detectLocal
+    if args.pod_bridge_interface is not None:
+        detect = dataclasses.replace(detect, bridgeInterface=args.pod_bridge_interface)
+    if args.pod_interface_name_prefix is not None:
+        detect = dataclasses.replace(detect, interfaceNamePrefix=args.pod_interface_name_prefix)
+    top["detectLocal"] = detect
     client = config.clientConnection
     if args.kubeconfig is not None:
         client = dataclasses.replace(client, kubeconfig=args.kubeconfig)
@@ -88,7 +111,10 @@ def effective_config(args: argparse.Namespace) -> ProxyConfig:
         dataplane = dataclasses.replace(dataplane, relay=args.relay)
     if args.workers is not None:
         dataplane = dataclasses.replace(dataplane, workers=args.workers)
-    config = dataclasses.replace(config, clientConnection=client, dataplane=dataplane, **top)
+    lifecycle = config.lifecycle
+    if args.state_dir is not None:
+        lifecycle = dataclasses.replace(lifecycle, stateDir=args.state_dir)
+    config = dataclasses.replace(config, clientConnection=client, dataplane=dataplane, lifecycle=lifecycle, **top)
     validate(config)
     return config
 
@@ -131,12 +157,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run(config: ProxyConfig) -> int:
+    early: dict[str, Any] = {}
+    if config.dataplane.workers == 1:  # listen before the imports (pyproxy/lifecycle/early.py)
+        from pyproxy.lifecycle.early import bind_early
+
+        early = bind_early(config.dataplane.tcpProxyPort, config.dataplane.udpProxyPort)
     from pyproxy.app import ProxyApp, StartupError
     from pyproxy.dataplane.workers import WorkerRole, run_workers
     from pyproxy.sources.manifests import ManifestError
 
     async def _main(worker: WorkerRole | None = None) -> int:
-        return await ProxyApp(config, worker).run()
+        return await ProxyApp(config, worker, early=early).run()
 
     def serve(worker: WorkerRole | None = None) -> int:
         try:
@@ -150,11 +181,34 @@ def run(config: ProxyConfig) -> int:
 
     if config.dataplane.workers > 1:  # fork before any event loop exists; each worker serves as above
         try:
-            return run_workers(config.dataplane.workers, "127.0.0.1", config.dataplane.tcpProxyPort, serve)
+            return run_workers(config.dataplane.workers, "127.0.0.1", config.dataplane.tcpProxyPort, serve,
+                               lambda: predecessor_hands_over(config))
         except PermissionError as err:
             log.error("cannot start: %s (pyproxy needs root or CAP_NET_ADMIN)", err)
             return 1
     return serve()
+
+
+def predecessor_hands_over(config: ProxyConfig) -> bool:
+    """`--workers N`: does a running group hand over to this one? A group that refuses
+    (another protocol version) is waited for until it has gone (it releases on SIGTERM)."""
+    import time
+
+    from pyproxy.app import node_name_of
+    from pyproxy.lifecycle.channel import Channel
+    from pyproxy.lifecycle.handover import identity_of, socket_path, take_over
+
+    path = socket_path(config.lifecycle.stateDir, 0)
+    mine = identity_of(config, node_name_of(config), 0, config.dataplane.workers, probe=True)
+    outcome = take_over(path, mine, config.lifecycle.handOverTimeout)
+    if outcome.refused is None:
+        return outcome.found
+    while True:  # bounded by the running group's own drain bound
+        try:
+            Channel.connect(path, 1.0).close()
+        except OSError:
+            return False
+        time.sleep(0.2)
 
 
 def _run_loop(coro: Any, event_loop: str = "auto") -> int:

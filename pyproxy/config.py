@@ -4,8 +4,9 @@ Rules kept here:
 - The file is `apiVersion: pyproxy.io/v1alpha1`, `kind: PyProxyConfiguration`, with
   kube-proxy's field names where the meaning carries over (`healthzBindAddress`,
   `metricsBindAddress`, `hostnameOverride`, `clusterCIDR`, `nodePortAddresses`,
+  `detectLocalMode`, `detectLocal.bridgeInterface`, `detectLocal.interfaceNamePrefix`,
   `syncPeriod`, `minSyncPeriod`, `clientConnection.kubeconfig`), and pyproxy's own under
-  `dataplane` and `manifestLimits`.
+  `dataplane`, `manifestLimits` and `lifecycle`.
 - Every error names its field path; unknown fields are errors (a typo must not pass).
 - Durations are written the Kubernetes way: `30s`, `100ms`, `1h30m`.
 - Flags given on the command line override the file.
@@ -22,9 +23,12 @@ from typing import Any
 
 import yaml
 
-API_VERSION = "pyproxy.io/v1alpha1"
+GROUP = "pyproxy.io"
+API_VERSION = f"{GROUP}/v1alpha1"
 KIND = "PyProxyConfiguration"
 EVENT_LOOPS = ("auto", "uvloop", "asyncio")
+DETECT_LOCAL_MODES = ("ClusterCIDR", "NodeCIDR", "BridgeInterface", "InterfaceNamePrefix")  # model/localdetect.py
+NODE_PORT_KEYWORDS = ("primary", "all")  # model/nodeports.py
 
 
 class ConfigError(ValueError):
@@ -69,10 +73,30 @@ MAX_YAML_DEPTH = 200  # deeper, the YAML library's own recursion would fail firs
 
 
 @dataclass(frozen=True)
+class LifecycleConfig:
+    """Restarts and upgrades (pyproxy/lifecycle): where the hand-over socket and the state
+    snapshot live, how fresh the snapshot is kept, and what a process does once it has
+    handed everything to a successor."""
+
+    stateDir: str = "/run/pyproxy"  # hand-over socket and snapshot (a hostPath in daemonset.yaml)
+    snapshotInterval: float = 2.0  # the snapshot on disk is at most this old (0: no snapshot)
+    handOverTimeout: float = 10.0  # each step of a hand-over; past it, the old process keeps serving
+    afterHandOver: str = "exit"  # "exit", or "wait" for SIGTERM (a DaemonSet pod: no restart loop)
+
+
+@dataclass(frozen=True)
 class ClientConnection:
     kubeconfig: str = ""
     apiServer: str = ""
     qps: float = 50.0
+
+
+@dataclass(frozen=True)
+class DetectLocal:
+    """What `detectLocalMode` BridgeInterface and InterfaceNamePrefix match (kube-proxy's names)."""
+
+    bridgeInterface: str = ""
+    interfaceNamePrefix: str = ""
 
 
 @dataclass(frozen=True)
@@ -81,6 +105,8 @@ class ProxyConfig:
     healthzBindAddress: str = "0.0.0.0:10256"
     metricsBindAddress: str = "127.0.0.1:10249"
     clusterCIDR: str = ""
+    detectLocalMode: str = "ClusterCIDR"
+    detectLocal: DetectLocal = field(default_factory=DetectLocal)
     nodePortAddresses: tuple[str, ...] = ()
     proxyName: str = ""
     syncPeriod: float = 30.0
@@ -92,6 +118,7 @@ class ProxyConfig:
     debugAPI: bool = True  # serve the inspection API (/debug/*) on metricsBindAddress
     clientConnection: ClientConnection = field(default_factory=ClientConnection)
     dataplane: DataplaneConfig = field(default_factory=DataplaneConfig)
+    lifecycle: LifecycleConfig = field(default_factory=LifecycleConfig)
 
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
@@ -196,9 +223,11 @@ def validate(config: ProxyConfig) -> None:
         if value:
             split_host_port(value, path)
     for i, cidr in enumerate(config.nodePortAddresses):
-        _cidr(cidr, f"nodePortAddresses[{i}]")
+        if cidr not in NODE_PORT_KEYWORDS:
+            _cidr(cidr, f"nodePortAddresses[{i}]", "a CIDR or one of primary, all")
     for i, cidr in enumerate(c for c in config.clusterCIDR.split(",") if c):
         _cidr(cidr, f"clusterCIDR[{i}]")
+    _validate_detect_local(config)
     if config.eventLoop not in EVENT_LOOPS:
         raise ConfigError("eventLoop", f"{config.eventLoop!r} is not one of {', '.join(EVENT_LOOPS)}")
     dp = config.dataplane
@@ -226,15 +255,37 @@ def validate(config: ProxyConfig) -> None:
             raise ConfigError(f"manifestLimits.{limit.name}", "must be at least 1")
     if config.manifestLimits.maxDepth > MAX_YAML_DEPTH:
         raise ConfigError("manifestLimits.maxDepth", f"{config.manifestLimits.maxDepth} must be at most {MAX_YAML_DEPTH}")
+    life = config.lifecycle
+    if life.afterHandOver not in ("exit", "wait"):
+        raise ConfigError("lifecycle.afterHandOver", f"{life.afterHandOver!r} must be exit or wait")
+    if not life.stateDir.startswith("/") or len(life.stateDir) > 80:
+        raise ConfigError("lifecycle.stateDir", f"{life.stateDir!r} must be an absolute path of at most 80 characters"
+                          " (the hand-over socket's path must fit a unix socket address)")
+    if life.snapshotInterval < 0 or life.handOverTimeout <= 0:
+        raise ConfigError("lifecycle", "snapshotInterval must be >= 0 and handOverTimeout positive")
     if config.minSyncPeriod < 0 or config.syncPeriod <= 0:
         raise ConfigError("syncPeriod", "sync periods must be positive")
 
 
-def _cidr(value: str, path: str) -> None:
+def _validate_detect_local(config: ProxyConfig) -> None:
+    mode, detect = config.detectLocalMode, config.detectLocal
+    if mode not in DETECT_LOCAL_MODES:
+        raise ConfigError("detectLocalMode", f"{mode!r} is not one of {', '.join(DETECT_LOCAL_MODES)}")
+    if mode == "BridgeInterface" and not detect.bridgeInterface:
+        raise ConfigError("detectLocal.bridgeInterface", "must be set when detectLocalMode is BridgeInterface")
+    if mode == "InterfaceNamePrefix" and not detect.interfaceNamePrefix:
+        raise ConfigError("detectLocal.interfaceNamePrefix", "must be set when detectLocalMode is InterfaceNamePrefix")
+    for path, name in (("detectLocal.bridgeInterface", detect.bridgeInterface),
+                       ("detectLocal.interfaceNamePrefix", detect.interfaceNamePrefix)):
+        if name and not re.fullmatch(r"[A-Za-z0-9_.:@-]{1,15}", name):
+            raise ConfigError(path, f"{name!r} is not an interface name")
+
+
+def _cidr(value: str, path: str, expected: str = "an IPv4 or IPv6 CIDR") -> None:
     try:
         ipaddress.ip_network(value, strict=False)
     except ValueError:
-        raise ConfigError(path, f"{value!r} is not an IPv4 or IPv6 CIDR") from None
+        raise ConfigError(path, f"{value!r} is not {expected}") from None
 
 
 def split_host_port(value: str, path: str) -> tuple[str, int]:
@@ -251,6 +302,15 @@ def split_host_port(value: str, path: str) -> tuple[str, int]:
 
 def dump_config(config: ProxyConfig) -> str:
     """The config as a document `load_config` accepts (used by --write-config-to)."""
+    doc = config_document(config)
+    dp = doc["dataplane"]
+    dp["mark"] = _Hex(dp["mark"])
+    dp["reentryMark"] = _Hex(dp["reentryMark"])
+    return yaml.dump(doc, Dumper=_Dumper, sort_keys=False)
+
+
+def config_document(config: ProxyConfig) -> dict[str, Any]:
+    """The config as plain data, durations spelled as in the file (also served at /configz)."""
     def plain(obj: Any) -> Any:
         if dataclasses.is_dataclass(obj):
             return {f.name: plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
@@ -265,7 +325,6 @@ def dump_config(config: ProxyConfig) -> str:
     for key in ("tcpIdleTimeout", "tcpHalfCloseTimeout", "udpIdleTimeout", "drainTimeout"):
         dp[key] = format_duration(dp[key])
     dp["dialTimeouts"] = [format_duration(t) for t in dp["dialTimeouts"]]
-    dp["mark"] = _Hex(dp["mark"])
-    dp["reentryMark"] = _Hex(dp["reentryMark"])
-    doc = {"apiVersion": API_VERSION, "kind": KIND, **body}
-    return yaml.dump(doc, Dumper=_Dumper, sort_keys=False)
+    for key in ("snapshotInterval", "handOverTimeout"):
+        body["lifecycle"][key] = format_duration(body["lifecycle"][key])
+    return {"apiVersion": API_VERSION, "kind": KIND, **body}

@@ -78,6 +78,11 @@ class SyncRunner:
                     continue
             failed = not await self._run_once()
 
+    async def run_now(self) -> bool:
+        """One sync at once, outside `run()` (start-up with a complete store: the table before
+        the listener); True if it succeeded. A failure is retried by `run()` as usual."""
+        return await self._run_once()
+
     async def _run_once(self) -> bool:
         started = self.clock()
         self.last_run = started

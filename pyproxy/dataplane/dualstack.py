@@ -46,18 +46,34 @@ class DualStackRelay:
             found.extend(relay.pairs)
         return found
 
-    async def start(self, host: str, port: int, sock: socket.socket | None = None) -> None:
-        """The IPv4 relay on `host` (or `sock`), then the IPv6 one on [::1]:`port` if it can."""
+    async def start(self, host: str, port: int, sock: socket.socket | None = None,
+                    sock6: socket.socket | None = None) -> None:
+        """The IPv4 relay on `host` (or `sock`), then the IPv6 one on [::1]:`port` (or
+        `sock6`, a listener handed over by a predecessor) if it can."""
         await self.ipv4.start(host, port, sock)
         self._started = [self.ipv4]
         if self.ipv6 is None:
+            if sock6 is not None:
+                sock6.close()
             return
         try:
-            await self.ipv6.start(IPV6_LISTENER, port)
+            await self.ipv6.start(IPV6_LISTENER, port, sock6)
         except OSError as err:  # EAFNOSUPPORT, or EADDRNOTAVAIL without ::1
             log.warning("no IPv6 listener on [%s]:%d (%s): serving IPv4 only", IPV6_LISTENER, port, err)
             return
         self._started.append(self.ipv6)
+
+    @property
+    def listener(self) -> socket.socket | None:
+        return self.ipv4.listener
+
+    @property
+    def listener6(self) -> socket.socket | None:
+        return self.ipv6.listener if self.ipv6 is not None and self.ipv6 in self._started else None
+
+    def release_listener(self) -> None:
+        for relay in self.relays:
+            relay.release_listener()
 
     def stop_accepting(self) -> None:
         for relay in self.relays:

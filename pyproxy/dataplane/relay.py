@@ -141,6 +141,7 @@ class Relay:
     pairs: set[Pair] = field(default_factory=set)
     draining: bool = False
     _server: asyncio.AbstractServer | None = None
+    _listener: socket.socket | None = None
     errors: ErrorLog = field(init=False)
 
     def __post_init__(self) -> None:
@@ -156,6 +157,21 @@ class Relay:
         # set back to LISTEN_BACKLOG (a storm's handshakes must not overflow it).
         self._server = await loop.create_server(lambda: ClientSide(self), sock=sock, backlog=ACCEPT_BATCH)
         sock.listen(LISTEN_BACKLOG)
+        self._listener = sock
+
+    @property
+    def listener(self) -> socket.socket | None:
+        return self._listener
+
+    def release_listener(self) -> None:
+        """A successor holds the listener now (pyproxy/lifecycle): stop accepting without
+        resetting anything and close this process's copy; the queue stays the successor's."""
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
 
     def stop_accepting(self) -> None:
         """Refuse new connections with a reset from now on (the listener stays open while

@@ -97,6 +97,11 @@ class TcpRelay(Protocol):
 
     async def start(self, host: str, port: int, sock: socket.socket | None = None) -> None: ...
 
+    def release_listener(self) -> None: ...
+
+    @property
+    def listener(self) -> socket.socket | None: ...
+
     def stop_accepting(self) -> None: ...
 
     async def drain(self, timeout: float) -> int: ...
@@ -155,6 +160,10 @@ class FastRelay:
         """Draining: new connections are reset at once (a closed TPROXY listener would make
         their SYNs vanish, so clients would wait for a timeout instead of trying elsewhere)."""
         self.draining = True
+
+    def release_listener(self) -> None:
+        """A successor holds the listener now (pyproxy/lifecycle): stop accepting, close this copy."""
+        self._close_listener()
 
     def _close_listener(self) -> None:
         if self._accept_paused is not None:

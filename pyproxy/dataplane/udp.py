@@ -138,11 +138,13 @@ class UdpRelay:
     def __post_init__(self) -> None:
         self.flows = FlowTable(self.config.max_flows, self.config.idle_timeout)
 
-    async def start(self, host: str, port: int) -> None:
-        """Listen on `host`:`port` too (called once per family: 127.0.0.1, then ::1)."""
+    async def start(self, host: str, port: int, sock: socket.socket | None = None) -> None:
+        """Listen on `host`:`port` too (called once per family: 127.0.0.1, then ::1), or on
+        `sock` (a listener handed over by a predecessor, pyproxy/lifecycle)."""
         self._loop = asyncio.get_running_loop()
         ensure_fd_budget(self.config.max_flows + 2048)  # a socket per flow, a few reply sockets, the rest
-        sock = transparent_listener(host, port, socket.SOCK_DGRAM)
+        sock = sock if sock is not None else transparent_listener(host, port, socket.SOCK_DGRAM)
+        sock.setblocking(False)
         try:
             if sock.family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, IPV6_ORIGDSTADDR, 1)
@@ -154,6 +156,19 @@ class UdpRelay:
             sock.close()
             raise
         self._listeners.append(sock)
+
+    @property
+    def listeners(self) -> list[socket.socket]:
+        return list(self._listeners)
+
+    def release_listener(self) -> None:
+        """A successor reads the listeners now (pyproxy/lifecycle): stop reading them and
+        close this process's copies; the flows open here go on until they idle out (or move)."""
+        for listener in self._listeners:
+            if self._loop is not None:
+                self._loop.remove_reader(listener.fileno())
+            listener.close()
+        self._listeners.clear()
 
     def close(self) -> None:
         """Stop listening and close every flow and reply socket."""

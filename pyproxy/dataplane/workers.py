@@ -15,8 +15,13 @@ Design (the simplest correct one found; see the notes at the end):
   the others apply the same syncs to their own tables with a no-op nft runner. The
   kernel's rules never depend on which worker accepts.
 - The supervisor forwards SIGTERM/SIGINT to the workers (each drains as a single proxy
-  would); when any worker exits, it stops the others and exits with the first failure's
-  status. It never restarts one worker alone: a closed socket leaves the reuseport group
+  would); when any worker fails, it stops the others and exits with the first failure's
+  status. A worker that exits with 0 unasked has handed its socket to its counterpart in
+  a successor group (pyproxy/lifecycle): the reuseport group is intact, so the others are
+  left to finish their own hand-over.
+- A successor group makes no sockets: when a running group answers on the hand-over
+  socket, worker i of the new group takes socket i over from worker i of the old one
+  (same socket, so the same place in the group and the same steering). It never restarts one worker alone: a closed socket leaves the reuseport group
   and the kernel renumbers the rest, which would move clients between affinity tables, so
   the whole set is restarted (by whatever runs pyproxy) instead.
 
@@ -86,9 +91,12 @@ def reuseport_listeners(host: str, port: int, count: int) -> list[socket.socket]
     return socks
 
 
-def run_workers(count: int, host: str, port: int, serve: Callable[[WorkerRole], int]) -> int:
-    """Fork `count` workers running `serve(role)`; supervise them; return the exit status."""
-    socks = reuseport_listeners(host, port, count)
+def run_workers(count: int, host: str, port: int, serve: Callable[[WorkerRole], int],
+                predecessor: Callable[[], bool] = lambda: False) -> int:
+    """Fork `count` workers running `serve(role)`; supervise them; return the exit status.
+    When `predecessor()` says a running group hands over, no socket is made here: each
+    worker takes its listener over from its counterpart (pyproxy/lifecycle)."""
+    socks = [] if predecessor() else reuseport_listeners(host, port, count)
     children: dict[int, int] = {}
     group = os.getpid()
     for index in range(count):
@@ -99,7 +107,7 @@ def run_workers(count: int, host: str, port: int, serve: Callable[[WorkerRole], 
                     sock.close()
             status = 1
             try:
-                status = serve(WorkerRole(index, count, socks[index], group))
+                status = serve(WorkerRole(index, count, socks[index] if socks else None, group))
             except BaseException:  # never unwind into the supervisor's code in a worker
                 log.exception("worker %d failed", index)
             finally:
@@ -140,6 +148,8 @@ def _supervise(children: dict[int, int]) -> int:
         log.info("worker %d (pid %d) exited with %d", index, pid, code)
         if code != 0 and status == 0:
             status = code if code > 0 else 1
+        if code == 0 and not state["asked_at"]:  # it handed its socket over: the group is intact
+            continue
         if not state["asked_at"] and children:  # one gone: the group is renumbered, so stop them all
             state["asked_at"] = time.monotonic()
             for other in children:

@@ -20,6 +20,10 @@ Each subcommand prints one line per result, so callers can count and compare:
 - `silent ADDR --count N --hold S [--send]`: open N connections that send nothing (or
   `WHO` and a half-close with `--send`) and never read, hold them S seconds, then close;
   print `silent opened=O closed_by_peer=P`.
+- `loop ADDR --duration S [--udp] [--stop-file F]`: new connections (`WHO`), or UDP
+  exchanges, one after another for up to S seconds (or until F exists); print one JSON
+  line: ok, failed, the first failures, the slowest attempt, the longest time between two
+  answers (`gap_ms`: time without service), and the answering pods (restart tests).
 Every operation has a timeout; nothing here loops without a bound.
 """
 
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import socket
 import sys
@@ -280,10 +285,65 @@ def silent(address: tuple[str, int], count: int, hold_for: float, send: bool, ti
             sock.close()
 
 
+def loop(address: tuple[str, int], duration: float, interval: float, timeout: float, use_udp: bool,
+         stop_file: str | None, bind: str | None, reply_timeout: float) -> str:
+    """Attempts back to back until `duration` passes (at most 600 s) or `stop_file` exists.
+    TCP: the handshake has `timeout`, the answer `reply_timeout`; `blackhole_ms` is the
+    longest run of handshakes that did not complete (from the first such attempt to the
+    next completed handshake: SYNs dropped), `gap_ms` the longest time between two answers
+    (time without service)."""
+    started = time.monotonic()
+    ok = failed = 0
+    failures: list[str] = []
+    pods: dict[str, int] = {}
+    slowest = gap = blackhole = 0.0
+    last_answer = started
+    unconnected_since: float | None = None
+    while time.monotonic() - started < min(duration, 600.0) and not (stop_file and os.path.exists(stop_file)):
+        attempt = time.monotonic()
+        try:
+            if use_udp:
+                line = udp(address, 64, timeout, bind)
+            else:
+                try:
+                    sock = _connect(address, timeout, bind)
+                except OSError:
+                    unconnected_since = attempt if unconnected_since is None else unconnected_since
+                    raise
+                if unconnected_since is not None:
+                    blackhole = max(blackhole, time.monotonic() - unconnected_since)
+                    unconnected_since = None
+                with sock:
+                    sock.settimeout(reply_timeout)
+                    sock.sendall(b"WHO\n")
+                    line = _read_all(sock).decode(errors="replace").strip()
+            good = line.startswith("pod=") and (not use_udp or line.endswith("whole=True"))
+        except OSError as err:
+            line, good = f"{type(err).__name__}: {err}", False
+        now = time.monotonic()
+        if good:
+            ok += 1
+            pod = line.split()[0].removeprefix("pod=")
+            pods[pod] = pods.get(pod, 0) + 1
+            slowest = max(slowest, now - attempt)
+            gap = max(gap, now - last_answer)
+            last_answer = now
+        else:
+            failed += 1
+            if len(failures) < 20:
+                failures.append(f"{now - started:.3f}s {line}")
+        if interval:
+            time.sleep(interval)
+    gap = max(gap, time.monotonic() - last_answer - interval)
+    return json.dumps({"ok": ok, "failed": failed, "failures": failures, "slowest_ms": round(slowest * 1000, 1),
+                       "gap_ms": round(gap * 1000, 1), "blackhole_ms": round(blackhole * 1000, 1),
+                       "pods": pods})
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pyproxy-client")
     parser.add_argument("mode", choices=["http", "who", "echo", "sink", "connect", "udp", "hold", "stall",
-                                           "storm", "silent"])
+                                           "storm", "silent", "loop"])
     parser.add_argument("address")
     parser.add_argument("--count", type=int, default=1)
     parser.add_argument("--interval", type=float, default=0.0)
@@ -294,8 +354,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=200, help="storm: connections at a time")
     parser.add_argument("--hold", type=float, default=1.0, help="silent: seconds to hold the connections")
     parser.add_argument("--send", action="store_true", help="storm: send WHO first; silent: WHO and half-close")
+    parser.add_argument("--duration", type=float, default=10.0, help="loop: seconds (at most 600)")
+    parser.add_argument("--udp", action="store_true", help="loop: UDP exchanges instead of TCP connections")
+    parser.add_argument("--stop-file", help="loop: stop once this file exists")
+    parser.add_argument("--reply-timeout", type=float, help="loop: seconds for a TCP answer (default --timeout)")
     args = parser.parse_args(argv)
     address = _address(args.address)
+    if args.mode == "loop":
+        print(loop(address, args.duration, args.interval, args.timeout, args.udp, args.stop_file, args.bind,
+                   args.reply_timeout or args.timeout), flush=True)
+        return 0
     if args.mode == "storm":
         print(storm(address, args.count, max(1, args.batch), args.send, args.timeout, args.bind), flush=True)
         return 0

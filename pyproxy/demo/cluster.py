@@ -45,7 +45,8 @@ class Cluster:
         self.manifest_dir(node)
         self.logs[node] = log_path
         args = [*wrap, sys.executable, "-m", "pyproxy", "--manifests", str(self.manifest_dir(node)),
-                "--hostname-override", node, "--healthz-bind-address", "0.0.0.0:10256", *extra]
+                "--hostname-override", node, "--healthz-bind-address", "0.0.0.0:10256",
+                "--state-dir", str(self.workdir / node / "state"), *extra]
         proc = self.lab.spawn(node, args, log=log_path)
         self.proxies[node] = proc
         self.wait_for_log(node, "synced", 0)

@@ -11,6 +11,8 @@ Rules kept here:
   as new ones are recorded, so they neither linger nor count as evictions.
 - An entry whose endpoint leaves the usable set is dropped at once.
 - Time is passed in (`now`, seconds on a monotonic clock); nothing here reads a clock.
+- `restore` puts back a pin handed over by a predecessor (pyproxy/lifecycle/state.py) with
+  its own last use, so a restart neither refreshes nor shortens any client's expiry.
 """
 
 from __future__ import annotations
@@ -61,6 +63,19 @@ class AffinityTable:
             del self._entries[client_ip]
             return None
         return address
+
+    def lookup_entry(self, client_ip: str) -> tuple[Address, float] | None:
+        """(endpoint, last use) of a client's entry, stale or not, without touching it."""
+        return self._entries.get(client_ip)
+
+    def restore(self, client_ip: str, address: Address, last_used: float) -> None:
+        """Put back a pin handed over by a predecessor, with its own last use (no sliding:
+        no connection was made). Bounded like `record`."""
+        self._entries[client_ip] = (address, last_used)
+        self._entries.move_to_end(client_ip)
+        while len(self._entries) > self.capacity:
+            self._entries.popitem(last=False)
+            self.stats.evictions += 1
 
     def record(self, client_ip: str, address: Address, now: float) -> None:
         """Pin (or re-pin) a client and slide its expiry."""

@@ -8,9 +8,6 @@ dependency. Rules kept here:
 - Every read is bounded in size (16 KiB head, 64 KiB body) and in time; a request body is
   read and dropped so that closing never resets a client that is still sending.
 - HEAD gets the headers without the body. Every answer carries `Connection: close`.
-- The wildcard bind (`0.0.0.0`, or no host) listens on both families, as kube-proxy's does
-  (Go's wildcard socket is dual-stack): an IPv6-only node's kubelet probes and load
-  balancers reach it too. Without IPv6 on the node it is the IPv4 wildcard alone.
 """
 
 from __future__ import annotations
@@ -38,28 +35,23 @@ BODY_LIMIT = 64 * 1024
 READ_TIMEOUT = 5.0
 
 
-WILDCARD_HOSTS = ["0.0.0.0", "::"]  # asyncio makes the IPv6 socket IPV6_V6ONLY
+async def start_http(host: str, port: int, handler: Handler, sock: socket.socket | None = None) -> asyncio.Server:
+    """Listen on host:port, or serve on `sock` (a listener handed over by a predecessor);
+    raises OSError when the port cannot be bound."""
+    if sock is not None:
+        return await asyncio.start_server(functools.partial(_serve_one, handler), sock=sock, limit=HEAD_LIMIT)
+    return await asyncio.start_server(
+        functools.partial(_serve_one, handler), host or "0.0.0.0", port, limit=HEAD_LIMIT, reuse_address=True
+    )
 
 
-async def _listen(serve: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]], host: str,
-                  port: int) -> asyncio.Server:
-    if host not in ("", "0.0.0.0"):
-        return await asyncio.start_server(serve, host, port, limit=HEAD_LIMIT, reuse_address=True)
-    try:
-        return await asyncio.start_server(serve, WILDCARD_HOSTS, port, limit=HEAD_LIMIT, reuse_address=True)
-    except OSError as err:  # no IPv6 here (EADDRNOTAVAIL, EAFNOSUPPORT), or [::]:port taken
-        log.debug("listening on 0.0.0.0:%d only: %s", port, err)
-        return await asyncio.start_server(serve, "0.0.0.0", port, limit=HEAD_LIMIT, reuse_address=True)
-
-
-async def start_http(host: str, port: int, handler: Handler) -> asyncio.Server:
-    """Listen on host:port (raises OSError when the port cannot be bound)."""
-    return await _listen(functools.partial(_serve_one, handler), host, port)
-
-
-async def serve_http(host: str, port: int, handler: QueryHandler) -> asyncio.Server:
+async def serve_http(host: str, port: int, handler: QueryHandler, sock: socket.socket | None = None) -> asyncio.Server:
     """Like `start_http`, for a handler that takes the query and may await."""
-    return await _listen(functools.partial(_serve, handler), host, port)
+    if sock is not None:
+        return await asyncio.start_server(functools.partial(_serve, handler), sock=sock, limit=HEAD_LIMIT)
+    return await asyncio.start_server(
+        functools.partial(_serve, handler), host or "0.0.0.0", port, limit=HEAD_LIMIT, reuse_address=True
+    )
 
 
 async def serve_unix(sock: socket.socket, handler: QueryHandler) -> asyncio.Server:

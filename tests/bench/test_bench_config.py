@@ -86,8 +86,10 @@ def test_topology_plan_stays_inside_its_namespaces() -> None:
 
 def test_workload_sets() -> None:
     q = quick()
-    assert [w.name for w in q] == ["stream-1", "crr", "latency@50%", "idle", "affinity", "control@10k"]
+    assert [w.name for w in q] == ["stream-1", "crr", "latency@50%", "idle", "affinity", "control@10k", "restart"]
+    assert q[-1].contenders == ("dnat", "pyproxy-splice")  # the smoke restarts one pyproxy and its kernel baseline
     names = [w.name for w in full()]
+    assert names[-2:] == ["restart", "crash"]
     assert names.index("crr") < names.index("latency@25%")
     argv = q[2].load_args(("10.96.0.10", 80), "10.200.1.1", rate=1234.4)
     assert argv[:3] == ["latency", "--target", "10.96.0.10:80"] and argv[-2:] == ["--rate", "1234"]

@@ -1,4 +1,5 @@
-"""pyproxy's life on the real kernel: start-up errors, SIGTERM drain, rules left, --cleanup.
+"""pyproxy's life on the real kernel: start-up errors, SIGTERM with no successor (serving on to
+the drain bound), rules left, --cleanup (restarts and hand-overs: test_handover.py).
 
 Each test builds its own small lab (client, one node, one pod), because these tests stop
 and start the proxy.
@@ -39,7 +40,8 @@ class Node:
 
     def start(self, *extra: str) -> subprocess.Popen[str]:
         proc = self.lab.spawn("node1", [sys.executable, "-m", "pyproxy", "--manifests", str(self.manifests),
-                                        "--hostname-override", "node1", "--relay", self.relay, *extra],
+                                        "--hostname-override", "node1", "--relay", self.relay,
+                                        "--state-dir", str(self.workdir / "state"), *extra],
                               log=self.log_path)
         deadline = time.monotonic() + 20
         while " synced " not in self.log() and time.monotonic() < deadline:
@@ -101,8 +103,12 @@ def test_missing_manifest_dir_and_bad_config_exit_nonzero(node: Node) -> None:
     assert result.returncode != 0 and "dataplane.mark" in result.stderr, result.stderr
 
 
-def test_sigterm_stops_accepting_drains_open_connections_and_exits_zero(node: Node) -> None:
-    proxy = node.start()
+def test_sigterm_without_a_successor_keeps_serving_until_the_drain_bound(node: Node) -> None:
+    """Nobody else serves this node: after SIGTERM the proxy still accepts new connections,
+    its open one still echoes, /healthz stays 200, and it leaves at the drain bound."""
+    config = node.workdir / "config.yaml"
+    config.write_text("apiVersion: pyproxy.io/v1alpha1\nkind: PyProxyConfiguration\ndataplane:\n  drainTimeout: 3s\n")
+    proxy = node.start("--config", str(config))
     assert client(node, "who").startswith("pod=pa")
     held = subprocess.Popen(
         ["ip", "netns", "exec", node.lab.ns("client"), sys.executable, "-m", "pyproxy.demo.client", "hold", SVC],
@@ -112,17 +118,22 @@ def test_sigterm_stops_accepting_drains_open_connections_and_exits_zero(node: No
         assert held.stdin is not None and held.stdout is not None
         assert held.stdout.readline().startswith("pod=pa")
         proxy.terminate()
-        deadline = time.monotonic() + 10
-        while "draining 1 open connections" not in node.log() and time.monotonic() < deadline:
+        stopped = time.monotonic()
+        deadline = stopped + 10
+        while "stopping with no successor" not in node.log() and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert "draining 1 open connections" in node.log(), node.log()[-1500:]
-        outcome = client(node, "connect", "--timeout", "2").split()[0]
-        assert outcome in ("refused", "reset"), f"a draining proxy must not accept: {outcome}"
+        assert "stopping with no successor: still serving" in node.log(), node.log()[-1500:]
+        assert client(node, "connect", "--timeout", "2").split()[0] == "ok", "a stopping proxy alone must serve"
+        healthz = node.lab.exec("node1", "curl", "-s", "-m", "2", "-o", "/dev/null", "-w", "%{http_code}",
+                                "http://127.0.0.1:10256/healthz", check=False).stdout
+        assert healthz == "200", healthz
         held.stdin.write("during-drain\n")
         held.stdin.flush()
         assert held.stdout.readline().strip() == "echo during-drain"
-        held.stdin.close()  # the client ends its connection: the drain completes
+        held.stdin.close()  # the client ends its connection; the proxy still serves to the bound
+        assert client(node, "who").startswith("pod=pa")
         assert proxy.wait(15) == 0
+        assert time.monotonic() - stopped > 2.5, "it left before the drain bound"
         assert held.wait(10) == 0
     finally:
         if held.poll() is None:

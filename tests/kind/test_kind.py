@@ -289,3 +289,55 @@ def test_dual_stack_service_over_ipv6_from_a_pod_and_from_outside(kind: Cluster)
     assert all(a.pod and a.pod.startswith("s5-cp-") for a in served), served
     for node in nodes:
         assert "tproxy to [::1]" in kind.node_exec(node, "nft", "list", "table", "ip6", "pyproxy")
+
+
+def _restart_loop(kind: Cluster, client: str, probe: str, stop: str, out: list[str]) -> None:
+    """Inside `client`: `probe` (one line each, FAIL on failure) every 0.1 s until `stop`
+    exists, at most 900 times."""
+    script = f"rm -f {stop}; for i in $(seq 900); do [ -e {stop} ] && break; {probe}; sleep 0.1; done"
+    out.append(kind.kubectl("exec", client, "--", "sh", "-c", script, timeout=200).stdout)
+
+
+def test_rollout_restart_of_pyproxy_fails_no_new_connection(kind: Cluster) -> None:
+    """`kubectl rollout restart daemonset/pyproxy` under request loops from pods on both nodes,
+    TCP (curl to a ClusterIP Service) and UDP (dig through the kube-dns ClusterIP): the new pod
+    takes over from the old one on each node, and not one request fails."""
+    def proxies() -> set[str]:
+        return set(kind.kubectl("-n", "kube-system", "get", "pod", "-l", "app.kubernetes.io/name=pyproxy",
+                                "-o", "name").stdout.split())
+
+    before = proxies()
+    probes = {
+        "tcp": "curl -s --max-time 3 http://webpod/ | grep -q From= && echo OK || echo FAIL",
+        "udp": "dig +short +notcp +time=2 +tries=1 webpod.default.svc.cluster.local | grep -q . "
+               "&& echo OK || echo FAIL",
+    }
+    outputs: dict[tuple[str, str], list[str]] = {}
+    loops = []
+    for client in sc.CLIENTS.values():
+        for kind_of, probe in probes.items():
+            out: list[str] = []
+            outputs[(client, kind_of)] = out
+            loops.append(threading.Thread(target=_restart_loop,
+                                          args=(kind, client, probe, f"/tmp/stop-{kind_of}", out)))
+    for loop in loops:
+        loop.start()
+    try:
+        kind.kubectl("-n", "kube-system", "rollout", "restart", "daemonset/pyproxy")
+        kind.kubectl("-n", "kube-system", "rollout", "status", "daemonset/pyproxy", "--timeout=180s", timeout=190)
+        # every node serves from a new pod now (an old one may still be finishing its open
+        # connections, e.g. CoreDNS's API watch, for up to drainTimeout: that costs nothing)
+        assert len(proxies() - before) == 2, proxies()
+    finally:
+        for client in sc.CLIENTS.values():
+            kind.kubectl("exec", client, "--", "touch", "/tmp/stop-tcp", "/tmp/stop-udp", check=False)
+        for loop in loops:
+            loop.join(timeout=220)
+    for (client, kind_of), out in outputs.items():
+        lines = "".join(out).split()
+        assert len(lines) > 50 and set(lines) == {"OK"}, (client, kind_of, lines.count("FAIL"), len(lines))
+        print(f"\n[kind {kind.cni}] rollout restart: {client} {kind_of}: {len(lines)} requests, "
+              f"{lines.count('FAIL')} failed")
+    for pod in proxies() - before:  # each new pod took over from an old one
+        logs = kind.kubectl("-n", "kube-system", "logs", pod.removeprefix("pod/")).stdout
+        assert "affinity pins merged" in logs, logs[-3000:]

@@ -73,6 +73,10 @@ def test_rbac_is_least_privilege(docs: dict[str, dict[str, Any]]) -> None:
 
 def test_runs_on_every_node_as_node_critical(docs: dict[str, dict[str, Any]], pod: dict[str, Any]) -> None:
     assert docs["DaemonSet"]["spec"]["updateStrategy"]["type"] == "RollingUpdate"
+    # the successor starts beside the running pod and takes over from it: never a node without one
+    assert docs["DaemonSet"]["spec"]["updateStrategy"]["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
+    for container in pod["containers"]:  # a hostPort would keep the surge pod off the node
+        assert not container.get("ports"), "with hostNetwork, container ports become host ports"
     assert pod["hostNetwork"] is True
     assert pod["priorityClassName"] == "system-node-critical"
     assert pod["tolerations"] == [{"operator": "Exists"}]
@@ -109,6 +113,11 @@ def test_the_config_map_holds_a_valid_config(pod: dict[str, Any], docs: dict[str
     config_flag = next(a for a in container["command"] if a.startswith("--config="))
     assert config_flag == f"--config={mounts['config']}/config.yaml"
     assert pod["terminationGracePeriodSeconds"] > config.dataplane.drainTimeout
+    # the old and the new pod meet on the hand-over socket in one host directory
+    assert config.lifecycle.afterHandOver == "wait"  # an exited container would be restarted
+    state = next(v for v in pod["volumes"] if v["name"] == "state")
+    assert state["hostPath"] == {"path": config.lifecycle.stateDir, "type": "DirectoryOrCreate"}
+    assert mounts["state"] == config.lifecycle.stateDir
 
 
 def test_dockerfile_base_is_the_public_slim_python_pinned_and_replaceable() -> None:

@@ -1,0 +1,64 @@
+"""Listen first: the proxy's TCP and UDP listeners bound before anything else is imported.
+
+Theory of operation:
+- After a crash the kernel's rules are still in place and TPROXY sends every new
+  connection to a port nobody listens on: the SYN is dropped and the client retransmits
+  it a second later. The black hole lasts until a process listens again, so the command
+  line binds the listeners before it imports the rest of pyproxy (a few hundred ms of
+  imports, netlink and the first sync): from then on the kernel completes handshakes into
+  the accept queue and keeps datagrams in the receive buffer, and the proxy serves them
+  as soon as its table is built. A connection made meanwhile waits; none is dropped.
+- Binding fails with EADDRINUSE while a running pyproxy holds the port: then it takes the
+  normal path (a hand-over from that process). Any other failure is left to the normal
+  path too, which reports it.
+- Only this module's own imports run before the bind (`socket`), so it is cheap.
+- `--workers N` makes its reuseport group in the supervisor and is not covered here.
+"""
+
+from __future__ import annotations
+
+import socket
+
+IP_TRANSPARENT = 19
+IPV6_TRANSPARENT = 75
+BACKLOG = 4096
+
+
+def _listener(port: int, kind: int, ipv6: bool = False) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6 if ipv6 else socket.AF_INET, kind)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if ipv6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
+        else:
+            sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+        sock.bind(("::1" if ipv6 else "127.0.0.1", port))
+        if kind == socket.SOCK_STREAM:
+            sock.listen(BACKLOG)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def bind_early(tcp_port: int, udp_port: int) -> dict[str, socket.socket]:
+    """{"tcp": ..., "udp": ...} when both could be bound now, else {} (nothing kept); with
+    "tcp6" and "udp6" on [::1] too where the node has IPv6 (else the normal path warns)."""
+    try:
+        tcp = _listener(tcp_port, socket.SOCK_STREAM)
+    except OSError:
+        return {}
+    try:
+        udp = _listener(udp_port, socket.SOCK_DGRAM)
+    except OSError:
+        tcp.close()
+        return {}
+    got = {"tcp": tcp, "udp": udp}
+    for name, port, kind in (("tcp6", tcp_port, socket.SOCK_STREAM), ("udp6", udp_port, socket.SOCK_DGRAM)):
+        try:
+            got[name] = _listener(port, kind, ipv6=True)
+        except OSError:
+            pass
+    return got

@@ -1,0 +1,134 @@
+"""The state snapshot on disk: what a process started after a crash restores.
+
+Theory of operation:
+- Every `lifecycle.snapshotInterval` (default 2 s), if anything changed since the last
+  write (a sync, or any affinity hit, miss or eviction), the running process writes
+  `<stateDir>/state.json` (worker i: `state-<i>.json`): the sync state and the affinity pins
+  of `state.py`, with the wall-clock time of writing. The write is atomic: a temporary file
+  in the same directory, flushed, then renamed over the old one, so a reader sees a whole
+  old snapshot or a whole new one, never a torn one, even after `kill -9` mid-write.
+- A process starting without a predecessor to hand over from reads it once. A snapshot
+  that is not JSON, not ours (`format`), of another hand-over protocol, of another node,
+  or whose parts do not decode is ignored with one log line saying which and why; the
+  process then starts as if there were none. The age the file lay on disk is added to
+  every pin's age, so expiry is exactly where it would have been.
+- Serializing runs on the loop (the state must be read consistently), the file I/O in a
+  thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from pyproxy.lifecycle.handover import spoken_protocol
+
+log = logging.getLogger("pyproxy.lifecycle")
+
+FORMAT = "pyproxy-state"
+MAX_SIZE = 256 << 20
+
+
+def snapshot_path(state_dir: str, index: int = 0) -> Path:
+    return Path(state_dir) / ("state.json" if index == 0 else f"state-{index}.json")
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(temporary, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, path)
+
+
+def encode_snapshot(node: str, body: Mapping[str, Any], wall: float) -> bytes:
+    return json.dumps({"format": FORMAT, "protocol": spoken_protocol(), "node": node, "written": wall, **body},
+                      separators=(",", ":")).encode()
+
+
+def decode_snapshot(data: bytes, node: str, path: str) -> dict[str, Any] | None:
+    """The snapshot's body (with `age`: seconds since it was written), or None with a log line."""
+    try:
+        doc = json.loads(data)
+    except ValueError as err:
+        log.error("ignoring the state snapshot %s: not valid JSON (%s); starting without it", path, err)
+        return None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        log.error("ignoring the state snapshot %s: not a pyproxy state snapshot; starting without it", path)
+        return None
+    if doc.get("protocol") != spoken_protocol():
+        log.error("ignoring the state snapshot %s: written by hand-over protocol %r, this release speaks %d; "
+                  "starting without it", path, doc.get("protocol"), spoken_protocol())
+        return None
+    if doc.get("node") != node:
+        log.error("ignoring the state snapshot %s: it is node %r's, this is %r; starting without it",
+                  path, doc.get("node"), node)
+        return None
+    written = doc.get("written")
+    if isinstance(written, bool) or not isinstance(written, (int, float)):
+        log.error("ignoring the state snapshot %s: no write time; starting without it", path)
+        return None
+    doc["age"] = max(0.0, time.time() - float(written))
+    return doc
+
+
+def read_snapshot(path: Path, node: str) -> dict[str, Any] | None:
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_SIZE + 1)
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        log.error("ignoring the state snapshot %s: %s; starting without it", path, err)
+        return None
+    if len(data) > MAX_SIZE:
+        log.error("ignoring the state snapshot %s: larger than %d bytes; starting without it", path, MAX_SIZE)
+        return None
+    return decode_snapshot(data, node, str(path))
+
+
+class SnapshotWriter:
+    """Writes the snapshot whenever `changed()` says so, at most every `interval` seconds."""
+
+    def __init__(self, path: Path, node: str, body: Callable[[], dict[str, Any]],
+                 generation: Callable[[], object], interval: float) -> None:
+        self.path = path
+        self.node = node
+        self.body = body
+        self.generation = generation
+        self.interval = interval
+        self._written: object = None
+        self._failed = False
+
+    async def write_now(self) -> None:
+        generation = self.generation()
+        if generation == self._written:
+            return
+        data = encode_snapshot(self.node, self.body(), time.time())
+        try:
+            await asyncio.to_thread(write_atomically, self.path, data)
+        except OSError as err:
+            if not self._failed:
+                log.error("cannot write the state snapshot %s: %s (retrying every %.0fs)", self.path, err, self.interval)
+            self._failed = True
+            return
+        if self._failed:
+            log.info("state snapshot %s written again", self.path)
+        self._failed = False
+        self._written = generation
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            await self.write_now()
+            try:
+                await asyncio.wait_for(stop.wait(), self.interval)
+            except TimeoutError:
+                pass
