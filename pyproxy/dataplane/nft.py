@@ -122,8 +122,9 @@ def render_ruleset(config: NftConfig, elements: Iterable[Element], allows: Itera
 def _local_sources(config: NftConfig, family: Family) -> str:
     # nft refuses overlapping intervals in one set: merge the CIDRs first
     networks = [ipaddress.ip_network(cidr, strict=False) for cidr in config.local_sources]
+    merged: Iterable[object]
     if family is Family.IPV6:
-        merged: Iterable[object] = ipaddress.collapse_addresses(n for n in networks if isinstance(n, ipaddress.IPv6Network))
+        merged = ipaddress.collapse_addresses(n for n in networks if isinstance(n, ipaddress.IPv6Network))
     else:
         merged = ipaddress.collapse_addresses(n for n in networks if isinstance(n, ipaddress.IPv4Network))
     return ", ".join(str(net) for net in merged)

@@ -61,14 +61,14 @@ class PolicyRouting:
                  table=self.reentry_table, priority=self.priority - 1)
 
     def route_pod_bridges(self, subnets: Iterable[str]) -> None:
-        """Make the re-entry table hold exactly `subnets`, each `dev pyproxy-in`."""
+        """Make the re-entry table hold exactly the IPv4 `subnets`, each `dev pyproxy-in`."""
         if not self.reentry_mark:
             return
         with IPRoute() as ipr:
             peer = ipr.link_lookup(ifname=REENTRY_PEER)
             if not peer:
                 return
-            want = set(subnets)
+            want = {s for s in subnets if ":" not in s}  # IPv6 has no reverse-path filter to satisfy
             for msg in ipr.get_routes(family=socket.AF_INET, table=self.reentry_table):
                 dst = f"{msg.get_attr('RTA_DST')}/{msg['dst_len']}"
                 if dst not in want:
@@ -153,17 +153,21 @@ def local_addresses() -> list[str]:
 
 
 def pod_bridges(names: Iterable[str]) -> list[tuple[str, str]]:
-    """(interface, subnet) for every IPv4 address on the named interfaces that exist."""
+    """(interface, subnet) for every IPv4 address, and every IPv6 one but link-local, on the
+    named interfaces that exist."""
     wanted = set(names)
     if not wanted:
         return []
     found: set[tuple[str, str]] = set()
     with IPRoute() as ipr:
-        for msg in ipr.get_addr(family=socket.AF_INET):
-            name = str(msg.get_attr("IFA_LABEL") or "").split(":")[0]  # an IPv4 label is its interface's name
-            if name in wanted:
-                cidr = f"{msg.get_attr('IFA_ADDRESS')}/{msg['prefixlen']}"
-                found.add((name, str(ipaddress.IPv4Network(cidr, strict=False))))
+        names_of = {link["index"]: str(link.get_attr("IFLA_IFNAME")) for link in ipr.get_links()}
+        for family in (socket.AF_INET, socket.AF_INET6):
+            for msg in ipr.get_addr(family=family):
+                name = names_of.get(msg["index"], "")
+                if name in wanted:
+                    network = ipaddress.ip_network(f"{msg.get_attr('IFA_ADDRESS')}/{msg['prefixlen']}", strict=False)
+                    if not network.is_link_local:
+                        found.add((name, str(network)))
     return sorted(found)
 
 

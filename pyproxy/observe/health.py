@@ -30,6 +30,7 @@ import json
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 
+from pyproxy.model.family import Family
 from pyproxy.model.objects import Node, Service, ServiceKey, ServicePortName
 from pyproxy.model.table import PortState
 
@@ -125,14 +126,20 @@ def service_health(service: ServiceKey, local_endpoints: int, proxy_is_healthy: 
 def local_endpoint_counts(
     ports: Mapping[ServicePortName, PortState], only: Collection[ServiceKey] | None = None
 ) -> dict[ServiceKey, int]:
-    """Distinct local, ready, non-terminating endpoint IPs per Service, over all its ports."""
-    ips: dict[ServiceKey, set[str]] = {}
+    """Distinct local, ready, non-terminating endpoint IPs per Service, over all its ports.
+
+    Dual-stack: a pod has an address of each family, so the IPs are counted per family and
+    the larger count is the Service's (kube-proxy's health check of each family counts that
+    family's endpoints): a pod is one endpoint, not two."""
+    ips: dict[ServiceKey, dict[Family, set[str]]] = {}
     for name, state in ports.items():
         if only is not None and name.service not in only:
             continue
-        found = ips.setdefault(name.service, set())
-        found.update(e.ip for e in state.endpoints.all if e.is_local and e.ready and not e.terminating)
-    return {key: len(found) for key, found in ips.items()}
+        found = ips.setdefault(name.service, {family: set() for family in Family})
+        for e in state.endpoints.all:
+            if e.is_local and e.ready and not e.terminating:
+                found[e.family].add(e.ip)
+    return {key: max(len(f) for f in found.values()) for key, found in ips.items()}
 
 
 @dataclass(frozen=True)

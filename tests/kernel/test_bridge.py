@@ -187,3 +187,17 @@ def test_ipv6_clusterip_from_a_bridged_pod(bridged: Cluster) -> None:
     )
     lines = bridged.run("bcl", "http", "[fd00:96::1:16]:8080", "--count", "20", "--timeout", "3")
     assert set(pods_of(lines)) == set(ALL), lines
+
+
+def test_local_ipv6_nodeport_from_a_bridged_pod_to_its_own_node_is_a_hairpin(bridged: Cluster) -> None:
+    """As for IPv4: the pod bridge's IPv6 subnet counts as local sources, so a bridged pod is
+    served from the cluster set with the node's address, never answered past the proxy."""
+    bridged.apply(
+        m.service("local6", "fd00:96::1:17", [m.port(8080, 80, node_port=30182)], cluster_ips=["fd00:96::1:17"],
+                  type="NodePort", external_policy="Local"),
+        m.endpoint_slice("local6", bridged.backends(*ALL, ipv6=True), [m.slice_port(80)], address_type="IPv6"),
+        name="local6.yaml",
+    )
+    lines = bridged.run("bcl", "http", "[fd00:56::101]:30182", "--count", "20", "--timeout", "3")
+    assert set(pods_of(lines)) == set(ALL), lines
+    assert bridged.lab.pods["bcl"].ip6 not in client_ips_of(lines)

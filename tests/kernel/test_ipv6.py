@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+import time
 from typing import Any
 
 import pytest
@@ -27,6 +28,7 @@ pytestmark = pytest.mark.privileged
 V4, V6 = "10.96.0.80", "fd00:96::80"
 ALL = ("pa", "pb", "pc")
 EXTERNAL6 = "fd00:57::200"  # an externalIP outside every subnet, routed by the client to node1
+LB6 = "fd00:57::201"  # a load-balancer ingress IP, likewise
 
 
 def lines_of(lines: list[str], key: str) -> list[str]:
@@ -47,7 +49,7 @@ def dual_stack(cluster: Cluster, name: str, v4: str, v6: str, ports: list[dict[s
 
 @pytest.fixture(scope="module")
 def ipv6_routes(cluster: Cluster) -> Cluster:
-    cluster.lab.route_client(f"{EXTERNAL6}/128", "node1")
+    cluster.lab.route_client("fd00:57::/64", "node1")
     return cluster
 
 
@@ -125,6 +127,28 @@ def test_external_ip_and_refusal_per_family(ipv6_routes: Cluster) -> None:
     # the Service has no IPv4 address at all: not even its NodePort is in the IPv4 table
     assert " 30088 " not in cluster.lab.exec("node1", "nft", "list", "table", "ip", "pyproxy").stdout
     assert cluster.run("client", "who", f"[{node_ip6(1)}]:30088")[0].startswith("pod=pa")
+
+
+def test_load_balancer_ipv6_ingress_and_its_health_check(ipv6_routes: Cluster) -> None:
+    """An IPv6 ingress IP with Local policy keeps the client's IPv6; the health check node port
+    (on the node's IPv4 address, as before) counts a dual-stack pod once."""
+    cluster = ipv6_routes
+    cluster.apply(*dual_stack(cluster, "lb6", "10.96.0.89", "fd00:96::89", [m.port(80, 80, node_port=30089)],
+                              [m.slice_port(80)], type="LoadBalancer", external_policy="Local", lb_ips=[LB6],
+                              health_check_node_port=32089),
+                  name="lb6.yaml")
+    answers = cluster.run("client", "who", f"[{LB6}]:80", "--count", "3")
+    assert lines_of(answers, "pod") == ["pa"] * 3 and lines_of(answers, "client") == [CLIENT_IP6] * 3
+    for node, status, local in (("192.168.56.101", "200", 1), ("192.168.56.102", "200", 2)):
+        deadline, body = time.monotonic() + 10, ""
+        while time.monotonic() < deadline:
+            got = cluster.lab.exec("client", "curl", "-s", "-w", " %{http_code}", f"http://{node}:32089/",
+                                   check=False).stdout
+            body, _, code = got.rpartition(" ")
+            if code == status:
+                break
+            time.sleep(0.2)
+        assert code == status and json.loads(body)["localEndpoints"] == local, (node, got)
 
 
 def test_udp_request_response_over_ipv6(cluster: Cluster) -> None:

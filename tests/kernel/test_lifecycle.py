@@ -144,8 +144,10 @@ def test_sigterm_without_a_successor_keeps_serving_until_the_drain_bound(node: N
     assert "0 connections cut" in node.log()
     # rules are left in place on a normal exit, and --cleanup removes them
     tables = node.lab.exec("node1", "nft", "list", "tables").stdout
-    assert "table ip pyproxy" in tables and "table netdev pyproxy" in tables
+    assert "table ip pyproxy" in tables and "table ip6 pyproxy" in tables and "table netdev pyproxy" in tables
     assert re.search(r"fwmark 0x200000/0x200000 lookup 2010", node.lab.exec("node1", "ip", "rule").stdout)
+    assert re.search(r"fwmark 0x200000/0x200000 lookup 2010", node.lab.exec("node1", "ip", "-6", "rule").stdout)
+    assert "local default dev lo" in node.lab.exec("node1", "ip", "-6", "route", "show", "table", "2010").stdout
     assert "pyproxy-in" in node.lab.exec("node1", "ip", "link").stdout  # the bridged pods' re-entry veth
     result = node.pyproxy("--cleanup")
     assert result.returncode == 0, result.stderr
@@ -153,6 +155,8 @@ def test_sigterm_without_a_successor_keeps_serving_until_the_drain_bound(node: N
     assert "pyproxy-" not in node.lab.exec("node1", "ip", "link").stdout
     assert "lookup 2010" not in node.lab.exec("node1", "ip", "rule").stdout
     assert node.lab.exec("node1", "ip", "route", "show", "table", "2010", check=False).stdout.strip() == ""
+    assert "lookup 2010" not in node.lab.exec("node1", "ip", "-6", "rule").stdout
+    assert node.lab.exec("node1", "ip", "-6", "route", "show", "table", "2010", check=False).stdout.strip() == ""
     # and --cleanup twice is fine
     assert node.pyproxy("--cleanup").returncode == 0
 

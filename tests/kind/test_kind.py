@@ -261,16 +261,21 @@ def test_dual_stack_service_over_ipv6_from_a_pod_and_from_outside(kind: Cluster)
     families = kind.kubectl("get", "service", "dual-s5", "-o", "jsonpath={.spec.ipFamilies}").stdout
     ips = kind.kubectl("get", "service", "dual-s5", "-o", "jsonpath={.spec.clusterIPs[*]}").stdout.split()
     nodes = {n.name: n for n in kind.nodes()}
+    v4_url = f"http://{nodes[CP].address}:30088/"
+    # the new Service is served once its EndpointSlices are written and every proxy synced
+    assert sc.until(lambda: bool(sc.from_outside(kind, v4_url)[0].pod), timeout_s=30), "never served"
     if kind.cni not in DUAL_STACK:
         assert json.loads(families) == ["IPv4"] and len(ips) == 1, (families, ips)
-        served = sc.from_outside(kind, f"http://{nodes[CP].address}:30088/", count=2)
+        served = sc.from_outside(kind, v4_url, count=2)
         assert all(a.pod and a.pod.startswith("s5-cp-") for a in served), served
         return
     assert json.loads(families) == ["IPv4", "IPv6"] and ":" in ips[1], (families, ips)
     assert all(n.address6 and len(n.pod_cidrs) == 2 for n in nodes.values()), nodes
+    v6_url = f"-g http://[{ips[1]}]:80/"  # -g: [v6] is an address, not a curl glob
+    assert sc.until(lambda: bool(sc.from_pod(kind, "client-cp", v6_url)[0].pod), timeout_s=30), "never over IPv6"
     # from a pod on each node, over IPv6, to pods on both nodes
     for client in sc.CLIENTS.values():
-        answers = sc.from_pod(kind, client, f"-g http://[{ips[1]}]:80/", count=8)  # -g: [v6] is no glob
+        answers = sc.from_pod(kind, client, v6_url, count=8)
         assert len(answers) == 8 and all(a.pod for a in answers), (client, answers)
         assert {a.pod.split("-")[1] for a in answers if a.pod} <= {"cp", "worker"}
     # from outside, on the worker's IPv6 address: only its own pods, and the client's own IPv6
@@ -280,7 +285,7 @@ def test_dual_stack_service_over_ipv6_from_a_pod_and_from_outside(kind: Cluster)
     assert all(a.pod and a.pod.startswith("s5-worker-") for a in answers), answers
     assert {a.client_ip for a in answers} == {outside6}, answers
     # and on the control-plane node's IPv4 address the same Service answers from its pod there
-    served = sc.from_outside(kind, f"http://{nodes[CP].address}:30088/", count=2)
+    served = sc.from_outside(kind, v4_url, count=2)
     assert all(a.pod and a.pod.startswith("s5-cp-") for a in served), served
     for node in nodes:
         assert "tproxy to [::1]" in kind.node_exec(node, "nft", "list", "table", "ip6", "pyproxy")

@@ -121,6 +121,15 @@ def test_local_endpoint_counts_are_distinct_ready_local_ips() -> None:
     assert health.local_endpoint_counts(ports, only={key("web")}) == {key("web"): 3}
 
 
+def test_a_dual_stack_pod_is_one_local_endpoint_not_two() -> None:
+    ports = dict([
+        port_state("dual", "http", ep("10.0.0.1"), ep("10.0.0.2"), ep("fd00::1"), ep("fd00::2")),
+        port_state("v6", "http", ep("fd00::5"), ep("fd00::6"), ep("fd00::7", local=False)),
+        port_state("half", "http", ep("10.0.0.9"), ep("10.0.0.10"), ep("fd00::9")),  # one pod's IPv6 not yet in
+    ])
+    assert health.local_endpoint_counts(ports) == {key("dual"): 2, key("v6"): 2, key("half"): 2}
+
+
 def svc(name: str, hc_port: int | None, type: str = "LoadBalancer", local: bool = True) -> Service:
     return Service(key(name), type, ("10.96.0.1",), (), (), (), None, local, False, hc_port)
 
