@@ -479,14 +479,27 @@ class Direction:
     def _ended(self) -> None:
         """The source sent EOF: forward it once everything read has been written."""
         self.eof = True
+        if self.pending is None and not self.in_pipe and self._other_shut():
+            self.reading = False
+            self._shut()  # the last direction: the pair closes, no interest change needed
+            return
         self._unwatch_src()
         if self.pending is None and not self.in_pipe:
             self._shut()
+
+    def _other_shut(self) -> bool:
+        other = self.pair.down if self.count_in else self.pair.up
+        return other is not None and other.shut
 
     def _shut(self) -> None:
         if self.shut:
             return
         self.shut = True
+        if self._other_shut():
+            # Both directions are done: close() sends this FIN (both receive queues are read
+            # to their EOF, so it is a FIN, not a reset); a shutdown first would be one more call.
+            self.pair.close()
+            return
         try:
             self.dst.shutdown(socket.SHUT_WR)
         except OSError as err:
@@ -576,14 +589,17 @@ class FastPair:
         else:
             self._dial_failed(OSError(code, os.strerror(code)))
 
-    def _dial_done(self) -> None:
+    def _dial_done(self, bits: int) -> None:
+        """The connect finished: writable alone is success (no SO_ERROR call); an error or
+        hang-up bit is a failure, whose reason SO_ERROR gives."""
         sock = self.upstream
         assert sock is not None
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
-        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if err:
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) if bits & ERR_HUP else 0
+        if err or bits & ERR_HUP:
+            err = err or errno.ECONNREFUSED
             self._dial_failed(OSError(err, os.strerror(err)))
         else:
             self._connected()
@@ -686,7 +702,7 @@ class FastPair:
                 return
             if up is None or down is None:
                 if self.upstream is not None and bits & OUT_ERR_HUP:
-                    self._dial_done()
+                    self._dial_done(bits)
                 return
             if not (down.reading or up.writing):
                 self._hung_up(down.src_fd, bits)
