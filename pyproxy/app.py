@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from pyproxy.config import ProxyConfig
+from pyproxy.dataplane.dualstack import DualStackRelay
 from pyproxy.dataplane.errors import ErrorLog
 from pyproxy.dataplane.nft import NftConfig, NftRunner
 from pyproxy.dataplane.relay import Relay, RelayConfig
@@ -28,6 +29,7 @@ from pyproxy.dataplane.routing import PolicyRouting, local_addresses, node_port_
 from pyproxy.dataplane.stats import DataplaneStats
 from pyproxy.dataplane.udp import UdpConfig, UdpRelay
 from pyproxy.inspect.reader import ProxyReader
+from pyproxy.model.family import join_host_port
 from pyproxy.model.objects import ServiceKey
 from pyproxy.observe.metrics import CountingStore
 from pyproxy.observe.observer import Observer
@@ -90,20 +92,20 @@ class ProxyApp:
                                else lambda _: None),
         )
         self.runner = SyncRunner(self.proxier.sync, config.minSyncPeriod, config.syncPeriod)
-        relay = Relay(
-            table=self.table,
-            is_local_source=self.proxier.is_local_source,
-            stats=self.stats,
-            config=RelayConfig(
-                dial_timeouts=dp.dialTimeouts,
-                idle_timeout=dp.tcpIdleTimeout,
-                half_close_timeout=dp.tcpHalfCloseTimeout,
-            ),
+        relay_config = RelayConfig(
+            dial_timeouts=dp.dialTimeouts,
+            idle_timeout=dp.tcpIdleTimeout,
+            half_close_timeout=dp.tcpHalfCloseTimeout,
         )
-        self.relay: TcpRelay = relay
-        if dp.relay == "splice":  # the raw-fd + os.splice byte path (pyproxy/dataplane/splice.py)
-            self.relay = FastRelay(self.table, self.proxier.is_local_source, self.stats, relay.config,
-                                   splice_after=dp.spliceAfter)
+
+        def make_relay() -> TcpRelay:  # one per address family (dualstack.py)
+            if dp.relay == "splice":  # the raw-fd + os.splice byte path (pyproxy/dataplane/splice.py)
+                return FastRelay(self.table, self.proxier.is_local_source, self.stats, relay_config,
+                                 splice_after=dp.spliceAfter)
+            return Relay(table=self.table, is_local_source=self.proxier.is_local_source, stats=self.stats,
+                         config=relay_config)
+
+        self.relay: TcpRelay = DualStackRelay(make_relay, serve_ipv6=self.worker.programs_kernel)
         self.udp = UdpRelay(
             table=self.table,
             is_local_source=self.proxier.is_local_source,
@@ -180,8 +182,12 @@ class ProxyApp:
         if self.worker.programs_kernel:
             await asyncio.to_thread(policy_routing(self.config).install)  # pyroute2 runs its own loop
         await self.relay.start("127.0.0.1", self.config.dataplane.tcpProxyPort, self.worker.listener)
-        if self.worker.programs_kernel:  # other workers serve TCP only
+        if self.worker.programs_kernel:  # other workers serve TCP (IPv4) only
             await self.udp.start("127.0.0.1", self.config.dataplane.udpProxyPort)
+            try:
+                await self.udp.start("::1", self.config.dataplane.udpProxyPort)
+            except OSError as err:  # no IPv6 on this node
+                log.warning("no IPv6 UDP listener (%s): serving IPv4 only", err)
         self._install_signals()
         log.info("pyproxy serving on node %s", self.node_name)
         self.runner.request()
@@ -245,4 +251,5 @@ class ProxyApp:
 
 def _log_conflict(key: ServiceKey, frontend: Frontend, owner: ServiceKey) -> None:
     ip, protocol, port = frontend
-    log.error("Service %s: %s:%d/%s is already served for Service %s; not serving it", key, ip, port, protocol, owner)
+    log.error("Service %s: %s/%s is already served for Service %s; not serving it", key, join_host_port(ip, port),
+              protocol, owner)

@@ -232,13 +232,18 @@ def validate(config: ProxyConfig) -> None:
 
 def _cidr(value: str, path: str) -> None:
     try:
-        ipaddress.IPv4Network(value, strict=False)
+        ipaddress.ip_network(value, strict=False)
     except ValueError:
-        raise ConfigError(path, f"{value!r} is not an IPv4 CIDR") from None
+        raise ConfigError(path, f"{value!r} is not an IPv4 or IPv6 CIDR") from None
 
 
 def split_host_port(value: str, path: str) -> tuple[str, int]:
+    """`host:port`, `[IPv6]:port` or `:port` (every IPv4 address)."""
     host, sep, port = value.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ConfigError(path, f"{value!r}: write an IPv6 address as [address]:port")
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ConfigError(path, f"{value!r} is not host:port")
     return host or "0.0.0.0", int(port)

@@ -32,6 +32,7 @@ from pyproxy.model.store import ClusterStore
 from pyproxy.model.table import Element, ServiceTable
 
 log = logging.getLogger("pyproxy.proxier")
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 @dataclass
@@ -53,12 +54,12 @@ class Proxier:
     on_synced: Callable[[SyncResult], None] = lambda _: None
     full_sync_needed: bool = True
     addresses: tuple[str, ...] = ()
-    cluster_cidrs: tuple[ipaddress.IPv4Network, ...] = ()
+    cluster_cidrs: tuple[Network, ...] = ()
     pod_bridges: Callable[[], list[tuple[str, str]]] = list  # (bridge, subnet) on this node (netlink)
     route_pod_bridges: Callable[[list[str]], None] = lambda _: None  # their reverse-path routes (netlink)
     _routed: list[str] | None = None
     _local: frozenset[str] = field(default_factory=frozenset)
-    _bridged: tuple[ipaddress.IPv4Network, ...] = ()
+    _bridged: tuple[Network, ...] = ()
 
     async def sync(self) -> None:
         if not self.store.synced:
@@ -123,14 +124,14 @@ class Proxier:
         return is_local_source(ip, self._local, self.cluster_cidrs + self._bridged)
 
 
-def is_local_source(ip: str, node_addresses: frozenset[str], networks: Iterable[ipaddress.IPv4Network]) -> bool:
+def is_local_source(ip: str, node_addresses: frozenset[str], networks: Iterable[Network]) -> bool:
     """The node's own address, or one inside the cluster CIDRs or a pod bridge's subnet."""
     if ip in node_addresses:
         return True
-    address = ipaddress.IPv4Address(ip)
-    return any(address in net for net in networks)
+    address = ipaddress.ip_address(ip)
+    return any(address in net for net in networks if net.version == address.version)
 
 
-def parse_cidrs(text: str | Iterable[str]) -> tuple[ipaddress.IPv4Network, ...]:
+def parse_cidrs(text: str | Iterable[str]) -> tuple[Network, ...]:
     items = text.split(",") if isinstance(text, str) else text
-    return tuple(ipaddress.IPv4Network(c.strip(), strict=False) for c in items if c.strip())
+    return tuple(ipaddress.ip_network(c.strip(), strict=False) for c in items if c.strip())

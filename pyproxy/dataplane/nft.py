@@ -1,8 +1,11 @@
 """pyproxy's nftables tables: rendering them (pure) and applying them (`nft -f -`, the only I/O).
 
 Rules kept here (DATAPLANE.md):
-- pyproxy owns exactly two tables, `ip pyproxy` and `netdev pyproxy` (pods on a bridge,
-  below), and touches nothing else.
+- pyproxy owns exactly three tables, `ip pyproxy` and `ip6 pyproxy` (one per address
+  family, rendered from one template: the same sets and chains, each family's frontends
+  in its own table; TPROXY to the proxy's listener of that family, 127.0.0.1 or ::1) and
+  `netdev pyproxy` (pods on a bridge, below, with one set per family), and touches
+  nothing else.
 - The rules never change while running (but for the pod bridges' hook devices, below);
   services come and go as set elements:
   `capture` (TPROXY to the proxy), `reject` (no endpoints: TCP reset / ICMP unreachable),
@@ -13,7 +16,7 @@ Rules kept here (DATAPLANE.md):
   reply path of Local mode; before the capture rules it would steal new UDP queries).
 - An output `route` chain marks the node's own traffic to service addresses so that the
   policy route sends it through `lo` and back into prerouting.
-- A full write replaces both tables atomically; an incremental write only adds and deletes
+- A full write replaces every table atomically; an incremental write only adds and deletes
   elements. A failed incremental write is answered by a full write.
 
 Pods on a Linux bridge (DATAPLANE): with `net.bridge.bridge-nf-call-iptables=1`
@@ -43,16 +46,44 @@ import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from pyproxy.model.family import Family, family_of
 from pyproxy.model.table import Element, Verdict
 
 TABLE = "pyproxy"
 REENTRY_DEVICE = "pyproxy-fwd"  # the veth pyproxy forwards bridged service frames into
-REENTRY_PEER = "pyproxy-in"  # its peer, where they enter the IPv4 stack again
+REENTRY_PEER = "pyproxy-in"  # its peer, where they enter the IP stack again
 REENTRY_MAC = "02:70:79:70:78:01"  # the peer's fixed (locally administered) address
 REENTRY_ADDRESS = "169.254.77.1"  # the peer's /32 (link-local): loose rp_filter wants one
-SET_TYPE = "ipv4_addr . inet_proto . inet_service"
-MATCH = "ip daddr . meta l4proto . th dport"
 SETS = {verdict: f"svc_{verdict.value}" for verdict in Verdict}
+
+
+@dataclass(frozen=True)
+class FamilyRules:
+    """What differs between the `ip` and the `ip6` table; everything else is one template."""
+
+    family: Family
+    address_type: str  # nft's type of one address
+    header: str  # the expression of the destination address
+    listener: str  # where TPROXY sends captured packets (the proxy's listener of this family)
+    reentry_set: str  # the name of this family's set in the `netdev pyproxy` table
+
+    @property
+    def table(self) -> str:
+        return self.family.nft
+
+    @property
+    def set_type(self) -> str:
+        return f"{self.address_type} . inet_proto . inet_service"
+
+    @property
+    def match(self) -> str:
+        return f"{self.header} daddr . meta l4proto . th dport"
+
+
+FAMILIES = {
+    Family.IPV4: FamilyRules(Family.IPV4, "ipv4_addr", "ip", "127.0.0.1", "services"),
+    Family.IPV6: FamilyRules(Family.IPV6, "ipv6_addr", "ip6", "[::1]", "services6"),
+}
 
 
 @dataclass(frozen=True)
@@ -60,38 +91,53 @@ class NftConfig:
     mark: int
     tcp_port: int
     udp_port: int
-    local_sources: tuple[str, ...] = ()  # CIDRs whose traffic counts as "from this cluster"
+    local_sources: tuple[str, ...] = ()  # CIDRs (both families) whose traffic counts as "from this cluster"
     pod_bridges: tuple[str, ...] = ()  # existing bridges pods hang off (re-entry chain); none: no chain
     reentry_mark: int = 0  # set on re-entering frames (routing.py: their reverse-path route); 0: none
 
 
 def render_ruleset(config: NftConfig, elements: Iterable[Element]) -> str:
-    """The whole table, replacing any previous one in the same transaction."""
+    """Every table, each replacing its previous version, all in one transaction."""
+    lines = [line for rules in FAMILIES.values() for line in _render_family(config, rules)]
+    lines += _render_reentry(config)
+    elements = list(elements)
+    lines += _element_lines("add", elements) + _reentry_lines("add", _keys(elements))
+    return "\n".join(lines) + "\n"
+
+
+def _local_sources(config: NftConfig, family: Family) -> str:
+    # nft refuses overlapping intervals in one set: merge the CIDRs first
+    networks = [ipaddress.ip_network(cidr, strict=False) for cidr in config.local_sources]
+    if family is Family.IPV6:
+        merged: Iterable[object] = ipaddress.collapse_addresses(n for n in networks if isinstance(n, ipaddress.IPv6Network))
+    else:
+        merged = ipaddress.collapse_addresses(n for n in networks if isinstance(n, ipaddress.IPv4Network))
+    return ", ".join(str(net) for net in merged)
+
+
+def _render_family(config: NftConfig, rules: FamilyRules) -> list[str]:
+    """The `ip pyproxy` or `ip6 pyproxy` table: the same chains, in that family's words."""
     mark = f"0x{config.mark:x}"
     set_mark = f"meta mark set meta mark or {mark}"
-    # nft refuses overlapping intervals in one set: merge the CIDRs first
-    local_sources = ", ".join(
-        str(net) for net in ipaddress.collapse_addresses(
-            ipaddress.IPv4Network(cidr, strict=False) for cidr in config.local_sources
-        )
-    )
-    sets = "\n".join(f"    set {name} {{ type {SET_TYPE}; }}" for name in SETS.values())
-    lines = [
-        f"table ip {TABLE}",
-        f"delete table ip {TABLE}",
-        f"table ip {TABLE} {{",
+    match, table, header = rules.match, rules.table, rules.header
+    local_sources = _local_sources(config, rules.family)
+    sets = "\n".join(f"    set {name} {{ type {rules.set_type}; }}" for name in SETS.values())
+    return [
+        f"table {table} {TABLE}",
+        f"delete table {table} {TABLE}",
+        f"table {table} {TABLE} {{",
         sets,
-        "    set local_sources { type ipv4_addr; flags interval; "
+        f"    set local_sources {{ type {rules.address_type}; flags interval; "
         + (f"elements = {{ {local_sources} }}; " if local_sources else "")
         + "}",
         "    chain prerouting {",
         "        type filter hook prerouting priority mangle; policy accept;",
-        f"        {MATCH} @svc_reject meta l4proto tcp reject with tcp reset",
-        f"        {MATCH} @svc_reject reject",
-        f"        {MATCH} @svc_drop_internal drop",
-        f"        {MATCH} @svc_drop_external fib saddr type != local ip saddr != @local_sources drop",
+        f"        {match} @svc_reject meta l4proto tcp reject with tcp reset",
+        f"        {match} @svc_reject reject",
+        f"        {match} @svc_drop_internal drop",
+        f"        {match} @svc_drop_external fib saddr type != local {header} saddr != @local_sources drop",
         *(
-            f"        {MATCH} @{name} meta l4proto {proto} tproxy to 127.0.0.1:{port} {set_mark} accept"
+            f"        {match} @{name} meta l4proto {proto} tproxy to {rules.listener}:{port} {set_mark} accept"
             for name in ("svc_capture", "svc_drop_external")
             for proto, port in (("tcp", config.tcp_port), ("udp", config.udp_port))
         ),
@@ -99,20 +145,16 @@ def render_ruleset(config: NftConfig, elements: Iterable[Element]) -> str:
         "    }",
         "    chain output {",
         "        type route hook output priority mangle; policy accept;",
-        f"        {MATCH} @svc_drop_internal drop",
+        f"        {match} @svc_drop_internal drop",
         # the node's own UDP to a service without endpoints: an ICMP error cannot come back
         # through lo, so refuse it here (send() fails at once) rather than let it time out
-        f"        {MATCH} @svc_reject meta l4proto udp reject",
-        f"        {MATCH} @svc_capture {set_mark}",
-        f"        {MATCH} @svc_drop_external {set_mark}",
-        f"        {MATCH} @svc_reject {set_mark}",
+        f"        {match} @svc_reject meta l4proto udp reject",
+        f"        {match} @svc_capture {set_mark}",
+        f"        {match} @svc_drop_external {set_mark}",
+        f"        {match} @svc_reject {set_mark}",
         "    }",
         "}",
-        *_render_reentry(config),
     ]
-    elements = list(elements)
-    lines += _element_lines("add", elements) + _reentry_lines("add", _keys(elements))
-    return "\n".join(lines) + "\n"
 
 
 def _render_reentry(config: NftConfig) -> list[str]:
@@ -121,15 +163,18 @@ def _render_reentry(config: NftConfig) -> list[str]:
         f"table netdev {TABLE}",
         f"delete table netdev {TABLE}",
         f"table netdev {TABLE} {{",
-        f"    set services {{ type {SET_TYPE}; }}",
+        *(f"    set {rules.reentry_set} {{ type {rules.set_type}; }}" for rules in FAMILIES.values()),
     ]
     if config.pod_bridges:
         devices = ", ".join(f'"{name}"' for name in config.pod_bridges)
         lines += [
             "    chain pod_bridges {",
             f"        type filter hook ingress devices = {{ {devices} }} priority -500; policy accept;",
-            f"        {MATCH} @services{_reentry_mark(config)} ether daddr set {REENTRY_MAC}"
-            f' fwd to "{REENTRY_DEVICE}"',
+            *(
+                f"        {rules.match} @{rules.reentry_set}{_reentry_mark(config)} ether daddr set {REENTRY_MAC}"
+                f' fwd to "{REENTRY_DEVICE}"'
+                for rules in FAMILIES.values()
+            ),
             "    }",
         ]
     return lines + ["}"]
@@ -150,31 +195,35 @@ def render_update(added: Iterable[Element], removed: Iterable[Element]) -> str:
 
 
 def render_cleanup() -> str:
-    return "".join(f"table {family} {TABLE}\ndelete table {family} {TABLE}\n" for family in ("ip", "netdev"))
+    return "".join(f"table {family} {TABLE}\ndelete table {family} {TABLE}\n" for family in ("ip", "ip6", "netdev"))
 
 
 def _keys(elements: Iterable[Element]) -> set[tuple[str, str, int]]:
     return {key for _, key in elements}
 
 
+def _item(ip: str, protocol: str, port: int) -> str:
+    return f"{ip} . {protocol.lower()} . {port}"
+
+
+def _chunks(verb: str, target: str, items: list[str]) -> list[str]:
+    return [f"{verb} element {target} {{ {', '.join(items[start:start + 1000])} }}"
+            for start in range(0, len(items), 1000)]
+
+
 def _reentry_lines(verb: str, keys: set[tuple[str, str, int]]) -> list[str]:
-    items = [f"{ip} . {protocol.lower()} . {port}" for ip, protocol, port in sorted(keys)]
-    return [
-        f"{verb} element netdev {TABLE} services {{ {', '.join(items[start:start + 1000])} }}"
-        for start in range(0, len(items), 1000)
-    ]
+    by_set: dict[str, list[str]] = {}
+    for ip, protocol, port in sorted(keys):
+        by_set.setdefault(FAMILIES[family_of(ip)].reentry_set, []).append(_item(ip, protocol, port))
+    return [line for name, items in sorted(by_set.items()) for line in _chunks(verb, f"netdev {TABLE} {name}", items)]
 
 
 def _element_lines(verb: str, elements: Iterable[Element]) -> list[str]:
-    by_set: dict[str, list[str]] = {}
+    by_set: dict[tuple[str, str], list[str]] = {}
     for verdict, (ip, protocol, port) in sorted(elements, key=lambda e: (e[0].value, e[1])):
-        by_set.setdefault(SETS[verdict], []).append(f"{ip} . {protocol.lower()} . {port}")
-    lines = []
-    for name, items in by_set.items():
-        for start in range(0, len(items), 1000):
-            chunk = ", ".join(items[start:start + 1000])
-            lines.append(f"{verb} element ip {TABLE} {name} {{ {chunk} }}")
-    return lines
+        by_set.setdefault((family_of(ip).nft, SETS[verdict]), []).append(_item(ip, protocol, port))
+    return [line for (table, name), items in sorted(by_set.items())
+            for line in _chunks(verb, f"{table} {TABLE} {name}", items)]
 
 
 class NftError(RuntimeError):

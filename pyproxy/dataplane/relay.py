@@ -2,7 +2,8 @@
 
 Rules kept here (SPEC.md §5, §8):
 - The accepted socket's local address *is* the original destination (TPROXY); the service
-  table maps it to a service port. An unknown destination, or a service port with no
+  table maps it to a service port. One listener serves one address family (127.0.0.1 or
+  ::1, IPV6_V6ONLY); socket addresses are cut to (host, port) as they are read. An unknown destination, or a service port with no
   endpoint for this client, is answered with a TCP reset.
 - Which endpoint, in which order, and whether the client's source address is kept are
   decided by the pure model (`plan_connection`, `Balancer.pick`); this module only dials.
@@ -38,6 +39,7 @@ from typing import Protocol, cast
 from pyproxy.dataplane.errors import ErrorLog, error_name
 from pyproxy.dataplane.stats import ConnectionInfo, DataplaneStats, PortStats
 from pyproxy.model.endpoints import Endpoint
+from pyproxy.model.family import host_port
 from pyproxy.model.objects import ServicePortName
 from pyproxy.model.table import Route, ServiceTable, plan_connection
 
@@ -45,6 +47,7 @@ log = logging.getLogger("pyproxy.relay")
 
 IP_TRANSPARENT = 19
 IP_BIND_ADDRESS_NO_PORT = 24
+IPV6_TRANSPARENT = 75  # <linux/in6.h>
 LINGER_RESET = struct.pack("ii", 1, 0)
 EARLY_BUFFER_LIMIT = 256 * 1024
 LISTEN_BACKLOG = 4096  # a burst of connections waits here for accept(); overflow drops handshakes
@@ -60,12 +63,32 @@ class RelayConfig:
     write_buffer_low: int = 64 * 1024
 
 
+def family_socket(ipv6: bool, kind: int) -> socket.socket:
+    """A socket of one family; an IPv6 one never carries IPv4 (no mapped addresses)."""
+    sock = socket.socket(socket.AF_INET6 if ipv6 else socket.AF_INET, kind)
+    if ipv6:
+        try:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        except OSError:
+            sock.close()
+            raise
+    return sock
+
+
+def set_transparent(sock: socket.socket) -> None:
+    """IP_TRANSPARENT, or IPV6_TRANSPARENT on an IPv6 socket."""
+    if sock.family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
+    else:
+        sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+
+
 def transparent_listener(host: str, port: int, kind: int = socket.SOCK_STREAM) -> socket.socket:
-    """A socket that accepts TPROXY'd traffic for any destination."""
-    sock = socket.socket(socket.AF_INET, kind)
+    """A socket that accepts TPROXY'd traffic for any destination of `host`'s family."""
+    sock = family_socket(":" in host, kind)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+        set_transparent(sock)
         sock.bind((host, port))
         if kind == socket.SOCK_STREAM:
             sock.listen(LISTEN_BACKLOG)
@@ -177,8 +200,9 @@ class ClientSide(asyncio.Protocol):
                 transport.abort()
 
     def _serve(self, transport: asyncio.Transport) -> None:
-        client = transport.get_extra_info("peername")
-        destination = transport.get_extra_info("sockname")
+        peer, local = transport.get_extra_info("peername"), transport.get_extra_info("sockname")
+        client = host_port(peer) if peer else None
+        destination = host_port(local) if local else None
         if self.relay.draining:
             reset(transport)
             return
@@ -308,7 +332,7 @@ class Pair:
             if endpoint is None:
                 break
             try:
-                sock = _upstream_socket(client_ip if transparent else None)
+                sock = _upstream_socket(client_ip if transparent else None, ipv6=":" in endpoint.ip)
             except OSError as err:  # out of file descriptors, say: not the endpoint's fault
                 self.relay.errors.note("upstream", err, f"cannot make an upstream socket: {err}")
                 break
@@ -459,13 +483,15 @@ class Pair:
         self.timer = asyncio.get_running_loop().call_later(remaining, self._check_idle)
 
 
-def _upstream_socket(source_ip: str | None) -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+def _upstream_socket(source_ip: str | None, ipv6: bool = False) -> socket.socket:
+    """A socket towards an endpoint of one family; with `source_ip`, transparent and bound
+    to it (the client's address: Local policy)."""
+    sock = family_socket(ipv6, socket.SOCK_STREAM)
     sock.setblocking(False)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     if source_ip is not None:
         try:
-            sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+            set_transparent(sock)
             sock.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
             sock.bind((source_ip, 0))
         except OSError:

@@ -3,7 +3,9 @@
 Rules kept here:
 - Marked packets (`fwmark MARK/MARK`) look up a table of pyproxy's own whose only route
   is `local 0.0.0.0/0 dev lo`: they are delivered to this host, where TPROXY's socket
-  assignment hands them to the proxy.
+  assignment hands them to the proxy. IPv6 has the same rule and a `local ::/0 dev lo`
+  route in its own routing table of the same number. A node without IPv6 (the module
+  not loaded, or `disable_ipv6` on lo) gets the IPv4 half and one log line; it serves IPv4.
 - For pods on a Linux bridge, a veth pair of pyproxy's own (`pyproxy-fwd` <-> `pyproxy-in`,
   the peer with a fixed MAC): the `netdev pyproxy` table forwards their frames to service
   addresses into it, so they re-enter the IPv4 stack without br_netfilter's state and
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import logging
 import socket
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -34,8 +37,12 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from pyproxy.dataplane.devconf import IPV4_DEVCONF_SRC_VMARK, set_ipv4_devconf
 from pyproxy.dataplane.nft import REENTRY_ADDRESS, REENTRY_DEVICE, REENTRY_MAC, REENTRY_PEER
+from pyproxy.model.family import node_port_candidate
 
+log = logging.getLogger("pyproxy.routing")
 SCOPE_HOST = 254  # a local route must say so, as `ip route add local` does
+ANY = {socket.AF_INET: "0.0.0.0/0", socket.AF_INET6: "::/0"}
+IFA_F_DADFAILED = 0x08
 
 
 @dataclass(frozen=True)
@@ -69,16 +76,24 @@ class PolicyRouting:
             for dst in sorted(want):
                 ipr.route("replace", dst=dst, oif=peer[0], table=self.reentry_table)
 
+    def _tproxy_route(self, ipr: IPRoute, verb: str, family: socket.AddressFamily) -> None:
+        """The fwmark rule and the local route of one family (ignoring what is already so)."""
+        lo = ipr.link_lookup(ifname="lo")[0]
+        done = errno.EEXIST if verb == "add" else errno.ENOENT
+        _ignore(done, lambda: ipr.rule(
+            verb, family=family, fwmark=self.mark, fwmask=self.mark, table=self.table, priority=self.priority,
+        ))
+        _ignore(done if verb == "add" else errno.ESRCH, lambda: ipr.route(
+            verb, family=family, dst=ANY[family], type="local", scope=SCOPE_HOST, oif=lo, table=self.table,
+        ))
+
     def install(self) -> None:
         with IPRoute() as ipr:
-            lo = ipr.link_lookup(ifname="lo")[0]
-            _ignore(errno.EEXIST, lambda: ipr.rule(
-                "add", family=socket.AF_INET, fwmark=self.mark, fwmask=self.mark,
-                table=self.table, priority=self.priority,
-            ))
-            _ignore(errno.EEXIST, lambda: ipr.route(
-                "add", dst="0.0.0.0/0", type="local", scope=SCOPE_HOST, oif=lo, table=self.table,
-            ))
+            self._tproxy_route(ipr, "add", socket.AF_INET)
+            try:
+                self._tproxy_route(ipr, "add", socket.AF_INET6)
+            except NetlinkError as err:  # no IPv6 on this node: serve IPv4
+                log.warning("no IPv6 policy routing (%s): IPv6 Service addresses will not be served", err)
             _install_reentry(ipr)
             if self.reentry_mark:
                 _ignore(errno.EEXIST, lambda: self._reentry_rule(ipr, "add"))
@@ -86,14 +101,13 @@ class PolicyRouting:
 
     def remove(self) -> None:
         with IPRoute() as ipr:
-            lo = ipr.link_lookup(ifname="lo")[0]
-            _ignore(errno.ENOENT, lambda: ipr.rule(
-                "del", family=socket.AF_INET, fwmark=self.mark, fwmask=self.mark,
-                table=self.table, priority=self.priority,
-            ))
-            _ignore(errno.ESRCH, lambda: ipr.route(
-                "del", dst="0.0.0.0/0", type="local", scope=SCOPE_HOST, oif=lo, table=self.table,
-            ))
+            for family in (socket.AF_INET, socket.AF_INET6):
+                try:
+                    self._tproxy_route(ipr, "del", family)
+                except NetlinkError as err:
+                    if family == socket.AF_INET:
+                        raise
+                    log.debug("no IPv6 policy routing to remove: %s", err)
             if self.reentry_mark:
                 _ignore(errno.ENOENT, lambda: self._reentry_rule(ipr, "del"))
                 _ignore(errno.ESRCH, lambda: ipr.flush_routes(table=self.reentry_table))
@@ -126,9 +140,15 @@ def _ignore(code: int, call: Callable[[], object]) -> None:
 
 
 def local_addresses() -> list[str]:
-    """Every IPv4 address on this host (its network namespace), but pyproxy's own re-entry one."""
+    """Every address of both families on this host (its network namespace), but pyproxy's
+    own re-entry one and IPv6 addresses whose duplicate address detection failed."""
     with IPRoute() as ipr:
-        addresses = {str(msg.get_attr("IFA_ADDRESS")) for msg in ipr.get_addr(family=socket.AF_INET)}
+        messages = list(ipr.get_addr(family=socket.AF_INET)) + list(ipr.get_addr(family=socket.AF_INET6))
+    addresses = set()
+    for msg in messages:
+        flags = msg.get_attr("IFA_FLAGS") or msg["flags"]
+        if not flags & IFA_F_DADFAILED:
+            addresses.add(str(ipaddress.ip_address(str(msg.get_attr("IFA_ADDRESS")))))
     return sorted(addresses - {REENTRY_ADDRESS})
 
 
@@ -148,8 +168,10 @@ def pod_bridges(names: Iterable[str]) -> list[tuple[str, str]]:
 
 
 def node_port_addresses(addresses: Iterable[str], cidrs: Iterable[str]) -> list[str]:
-    """The addresses NodePorts are served on: those inside `cidrs`, or all when none are given."""
-    networks = [ipaddress.IPv4Network(c, strict=False) for c in cidrs]
+    """The addresses NodePorts are served on: those inside `cidrs` (of either family), or
+    all when none are given; never IPv6 link-local or loopback (family.py)."""
+    candidates = [a for a in addresses if node_port_candidate(a)]
+    networks = [ipaddress.ip_network(c, strict=False) for c in cidrs]
     if not networks:
-        return sorted(addresses)
-    return sorted(a for a in addresses if any(ipaddress.IPv4Address(a) in n for n in networks))
+        return sorted(candidates)
+    return sorted(a for a in candidates if any(ipaddress.ip_address(a) in n for n in networks))

@@ -64,6 +64,7 @@ from pyproxy.dataplane.poller import ERR_HUP, IN, IN_RDHUP, OUT, RDHUP, Poller
 from pyproxy.dataplane.relay import (
     IP_BIND_ADDRESS_NO_PORT,
     IP_TRANSPARENT,
+    IPV6_TRANSPARENT,
     LINGER_RESET,
     RelayConfig,
     drain_pairs,
@@ -73,13 +74,15 @@ from pyproxy.dataplane.relay import (
 from pyproxy.dataplane.stats import ConnectionInfo, DataplaneStats, PortStats
 from pyproxy.model.copymode import SPLICE_NOW, CopyPolicy
 from pyproxy.model.endpoints import Endpoint
+from pyproxy.model.family import host_port
 from pyproxy.model.table import Route, ServiceTable, plan_connection
 
 log = logging.getLogger("pyproxy.splice")
 
 Sock = _socket.socket  # the C socket type (socket.socket's base): cheaper to make and to close
-AF_INET, SOCK_STREAM, IPPROTO_TCP, TCP_NODELAY, SOL_IP = (
-    socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, socket.TCP_NODELAY, socket.SOL_IP)
+AF_INET, AF_INET6, SOCK_STREAM, IPPROTO_TCP, TCP_NODELAY, SOL_IP, IPPROTO_IPV6, IPV6_V6ONLY = (
+    socket.AF_INET, socket.AF_INET6, socket.SOCK_STREAM, socket.IPPROTO_TCP, socket.TCP_NODELAY, socket.SOL_IP,
+    socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)
 SOCK_STREAM_NONBLOCK = socket.SOCK_STREAM | socket.SOCK_NONBLOCK
 
 ACCEPT_BATCH = 64
@@ -194,6 +197,7 @@ class FastRelay:
         listener = self.listener
         if listener is None:
             return
+        family = listener.family
         for _ in range(ACCEPT_BATCH):
             try:
                 fd, client = listener._accept()  # type: ignore[attr-defined]  # accept() converts enums each call
@@ -204,7 +208,8 @@ class FastRelay:
                                  level=logging.WARNING)
                 self._pause_accepting()
                 return
-            conn = _socket.socket(AF_INET, SOCK_STREAM, 0, fd)  # the C type: no Python-level __init__/close
+            conn = _socket.socket(family, SOCK_STREAM, 0, fd)  # the C type: no Python-level __init__/close
+            client = host_port(client)
             if self.draining:
                 _reset(conn)
                 continue
@@ -240,7 +245,7 @@ class FastRelay:
     def _serve(self, conn: Sock, client: tuple[str, int]) -> None:
         conn.setblocking(False)
         try:
-            destination = conn.getsockname()
+            destination = host_port(conn.getsockname())
         except OSError as err:
             self.errors.note("client", err, "clients reset their connections before they were served")
             conn.close()
@@ -274,14 +279,20 @@ class FastRelay:
         return stats
 
 
-def _dial_socket(source_ip: str | None) -> Sock:
-    """A non-blocking upstream socket (SOCK_NONBLOCK: no extra syscall), TCP_NODELAY, and
-    bound to the client's address when it is to be kept (transparent)."""
-    sock = _socket.socket(AF_INET, SOCK_STREAM_NONBLOCK)
+def _dial_socket(source_ip: str | None, ipv6: bool = False) -> Sock:
+    """A non-blocking upstream socket of one family (SOCK_NONBLOCK: no extra syscall; an IPv6
+    one is V6ONLY, as relay.family_socket makes them), TCP_NODELAY, and bound to the client's
+    address when it is to be kept (transparent)."""
+    sock = _socket.socket(AF_INET6 if ipv6 else AF_INET, SOCK_STREAM_NONBLOCK)
     try:
+        if ipv6:
+            sock.setsockopt(IPPROTO_IPV6, IPV6_V6ONLY, 1)
         sock.setsockopt(IPPROTO_TCP, TCP_NODELAY, 1)
         if source_ip is not None:
-            sock.setsockopt(SOL_IP, IP_TRANSPARENT, 1)
+            if ipv6:
+                sock.setsockopt(IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
+            else:
+                sock.setsockopt(SOL_IP, IP_TRANSPARENT, 1)
             sock.setsockopt(SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
             sock.bind((source_ip, 0))
     except OSError:
@@ -573,7 +584,7 @@ class FastPair:
         self.attempt += 1
         self.endpoint = endpoint
         try:
-            sock = _dial_socket(self.client_address[0] if self.transparent else None)
+            sock = _dial_socket(self.client_address[0] if self.transparent else None, ipv6=":" in endpoint.ip)
         except OSError as err:  # out of file descriptors, say: not the endpoint's fault
             self.relay.errors.note("upstream", err, f"cannot make an upstream socket: {err}")
             self.stats.refused += 1

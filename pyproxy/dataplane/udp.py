@@ -1,9 +1,10 @@
 """The UDP relay: one transparent listener, one upstream socket per flow (SPEC.md §7).
 
 Rules kept here:
-- nftables TPROXYs every captured UDP service address to one listener (IP_TRANSPARENT,
-  bound to 127.0.0.1:udpProxyPort). Each datagram's original destination, the service
-  address, comes with it as IP_ORIGDSTADDR ancillary data (`recvmsg`); asyncio and uvloop
+- nftables TPROXYs every captured UDP service address to one listener per family
+  (IP_TRANSPARENT bound to 127.0.0.1:udpProxyPort; IPV6_TRANSPARENT bound to
+  [::1]:udpProxyPort). Each datagram's original destination, the service address, comes
+  with it as IP_ORIGDSTADDR (IPV6_ORIGDSTADDR) ancillary data (`recvmsg`); asyncio and uvloop
   datagram endpoints don't surface ancillary data, so sockets are read with `add_reader`,
   non-blocking, at most `batch` datagrams per wakeup.
 - A flow is (client ip:port, service address). Its first datagram looks up the route,
@@ -36,8 +37,9 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from pyproxy.dataplane.relay import IP_TRANSPARENT, transparent_listener
+from pyproxy.dataplane.relay import family_socket, set_transparent, transparent_listener
 from pyproxy.dataplane.stats import ConnectionInfo, DataplaneStats, PortStats
+from pyproxy.model.family import host_port, join_host_port
 from pyproxy.model.flows import Address, Flow, FlowKey, FlowTable, usable_endpoints
 from pyproxy.model.objects import ServicePortName
 from pyproxy.model.table import PortState, ServiceTable, plan_connection
@@ -45,9 +47,10 @@ from pyproxy.model.table import PortState, ServiceTable, plan_connection
 log = logging.getLogger("pyproxy.udp")
 
 IP_ORIGDSTADDR = 20  # <linux/in.h>; IP_RECVORIGDSTADDR is the same number
-SOCKADDR_IN_SIZE = 16
-RECEIVE_SIZE = 65536  # the largest IPv4 UDP payload is 65507: nothing is ever cut
-ANCILLARY_SIZE = socket.CMSG_SPACE(SOCKADDR_IN_SIZE)
+IPV6_ORIGDSTADDR = 74  # <linux/in6.h>; IPV6_RECVORIGDSTADDR is the same number
+SOCKADDR_IN6_SIZE = 28
+RECEIVE_SIZE = 65536  # the largest UDP payload is 65507 (IPv4), 65527 (IPv6): nothing is ever cut
+ANCILLARY_SIZE = socket.CMSG_SPACE(SOCKADDR_IN6_SIZE)
 WARN_INTERVAL = 10.0
 
 
@@ -72,21 +75,24 @@ class FlowIO:
 
 
 def original_destination(ancillary: list[tuple[int, int, bytes]]) -> Address | None:
-    """The service address a TPROXY'd datagram was sent to, from its IP_ORIGDSTADDR (a sockaddr_in)."""
+    """The service address a TPROXY'd datagram was sent to, from its IP_ORIGDSTADDR (a
+    sockaddr_in) or IPV6_ORIGDSTADDR (a sockaddr_in6: family, port, flow info, address)."""
     for level, kind, data in ancillary:
         if level == socket.SOL_IP and kind == IP_ORIGDSTADDR and len(data) >= 8:
             return socket.inet_ntoa(data[4:8]), int.from_bytes(data[2:4], "big")
+        if level == socket.IPPROTO_IPV6 and kind == IPV6_ORIGDSTADDR and len(data) >= 24:
+            return socket.inet_ntop(socket.AF_INET6, data[8:24]), int.from_bytes(data[2:4], "big")
     return None
 
 
 def upstream_socket(source_ip: str | None, endpoint: Address, buffer: int) -> socket.socket:
     """A UDP socket connected to the endpoint; transparent and bound to `source_ip` if given."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock = family_socket(":" in endpoint[0], socket.SOCK_DGRAM)
     try:
         sock.setblocking(False)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffer)
         if source_ip is not None:
-            sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+            set_transparent(sock)
             sock.bind((source_ip, 0))
         sock.connect(endpoint)
     except OSError:
@@ -97,11 +103,11 @@ def upstream_socket(source_ip: str | None, endpoint: Address, buffer: int) -> so
 
 def reply_socket(service_address: Address) -> socket.socket:
     """A socket that sends from the service address (never read: its receive buffer stays minimal)."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock = family_socket(":" in service_address[0], socket.SOCK_DGRAM)
     try:
         sock.setblocking(False)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+        set_transparent(sock)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)
         sock.bind(service_address)
     except OSError:
@@ -122,7 +128,7 @@ class UdpRelay:
     open_upstream: Callable[[str | None, Address, int], socket.socket] = upstream_socket
     open_reply: Callable[[Address], socket.socket] = reply_socket
     flows: FlowTable[FlowIO] = field(init=False)
-    _listener: socket.socket | None = None
+    _listeners: list[socket.socket] = field(default_factory=list)  # one per family
     _loop: asyncio.AbstractEventLoop | None = None
     _timer: asyncio.TimerHandle | None = None
     _replies: dict[Address, socket.socket] = field(default_factory=dict)
@@ -133,24 +139,29 @@ class UdpRelay:
         self.flows = FlowTable(self.config.max_flows, self.config.idle_timeout)
 
     async def start(self, host: str, port: int) -> None:
+        """Listen on `host`:`port` too (called once per family: 127.0.0.1, then ::1)."""
         self._loop = asyncio.get_running_loop()
         ensure_fd_budget(self.config.max_flows + 2048)  # a socket per flow, a few reply sockets, the rest
         sock = transparent_listener(host, port, socket.SOCK_DGRAM)
         try:
-            sock.setsockopt(socket.SOL_IP, IP_ORIGDSTADDR, 1)
+            if sock.family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, IPV6_ORIGDSTADDR, 1)
+            else:
+                sock.setsockopt(socket.SOL_IP, IP_ORIGDSTADDR, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.config.listener_buffer)
-            self._loop.add_reader(sock.fileno(), self._from_clients)
+            self._loop.add_reader(sock.fileno(), self._from_clients, sock)
         except OSError:
             sock.close()
             raise
-        self._listener = sock
+        self._listeners.append(sock)
 
     def close(self) -> None:
         """Stop listening and close every flow and reply socket."""
-        if self._listener is not None and self._loop is not None:
-            self._loop.remove_reader(self._listener.fileno())
-            self._listener.close()
-            self._listener = None
+        for listener in self._listeners:
+            if self._loop is not None:
+                self._loop.remove_reader(listener.fileno())
+            listener.close()
+        self._listeners.clear()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -167,7 +178,8 @@ class UdpRelay:
             if current is not None and current is self._planned_with.get(name):
                 continue  # this port was not rebuilt
             for flow in self.flows.retain(name, usable_endpoints(current)):
-                log.info("dropping UDP flow %s:%s -> %s: endpoint %s:%s is gone", *flow.client, name, *flow.endpoint)
+                log.info("dropping UDP flow %s -> %s: endpoint %s is gone", join_host_port(*flow.client), name,
+                         join_host_port(*flow.endpoint))
                 self._release(flow, "endpoint_gone")
             if current is None:
                 self._planned_with.pop(name, None)
@@ -185,19 +197,19 @@ class UdpRelay:
 
     # client -> endpoint
 
-    def _from_clients(self) -> None:
-        listener = self._listener
-        if listener is None:
+    def _from_clients(self, listener: socket.socket) -> None:
+        if listener not in self._listeners:
             return
         for _ in range(self.config.batch):
             try:
-                data, ancillary, flags, client = listener.recvmsg(RECEIVE_SIZE, ANCILLARY_SIZE)
+                data, ancillary, flags, peer = listener.recvmsg(RECEIVE_SIZE, ANCILLARY_SIZE)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as err:
                 self._drop("receive_error")
                 self._warn("receive", "UDP listener receive failed: %s", err)
                 return
+            client = host_port(peer)
             destination = original_destination(ancillary)
             if destination is None or flags & socket.MSG_TRUNC:
                 self._drop("no_original_destination" if destination is None else "truncated")
@@ -207,8 +219,8 @@ class UdpRelay:
             except Exception as err:  # a bug costs this datagram and a rate-limited line, not the listener
                 self._drop("internal_error")
                 self.stats.connection_errors[("internal", type(err).__name__)] += 1
-                self._warn("internal", "UDP relay: unexpected error forwarding a datagram from %s:%s: %r",
-                           *client, err)
+                self._warn("internal", "UDP relay: unexpected error forwarding a datagram from %s: %r",
+                           join_host_port(*client), err)
 
     def forward(self, data: bytes, client: Address, destination: Address) -> None:
         """One datagram from `client` to the service address `destination`: to its flow's endpoint."""
@@ -228,7 +240,7 @@ class UdpRelay:
             return
         except OSError as err:
             self._drop("upstream_error")
-            self._warn("send", "UDP send to %s:%s failed: %s", *flow.endpoint, err)
+            self._warn("send", "UDP send to %s failed: %s", join_host_port(*flow.endpoint), err)
             self._close(flow, "upstream_error")
             return
         self.flows.touch(flow, now)
@@ -262,7 +274,7 @@ class UdpRelay:
                                           self.config.upstream_buffer)
         except OSError as err:
             self._drop("socket_error")
-            self._warn("socket", "cannot open a UDP flow from %s:%s to %s: %s", *client, endpoint, err)
+            self._warn("socket", "cannot open a UDP flow from %s to %s: %s", join_host_port(*client), endpoint, err)
             self._close_reply_if_unused(destination)
             return None
         flow = Flow(key, name, endpoint.address, FlowIO(upstream, port_stats, started=now))
@@ -307,7 +319,7 @@ class UdpRelay:
                 self._close(flow, "endpoint_refused")
                 return
             except OSError as err:
-                self._warn("recv", "UDP receive from %s:%s failed: %s", *flow.endpoint, err)
+                self._warn("recv", "UDP receive from %s failed: %s", join_host_port(*flow.endpoint), err)
                 self._close(flow, "upstream_error")
                 return
             try:

@@ -38,12 +38,17 @@ CHUNK = 1 << 16
 
 
 def _address(text: str) -> tuple[str, int]:
+    """`ip:port`, or `[ipv6]:port`."""
     host, _, port = text.rpartition(":")
-    return host, int(port)
+    return host.removeprefix("[").removesuffix("]"), int(port)
+
+
+def _family(address: tuple[str, int]) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in address[0] else socket.AF_INET
 
 
 def _connect(address: tuple[str, int], timeout: float, bind: str | None) -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock = socket.socket(_family(address), socket.SOCK_STREAM)
     sock.settimeout(timeout)
     if bind:
         sock.bind((bind, 0))
@@ -60,7 +65,8 @@ def _read_all(sock: socket.socket) -> bytes:
 
 def http(address: tuple[str, int], timeout: float, bind: str | None) -> str:
     with _connect(address, timeout, bind) as sock:
-        sock.sendall(f"GET / HTTP/1.1\r\nHost: {address[0]}:{address[1]}\r\n\r\n".encode())
+        host = f"[{address[0]}]" if ":" in address[0] else address[0]
+        sock.sendall(f"GET / HTTP/1.1\r\nHost: {host}:{address[1]}\r\n\r\n".encode())
         reply = _read_all(sock).decode(errors="replace")
     return reply.partition("\r\n\r\n")[2].strip()
 
@@ -133,7 +139,7 @@ def connect(address: tuple[str, int], timeout: float, bind: str | None) -> str:
 
 def udp(address: tuple[str, int], size: int, timeout: float, bind: str | None) -> str:
     payload = os.urandom(size)
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+    with socket.socket(_family(address), socket.SOCK_DGRAM) as sock:
         sock.settimeout(timeout)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
         if bind:
@@ -189,7 +195,7 @@ LINGER_RESET = b"\x01\x00\x00\x00\x00\x00\x00\x00"  # struct linger {on, 0 s}: c
 def _open_batch(address: tuple[str, int], n: int, bind: str | None) -> list[socket.socket]:
     socks = []
     for _ in range(n):
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock = socket.socket(_family(address), socket.SOCK_STREAM)
         sock.setblocking(False)
         if bind:
             sock.bind((bind, 0))

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from pyproxy.demo import manifests as m
-from pyproxy.demo.lab import Lab, write_manifest
+from pyproxy.demo.lab import SERVICE_CIDR6, Lab, write_manifest
 
 PODS = {"pa": "node1", "pb": "node2", "pc": "node2"}
 TCP_PORTS = (80, 8080, 8443)
@@ -88,8 +88,10 @@ class Cluster:
                                timeout=timeout)
         return result.stdout.strip().splitlines()
 
-    def backends(self, *pods: str, **kwargs: Any) -> list[m.Backend]:
-        return [m.Backend(self.lab.pods[p].ip, self.lab.pods[p].node, **kwargs) for p in pods]
+    def backends(self, *pods: str, ipv6: bool = False, **kwargs: Any) -> list[m.Backend]:
+        """The pods as endpoints, by their IPv4 address (or, with `ipv6`, their IPv6 one)."""
+        return [m.Backend(self.lab.pods[p].ip6 if ipv6 else self.lab.pods[p].ip, self.lab.pods[p].node, **kwargs)
+                for p in pods]
 
 
 def _read(path: Path) -> str | None:
@@ -110,6 +112,7 @@ def build(lab: Lab, workdir: Path, pods: Mapping[str, str] = PODS, proxy_args: S
         lab.add_pod(pod, node)
         lab.start_echo(pod, tcp=TCP_PORTS, udp=UDP_PORTS, log=workdir / f"{pod}.log")
     lab.route_client(SERVICE_CIDR, "node1")
+    lab.route_client(SERVICE_CIDR6, "node1")
     cluster = Cluster(lab, workdir)
     for node in ("node1", "node2"):
         cluster.start_proxy(node, *proxy_args)

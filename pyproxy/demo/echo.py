@@ -7,6 +7,7 @@ One process serves every given TCP and UDP port. On TCP, the first line picks th
 - `ECHO`: every byte back until EOF, then EOF back (data integrity, half-close);
 - `SINK`: read to EOF, answer `<count> <sha256>`;
 - `HOLD`: like WHO but the line is sent and the connection stays open, echoing, until EOF.
+It listens on both families (IPv4 and IPv6 sockets of their own) where IPv6 exists.
 On UDP every datagram is answered with `pod=<pod> client=<ip> port=<local port> len=<n>`
 followed by the datagram itself (so large datagrams come back whole).
 """
@@ -95,17 +96,34 @@ class UdpEcho(asyncio.DatagramProtocol):
         self.transport.sendto(head + data, addr)
 
 
+def _hosts(host: str) -> list[str]:
+    """The addresses to listen on: `host`, and for the IPv4 wildcard also the IPv6 one (each
+    socket of one family, so an IPv4 client is seen as itself, never as ::ffff:a.b.c.d)."""
+    if host != "0.0.0.0" or not socket.has_ipv6:
+        return [host]
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as probe:
+            probe.bind(("::1", 0))
+    except OSError:  # no IPv6 here
+        return [host]
+    return [host, "::"]
+
+
 async def serve(pod: str, tcp_ports: Sequence[int], udp_ports: Sequence[int], host: str) -> None:
     loop = asyncio.get_running_loop()
+    hosts = _hosts(host)
     servers = [
-        await asyncio.start_server(lambda r, w: serve_tcp(pod, r, w), host, port, reuse_address=True)
+        await asyncio.start_server(lambda r, w: serve_tcp(pod, r, w), hosts, port, reuse_address=True)
         for port in tcp_ports
     ]
     for port in udp_ports:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
-        sock.bind((host, port))
-        await loop.create_datagram_endpoint(lambda p=port: UdpEcho(pod, p), sock=sock)  # type: ignore[misc]
+        for each in hosts:
+            sock = socket.socket(socket.AF_INET6 if ":" in each else socket.AF_INET, socket.SOCK_DGRAM)
+            if ":" in each:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+            sock.bind((each, port))
+            await loop.create_datagram_endpoint(lambda p=port: UdpEcho(pod, p), sock=sock)  # type: ignore[misc]
     print(f"ready {pod}", flush=True)
     try:
         await asyncio.Event().wait()  # serve until killed

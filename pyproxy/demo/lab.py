@@ -8,6 +8,11 @@ Shape (SCENARIOS.md S5's addresses):
     node1: pods 10.244.1.0/24 on routed veths (kindnet-style, no bridge)
     node2: pods 10.244.2.0/24 likewise
 
+Dual-stack: every namespace has an IPv6 address beside its IPv4 one, from the ULA range
+(LAN fd00:56::/64 with the same host numbers, `client` fd00:56::100; pods fd00:244:N::/64,
+services fd00:96::/112). IPv6 addresses are added `nodad` (duplicate address detection
+would leave them unusable, "tentative", for a second or two after they are made).
+
 A node added with `bridge=True` hangs its pods off a Linux bridge instead (`cni0`, holding
 the pods' gateway 10.244.N.1/24; the shape of the `bridge` CNI plugin, flannel, kubenet),
 with `net.bridge.bridge-nf-call-iptables=1` set in the node, as kubeadm requires.
@@ -36,7 +41,10 @@ from typing import Any
 
 LAN_PREFIX = "192.168.56"
 CLIENT_IP = f"{LAN_PREFIX}.100"
+LAN6_PREFIX = "fd00:56::"
+CLIENT_IP6 = f"{LAN6_PREFIX}100"
 SERVICE_CIDR = "10.96.0.0/16"
+SERVICE_CIDR6 = "fd00:96::/112"
 BRIDGE = "cni0"  # the pods' bridge on a bridged node
 
 
@@ -44,8 +52,16 @@ def node_ip(index: int) -> str:
     return f"{LAN_PREFIX}.{100 + index}"
 
 
+def node_ip6(index: int) -> str:
+    return f"{LAN6_PREFIX}{100 + index}"
+
+
 def pod_cidr(index: int) -> str:
     return f"10.244.{index}.0/24"
+
+
+def pod_cidr6(index: int) -> str:
+    return f"fd00:244:{index}::/64"
 
 
 class LabError(RuntimeError):
@@ -65,6 +81,7 @@ class Pod:
     node: str
     ip: str
     netns: str
+    ip6: str = ""
 
 
 @dataclass
@@ -96,6 +113,10 @@ class Lab:
     def sysctl(self, name: str, key: str, value: str) -> None:
         self.exec(name, "sysctl", "-q", "-w", f"{key}={value}")
 
+    def add_ip6(self, name: str, cidr: str, dev: str = "eth0") -> None:
+        """An IPv6 address usable at once (no duplicate address detection)."""
+        self.exec(name, "ip", "-6", "addr", "add", cidr, "dev", dev, "nodad")
+
     def veth(self, a: str, a_if: str, b: str, b_if: str) -> None:
         self._veths += 1
         tmp_a, tmp_b = f"{self.prefix}a{self._veths}", f"{self.prefix}b{self._veths}"
@@ -115,12 +136,14 @@ class Lab:
         self.add_ns("client")
         self.join_lan("client", CLIENT_IP)
 
-    def join_lan(self, name: str, ip: str) -> None:
-        """Put namespace `name` on the LAN with address `ip`."""
+    def join_lan(self, name: str, ip: str, ip6: str | None = None) -> None:
+        """Put namespace `name` on the LAN with address `ip` (and `ip6`, default: the
+        same host number in the IPv6 LAN)."""
         port = f"p{len(self.namespaces)}"
         self.veth(name, "eth0", "lan", port)
         self.exec("lan", "ip", "link", "set", port, "master", "br0")
         self.exec(name, "ip", "addr", "add", f"{ip}/24", "dev", "eth0")
+        self.add_ip6(name, f"{ip6 or LAN6_PREFIX + ip.rsplit('.', 1)[1]}/64")
 
     def add_node(self, name: str, index: int, bridge: bool = False) -> None:
         """A node on the LAN with a pod CIDR; routes to every other node's pods. With `bridge`,
@@ -130,20 +153,26 @@ class Lab:
         self.nodes[name] = index
         self.join_lan(name, node_ip(index))
         self.sysctl(name, "net.ipv4.ip_forward", "1")
+        self.sysctl(name, "net.ipv6.conf.all.forwarding", "1")
         if bridge:
             self.bridged.add(name)
             self.exec(name, "ip", "link", "add", BRIDGE, "type", "bridge")
             self.exec(name, "ip", "addr", "add", f"10.244.{index}.1/24", "dev", BRIDGE)
+            self.add_ip6(name, f"fd00:244:{index}::1/64", dev=BRIDGE)
             self.exec(name, "ip", "link", "set", BRIDGE, "up")
             self.sysctl(name, "net.bridge.bridge-nf-call-iptables", "1")
         # like a real node, a default route (the LAN is closed: nothing leaves the lab); without
         # any route, the node's own connections to service addresses fail with ENETUNREACH
         self.exec(name, "ip", "route", "add", "default", "dev", "eth0")
+        self.exec(name, "ip", "-6", "route", "add", "default", "dev", "eth0")
         for other, other_index in self.nodes.items():
             if other != name:
                 self.exec(name, "ip", "route", "add", pod_cidr(other_index), "via", node_ip(other_index))
                 self.exec(other, "ip", "route", "add", pod_cidr(index), "via", node_ip(index))
+                self.exec(name, "ip", "-6", "route", "add", pod_cidr6(other_index), "via", node_ip6(other_index))
+                self.exec(other, "ip", "-6", "route", "add", pod_cidr6(index), "via", node_ip6(index))
         self.exec("client", "ip", "route", "replace", pod_cidr(index), "via", node_ip(index))
+        self.exec("client", "ip", "-6", "route", "replace", pod_cidr6(index), "via", node_ip6(index))
 
     def add_pod(self, name: str, node: str) -> Pod:
         """A pod namespace on a routed veth (a /32 route on the node, default via the node), or,
@@ -153,24 +182,34 @@ class Lab:
         self._pod_count[node] = count
         ip = f"10.244.{index}.{count}"
         gateway = f"10.244.{index}.1"
+        ip6, gateway6 = f"fd00:244:{index}::{count}", f"fd00:244:{index}::1"
         self.add_ns(name)
         host_if = f"v{name}"[:15]
         self.veth(name, "eth0", node, host_if)
         if node in self.bridged:
             self.exec(name, "ip", "addr", "add", f"{ip}/24", "dev", "eth0")
+            self.add_ip6(name, f"{ip6}/64")
             self.exec(node, "ip", "link", "set", host_if, "master", BRIDGE)
         else:
             self.exec(name, "ip", "addr", "add", f"{ip}/32", "dev", "eth0")
             self.exec(name, "ip", "route", "add", gateway, "dev", "eth0")
             self.exec(node, "ip", "addr", "add", f"{gateway}/32", "dev", host_if)
             self.exec(node, "ip", "route", "add", f"{ip}/32", "dev", host_if)
+            self.add_ip6(name, f"{ip6}/128")
+            self.exec(name, "ip", "-6", "route", "add", gateway6, "dev", "eth0")
+            self.add_ip6(node, f"{gateway6}/128", dev=host_if)
+            self.exec(node, "ip", "-6", "route", "add", f"{ip6}/128", "dev", host_if)
         self.exec(name, "ip", "route", "add", "default", "via", gateway)
-        pod = Pod(name, node, ip, self.ns(name))
+        self.exec(name, "ip", "-6", "route", "add", "default", "via", gateway6)
+        pod = Pod(name, node, ip, self.ns(name), ip6)
         self.pods[name] = pod
         return pod
 
     def route_client(self, cidr: str, node: str) -> None:
-        self.exec("client", "ip", "route", "replace", cidr, "via", node_ip(self.nodes[node]))
+        if ":" in cidr:
+            self.exec("client", "ip", "-6", "route", "replace", cidr, "via", node_ip6(self.nodes[node]))
+        else:
+            self.exec("client", "ip", "route", "replace", cidr, "via", node_ip(self.nodes[node]))
 
     # processes
 

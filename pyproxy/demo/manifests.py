@@ -32,8 +32,15 @@ def service(
     lb_ips: Sequence[str] = (),
     health_check_node_port: int | None = None,
     labels: dict[str, str] | None = None,
+    cluster_ips: Sequence[str] = (),
 ) -> dict[str, Any]:
+    """A Service; `cluster_ips` (dual-stack: one of each family, the first is `cluster_ip`)
+    sets `clusterIPs` and `ipFamilies` as the API server writes them."""
     spec: dict[str, Any] = {"type": type, "clusterIP": cluster_ip, "ports": list(ports)}
+    if cluster_ips:
+        spec["clusterIPs"] = list(cluster_ips)
+        spec["ipFamilies"] = ["IPv6" if ":" in ip else "IPv4" for ip in cluster_ips]
+        spec["ipFamilyPolicy"] = "RequireDualStack" if len(cluster_ips) > 1 else "SingleStack"
     if affinity_timeout is not None:
         spec["sessionAffinity"] = "ClientIP"
         spec["sessionAffinityConfig"] = {"clientIP": {"timeoutSeconds": affinity_timeout}}
@@ -63,6 +70,7 @@ def endpoint_slice(
     *,
     name: str | None = None,
     namespace: str = "default",
+    address_type: str = "IPv4",
 ) -> dict[str, Any]:
     endpoints = []
     for b in backends:
@@ -80,7 +88,7 @@ def endpoint_slice(
             "namespace": namespace,
             "labels": {"kubernetes.io/service-name": service_name},
         },
-        "addressType": "IPv4",
+        "addressType": address_type,
         "ports": list(ports),
         "endpoints": endpoints,
     }

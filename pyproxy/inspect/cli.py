@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from pyproxy.config import ConfigError, ProxyConfig, load_config, split_host_port
+from pyproxy.model.family import join_host_port
 from pyproxy.inspect.tables import render_page
 from pyproxy.inspect.views import DEFAULT_LIMIT, KINDS
 
@@ -50,8 +51,10 @@ def debug_url(address: str, kind: str, params: dict[str, str]) -> str:
     host, port = split_host_port(address, "address")
     if host in ("", "0.0.0.0"):  # a wildcard bind is reached on loopback
         host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
     query = urllib.parse.urlencode(params)
-    return f"http://{host}:{port}/debug/{kind}" + (f"?{query}" if query else "")
+    return f"http://{join_host_port(host, port)}/debug/{kind}" + (f"?{query}" if query else "")
 
 
 def request_params(args: argparse.Namespace) -> dict[str, str]:

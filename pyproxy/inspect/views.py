@@ -24,6 +24,7 @@ Rules kept here (no I/O, no clock: `now` is passed in, on the relays' monotonic 
 from __future__ import annotations
 
 import heapq
+import ipaddress
 import socket
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from typing import Any, TypeVar
 
 from pyproxy.dataplane.stats import ConnectionInfo
 from pyproxy.model.endpoints import Endpoint
+from pyproxy.model.family import join_host_port, split_host_port
 from pyproxy.model.objects import EndpointSlice, Service, ServiceKey, ServicePortName
 from pyproxy.model.table import PortState, Route
 
@@ -72,10 +74,20 @@ def parse_query(params: Mapping[str, str]) -> Query:
     return Query(
         namespace=params.get("namespace") or None,
         service=params.get("service") or None,
-        client=params.get("client") or None,
+        client=_client(params.get("client")),
         offset=_count(params, "offset", 0, None),
         limit=_count(params, "limit", DEFAULT_LIMIT, MAX_LIMIT),
     )
+
+
+def _client(text: str | None) -> str | None:
+    """A client IP, canonical so that it matches the table's text (`FD00::0001` is fd00::1)."""
+    if not text:
+        return None
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        raise QueryError(f"client: {text!r} is not an IP address") from None
 
 
 def _count(params: Mapping[str, str], name: str, default: int, cap: int | None) -> int:
@@ -102,7 +114,8 @@ def query_params(query: Query) -> dict[str, str]:
 
 
 def address(value: tuple[str, int]) -> str:
-    return f"{value[0]}:{value[1]}"
+    """`ip:port`, `[ip]:port` for IPv6."""
+    return join_host_port(value[0], value[1])
 
 
 def _seconds(value: float) -> float:
@@ -306,16 +319,22 @@ def connection_rows(
 
 
 def ip_key(ip: str) -> bytes:
-    """Numeric order of IPv4 addresses (10.0.0.9 before 10.0.0.10)."""
+    """Numeric order of addresses (10.0.0.9 before 10.0.0.10), IPv4 before IPv6."""
     try:
-        return socket.inet_aton(ip)
+        return b"4" + socket.inet_aton(ip)
+    except OSError:
+        pass
+    try:
+        return b"6" + socket.inet_pton(socket.AF_INET6, ip.split("%")[0])
     except OSError:
         return b""
 
 
 def _split(text: str) -> tuple[str, int]:
-    host, _, port = text.rpartition(":")
-    return host, int(port) if port.isdigit() else -1
+    try:
+        return split_host_port(text)
+    except ValueError:
+        return text, -1
 
 
 def sort_key(kind: str) -> Callable[[Row], tuple[Any, ...]]:

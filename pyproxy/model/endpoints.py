@@ -7,13 +7,17 @@ The contract (kube-proxy's CategorizeEndpoints, SPEC.md §2), as one pure functi
 - Local set: ready endpoints on this node; if none, local serving-and-terminating ones.
 - Topology hints narrow the cluster set to this node's zone, only when every ready
   endpoint carries hints and at least one names the zone.
+- Dual-stack: each family is categorized on its own (`categorize_families`), as
+  kube-proxy's per-family proxiers do, so the terminating fallback and the hints of one
+  family never depend on the other's endpoints; the port's combined sets are their union.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from pyproxy.model.family import Family, family_of, join_host_port
 from pyproxy.model.objects import EndpointSlice, ServicePortName
 
 
@@ -31,8 +35,12 @@ class Endpoint:
     def address(self) -> tuple[str, int]:
         return (self.ip, self.port)
 
+    @property
+    def family(self) -> Family:
+        return family_of(self.ip)
+
     def __str__(self) -> str:
-        return f"{self.ip}:{self.port}"
+        return join_host_port(self.ip, self.port)
 
 
 @dataclass(frozen=True)
@@ -78,6 +86,20 @@ def categorize(endpoints: tuple[Endpoint, ...], zone: str | None) -> EndpointSet
         all=endpoints,
         cluster=_apply_hints(_usable(endpoints), zone),
         local=_usable(tuple(e for e in endpoints if e.is_local)),
+    )
+
+
+def categorize_families(endpoints: tuple[Endpoint, ...], zone: str | None) -> dict[Family, EndpointSets]:
+    """`categorize` for each family on its own (every family present, empty or not)."""
+    return {f: categorize(tuple(e for e in endpoints if e.family is f), zone) for f in Family}
+
+
+def combine(endpoints: tuple[Endpoint, ...], families: Mapping[Family, EndpointSets]) -> EndpointSets:
+    """A port's sets over every family: what it may use at all (affinity pins, flows, views)."""
+    return EndpointSets(
+        all=endpoints,
+        cluster=tuple(e for f in Family for e in families[f].cluster),
+        local=tuple(e for f in Family for e in families[f].local),
     )
 
 

@@ -21,7 +21,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from pyproxy.model.fields import MAX_NAME, Field, InvalidObject, is_ipv6
+from pyproxy.model.family import Family, family_of
+from pyproxy.model.fields import MAX_NAME, Field, InvalidObject
 
 __all__ = ["InvalidObject"]  # re-exported: callers catch it from here
 log = logging.getLogger("pyproxy.objects")
@@ -111,6 +112,7 @@ class EndpointSlice:
     ports: tuple[SlicePort, ...]
     endpoints: tuple[SliceEndpoint, ...]
     trigger_time: str | None
+    address_type: Family = Family.IPV4  # every endpoint's address is of this family
 
     @property
     def key(self) -> tuple[str, str]:
@@ -185,7 +187,7 @@ def parse_service(obj: Mapping[str, Any], proxy_name: str | None = None, report:
         return None
     cluster_ips = _cluster_ips(spec)
     if not cluster_ips:
-        return None  # headless, or IPv6-only: not served by this IPv4 proxier
+        return None  # headless
     service_key = ServiceKey(meta.namespace, meta.name)
     return Service(
         key=service_key,
@@ -203,26 +205,28 @@ def parse_service(obj: Mapping[str, Any], proxy_name: str | None = None, report:
 
 
 def _cluster_ips(spec: Field) -> tuple[str, ...]:
-    """The IPv4 cluster IPs; () for a headless Service. A bad one rejects the Service."""
+    """The cluster IPs, of both families (at most one of each, as the API server allows);
+    () for a headless Service. A bad one, or two of one family, rejects the Service."""
     fields = spec.get("clusterIPs").items(limit=2)
     if not fields and not spec.get("clusterIP").missing:
         fields = [spec.get("clusterIP")]
     if not fields or fields[0].value in ("None", ""):
         return ()
-    return tuple(ip for ip in (f.ip() for f in fields) if not is_ipv6(ip))
+    ips = tuple(f.ip() for f in fields)
+    if len(ips) == 2 and family_of(ips[0]) == family_of(ips[1]):
+        raise fields[1].error(f"a second {family_of(ips[1]).value} cluster IP ({ips[1]}); dual-stack "
+                              "means one of each family")
+    return ips
 
 
 def _addresses(fields: list[Field], report: Report, what: str) -> tuple[str, ...]:
-    """IPv4 addresses of a list; a bad one is reported and left out, IPv6 ones are not ours."""
+    """The addresses of a list, of both families; a bad one is reported and left out."""
     result = []
     for f in fields:
         try:
-            ip = f.ip()
+            result.append(f.ip())
         except InvalidObject as err:
             report(part(err, what))
-            continue
-        if not is_ipv6(ip):
-            result.append(ip)
     return tuple(result)
 
 
@@ -330,8 +334,10 @@ def parse_endpoint_slice(obj: Mapping[str, Any], report: Report = log_part) -> E
     if not meta.label(HEADLESS_LABEL).missing:
         return None
     service_name = meta.label(SERVICE_NAME_LABEL).string(limit=MAX_NAME)
-    if meta.root.get("addressType").string("IPv4", limit=MAX_NAME) != "IPv4":
-        return None
+    address_type = meta.root.get("addressType").string("IPv4", limit=MAX_NAME)
+    if address_type not in (Family.IPV4.value, Family.IPV6.value):
+        return None  # FQDN slices: kube-proxy does not use them either
+    family = Family(address_type)
     ports = []
     for raw in meta.root.get("ports").items(limit=MAX_PORTS):
         try:
@@ -344,7 +350,7 @@ def parse_endpoint_slice(obj: Mapping[str, Any], report: Report = log_part) -> E
     endpoints = []
     for raw in meta.root.get("endpoints").items(limit=MAX_ENDPOINTS):
         try:
-            endpoints.append(_slice_endpoint(raw))
+            endpoints.append(_slice_endpoint(raw, family))
         except InvalidObject as err:
             report(part(err, "endpoint"))
     return EndpointSlice(
@@ -354,6 +360,7 @@ def parse_endpoint_slice(obj: Mapping[str, Any], report: Report = log_part) -> E
         ports=tuple(ports),
         endpoints=tuple(endpoints),
         trigger_time=_trigger_time(meta, report),
+        address_type=family,
     )
 
 
@@ -368,14 +375,14 @@ def _slice_port(raw: Field) -> SlicePort | None:
     )
 
 
-def _slice_endpoint(raw: Field) -> SliceEndpoint:
+def _slice_endpoint(raw: Field, family: Family) -> SliceEndpoint:
     raw.mapping()
     addresses = raw.get("addresses").items(limit=100)
     if not addresses:
         raise raw.get("addresses").error("at least one address is required")
     ip = addresses[0].ip()
-    if is_ipv6(ip):
-        raise addresses[0].error(f"{ip} is not an IPv4 address (addressType is IPv4)")
+    if family_of(ip) != family:
+        raise addresses[0].error(f"{ip} is not an {family.value} address (addressType is {family.value})")
     conditions = raw.get("conditions")
     ready, serving, terminating = (conditions.get(c).optional_bool() for c in ("ready", "serving", "terminating"))
     zones = None

@@ -11,17 +11,23 @@ Rules kept here:
 - `update()` rebuilds only the Services it is told changed, and returns the kernel set
   elements to add and remove, so a sync costs what changed, not the table's size.
 - Balancers (and so affinity state) outlive rebuilds: they are keyed by service port.
+- Families (SPEC §11): a frontend's family is its address's. Its route plans from the
+  port's endpoints of that family only, and its verdict is that family's: an IPv6
+  ClusterIP of a Service whose only endpoints are IPv4 refuses. One balancer per service
+  port serves both families (an affinity pin is keyed by the client's address, so an IPv6
+  client's pin can only name an IPv6 endpoint).
 """
 
 from __future__ import annotations
 
 import enum
 import random
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from pyproxy.model.affinity import Balancer
-from pyproxy.model.endpoints import Endpoint, EndpointSets, categorize, merge_slices
+from pyproxy.model.endpoints import Endpoint, EndpointSets, categorize_families, combine, merge_slices
+from pyproxy.model.family import Family, family_of
 from pyproxy.model.objects import Service, ServiceKey, ServicePort, ServicePortName
 from pyproxy.model.store import ClusterStore
 
@@ -47,12 +53,20 @@ class PortState:
     affinity_timeout: int | None
     internal_local: bool
     external_local: bool
+    families: Mapping[Family, EndpointSets] = field(default_factory=dict)  # empty: `endpoints` serves every family
+
+    def sets(self, family: Family) -> EndpointSets:
+        """The endpoint sets that frontends of `family` are served from."""
+        if not self.families:
+            return self.endpoints
+        return self.families[family]
 
 
 @dataclass(frozen=True)
 class Route:
     port: PortState
     external: bool
+    family: Family = Family.IPV4
 
 
 @dataclass(frozen=True)
@@ -71,18 +85,19 @@ def plan_connection(route: Route, client_is_local: bool) -> Plan:
     the source).
     """
     port = route.port
+    sets = port.sets(route.family)
     if route.external:
         if port.external_local and not client_is_local:
-            return Plan(port.endpoints.local, transparent=True)
-        return Plan(port.endpoints.cluster, transparent=False)
+            return Plan(sets.local, transparent=True)
+        return Plan(sets.cluster, transparent=False)
     if port.internal_local:
-        return Plan(port.endpoints.local, transparent=False)
-    return Plan(port.endpoints.cluster, transparent=False)
+        return Plan(sets.local, transparent=False)
+    return Plan(sets.cluster, transparent=False)
 
 
-def verdicts(port: PortState) -> tuple[Verdict, Verdict]:
-    """The kernel verdict for (internal, external) frontends of a service port."""
-    sets = port.endpoints
+def verdicts(port: PortState, family: Family = Family.IPV4) -> tuple[Verdict, Verdict]:
+    """The kernel verdict for (internal, external) frontends of `family` of a service port."""
+    sets = port.sets(family)
     if not sets.cluster:
         return Verdict.REJECT, Verdict.REJECT
     internal = Verdict.DROP_INTERNAL if port.internal_local and not sets.local else Verdict.CAPTURE
@@ -165,19 +180,24 @@ class ServiceTable:
         elements: set[Element] = set()
         slices = list(store.slices_of(service.key))
         for service_port in service.ports:
+            merged = merge_slices(service_port.name, slices, self.node_name)
+            families = categorize_families(merged, zone)
             state = PortState(
                 name=service_port.name,
-                endpoints=categorize(merge_slices(service_port.name, slices, self.node_name), zone),
+                endpoints=combine(merged, families),
                 affinity_timeout=service.affinity_timeout,
                 internal_local=service.internal_local,
                 external_local=service.external_local,
+                families=families,
             )
             self.ports[state.name] = state
             self._ports_of.setdefault(service.key, []).append(state.name)
             self._configure_balancer(state)
-            internal_verdict, external_verdict = verdicts(state)
+            by_family = {f: verdicts(state, f) for f in Family}
             for frontend, external in _frontends(service, service_port, addresses):
-                if self._claim(service.key, frontend, Route(state, external)):
+                family = family_of(frontend[0])
+                if self._claim(service.key, frontend, Route(state, external, family)):
+                    internal_verdict, external_verdict = by_family[family]
                     elements.add((external_verdict if external else internal_verdict, frontend))
         return frozenset(elements)
 
@@ -205,11 +225,17 @@ class ServiceTable:
 def _frontends(
     service: Service, port: ServicePort, node_addresses: tuple[str, ...]
 ) -> Iterable[tuple[Frontend, bool]]:
+    """Every address of the Service's own families (those of its cluster IPs, as
+    kube-proxy's per-family proxiers serve it): a single-stack IPv6 Service has no
+    frontend on an IPv4 node address or an IPv4 external IP."""
     protocol = port.name.protocol
+    families = {family_of(ip) for ip in service.cluster_ips}
     for ip in service.cluster_ips:
         yield (ip, protocol, port.port), False
     for ip in service.external_ips + service.load_balancer_ips:
-        yield (ip, protocol, port.port), True
+        if family_of(ip) in families:
+            yield (ip, protocol, port.port), True
     if port.node_port is not None:
         for ip in node_addresses:
-            yield (ip, protocol, port.node_port), True
+            if family_of(ip) in families:
+                yield (ip, protocol, port.node_port), True

@@ -26,6 +26,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from pyproxy.dataplane.stats import DataplaneStats
+from pyproxy.model.family import join_host_port
 from pyproxy.model.objects import EndpointSlice, Service, ServiceKey, ServicePortName
 from pyproxy.model.store import ClusterStore, SliceKey
 from pyproxy.model.table import ServiceTable
@@ -193,7 +194,7 @@ class DataplaneCollector(Collector):
         dials = CounterMetricFamily("pyproxy_endpoint_dial_failures", "Failed dials to an endpoint",
                                     labels=(*PORT_LABELS, "endpoint"))
         for (name, (ip, number)), count in sorted(self.stats.dial_failures.items()):
-            dials.add_metric([*_port_labels(name), f"{ip}:{number}"], count)
+            dials.add_metric([*_port_labels(name), join_host_port(ip, number)], count)
         unknown = CounterMetricFamily("pyproxy_unknown_destination",
                                       "Captured connections to an address no service port owns (closed at once)",
                                       value=self.stats.unknown_destination)

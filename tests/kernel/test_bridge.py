@@ -173,3 +173,17 @@ def test_bridged_pods_work_with_strict_reverse_path_filtering(bridged: Cluster) 
         assert udp_echo_answers(bridged)
     finally:
         lab.sysctl("node1", "net.ipv4.conf.all.rp_filter", before)
+
+
+def test_ipv6_clusterip_from_a_bridged_pod(bridged: Cluster) -> None:
+    """br_netfilter runs the IPv6 hooks from the bridge too (bridge-nf-call-ip6tables): the
+    re-entry chain's IPv6 set sends those frames through pyproxy's veth as it does IPv4's."""
+    lab = bridged.lab
+    assert lab.exec("node1", "sysctl", "-n", "net.bridge.bridge-nf-call-ip6tables").stdout.strip() == "1"
+    bridged.apply(
+        m.service("web6", "10.96.1.16", [m.port(8080, 80)], cluster_ips=["10.96.1.16", "fd00:96::1:16"]),
+        m.endpoint_slice("web6", bridged.backends(*ALL, ipv6=True), [m.slice_port(80)], address_type="IPv6"),
+        name="ipv6.yaml",
+    )
+    lines = bridged.run("bcl", "http", "[fd00:96::1:16]:8080", "--count", "20", "--timeout", "3")
+    assert set(pods_of(lines)) == set(ALL), lines

@@ -99,7 +99,7 @@ async def test_full_then_incremental_write(netns: Netns) -> None:
     sets = netns.sets()
     assert {k: v for k, v in sets.items() if k != "local_sources"} == kernel_view(first)
     tables = netns.nft("list", "tables").stdout.split()
-    assert tables == ["table", "ip", "pyproxy", "table", "netdev", "pyproxy"]
+    assert tables == ["table", "ip", "pyproxy", "table", "ip6", "pyproxy", "table", "netdev", "pyproxy"]
     ruleset = netns.nft("list", "table", "ip", "pyproxy").stdout
     assert "tproxy to 127.0.0.1:15001" in ruleset and "socket transparent 1" in ruleset
     # the pod bridges' chain is accepted for bridges that do not exist (yet), and its set
@@ -107,7 +107,8 @@ async def test_full_then_incremental_write(netns: Netns) -> None:
     reentry = netns.nft("list", "table", "netdev", "pyproxy").stdout
     assert 'devices = { cbr0, cni0 }' in reentry or 'devices = { cni0, cbr0 }' in reentry, reentry
     assert f'fwd to "{REENTRY_DEVICE}"' in reentry
-    assert netns.sets("netdev") == {"services": {key for v in kernel_view(first).values() for key in v}}
+    assert netns.sets("netdev") == {"services": {key for v in kernel_view(first).values() for key in v},
+                                    "services6": set()}
 
     # an incremental sync: 10.96.0.11 gets endpoints, the UDP service goes away
     added: set[Element] = {(CAP, ("10.96.0.11", "TCP", 443))}
@@ -116,12 +117,33 @@ async def test_full_then_incremental_write(netns: Netns) -> None:
     second = (first - removed) | added
     sets = netns.sets()
     assert {k: v for k, v in sets.items() if k != "local_sources"} == kernel_view(second)
-    assert netns.sets("netdev") == {"services": {key for v in kernel_view(second).values() for key in v}}
+    assert netns.sets("netdev") == {"services": {key for v in kernel_view(second).values() for key in v},
+                                    "services6": set()}
 
     # a full write replaces the table whole: elements not in it are gone
     await netns.runner.apply(render_ruleset(CONFIG, {(CAP, ("10.96.0.10", "TCP", 80))}))
     assert netns.sets()["svc_capture"] == {("10.96.0.10", "tcp", 80)}
     assert netns.sets()["svc_drop_external"] == set()
+
+
+async def test_ipv6_elements_land_in_the_ip6_table_the_kernel_accepts(netns: Netns) -> None:
+    config = NftConfig(mark=0x200000, tcp_port=15001, udp_port=15002,
+                       local_sources=("10.244.0.0/16", "fd00:244::/56", "fd00:244:1::/64"), pod_bridges=("cni0",))
+    dual: set[Element] = {(CAP, ("10.96.0.10", "TCP", 80)), (CAP, ("fd00:96::10", "TCP", 80)),
+                          (REJ, ("fd00:96::11", "UDP", 53)), (DE, ("fd00:56::101", "TCP", 30080))}
+    await netns.runner.apply(render_ruleset(config, dual))
+    v6 = netns.sets("ip6")
+    assert v6["svc_capture"] == {("fd00:96::10", "tcp", 80)}
+    assert v6["svc_reject"] == {("fd00:96::11", "udp", 53)}
+    assert v6["svc_drop_external"] == {("fd00:56::101", "tcp", 30080)}
+    assert netns.sets("ip")["svc_capture"] == {("10.96.0.10", "tcp", 80)}
+    ruleset = netns.nft("list", "table", "ip6", "pyproxy").stdout
+    assert "tproxy to [::1]:15001" in ruleset and "tproxy to [::1]:15002" in ruleset
+    assert "fd00:244::/56" in netns.nft("list", "set", "ip6", "pyproxy", "local_sources").stdout
+    assert netns.sets("netdev")["services6"] == {("fd00:96::10", "tcp", 80), ("fd00:96::11", "udp", 53),
+                                                 ("fd00:56::101", "tcp", 30080)}
+    await netns.runner.apply(render_update({(CAP, ("fd00:96::11", "UDP", 53))}, {(REJ, ("fd00:96::11", "UDP", 53))}))
+    assert netns.sets("ip6")["svc_capture"] == {("fd00:96::10", "tcp", 80), ("fd00:96::11", "udp", 53)}
 
 
 async def test_overlapping_local_sources_are_accepted(netns: Netns) -> None:

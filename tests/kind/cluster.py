@@ -10,6 +10,11 @@ Rules it keeps:
     (flannel's, kubenet's shape); br_netfilter's `bridge-nf-call-iptables` stays at the
     node's default (1, which kubeadm requires) and is never changed.
   Each node routes the other's pod CIDR via the other's node address.
+- The `routed` cluster is dual-stack (`DUAL_STACK`: kind's `ipFamily: dual`, pod CIDRs
+  10.244.0.0/16 and fd00:10:244::/56, services 10.96.0.0/16 and fd00:10:96::/112): its CNI
+  config has a range of each family, and the inter-node routes are set for both. kind
+  makes its docker network `kind` with an IPv6 subnet; one left from before without IPv6
+  is removed first (kind reuses an existing network as it is).
 - The API server is reached through the daemon's namespace (`kubectl()` enters it), with a
   kubeconfig in /run/pyproxy-kind, never root's ~/.kube/config.
 - `delete()` removes the cluster, and /lib/modules where docker made it for kind's mount.
@@ -29,6 +34,7 @@ from tests.kind.dockerd import RUN, Daemon
 NAME = "kind"  # daemonset.yaml's default apiServer is https://kind-control-plane:6443
 KUBECONFIG = RUN / "kubeconfig"
 CNIS = ("routed", "bridge")
+DUAL_STACK = frozenset({"routed"})  # the pod networks whose cluster is dual-stack (IPv4 and IPv6)
 MODULES_MARK = RUN / "made-lib-modules"
 
 
@@ -36,11 +42,12 @@ class ClusterError(RuntimeError):
     """The cluster could not be made, reached or removed."""
 
 
-def kind_config() -> str:
+def kind_config(dual_stack: bool = False) -> str:
     """kind's cluster config: two nodes, no kube-proxy, no default CNI, local images."""
+    family = "\n  ipFamily: dual" if dual_stack else ""
     return f"""kind: Cluster
 apiVersion: kind.x-k8s.io/v1alpha4
-networking:
+networking:{family}
   kubeProxyMode: none
   disableDefaultCNI: true
 nodes:
@@ -61,9 +68,12 @@ kubeadmConfigPatches:
 """
 
 
-def cni_config(cni: str, pod_cidr: str) -> str:
-    """The node's CNI conflist for `cni` with its pod CIDR."""
-    ipam = {"type": "host-local", "ranges": [[{"subnet": pod_cidr}]], "routes": [{"dst": "0.0.0.0/0"}]}
+def cni_config(cni: str, pod_cidrs: str | list[str]) -> str:
+    """The node's CNI conflist for `cni` with its pod CIDRs (one range, and a default
+    route, per family)."""
+    cidrs = [pod_cidrs] if isinstance(pod_cidrs, str) else pod_cidrs
+    ipam = {"type": "host-local", "ranges": [[{"subnet": cidr}] for cidr in cidrs],
+            "routes": [{"dst": "::/0" if ":" in cidr else "0.0.0.0/0"} for cidr in cidrs]}
     if cni == "routed":
         main: dict[str, object] = {"type": "ptp", "ipMasq": False, "ipam": ipam}
     elif cni == "bridge":
@@ -82,6 +92,8 @@ class Node:
     name: str
     address: str
     pod_cidr: str
+    address6: str = ""  # dual-stack: the node's IPv6 InternalIP
+    pod_cidrs: tuple[str, ...] = ()  # spec.podCIDRs: one per family
 
 
 @dataclass(frozen=True)
@@ -108,8 +120,11 @@ class Cluster:
         out = json.loads(self.kubectl("get", "nodes", "-o", "json").stdout)
         found = []
         for item in out["items"]:
-            addr = next(a["address"] for a in item["status"]["addresses"] if a["type"] == "InternalIP")
-            found.append(Node(item["metadata"]["name"], addr, item["spec"].get("podCIDR", "")))
+            internal = [a["address"] for a in item["status"]["addresses"] if a["type"] == "InternalIP"]
+            addr = next(a for a in internal if ":" not in a)
+            addr6 = next((a for a in internal if ":" in a), "")
+            found.append(Node(item["metadata"]["name"], addr, item["spec"].get("podCIDR", ""), addr6,
+                              tuple(item["spec"].get("podCIDRs", ()))))
         return sorted(found, key=lambda n: n.name)
 
     def netns_run(self, *argv: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
@@ -130,9 +145,10 @@ def exists(daemon: Daemon) -> bool:
 
 def _wait_pod_cidrs(cluster: Cluster, timeout_s: float = 120) -> list[Node]:
     deadline = time.monotonic() + timeout_s
+    families = 2 if cluster.cni in DUAL_STACK else 1
     while time.monotonic() < deadline:
         nodes = cluster.nodes()
-        if len(nodes) == 2 and all(n.pod_cidr for n in nodes):
+        if len(nodes) == 2 and all(n.pod_cidr and len(n.pod_cidrs) >= families for n in nodes):
             return nodes
         time.sleep(1)
     raise ClusterError("nodes got no spec.podCIDR in time")
@@ -142,11 +158,14 @@ def install_cni(cluster: Cluster) -> None:
     """Write each node's CNI config and the routes to the other node's pods."""
     nodes = _wait_pod_cidrs(cluster)
     for node in nodes:
-        conf = cni_config(cluster.cni, node.pod_cidr)
+        conf = cni_config(cluster.cni, list(node.pod_cidrs) or [node.pod_cidr])
         cluster.node_exec(node.name, "sh", "-c", f"cat > /etc/cni/net.d/10-pyproxy.conflist <<'EOF'\n{conf}\nEOF")
         for other in nodes:
             if other is not node:
                 cluster.node_exec(node.name, "ip", "route", "replace", other.pod_cidr, "via", other.address)
+                for cidr in other.pod_cidrs:
+                    if ":" in cidr and other.address6:
+                        cluster.node_exec(node.name, "ip", "-6", "route", "replace", cidr, "via", other.address6)
 
 
 def wait_ready(cluster: Cluster, timeout_s: float = 180) -> None:
@@ -163,14 +182,26 @@ def create(daemon: Daemon, cni: str) -> Cluster:
     if not Path("/lib/modules").exists():
         MODULES_MARK.parent.mkdir(parents=True, exist_ok=True)
         MODULES_MARK.touch()  # docker will create it for kind's bind mount; down removes it
+    if cni in DUAL_STACK:
+        _network_with_ipv6(daemon)
     config = RUN / "kind-config.yaml"
-    config.write_text(kind_config())
+    config.write_text(kind_config(dual_stack=cni in DUAL_STACK))
     _kind(daemon, "create", "cluster", f"--name={NAME}", f"--image={images.NODE_IMAGE}",
           f"--config={config}", f"--kubeconfig={KUBECONFIG}", "--retain")
     cluster = Cluster(daemon, cni)
     install_cni(cluster)
     wait_ready(cluster)
     return cluster
+
+
+def _network_with_ipv6(daemon: Daemon) -> None:
+    """kind reuses an existing `kind` docker network as it is: one without IPv6 (made by an
+    older run, or on a daemon without IPv6) is removed so that kind makes it dual-stack."""
+    proc = subprocess.run(["docker", "network", "inspect", "kind", "--format", "{{.EnableIPv6}}"],
+                          env=daemon.env, capture_output=True, text=True, timeout=30)
+    if proc.returncode == 0 and proc.stdout.strip() != "true":
+        subprocess.run(["docker", "network", "rm", "kind"], env=daemon.env, capture_output=True, text=True,
+                       timeout=30, check=True)
 
 
 def load(daemon: Daemon, image: str) -> None:

@@ -13,7 +13,7 @@ import threading
 import pytest
 
 from tests.kind import scenarios as sc
-from tests.kind.cluster import Cluster
+from tests.kind.cluster import DUAL_STACK, Cluster
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -241,3 +241,46 @@ def test_inspect_from_the_daemonset_pod_shows_the_pin(kind: Cluster) -> None:
     assert sc.until(pinned, 20, step_s=1), seen
     services = kind.kubectl("-n", "kube-system", "exec", proxy, "--", "pyproxy", "inspect", "services").stdout
     assert "sample-session-affinity" in services and "kube-dns" in services
+
+
+def _outside_curl(kind: Cluster, url: str, count: int) -> list[sc.Answer]:
+    """curl from the host outside the cluster, `-g` so that `[v6]` is an address, not a glob."""
+    answers = []
+    for _ in range(count):
+        proc = kind.netns_run("curl", "-g", "-s", "--max-time", "3", url, timeout=10)
+        got = sc.parse(proc.stdout)
+        answers.append(got[0] if got else sc.Answer(None, None, f"FAIL curl exit {proc.returncode}"))
+    return answers
+
+
+def test_dual_stack_service_over_ipv6_from_a_pod_and_from_outside(kind: Cluster) -> None:
+    """The routed cluster is dual-stack: a PreferDualStack Service gets an IPv6 ClusterIP,
+    reached from a pod, and its IPv6 NodePort (Local) keeps the outside client's IPv6. The
+    bridge cluster is single-stack: the same Service gets IPv4 only and is served on it."""
+    sc.apply(kind, "ipv6.yaml")
+    families = kind.kubectl("get", "service", "dual-s5", "-o", "jsonpath={.spec.ipFamilies}").stdout
+    ips = kind.kubectl("get", "service", "dual-s5", "-o", "jsonpath={.spec.clusterIPs[*]}").stdout.split()
+    nodes = {n.name: n for n in kind.nodes()}
+    if kind.cni not in DUAL_STACK:
+        assert json.loads(families) == ["IPv4"] and len(ips) == 1, (families, ips)
+        served = sc.from_outside(kind, f"http://{nodes[CP].address}:30088/", count=2)
+        assert all(a.pod and a.pod.startswith("s5-cp-") for a in served), served
+        return
+    assert json.loads(families) == ["IPv4", "IPv6"] and ":" in ips[1], (families, ips)
+    assert all(n.address6 and len(n.pod_cidrs) == 2 for n in nodes.values()), nodes
+    # from a pod on each node, over IPv6, to pods on both nodes
+    for client in sc.CLIENTS.values():
+        answers = sc.from_pod(kind, client, f"-g http://[{ips[1]}]:80/", count=8)  # -g: [v6] is no glob
+        assert len(answers) == 8 and all(a.pod for a in answers), (client, answers)
+        assert {a.pod.split("-")[1] for a in answers if a.pod} <= {"cp", "worker"}
+    # from outside, on the worker's IPv6 address: only its own pods, and the client's own IPv6
+    route = json.loads(kind.node_exec(WORKER, "ip", "-j", "-6", "route", "show", "default"))
+    outside6 = str(route[0]["gateway"])
+    answers = _outside_curl(kind, f"http://[{nodes[WORKER].address6}]:30088/", count=6)
+    assert all(a.pod and a.pod.startswith("s5-worker-") for a in answers), answers
+    assert {a.client_ip for a in answers} == {outside6}, answers
+    # and on the control-plane node's IPv4 address the same Service answers from its pod there
+    served = sc.from_outside(kind, f"http://{nodes[CP].address}:30088/", count=2)
+    assert all(a.pod and a.pod.startswith("s5-cp-") for a in served), served
+    for node in nodes:
+        assert "tproxy to [::1]" in kind.node_exec(node, "nft", "list", "table", "ip6", "pyproxy")

@@ -10,7 +10,16 @@ import pytest
 import yaml
 
 from pyproxy.cli import build_parser, effective_config, main
-from pyproxy.config import API_VERSION, KIND, ConfigError, ProxyConfig, dump_config, load_config, parse_duration
+from pyproxy.config import (
+    API_VERSION,
+    KIND,
+    ConfigError,
+    ProxyConfig,
+    dump_config,
+    load_config,
+    parse_duration,
+    split_host_port,
+)
 
 
 def doc(**fields: object) -> str:
@@ -98,6 +107,7 @@ def test_flags_override_the_file(tmp_path: Path) -> None:
     (doc(clusterCIDR="10.0.0.0/8,bad"), "clusterCIDR[1]"),
     (doc(healthzBindAddress="10256"), "healthzBindAddress"),
     (doc(metricsBindAddress="127.0.0.1:99999"), "metricsBindAddress"),
+    (doc(metricsBindAddress="::1:10249"), "metricsBindAddress"),  # IPv6 without brackets is ambiguous
     (doc(clientConnection={"qps": "fast"}), "clientConnection.qps"),
     (doc(clientConnection=[]), "clientConnection"),
     (doc(dataplane={"tcpProxyPort": "15001"}), "dataplane.tcpProxyPort"),
@@ -161,3 +171,11 @@ def test_bad_manifest_limits_name_their_field(limits: dict[str, object], path: s
     with pytest.raises(ConfigError) as info:
         load_config(doc(manifestLimits=limits))
     assert info.value.path == path
+
+
+def test_dual_stack_cidrs_and_bracketed_ipv6_bind_addresses_are_accepted() -> None:
+    config = load_config(doc(clusterCIDR="10.244.0.0/16,fd00:244::/56", nodePortAddresses=["fd00:56::/64"],
+                             metricsBindAddress="[::1]:10249", healthzBindAddress="[::]:10256"))
+    assert config.clusterCIDR == "10.244.0.0/16,fd00:244::/56"
+    assert split_host_port(config.metricsBindAddress, "m") == ("::1", 10249)
+    assert split_host_port(config.healthzBindAddress, "h") == ("::", 10256)

@@ -112,6 +112,9 @@ def test_split_target(target: str, expected: tuple[str, dict[str, str]]) -> None
     ("127.0.0.1:10249", "http://127.0.0.1:10249/debug/services?limit=500&offset=0"),
     ("0.0.0.0:9000", "http://127.0.0.1:9000/debug/services?limit=500&offset=0"),  # a wildcard bind: loopback
     (":9000", "http://127.0.0.1:9000/debug/services?limit=500&offset=0"),
+    ("[::1]:10249", "http://[::1]:10249/debug/services?limit=500&offset=0"),  # IPv6: brackets both ways
+    ("[::]:9000", "http://[::1]:9000/debug/services?limit=500&offset=0"),
+    ("[fd00::5]:9000", "http://[fd00::5]:9000/debug/services?limit=500&offset=0"),
 ])
 def test_cli_url(address: str, url: str) -> None:
     args = cli.build_parser().parse_args(["services", "--address", address])

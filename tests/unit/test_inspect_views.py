@@ -143,6 +143,7 @@ def test_connection_rows_carry_bytes_each_way_and_ages() -> None:
     ({"namespace": "kube-system", "service": "kube-dns", "client": "10.0.0.1", "offset": "5", "limit": "7"},
      Query("kube-system", "kube-dns", "10.0.0.1", 5, 7)),
     ({"limit": "", "namespace": ""}, Query()),
+    ({"client": "FD00:56:0::100"}, Query(client="fd00:56::100")),  # compared canonically
 ])
 def test_parse_query(params: dict[str, str], expected: Query) -> None:
     assert views.parse_query(params) == expected
@@ -154,10 +155,25 @@ def test_parse_query(params: dict[str, str], expected: Query) -> None:
     ({"offset": "x"}, "offset: 'x' is not a non-negative integer"),
     ({"limit": str(views.MAX_LIMIT + 1)}, f"limit: {views.MAX_LIMIT + 1} is above the maximum"),
     ({"namespce": "a"}, "namespce: unknown parameter"),
+    ({"client": "fd00::zz"}, "client: 'fd00::zz' is not an IP address"),
 ])
 def test_bad_queries_name_the_parameter(params: dict[str, str], message: str) -> None:
     with pytest.raises(QueryError, match=message):
         views.parse_query(params)
+
+
+def test_ipv6_connection_rows_bracket_their_addresses() -> None:
+    ports = {WEB: port_state(WEB, ("fd00:244:1::2", 80))}
+    item = ConnectionInfo("TCP", WEB, ("fd00:56::100", 40000), ("fd00:96::10", 80), ("fd00:244:1::2", 80),
+                                10, 20, 90.0, 98.0)
+    [row], _ = views.connection_rows([item], ports, now=100.0, worker=0)
+    assert (row["client"], row["frontend"], row["endpoint"]) == (
+        "[fd00:56::100]:40000", "[fd00:96::10]:80", "[fd00:244:1::2]:80")
+
+
+def test_ip_key_orders_numerically_ipv4_before_ipv6() -> None:
+    ips = ["fd00::10", "10.0.0.10", "fd00::9", "10.0.0.9"]
+    assert sorted(ips, key=views.ip_key) == ["10.0.0.9", "10.0.0.10", "fd00::9", "fd00::10"]
 
 
 def pin(namespace: str, service: str, client: str, worker: int = 0) -> dict[str, Any]:

@@ -52,10 +52,10 @@ def elements_of(text: str, verb: str) -> dict[str, set[str]]:
     return found
 
 
-def test_ruleset_owns_its_two_tables_and_nothing_else() -> None:
+def test_ruleset_owns_its_three_tables_and_nothing_else() -> None:
     text = render_ruleset(CONFIG, ELEMENTS)
     tables = set(re.findall(r"^(?:delete )?table (\w+ \w+)", text, flags=re.M))
-    assert tables == {"ip pyproxy", "netdev pyproxy"}
+    assert tables == {"ip pyproxy", "ip6 pyproxy", "netdev pyproxy"}
     # each table is created (so that delete never fails), deleted, then written whole, in one script
     assert text.startswith("table ip pyproxy\ndelete table ip pyproxy\ntable ip pyproxy {\n")
     assert "\ntable netdev pyproxy\ndelete table netdev pyproxy\ntable netdev pyproxy {\n" in text
@@ -158,6 +158,7 @@ def test_empty_update_is_empty() -> None:
 
 def test_cleanup_removes_only_our_tables() -> None:
     assert render_cleanup() == ("table ip pyproxy\ndelete table ip pyproxy\n"
+                                "table ip6 pyproxy\ndelete table ip6 pyproxy\n"
                                 "table netdev pyproxy\ndelete table netdev pyproxy\n")
 
 
@@ -167,12 +168,14 @@ BRIDGED = NftConfig(mark=0x1F, tcp_port=15001, udp_port=15002, pod_bridges=("cni
 def test_reentry_chain_hooks_the_pod_bridges_and_forwards_service_frames() -> None:
     lines = [line.strip() for line in render_ruleset(BRIDGED, ()).splitlines()]
     chain = lines[lines.index("chain pod_bridges {") + 1:]
-    assert chain[:3] == [
+    assert chain[:4] == [
         'type filter hook ingress devices = { "cni0", "cbr0" } priority -500; policy accept;',
         f'ip daddr . meta l4proto . th dport @services ether daddr set {REENTRY_MAC} fwd to "{REENTRY_DEVICE}"',
+        f'ip6 daddr . meta l4proto . th dport @services6 ether daddr set {REENTRY_MAC} fwd to "{REENTRY_DEVICE}"',
         "}",
     ]
     assert "set services { type ipv4_addr . inet_proto . inet_service; }" in lines
+    assert "set services6 { type ipv6_addr . inet_proto . inet_service; }" in lines
 
 
 def test_no_pod_bridges_no_reentry_chain() -> None:
@@ -200,3 +203,60 @@ def test_reentering_frames_carry_the_reentry_mark_before_they_are_forwarded() ->
     rule = next(line.strip() for line in render_ruleset(config, ()).splitlines() if "fwd to" in line)
     assert rule == (f"ip daddr . meta l4proto . th dport @services meta mark set mark or 0x400000 "
                     f'ether daddr set {REENTRY_MAC} fwd to "{REENTRY_DEVICE}"')
+
+
+DUAL = NftConfig(mark=0x1F, tcp_port=15001, udp_port=15002,
+                 local_sources=("10.244.0.0/16", "fd00:244::/56", "fd00:244:0:1::/64"))
+DUAL_ELEMENTS: set[Element] = {
+    (CAP, ("10.96.0.10", "TCP", 80)),
+    (CAP, ("fd00:96::10", "TCP", 80)),
+    (REJ, ("fd00:96::11", "UDP", 53)),
+    (DE, ("fd00:56::101", "TCP", 30080)),
+}
+
+
+def _table(text: str, family: str) -> list[str]:
+    lines = [line.strip() for line in text.splitlines()]
+    start = lines.index(f"table {family} pyproxy {{")
+    return lines[start:lines.index("}", start) + 1]
+
+
+def test_each_family_has_its_own_table_with_its_own_listener_and_types() -> None:
+    text = render_ruleset(DUAL, DUAL_ELEMENTS)
+    v4, v6 = _table(text, "ip"), _table(text, "ip6")
+    assert "set svc_capture { type ipv6_addr . inet_proto . inet_service; }" in v6
+    assert "set svc_capture { type ipv4_addr . inet_proto . inet_service; }" in v4
+    assert ("ip6 daddr . meta l4proto . th dport @svc_capture meta l4proto tcp tproxy to [::1]:15001 "
+            "meta mark set meta mark or 0x1f accept") in v6
+    assert ("ip6 daddr . meta l4proto . th dport @svc_capture meta l4proto udp tproxy to [::1]:15002 "
+            "meta mark set meta mark or 0x1f accept") in v6
+    assert ("ip6 daddr . meta l4proto . th dport @svc_drop_external fib saddr type != local "
+            "ip6 saddr != @local_sources drop") in v6
+    assert not [line for line in v6 if "ip daddr" in line or "127.0.0.1" in line]
+    assert not [line for line in v4 if "ip6 " in line or "[::1]" in line]
+    # the same chains in both: the rules differ only by the family's words
+    assert len(v4) == len(v6)
+
+
+def test_local_sources_are_split_by_family_and_merged() -> None:
+    text = render_ruleset(DUAL, ())
+    assert "set local_sources { type ipv4_addr; flags interval; elements = { 10.244.0.0/16 }; }" in _table(text, "ip")
+    assert ("set local_sources { type ipv6_addr; flags interval; elements = { fd00:244::/56 }; }"
+            in _table(text, "ip6"))
+
+
+def test_elements_go_to_the_table_of_their_family() -> None:
+    text = render_ruleset(DUAL, DUAL_ELEMENTS)
+    lines = [line for line in text.splitlines() if " element " in line]
+    assert "add element ip pyproxy svc_capture { 10.96.0.10 . tcp . 80 }" in lines
+    assert "add element ip6 pyproxy svc_capture { fd00:96::10 . tcp . 80 }" in lines
+    assert "add element ip6 pyproxy svc_reject { fd00:96::11 . udp . 53 }" in lines
+    assert "add element ip6 pyproxy svc_drop_external { fd00:56::101 . tcp . 30080 }" in lines
+    assert "add element netdev pyproxy services { 10.96.0.10 . tcp . 80 }" in lines
+    assert ("add element netdev pyproxy services6 { fd00:56::101 . tcp . 30080, fd00:96::10 . tcp . 80, "
+            "fd00:96::11 . udp . 53 }") in lines
+    update = render_update({(REJ, ("fd00:96::10", "TCP", 80))}, {(CAP, ("fd00:96::10", "TCP", 80))})
+    assert update.splitlines() == [
+        "delete element ip6 pyproxy svc_capture { fd00:96::10 . tcp . 80 }",
+        "add element ip6 pyproxy svc_reject { fd00:96::10 . tcp . 80 }",
+    ]  # a verdict change keeps the re-entry element

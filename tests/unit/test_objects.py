@@ -90,9 +90,25 @@ def test_target_port_defaults_to_port_and_names_are_kept() -> None:
     assert b.target_port == "metrics"
 
 
-def test_cluster_ips_list_preferred_and_ipv6_family_dropped() -> None:
-    obj = service_dict(clusterIPs=["10.96.0.11", "fd00::11"])
-    assert parse_ok(obj).cluster_ips == ("10.96.0.11",)
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        ({"clusterIPs": ["10.96.0.11", "fd00::11"]}, ("10.96.0.11", "fd00::11")),  # dual-stack, IPv4 primary
+        ({"clusterIPs": ["FD00:0:0::11", "10.96.0.11"]}, ("fd00::11", "10.96.0.11")),  # IPv6 primary, canonical
+        ({"clusterIPs": ["fd00::11"]}, ("fd00::11",)),  # single-stack IPv6
+        ({"clusterIP": "fd00::12"}, ("fd00::12",)),  # only the old field
+    ],
+)
+def test_cluster_ips_of_both_families(spec: dict[str, Any], expected: tuple[str, ...]) -> None:
+    obj = service_dict()
+    del obj["spec"]["clusterIP"]
+    obj["spec"].update(spec)
+    assert parse_ok(obj).cluster_ips == expected
+
+
+def test_two_cluster_ips_of_one_family_reject_the_service() -> None:
+    with pytest.raises(InvalidObject, match=r"clusterIPs\[1\].*second IPv6 cluster IP"):
+        parse_service(service_dict(clusterIPs=["fd00::1", "fd00::2"]))
 
 
 @pytest.mark.parametrize(
@@ -131,12 +147,11 @@ def test_affinity_timeout_out_of_range_is_invalid(timeout: Any) -> None:
         ({"spec": {"clusterIP": ""}}, None),
         ({"spec": {"clusterIP": None}}, None),
         ({"spec": {"clusterIPs": ["None"]}}, None),
-        ({"spec": {"clusterIPs": ["fd00::1"]}}, None),
         ({"spec": {"type": "ExternalName", "externalName": "example.com", "clusterIP": ""}}, None),
         ({"labels": {"service.kubernetes.io/service-proxy-name": "other-proxy"}}, None),
         ({"labels": {"service.kubernetes.io/service-proxy-name": "other-proxy"}}, "pyproxy"),
     ],
-    ids=["headless", "empty-ip", "null-ip", "headless-list", "ipv6-only", "external-name",
+    ids=["headless", "empty-ip", "null-ip", "headless-list", "external-name",
          "other-proxy-unnamed", "other-proxy-named"],
 )
 def test_services_pyproxy_ignores_parse_to_none(change: dict[str, Any], proxy_name: str | None) -> None:
@@ -174,16 +189,15 @@ def test_load_balancer_ingress_ips_and_external_ips() -> None:
     assert service.ports[0].node_port == 30080
 
 
-def test_dual_stack_service_keeps_its_ipv4_addresses() -> None:
-    """IPv6 external and ingress addresses belong to the other family's proxier, like
-    IPv6 clusterIPs: they are left out, not a reason to drop the whole Service."""
+def test_dual_stack_service_keeps_the_addresses_of_both_families() -> None:
+    """External and ingress addresses of either family are served, in the order given."""
     obj = service_dict(type="LoadBalancer", clusterIPs=["10.96.0.10", "fd00::10"],
-                       externalIPs=["192.0.2.7", "2001:db8::7"], ports=[{"port": 80, "nodePort": 30080}])
+                       externalIPs=["192.0.2.7", "2001:DB8::7"], ports=[{"port": 80, "nodePort": 30080}])
     obj["status"] = {"loadBalancer": {"ingress": [{"ip": "2001:db8::1"}, {"ip": "203.0.113.1"}]}}
     service = parse_ok(obj)
-    assert service.cluster_ips == ("10.96.0.10",)
-    assert service.external_ips == ("192.0.2.7",)
-    assert service.load_balancer_ips == ("203.0.113.1",)
+    assert service.cluster_ips == ("10.96.0.10", "fd00::10")
+    assert service.external_ips == ("192.0.2.7", "2001:db8::7")
+    assert service.load_balancer_ips == ("2001:db8::1", "203.0.113.1")
 
 
 def test_load_balancer_ips_only_for_type_load_balancer() -> None:
@@ -378,7 +392,6 @@ def test_slice_port_protocol_default_and_unresolved_port_dropped() -> None:
     ("labels", "address_type"),
     [
         ({"kubernetes.io/service-name": "web", "service.kubernetes.io/headless": ""}, "IPv4"),
-        ({"kubernetes.io/service-name": "web"}, "IPv6"),
         ({"kubernetes.io/service-name": "web"}, "FQDN"),
     ],
 )

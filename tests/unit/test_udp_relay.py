@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from pyproxy.dataplane.stats import DataplaneStats
-from pyproxy.dataplane.udp import IP_ORIGDSTADDR, UdpConfig, UdpRelay, original_destination
+from pyproxy.dataplane.udp import IP_ORIGDSTADDR, IPV6_ORIGDSTADDR, UdpConfig, UdpRelay, original_destination
 from pyproxy.model.objects import ServiceKey, parse_endpoint_slice, parse_service
 from pyproxy.model.store import ClusterStore
 from pyproxy.model.table import ServiceTable
@@ -129,6 +129,13 @@ def test_the_original_destination_is_read_from_ancillary_data() -> None:
     assert original_destination([(socket.SOL_IP, IP_ORIGDSTADDR, sockaddr)]) == ("10.96.0.10", 53)
     assert original_destination([(socket.SOL_IP, 8, b"\x00" * 12)]) is None
     assert original_destination([]) is None
+
+
+def test_the_ipv6_original_destination_is_read_from_a_sockaddr_in6() -> None:
+    sockaddr6 = ((10).to_bytes(2, "little") + (5353).to_bytes(2, "big") + bytes(4)
+                 + socket.inet_pton(socket.AF_INET6, "fd00:96::53") + bytes(4))
+    assert original_destination([(socket.IPPROTO_IPV6, IPV6_ORIGDSTADDR, sockaddr6)]) == ("fd00:96::53", 5353)
+    assert original_destination([(socket.IPPROTO_IPV6, IPV6_ORIGDSTADDR, sockaddr6[:20])]) is None  # cut short
 
 
 async def test_a_query_and_its_answer_pass_whole_and_the_answer_comes_from_the_service_address(

@@ -1,0 +1,72 @@
+"""Both address families behind one TCP relay interface.
+
+Rules kept here:
+- A transparent listener serves one family (TPROXY hands a packet only to a socket of its
+  own family), so the TCP data plane is two relays of the configured kind, one listening
+  on 127.0.0.1 and one on ::1, both on `tcpProxyPort`, sharing the service table, the
+  counters and the local-source test. Every decision stays in the shared model; this
+  module only fans the app's calls out to both.
+- IPv6 is optional: a node without it (no IPv6 in the kernel, or none on lo) serves IPv4,
+  with one warning line, as before dual-stack.
+- With `dataplane.workers`, worker 0 alone serves IPv6 (as it alone serves UDP): every
+  IPv6 client lands on one worker, so ClientIP affinity holds for them too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import Callable, Collection, Iterator
+
+from pyproxy.dataplane.splice import PairLike, TcpRelay
+from pyproxy.dataplane.stats import ConnectionInfo
+
+log = logging.getLogger("pyproxy.dualstack")
+
+IPV6_LISTENER = "::1"
+
+
+class DualStackRelay:
+    """A `TcpRelay` made of one relay per family (see the module's rules)."""
+
+    def __init__(self, make: Callable[[], TcpRelay], serve_ipv6: bool = True) -> None:
+        self.ipv4 = make()
+        self.ipv6: TcpRelay | None = make() if serve_ipv6 else None
+        self._started: list[TcpRelay] = []
+
+    @property
+    def relays(self) -> list[TcpRelay]:
+        return self._started or [self.ipv4]
+
+    @property
+    def pairs(self) -> Collection[PairLike]:
+        found: list[PairLike] = []
+        for relay in self.relays:
+            found.extend(relay.pairs)
+        return found
+
+    async def start(self, host: str, port: int, sock: socket.socket | None = None) -> None:
+        """The IPv4 relay on `host` (or `sock`), then the IPv6 one on [::1]:`port` if it can."""
+        await self.ipv4.start(host, port, sock)
+        self._started = [self.ipv4]
+        if self.ipv6 is None:
+            return
+        try:
+            await self.ipv6.start(IPV6_LISTENER, port)
+        except OSError as err:  # EAFNOSUPPORT, or EADDRNOTAVAIL without ::1
+            log.warning("no IPv6 listener on [%s]:%d (%s): serving IPv4 only", IPV6_LISTENER, port, err)
+            return
+        self._started.append(self.ipv6)
+
+    def stop_accepting(self) -> None:
+        for relay in self.relays:
+            relay.stop_accepting()
+
+    async def drain(self, timeout: float) -> int:
+        cuts = await asyncio.gather(*(relay.drain(timeout) for relay in self.relays))
+        return sum(cuts)
+
+    def connections(self) -> Iterator[ConnectionInfo]:
+        for relay in self.relays:
+            yield from relay.connections()
