@@ -12,7 +12,8 @@ Rules kept here:
   `remove_hook` that drops the last backend; the others report stickiness only.
 - Each contender listens on its own address or port in the node, so the persistent ones
   (haproxy, nginx, socat) can stay up across rounds without meeting each other's traffic.
-- `--contenders` takes families (direct, dnat, haproxy, nginx, socat, pyproxy) or ids.
+- `--contenders` takes families (direct, dnat, haproxy, nginx, socat) or ids; `pyproxy` is
+  the id of the default variant (list `pyproxy-protocol`, `pyproxy-2w` to add the others).
 - The C load generators (bench/cload.py: wrk, fortio, iperf3) talk HTTP to nginx on
   HTTP_PORT in every backend, and iperf3 to IPERF_PORT on backend 1 only (its control and
   data connections must meet one server). So each contender also serves those two: `ports`
@@ -299,4 +300,6 @@ def select(all_contenders: Sequence[Contender], text: str) -> list[Contender]:
     unknown = [t for t in tokens if t not in known]
     if unknown or not tokens:
         raise ValueError(f"unknown contenders {unknown}; choose from {', '.join(sorted(known))}")
-    return [c for c in all_contenders if c.id in tokens or c.family in tokens]
+    ids = {c.id for c in all_contenders}
+    families = {t for t in tokens if t not in ids}  # "pyproxy" is an id (the default variant) first
+    return [c for c in all_contenders if c.id in tokens or c.family in families]

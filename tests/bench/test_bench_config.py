@@ -71,6 +71,8 @@ def test_build_and_select() -> None:
     assert all_[6].target_for(ct.HTTP_PORT) is None
     assert [c.id for c in ct.select(all_, "haproxy,direct")] == ["direct", "haproxy-1t", "haproxy-2t"]
     assert [c.id for c in ct.select(all_, "nginx-2w")] == ["nginx-2w"]
+    assert [c.id for c in ct.select(all_, "pyproxy")] == ["pyproxy"]  # the id (the default), not the family
+    assert [c.id for c in ct.select(all_, "pyproxy,pyproxy-2w")] == ["pyproxy", "pyproxy-2w"]
     with pytest.raises(ValueError):
         ct.select(all_, "envoy")
 
