@@ -100,11 +100,14 @@ def quick(duration: float = 1.5, idle_conns: int = 1000) -> list[Workload]:
 
 
 def select(workloads: list[Workload], text: str) -> list[Workload]:
-    """`--workloads`: names or modes, comma-separated; '' keeps all."""
+    """`--workloads`: names or modes, comma-separated; '' keeps all. A token that names a
+    workload selects that one only (`crr`: not `crr-wrk`)."""
     tokens = {t.strip() for t in text.split(",") if t.strip()}
     if not tokens:
         return workloads
-    chosen = [w for w in workloads if w.name in tokens or w.mode in tokens]
+    names = {w.name for w in workloads}
+    modes = {t for t in tokens if t not in names}  # "crr" is the workload first, not every crr-mode one
+    chosen = [w for w in workloads if w.name in tokens or w.mode in modes]
     if not chosen:
         raise ValueError(f"no workload matches {sorted(tokens)}; have {[w.name for w in workloads]}")
     return chosen

@@ -343,6 +343,16 @@ class Direction:
             self.reading = False
             self.pair.interest(self.src_fd)
 
+    def on_readable(self, bits: int) -> None:
+        """The poller's handler for src while this direction only reads it (the other
+        direction is not waiting to write there): one frame per event, not two."""
+        if self.pair.closed:
+            return
+        try:
+            self.readable(bits)
+        except Exception as err:
+            self.pair._internal(err)
+
     def readable(self, bits: int = 0) -> None:
         """Move what src has. A read shorter than the buffer drained the socket, unless the
         peer's FIN is there too (EPOLLRDHUP): then read on, to see the EOF now."""
@@ -680,10 +690,10 @@ class FastPair:
         assert up is not None and down is not None
         if fd == up.src_fd:  # the client
             mask = (IN_RDHUP if up.reading else 0) | (OUT if down.writing else 0)
-            self.relay.poller.watch(fd, mask, self._client_event)
+            self.relay.poller.watch(fd, mask, up.on_readable if mask == IN_RDHUP else self._client_event)
         else:
             mask = (IN_RDHUP if down.reading else 0) | (OUT if up.writing else 0)
-            self.relay.poller.watch(fd, mask, self._upstream_event)
+            self.relay.poller.watch(fd, mask, down.on_readable if mask == IN_RDHUP else self._upstream_event)
 
     def _client_event(self, bits: int) -> None:
         try:

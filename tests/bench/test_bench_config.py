@@ -105,6 +105,7 @@ def test_workload_sets() -> None:
     argv = q[2].load_args(("10.96.0.10", 80), "10.200.1.1", rate=1234.4)
     assert argv[:3] == ["latency", "--target", "10.96.0.10:80"] and argv[-2:] == ["--rate", "1234"]
     assert [w.name for w in select(full(), "stream")] == ["stream-1", "stream-4", "stream-iperf3"]
+    assert [w.name for w in select(full(), "crr,idle")] == ["crr", "idle"]  # names first, then modes
     with pytest.raises(ValueError):
         select(q, "nope")
 
