@@ -25,15 +25,17 @@ from pyproxy.dataplane.nft import NftConfig, NftRunner
 from pyproxy.dataplane.relay import Relay, RelayConfig
 from pyproxy.dataplane.splice import FastRelay, TcpRelay
 from pyproxy.dataplane.workers import NullNftRunner, WorkerRole
-from pyproxy.dataplane.routing import PolicyRouting, local_addresses, node_port_addresses, pod_bridges
+from pyproxy.dataplane.routing import PolicyRouting, interface_routes, local_addresses, pod_bridges
 from pyproxy.dataplane.stats import DataplaneStats
 from pyproxy.dataplane.udp import UdpConfig, UdpRelay
 from pyproxy.inspect.reader import ProxyReader
-from pyproxy.model.family import join_host_port
+from pyproxy.model.family import join_host_port, node_port_candidate
 from pyproxy.model.objects import ServiceKey
 from pyproxy.observe.metrics import CountingStore
 from pyproxy.observe.observer import Observer
 from pyproxy.model.table import Frontend, ServiceTable
+from pyproxy.model import nodeports
+from pyproxy.model.localdetect import LocalDetection
 from pyproxy.proxier import Proxier, SyncResult, parse_cidrs
 from pyproxy.sources.kube import KubeSource
 from pyproxy.sources.kube_client import SourceError, open_transport
@@ -81,12 +83,13 @@ class ProxyApp:
                 mark=dp.mark,
                 tcp_port=dp.tcpProxyPort,
                 udp_port=dp.udpProxyPort,
-                local_sources=tuple(str(n) for n in parse_cidrs(config.clusterCIDR)),
                 reentry_mark=dp.reentryMark,
             ),
-            node_addresses=lambda: node_port_addresses(local_addresses(), config.nodePortAddresses),
+            node_addresses=self._node_port_addresses,
             on_synced=self._synced,
-            cluster_cidrs=parse_cidrs(config.clusterCIDR),
+            detection=local_detection(config),
+            needs_node=config.detectLocalMode == "NodeCIDR" or nodeports.PRIMARY in config.nodePortAddresses,
+            interface_routes=interface_routes,
             pod_bridges=lambda: pod_bridges(dp.podBridges),
             route_pod_bridges=(policy_routing(config).route_pod_bridges if self.worker.programs_kernel
                                else lambda _: None),
@@ -120,6 +123,12 @@ class ProxyApp:
         self.observer = Observer(config, self.store, self.table, self.stats, self.runner, reader, self.worker,
                                  down=lambda: self.supervisor.down)
         self.force = False
+
+    def _node_port_addresses(self) -> list[str]:
+        """The local addresses that serve NodePorts (netlink; `primary` reads the Node)."""
+        node = self.store.node
+        candidates = [a for a in local_addresses() if node_port_candidate(a)]  # never link-local or ::1
+        return nodeports.select(candidates, self.config.nodePortAddresses, node.host_ips if node else ())
 
     def _synced(self, result: SyncResult) -> None:
         self.observer.synced(result.seconds)  # sync metrics; health check endpoint counts
@@ -247,6 +256,15 @@ class ProxyApp:
         cut = await self.relay.drain(0 if self.force else self.config.dataplane.drainTimeout)
         self.udp.close()  # UDP has nothing to drain: answers in flight got the drain period
         log.info("stopped; %d connections cut at the drain bound; rules left in place", cut)
+
+
+def local_detection(config: ProxyConfig) -> LocalDetection:
+    return LocalDetection(
+        mode=config.detectLocalMode,
+        cluster_cidrs=tuple(str(n) for n in parse_cidrs(config.clusterCIDR)),
+        bridge_interface=config.detectLocal.bridgeInterface,
+        interface_prefix=config.detectLocal.interfaceNamePrefix,
+    )
 
 
 def _log_conflict(key: ServiceKey, frontend: Frontend, owner: ServiceKey) -> None:

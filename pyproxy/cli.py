@@ -17,7 +17,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pyproxy.config import EVENT_LOOPS, ConfigError, ProxyConfig, dump_config, load_config, validate
+from pyproxy.config import (
+    DETECT_LOCAL_MODES,
+    EVENT_LOOPS,
+    ConfigError,
+    ProxyConfig,
+    dump_config,
+    load_config,
+    validate,
+)
 
 log = logging.getLogger("pyproxy")
 
@@ -46,8 +54,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hostname-override", help="this node's name (default: the hostname)")
     p.add_argument("--healthz-bind-address", help="host:port of /healthz and /livez (default 0.0.0.0:10256)")
     p.add_argument("--metrics-bind-address", help="host:port of /metrics (default 127.0.0.1:10249)")
-    p.add_argument("--nodeport-addresses", help="comma-separated CIDRs whose local addresses serve NodePorts")
+    p.add_argument("--nodeport-addresses",
+                   help="comma-separated CIDRs and keywords (primary: the Node object's primary IPs; all) "
+                        "whose local addresses serve NodePorts (default: every local address)")
     p.add_argument("--cluster-cidr", help="comma-separated pod CIDRs: traffic from them counts as in-cluster")
+    p.add_argument("--detect-local-mode", choices=DETECT_LOCAL_MODES,
+                   help="how this node's pods are told apart (default ClusterCIDR; NodeCIDR reads the Node's podCIDRs)")
+    p.add_argument("--pod-bridge-interface", help="detect-local-mode BridgeInterface: the pods' bridge")
+    p.add_argument("--pod-interface-name-prefix",
+                   help="detect-local-mode InterfaceNamePrefix: the prefix of the pods' interface names")
     p.add_argument("--proxy-port", type=int, help="local port of the transparent listeners (default 15001)")
     p.add_argument("--relay", choices=("splice", "protocol"),
                    help="TCP byte path (dataplane.relay; default splice)")
@@ -70,12 +85,19 @@ def effective_config(args: argparse.Namespace) -> ProxyConfig:
         ("cluster_cidr", "clusterCIDR"),
         ("manifests", "manifests"),
         ("event_loop", "eventLoop"),
+        ("detect_local_mode", "detectLocalMode"),
     ):
         value = getattr(args, flag)
         if value is not None:
             top[name] = value
     if args.nodeport_addresses is not None:
         top["nodePortAddresses"] = tuple(c.strip() for c in args.nodeport_addresses.split(",") if c.strip())
+    detect = config.detectLocal
+    if args.pod_bridge_interface is not None:
+        detect = dataclasses.replace(detect, bridgeInterface=args.pod_bridge_interface)
+    if args.pod_interface_name_prefix is not None:
+        detect = dataclasses.replace(detect, interfaceNamePrefix=args.pod_interface_name_prefix)
+    top["detectLocal"] = detect
     client = config.clientConnection
     if args.kubeconfig is not None:
         client = dataclasses.replace(client, kubeconfig=args.kubeconfig)

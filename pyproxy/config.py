@@ -4,6 +4,7 @@ Rules kept here:
 - The file is `apiVersion: pyproxy.io/v1alpha1`, `kind: PyProxyConfiguration`, with
   kube-proxy's field names where the meaning carries over (`healthzBindAddress`,
   `metricsBindAddress`, `hostnameOverride`, `clusterCIDR`, `nodePortAddresses`,
+  `detectLocalMode`, `detectLocal.bridgeInterface`, `detectLocal.interfaceNamePrefix`,
   `syncPeriod`, `minSyncPeriod`, `clientConnection.kubeconfig`), and pyproxy's own under
   `dataplane` and `manifestLimits`.
 - Every error names its field path; unknown fields are errors (a typo must not pass).
@@ -22,9 +23,12 @@ from typing import Any
 
 import yaml
 
-API_VERSION = "pyproxy.io/v1alpha1"
+GROUP = "pyproxy.io"
+API_VERSION = f"{GROUP}/v1alpha1"
 KIND = "PyProxyConfiguration"
 EVENT_LOOPS = ("auto", "uvloop", "asyncio")
+DETECT_LOCAL_MODES = ("ClusterCIDR", "NodeCIDR", "BridgeInterface", "InterfaceNamePrefix")  # model/localdetect.py
+NODE_PORT_KEYWORDS = ("primary", "all")  # model/nodeports.py
 
 
 class ConfigError(ValueError):
@@ -76,11 +80,21 @@ class ClientConnection:
 
 
 @dataclass(frozen=True)
+class DetectLocal:
+    """What `detectLocalMode` BridgeInterface and InterfaceNamePrefix match (kube-proxy's names)."""
+
+    bridgeInterface: str = ""
+    interfaceNamePrefix: str = ""
+
+
+@dataclass(frozen=True)
 class ProxyConfig:
     hostnameOverride: str = ""
     healthzBindAddress: str = "0.0.0.0:10256"
     metricsBindAddress: str = "127.0.0.1:10249"
     clusterCIDR: str = ""
+    detectLocalMode: str = "ClusterCIDR"
+    detectLocal: DetectLocal = field(default_factory=DetectLocal)
     nodePortAddresses: tuple[str, ...] = ()
     proxyName: str = ""
     syncPeriod: float = 30.0
@@ -196,9 +210,11 @@ def validate(config: ProxyConfig) -> None:
         if value:
             split_host_port(value, path)
     for i, cidr in enumerate(config.nodePortAddresses):
-        _cidr(cidr, f"nodePortAddresses[{i}]")
+        if cidr not in NODE_PORT_KEYWORDS:
+            _cidr(cidr, f"nodePortAddresses[{i}]", "a CIDR or one of primary, all")
     for i, cidr in enumerate(c for c in config.clusterCIDR.split(",") if c):
         _cidr(cidr, f"clusterCIDR[{i}]")
+    _validate_detect_local(config)
     if config.eventLoop not in EVENT_LOOPS:
         raise ConfigError("eventLoop", f"{config.eventLoop!r} is not one of {', '.join(EVENT_LOOPS)}")
     dp = config.dataplane
@@ -230,11 +246,25 @@ def validate(config: ProxyConfig) -> None:
         raise ConfigError("syncPeriod", "sync periods must be positive")
 
 
-def _cidr(value: str, path: str) -> None:
+def _validate_detect_local(config: ProxyConfig) -> None:
+    mode, detect = config.detectLocalMode, config.detectLocal
+    if mode not in DETECT_LOCAL_MODES:
+        raise ConfigError("detectLocalMode", f"{mode!r} is not one of {', '.join(DETECT_LOCAL_MODES)}")
+    if mode == "BridgeInterface" and not detect.bridgeInterface:
+        raise ConfigError("detectLocal.bridgeInterface", "must be set when detectLocalMode is BridgeInterface")
+    if mode == "InterfaceNamePrefix" and not detect.interfaceNamePrefix:
+        raise ConfigError("detectLocal.interfaceNamePrefix", "must be set when detectLocalMode is InterfaceNamePrefix")
+    for path, name in (("detectLocal.bridgeInterface", detect.bridgeInterface),
+                       ("detectLocal.interfaceNamePrefix", detect.interfaceNamePrefix)):
+        if name and not re.fullmatch(r"[A-Za-z0-9_.:@-]{1,15}", name):
+            raise ConfigError(path, f"{name!r} is not an interface name")
+
+
+def _cidr(value: str, path: str, expected: str = "an IPv4 or IPv6 CIDR") -> None:
     try:
         ipaddress.ip_network(value, strict=False)
     except ValueError:
-        raise ConfigError(path, f"{value!r} is not an IPv4 or IPv6 CIDR") from None
+        raise ConfigError(path, f"{value!r} is not {expected}") from None
 
 
 def split_host_port(value: str, path: str) -> tuple[str, int]:
@@ -251,6 +281,15 @@ def split_host_port(value: str, path: str) -> tuple[str, int]:
 
 def dump_config(config: ProxyConfig) -> str:
     """The config as a document `load_config` accepts (used by --write-config-to)."""
+    doc = config_document(config)
+    dp = doc["dataplane"]
+    dp["mark"] = _Hex(dp["mark"])
+    dp["reentryMark"] = _Hex(dp["reentryMark"])
+    return yaml.dump(doc, Dumper=_Dumper, sort_keys=False)
+
+
+def config_document(config: ProxyConfig) -> dict[str, Any]:
+    """The config as plain data, durations spelled as in the file (also served at /configz)."""
     def plain(obj: Any) -> Any:
         if dataclasses.is_dataclass(obj):
             return {f.name: plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
@@ -265,7 +304,4 @@ def dump_config(config: ProxyConfig) -> str:
     for key in ("tcpIdleTimeout", "tcpHalfCloseTimeout", "udpIdleTimeout", "drainTimeout"):
         dp[key] = format_duration(dp[key])
     dp["dialTimeouts"] = [format_duration(t) for t in dp["dialTimeouts"]]
-    dp["mark"] = _Hex(dp["mark"])
-    dp["reentryMark"] = _Hex(dp["reentryMark"])
-    doc = {"apiVersion": API_VERSION, "kind": KIND, **body}
-    return yaml.dump(doc, Dumper=_Dumper, sort_keys=False)
+    return {"apiVersion": API_VERSION, "kind": KIND, **body}

@@ -12,9 +12,14 @@ Rules kept here:
   sync; when they change, the next write is a full one, whose `netdev pyproxy` chain hooks
   exactly those (older kernels refuse a hook on a device that does not exist).
 - Local sources (kube-proxy's short-circuit: cluster set, node's address) are the node's
-  addresses, the cluster CIDRs, and the subnets of the pod bridges on this node: a pod on a
-  bridge cannot keep its own address towards an endpoint on the same bridge, which would
-  answer it directly over the bridge instead of through the proxy.
+  addresses, this node's pods as `--detect-local-mode` finds them (model/localdetect.py:
+  the cluster CIDRs, the Node's podCIDRs, or the routes through the pods' interfaces, read
+  at every sync), and the subnets of the pod bridges on this node: a pod on a bridge
+  cannot keep its own address towards an endpoint on the same bridge, which would answer
+  it directly over the bridge instead of through the proxy. The kernel's `local_sources`
+  set holds the same networks; when they change, the next write is a full one.
+- With a setting that reads the Node (`NodeCIDR`, `--nodeport-addresses primary`), nothing
+  is programmed until the Node has been looked up once, so the first rules already use it.
 """
 
 from __future__ import annotations
@@ -27,12 +32,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 
 from pyproxy.dataplane.nft import NftConfig, NftError, NftRunner, render_ruleset, render_update
+from pyproxy.model.localdetect import NODE_CIDR, LocalDetection, Network, pod_networks
 from pyproxy.model.objects import ServiceKey
 from pyproxy.model.store import ClusterStore
 from pyproxy.model.table import Element, ServiceTable
 
 log = logging.getLogger("pyproxy.proxier")
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 @dataclass
@@ -54,20 +59,28 @@ class Proxier:
     on_synced: Callable[[SyncResult], None] = lambda _: None
     full_sync_needed: bool = True
     addresses: tuple[str, ...] = ()
-    cluster_cidrs: tuple[Network, ...] = ()
+    detection: LocalDetection = field(default_factory=LocalDetection)
+    needs_node: bool = False  # a setting reads the Node: wait for its first lookup
+    interface_routes: Callable[[], list[tuple[str, str]]] = list  # (interface, destination) routes (netlink)
     pod_bridges: Callable[[], list[tuple[str, str]]] = list  # (bridge, subnet) on this node (netlink)
     route_pod_bridges: Callable[[list[str]], None] = lambda _: None  # their reverse-path routes (netlink)
     _routed: list[str] | None = None
     _local: frozenset[str] = field(default_factory=frozenset)
     _bridged: tuple[Network, ...] = ()
+    _pods: tuple[Network, ...] = ()
+    _warned_no_pod_cidrs: bool = False
 
     async def sync(self) -> None:
         if not self.store.synced:
             log.debug("not syncing: waiting for the first complete list of services and endpoint slices")
             return
+        if self.needs_node and not self.store.node_listed:
+            log.debug("not syncing: waiting for the first lookup of this node's Node object")
+            return
         started = time.monotonic()
-        addresses, bridges = await asyncio.to_thread(self._read_node)  # pyroute2 runs its own loop
+        addresses, bridges, routes = await asyncio.to_thread(self._read_node)  # pyroute2 runs its own loop
         self._use_pod_bridges(bridges)
+        self._use_local_sources(routes)
         changed = self.store.take_changes()
         if addresses != self.addresses:
             log.info("node addresses: %s", ", ".join(addresses) or "none")
@@ -87,14 +100,34 @@ class Proxier:
 
     _last_full: bool = False
 
-    def _read_node(self) -> tuple[tuple[str, ...], list[tuple[str, str]]]:
-        """Netlink, in a thread: the node's addresses and pod bridges; bridge routes kept current."""
+    def _read_node(self) -> tuple[tuple[str, ...], list[tuple[str, str]], list[tuple[str, str]]]:
+        """Netlink, in a thread: the node's addresses, pod bridges and (for the interface
+        modes of local detection) routes; bridge routes kept current."""
         addresses, bridges = tuple(self.node_addresses()), self.pod_bridges()
+        routes = self.interface_routes() if self.detection.reads_interfaces else []
         subnets = sorted({cidr for _, cidr in bridges})
         if subnets != self._routed:
             self.route_pod_bridges(subnets)
             self._routed = subnets
-        return addresses, bridges
+        return addresses, bridges, routes
+
+    def _use_local_sources(self, routes: list[tuple[str, str]]) -> None:
+        """This node's pods as the detection mode finds them, into the relay's view and the
+        kernel's `local_sources` (a change rewrites the table)."""
+        node = self.store.node
+        if self.detection.mode == NODE_CIDR and not (node and node.pod_cidrs) and not self._warned_no_pod_cidrs:
+            log.warning("detect-local-mode NodeCIDR: Node %s has no spec.podCIDRs yet; only the node itself "
+                        "counts as local until it has", node.name if node else "(not found)")
+            self._warned_no_pod_cidrs = True
+        pods = pod_networks(self.detection, node, routes)
+        sources = tuple(str(n) for n in sorted(set(pods) | set(self._bridged), key=lambda n: (n.version, n)))
+        if pods != self._pods:
+            log.info("local pods (detect-local-mode %s): %s", self.detection.mode,
+                     ", ".join(map(str, pods)) or "none detected")
+            self._pods = pods
+        if sources != self.nft_config.local_sources:
+            self.nft_config = replace(self.nft_config, local_sources=sources)
+            self.full_sync_needed = True
 
     def _use_pod_bridges(self, bridges: list[tuple[str, str]]) -> None:
         names = tuple(sorted({name for name, _ in bridges}))
@@ -108,11 +141,11 @@ class Proxier:
         self._last_full = self.full_sync_needed
         if not self.full_sync_needed:
             try:
-                await self.nft.apply(render_update(added, removed))
+                await self.nft.apply(render_update(added, removed, *self.table.allow_changes))
                 return
             except NftError as err:
                 log.warning("incremental nftables update failed, rewriting the table: %s", err)
-        await self.nft.apply(render_ruleset(self.nft_config, self.table.all_elements()))
+        await self.nft.apply(render_ruleset(self.nft_config, self.table.all_elements(), self.table.all_allows()))
         self.full_sync_needed = False
         self._last_full = True
 
@@ -121,11 +154,11 @@ class Proxier:
 
     def is_local_source(self, ip: str) -> bool:
         """Traffic from the node itself or its cluster's pods (kube-proxy's short-circuit)."""
-        return is_local_source(ip, self._local, self.cluster_cidrs + self._bridged)
+        return is_local_source(ip, self._local, self._pods + self._bridged)
 
 
 def is_local_source(ip: str, node_addresses: frozenset[str], networks: Iterable[Network]) -> bool:
-    """The node's own address, or one inside the cluster CIDRs or a pod bridge's subnet."""
+    """The node's own address, or one inside this node's pod networks or a pod bridge's subnet."""
     if ip in node_addresses:
         return True
     address = ipaddress.ip_address(ip)

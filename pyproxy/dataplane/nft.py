@@ -12,8 +12,15 @@ Rules kept here (DATAPLANE.md):
   `drop_internal` and `drop_external` (Local policy without a local endpoint; external
   drops spare the node itself and `local_sources`, i.e. the cluster CIDR, whose traffic
   is captured and served from the cluster set: kube-proxy's short-circuit).
-- Order in prerouting: refusals and drops, then capture, then `socket transparent` (the
-  reply path of Local mode; before the capture rules it would steal new UDP queries).
+- Order in prerouting: the source-range firewall, then refusals and drops, then capture,
+  then `socket transparent` (the reply path of Local mode; before the capture rules it
+  would steal new UDP queries).
+- Source ranges (model/firewall.py): a packet to a `svc_firewall` frontend whose
+  (frontend . source) is not in the interval set `svc_allow` is dropped, first thing in
+  prerouting and in output (the node's own traffic is checked too, as kube-proxy does).
+  Like the other sets, both change only by elements. Every packet is checked, not only a
+  connection's first (pyproxy keeps no conntrack state): a source taken out of the ranges
+  loses its open connections too.
 - An output `route` chain marks the node's own traffic to service addresses so that the
   policy route sends it through `lo` and back into prerouting.
 - A full write replaces every table atomically; an incremental write only adds and deletes
@@ -47,7 +54,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from pyproxy.model.family import Family, family_of
-from pyproxy.model.table import Element, Verdict
+from pyproxy.model.table import Allow, Element, Verdict
 
 TABLE = "pyproxy"
 REENTRY_DEVICE = "pyproxy-fwd"  # the veth pyproxy forwards bridged service frames into
@@ -55,6 +62,7 @@ REENTRY_PEER = "pyproxy-in"  # its peer, where they enter the IP stack again
 REENTRY_MAC = "02:70:79:70:78:01"  # the peer's fixed (locally administered) address
 REENTRY_ADDRESS = "169.254.77.1"  # the peer's /32 (link-local): loose rp_filter wants one
 SETS = {verdict: f"svc_{verdict.value}" for verdict in Verdict}
+ALLOW_SET = "svc_allow"  # (frontend . source CIDR) pairs that may pass the firewall
 
 
 @dataclass(frozen=True)
@@ -79,6 +87,11 @@ class FamilyRules:
     def match(self) -> str:
         return f"{self.header} daddr . meta l4proto . th dport"
 
+    @property
+    def firewall_rule(self) -> str:
+        """Source ranges: a firewalled frontend drops what no (frontend . source) Allow holds."""
+        return f"{self.match} @{SETS[Verdict.FIREWALL]} {self.match} . {self.header} saddr != @{ALLOW_SET} drop"
+
 
 FAMILIES = {
     Family.IPV4: FamilyRules(Family.IPV4, "ipv4_addr", "ip", "127.0.0.1", "services"),
@@ -96,12 +109,13 @@ class NftConfig:
     reentry_mark: int = 0  # set on re-entering frames (routing.py: their reverse-path route); 0: none
 
 
-def render_ruleset(config: NftConfig, elements: Iterable[Element]) -> str:
+def render_ruleset(config: NftConfig, elements: Iterable[Element], allows: Iterable[Allow] = ()) -> str:
     """Every table, each replacing its previous version, all in one transaction."""
     lines = [line for rules in FAMILIES.values() for line in _render_family(config, rules)]
     lines += _render_reentry(config)
     elements = list(elements)
     lines += _element_lines("add", elements) + _reentry_lines("add", _keys(elements))
+    lines += _allow_lines("add", allows)
     return "\n".join(lines) + "\n"
 
 
@@ -127,11 +141,13 @@ def _render_family(config: NftConfig, rules: FamilyRules) -> list[str]:
         f"delete table {table} {TABLE}",
         f"table {table} {TABLE} {{",
         sets,
+        f"    set {ALLOW_SET} {{ type {rules.set_type} . {rules.address_type}; flags interval; }}",
         f"    set local_sources {{ type {rules.address_type}; flags interval; "
         + (f"elements = {{ {local_sources} }}; " if local_sources else "")
         + "}",
         "    chain prerouting {",
         "        type filter hook prerouting priority mangle; policy accept;",
+        f"        {rules.firewall_rule}",
         f"        {match} @svc_reject meta l4proto tcp reject with tcp reset",
         f"        {match} @svc_reject reject",
         f"        {match} @svc_drop_internal drop",
@@ -145,6 +161,7 @@ def _render_family(config: NftConfig, rules: FamilyRules) -> list[str]:
         "    }",
         "    chain output {",
         "        type route hook output priority mangle; policy accept;",
+        f"        {rules.firewall_rule}",
         f"        {match} @svc_drop_internal drop",
         # the node's own UDP to a service without endpoints: an ICMP error cannot come back
         # through lo, so refuse it here (send() fails at once) rather than let it time out
@@ -184,13 +201,16 @@ def _reentry_mark(config: NftConfig) -> str:
     return f" meta mark set mark or {config.reentry_mark:#x}" if config.reentry_mark else ""
 
 
-def render_update(added: Iterable[Element], removed: Iterable[Element]) -> str:
+def render_update(added: Iterable[Element], removed: Iterable[Element],
+                  allows_added: Iterable[Allow] = (), allows_removed: Iterable[Allow] = ()) -> str:
     """An incremental transaction: only set elements change."""
     added, removed = list(added), list(removed)
     # a frontend that only changes verdict stays in the re-entry set
     keys_added, keys_removed = _keys(added), _keys(removed)
-    lines = _element_lines("delete", removed) + _element_lines("add", added)
+    lines = _allow_lines("delete", allows_removed)
+    lines += _element_lines("delete", removed) + _element_lines("add", added)
     lines += _reentry_lines("delete", keys_removed - keys_added) + _reentry_lines("add", keys_added - keys_removed)
+    lines += _allow_lines("add", allows_added)
     return "\n".join(lines) + "\n" if lines else ""
 
 
@@ -199,7 +219,16 @@ def render_cleanup() -> str:
 
 
 def _keys(elements: Iterable[Element]) -> set[tuple[str, str, int]]:
-    return {key for _, key in elements}
+    """The frontends the elements give a verdict (a FIREWALL element only guards one)."""
+    return {key for verdict, key in elements if verdict is not Verdict.FIREWALL}
+
+
+def _allow_lines(verb: str, allows: Iterable[Allow]) -> list[str]:
+    by_table: dict[str, list[str]] = {}
+    for (ip, protocol, port), cidr in sorted(allows):
+        by_table.setdefault(family_of(ip).nft, []).append(f"{_item(ip, protocol, port)} . {cidr}")
+    return [line for table, items in sorted(by_table.items())
+            for line in _chunks(verb, f"{table} {TABLE} {ALLOW_SET}", items)]
 
 
 def _item(ip: str, protocol: str, port: int) -> str:

@@ -167,6 +167,27 @@ def pod_bridges(names: Iterable[str]) -> list[tuple[str, str]]:
     return sorted(found)
 
 
+MAIN_TABLE = 254
+
+
+def interface_routes() -> list[tuple[str, str]]:
+    """(interface, destination CIDR) of every route of the main table of both families but
+    default and link-local ones: what --detect-local-mode BridgeInterface and
+    InterfaceNamePrefix match pods by."""
+    with IPRoute() as ipr:
+        names = {link["index"]: str(link.get_attr("IFLA_IFNAME")) for link in ipr.get_links()}
+        routes = [*ipr.get_routes(family=socket.AF_INET, table=MAIN_TABLE),
+                  *ipr.get_routes(family=socket.AF_INET6, table=MAIN_TABLE)]
+    found = set()
+    for msg in routes:
+        oif, dst = msg.get_attr("RTA_OIF"), msg.get_attr("RTA_DST")
+        if oif in names and dst and msg["dst_len"] > 0:
+            network = ipaddress.ip_network(f"{dst}/{msg['dst_len']}", strict=False)
+            if not (network.is_link_local or network.is_multicast):
+                found.add((names[oif], str(network)))
+    return sorted(found)
+
+
 def node_port_addresses(addresses: Iterable[str], cidrs: Iterable[str]) -> list[str]:
     """The addresses NodePorts are served on: those inside `cidrs` (of either family), or
     all when none are given; never IPv6 link-local or loopback (family.py)."""

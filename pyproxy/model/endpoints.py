@@ -5,8 +5,16 @@ The contract (kube-proxy's CategorizeEndpoints, SPEC.md §2), as one pure functi
   preferring the non-terminating copy.
 - Cluster set: ready endpoints; if none, serving-and-terminating ones.
 - Local set: ready endpoints on this node; if none, local serving-and-terminating ones.
-- Topology hints narrow the cluster set to this node's zone, only when every ready
-  endpoint carries hints and at least one names the zone.
+- Traffic distribution (`spec.trafficDistribution`, which the EndpointSlice controller
+  writes into hints; kube-proxy reads only the hints): `topology_mode` picks one mode for
+  the cluster set from the ready endpoints' hints, and then only ready endpoints hinted for
+  this node (PreferSameNode) or this zone (PreferSameZone, and PreferClose, its older name)
+  are used. The mode is PreferSameNode when every ready endpoint has `hints.forNodes` and
+  one names this node; else PreferSameZone when every ready endpoint has `hints.forZones`
+  and one names the node's zone (`topology.kubernetes.io/zone`); else none: every ready
+  endpoint. So missing or partial hints, a node without a zone, or no endpoint hinted for
+  here all fall back to the whole cluster. The serving-and-terminating fallback ignores
+  hints; the local set never uses them.
 - Dual-stack: each family is categorized on its own (`categorize_families`), as
   kube-proxy's per-family proxiers do, so the terminating fallback and the hints of one
   family never depend on the other's endpoints; the port's combined sets are their union.
@@ -30,6 +38,7 @@ class Endpoint:
     terminating: bool
     is_local: bool
     zone_hints: frozenset[str] | None = None
+    node_hints: frozenset[str] | None = None
 
     @property
     def address(self) -> tuple[str, int]:
@@ -73,6 +82,7 @@ def merge_slices(
                 terminating=raw.terminating,
                 is_local=raw.node_name == node_name,
                 zone_hints=raw.zone_hints,
+                node_hints=raw.node_hints,
             )
             previous = merged.get(endpoint.address)
             if previous is None or (previous.terminating and not endpoint.terminating):
@@ -80,18 +90,44 @@ def merge_slices(
     return tuple(sorted(merged.values()))
 
 
-def categorize(endpoints: tuple[Endpoint, ...], zone: str | None) -> EndpointSets:
+PREFER_SAME_NODE = "PreferSameNode"
+PREFER_SAME_ZONE = "PreferSameZone"
+
+
+def categorize(endpoints: tuple[Endpoint, ...], zone: str | None, node_name: str = "") -> EndpointSets:
     """Split a service port's endpoints into the cluster and local sets (see module doc)."""
-    return EndpointSets(
-        all=endpoints,
-        cluster=_apply_hints(_usable(endpoints), zone),
-        local=_usable(tuple(e for e in endpoints if e.is_local)),
-    )
+    mode = topology_mode(endpoints, node_name, zone)
+    cluster = tuple(e for e in endpoints if e.ready and _available(e, mode, node_name, zone))
+    if not cluster:  # no ready endpoint anywhere (a mode always leaves one): terminating ones
+        cluster = tuple(e for e in endpoints if e.serving and e.terminating)
+    return EndpointSets(all=endpoints, cluster=cluster, local=_usable(tuple(e for e in endpoints if e.is_local)))
 
 
-def categorize_families(endpoints: tuple[Endpoint, ...], zone: str | None) -> dict[Family, EndpointSets]:
+def topology_mode(endpoints: tuple[Endpoint, ...], node_name: str, zone: str | None) -> str | None:
+    """PREFER_SAME_NODE, PREFER_SAME_ZONE or None, from the ready endpoints' hints."""
+    ready = [e for e in endpoints if e.ready]
+    if not ready:
+        return None
+    if all(e.node_hints for e in ready) and any(node_name in (e.node_hints or ()) for e in ready):
+        return PREFER_SAME_NODE
+    if zone and all(e.zone_hints for e in ready) and any(zone in (e.zone_hints or ()) for e in ready):
+        return PREFER_SAME_ZONE
+    return None
+
+
+def _available(endpoint: Endpoint, mode: str | None, node_name: str, zone: str | None) -> bool:
+    if mode == PREFER_SAME_NODE:
+        return node_name in (endpoint.node_hints or ())
+    if mode == PREFER_SAME_ZONE:
+        return zone in (endpoint.zone_hints or ())
+    return True
+
+
+def categorize_families(
+    endpoints: tuple[Endpoint, ...], zone: str | None, node_name: str = ""
+) -> dict[Family, EndpointSets]:
     """`categorize` for each family on its own (every family present, empty or not)."""
-    return {f: categorize(tuple(e for e in endpoints if e.family is f), zone) for f in Family}
+    return {f: categorize(tuple(e for e in endpoints if e.family is f), zone, node_name) for f in Family}
 
 
 def combine(endpoints: tuple[Endpoint, ...], families: Mapping[Family, EndpointSets]) -> EndpointSets:
@@ -108,11 +144,3 @@ def _usable(endpoints: tuple[Endpoint, ...]) -> tuple[Endpoint, ...]:
     if ready:
         return ready
     return tuple(e for e in endpoints if e.serving and e.terminating)
-
-
-def _apply_hints(endpoints: tuple[Endpoint, ...], zone: str | None) -> tuple[Endpoint, ...]:
-    ready = [e for e in endpoints if e.ready]
-    if zone is None or not ready or any(e.zone_hints is None for e in ready):
-        return endpoints
-    in_zone = tuple(e for e in endpoints if e.zone_hints is not None and zone in e.zone_hints)
-    return in_zone or endpoints

@@ -161,6 +161,16 @@ class Field:
         except ValueError:
             raise self.error(f"{describe(text)} is not an IP address") from None
 
+    def cidr(self) -> str:
+        """An IPv4 or IPv6 network in canonical form. Read as kube-proxy reads one
+        (ParseCIDRSloppy): surrounding spaces, host bits and leading zeros in IPv4 are
+        accepted, so `203.0.113.000/025` is 203.0.113.0/25."""
+        text = self.string(limit=64).strip()
+        try:
+            return str(ipaddress.ip_network(_sloppy_ipv4(text), strict=False))
+        except ValueError:
+            raise self.error(f"{describe(text)} is not a CIDR") from None
+
     def int_or_name(self, default: int) -> int | str:
         """A number or a name (targetPort); missing is `default`."""
         if self.value is None:
@@ -168,6 +178,15 @@ class Field:
         if isinstance(self.value, str):
             return self.string(limit=MAX_NAME)
         return self.port()
+
+
+def _sloppy_ipv4(text: str) -> str:
+    """`010.1.2.3/08` -> `10.1.2.3/8`; anything else is returned as it is."""
+    address, slash, prefix = text.partition("/")
+    octets = address.split(".")
+    if not slash or len(octets) != 4 or not all(o.isdigit() and len(o) <= 3 for o in octets + [prefix]):
+        return text
+    return ".".join(str(int(o)) for o in octets) + f"/{int(prefix)}"
 
 
 def is_ipv6(address: str) -> bool:

@@ -41,6 +41,9 @@ POLICIES = ("Cluster", "Local")
 MAX_PORTS = 1000
 MAX_ENDPOINTS = 10000  # the API server allows 1000 per slice
 MAX_ZONES = 100
+MAX_SOURCE_RANGES = 1000
+MAX_NODE_ADDRESSES = 100
+IP_MODES = ("VIP", "Proxy")  # status.loadBalancer.ingress[].ipMode (KEP-1860)
 
 
 @dataclass(frozen=True, order=True)
@@ -85,6 +88,8 @@ class Service:
     external_local: bool
     internal_local: bool
     health_check_node_port: int | None
+    # spec.loadBalancerSourceRanges that parse, canonical, both families (firewall.py reads them)
+    source_ranges: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -95,6 +100,7 @@ class SliceEndpoint:
     terminating: bool
     node_name: str | None
     zone_hints: frozenset[str] | None
+    node_hints: frozenset[str] | None = None  # hints.forNodes (PreferSameNode)
 
 
 @dataclass(frozen=True)
@@ -125,6 +131,10 @@ class Node:
     zone: str | None
     being_deleted: bool
     autoscaler_tainted: bool
+    pod_cidrs: tuple[str, ...] = ()  # spec.podCIDRs (or the older spec.podCIDR): --detect-local-mode NodeCIDR
+    # the node's primary IPs, at most one per family: the first InternalIP, else ExternalIP,
+    # of status.addresses, then the first of the other family (kube-proxy's GetNodeHostIPs)
+    host_ips: tuple[str, ...] = ()
 
 
 Report = Callable[[InvalidObject], None]
@@ -201,6 +211,7 @@ def parse_service(obj: Mapping[str, Any], proxy_name: str | None = None, report:
         and svc_type != "ClusterIP",
         internal_local=spec.get("internalTrafficPolicy").choice("Cluster", POLICIES) == "Local",
         health_check_node_port=_health_check_node_port(spec, svc_type, report),
+        source_ranges=_source_ranges(spec, report) if svc_type == "LoadBalancer" else (),
     )
 
 
@@ -300,9 +311,40 @@ def _lb_ips(root: Field, report: Report) -> tuple[str, ...]:
         except InvalidObject as err:
             report(part(err, "load-balancer IP"))
             continue
-        if not entry.get("ip").missing:
+        if not entry.get("ip").missing and _captured_ip_mode(entry, report):
             fields.append(entry.get("ip"))
     return _addresses(fields, report, "load-balancer IP")
+
+
+def _captured_ip_mode(entry: Field, report: Report) -> bool:
+    """KEP-1860: an ingress IP with `ipMode: Proxy` is the load balancer's own proxy, which
+    forwards to the node: pyproxy leaves that address alone. Unset or `VIP` is captured.
+    Any other value is reported and, as kube-proxy treats every mode but VIP, not captured."""
+    mode = entry.get("ipMode")
+    try:
+        return mode.choice("VIP", IP_MODES) == "VIP"
+    except InvalidObject as err:
+        report(part(err, "load-balancer IP"))
+        return False
+
+
+def _source_ranges(spec: Field, report: Report) -> tuple[str, ...]:
+    """spec.loadBalancerSourceRanges as kube-proxy reads them: each trimmed and parsed
+    sloppily; a bad one is reported and left out, and the others still apply."""
+    try:
+        fields = spec.get("loadBalancerSourceRanges").items(limit=MAX_SOURCE_RANGES)
+    except InvalidObject as err:
+        report(part(err, "loadBalancerSourceRanges"))
+        return ()
+    ranges = []
+    for f in fields:
+        if isinstance(f.value, str) and not f.value.strip():
+            continue  # kube-proxy ignores empty strings silently
+        try:
+            ranges.append(f.cidr())
+        except InvalidObject as err:
+            report(part(err, "source range"))
+    return tuple(dict.fromkeys(ranges))
 
 
 def _affinity_timeout(spec: Field) -> int | None:
@@ -385,10 +427,8 @@ def _slice_endpoint(raw: Field, family: Family) -> SliceEndpoint:
         raise addresses[0].error(f"{ip} is not an {family.value} address (addressType is {family.value})")
     conditions = raw.get("conditions")
     ready, serving, terminating = (conditions.get(c).optional_bool() for c in ("ready", "serving", "terminating"))
-    zones = None
-    for_zones = raw.get("hints").get("forZones").items(limit=MAX_ZONES)
-    if for_zones:
-        zones = frozenset(z.get("name").string(limit=MAX_NAME) for z in for_zones)
+    zones = _hints(raw.get("hints").get("forZones"))
+    nodes = _hints(raw.get("hints").get("forNodes"))
     return SliceEndpoint(
         ip=ip,
         ready=True if ready is None else ready,
@@ -396,7 +436,14 @@ def _slice_endpoint(raw: Field, family: Family) -> SliceEndpoint:
         terminating=False if terminating is None else terminating,
         node_name=raw.get("nodeName").optional_string(limit=MAX_NAME),
         zone_hints=zones,
+        node_hints=nodes,
     )
+
+
+def _hints(f: Field) -> frozenset[str] | None:
+    """hints.forZones / hints.forNodes names; an empty or missing list is no hint."""
+    names = frozenset(h.get("name").string(limit=MAX_NAME) for h in f.items(limit=MAX_ZONES))
+    return names or None
 
 
 def _trigger_time(meta: _Meta, report: Report) -> str | None:
@@ -434,4 +481,44 @@ def parse_node(obj: Mapping[str, Any], report: Report = log_part) -> Node:
         zone=zone,
         being_deleted=not meta.root.get("metadata").get("deletionTimestamp").missing,
         autoscaler_tainted=autoscaler_tainted,
+        pod_cidrs=_pod_cidrs(meta.root.get("spec"), report),
+        host_ips=_host_ips(meta.root.get("status"), report),
     )
+
+
+def _pod_cidrs(spec: Field, report: Report) -> tuple[str, ...]:
+    """spec.podCIDRs (else spec.podCIDR); a bad one is reported and left out."""
+    try:
+        fields = spec.get("podCIDRs").items(limit=2) or ([spec.get("podCIDR")] if spec.get("podCIDR").value else [])
+    except InvalidObject as err:
+        report(part(err, "pod CIDRs"))
+        return ()
+    cidrs = []
+    for f in fields:
+        try:
+            cidrs.append(f.cidr())
+        except InvalidObject as err:
+            report(part(err, "pod CIDR"))
+    return tuple(cidrs)
+
+
+def _host_ips(status: Field, report: Report) -> tuple[str, ...]:
+    """The primary node IPs (see Node.host_ips); unusable addresses are reported and skipped."""
+    try:
+        entries = status.get("addresses").items(limit=MAX_NODE_ADDRESSES)
+    except InvalidObject as err:
+        report(part(err, "node addresses"))
+        return ()
+    by_type: dict[str, list[str]] = {"InternalIP": [], "ExternalIP": []}
+    for entry in entries:
+        try:
+            kind = entry.get("type").optional_string(limit=MAX_NAME)
+            if kind in by_type:
+                by_type[kind].append(entry.get("address").ip())
+        except InvalidObject as err:
+            report(part(err, "node address"))
+    ordered = by_type["InternalIP"] + by_type["ExternalIP"]
+    if not ordered:
+        return ()
+    other = next((ip for ip in ordered if family_of(ip) != family_of(ordered[0])), None)
+    return (ordered[0],) if other is None else (ordered[0], other)

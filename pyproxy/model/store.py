@@ -29,6 +29,7 @@ class ClusterStore:
         self._node_changed = False
         self.services_synced = False
         self.slices_synced = False
+        self.node_listed = False  # the Node has been looked for once (found or not)
 
     @property
     def synced(self) -> bool:
@@ -65,11 +66,14 @@ class ClusterStore:
             self._changed.add(endpoint_slice.service)
 
     def set_node(self, node: Node | None) -> None:
+        self.node_listed = True
         if node != self.node:
-            zone_changed = (node.zone if node else None) != (self.node.zone if self.node else None)
+            # topology hints depend on the zone, source-range firewalls on the node's IPs:
+            # when either changes, every service may change
+            reaches_services = _service_facts(node) != _service_facts(self.node)
             self.node = node
             self._node_changed = True
-            if zone_changed:  # topology hints depend on the zone: every service may change
+            if reaches_services:
                 self._changed.update(self.services)
 
     def replace_all(self, services: Iterable[Service], slices: Iterable[EndpointSlice]) -> None:
@@ -104,3 +108,8 @@ class ClusterStore:
         changed, self._changed = self._changed, set()
         self._node_changed = False
         return changed
+
+
+def _service_facts(node: Node | None) -> tuple[str | None, tuple[str, ...]]:
+    """What of the Node the service table reads: its zone and its primary IPs."""
+    return (node.zone, node.host_ips) if node else (None, ())

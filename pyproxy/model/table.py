@@ -11,6 +11,10 @@ Rules kept here:
 - `update()` rebuilds only the Services it is told changed, and returns the kernel set
   elements to add and remove, so a sync costs what changed, not the table's size.
 - Balancers (and so affinity state) outlive rebuilds: they are keyed by service port.
+- A load-balancer frontend with source ranges (firewall.py) is also a `FIREWALL` element,
+  and each source range allowed to reach it an `Allow`; `update()` leaves the Allows it
+  added and removed in `allow_changes` (the kernel's firewall set, written in the same
+  transaction as the elements).
 - Families (SPEC §11): a frontend's family is its address's. Its route plans from the
   port's endpoints of that family only, and its verdict is that family's: an IPv6
   ClusterIP of a Service whose only endpoints are IPv4 refuses. One balancer per service
@@ -28,6 +32,7 @@ from dataclasses import dataclass, field
 from pyproxy.model.affinity import Balancer
 from pyproxy.model.endpoints import Endpoint, EndpointSets, categorize_families, combine, merge_slices
 from pyproxy.model.family import Family, family_of
+from pyproxy.model.firewall import allowed_sources
 from pyproxy.model.objects import Service, ServiceKey, ServicePort, ServicePortName
 from pyproxy.model.store import ClusterStore
 
@@ -39,9 +44,11 @@ class Verdict(enum.Enum):
     REJECT = "reject"  # no endpoints at all: connection refused
     DROP_INTERNAL = "drop_internal"  # internalTrafficPolicy Local, no local endpoint
     DROP_EXTERNAL = "drop_external"  # externalTrafficPolicy Local, no local endpoint (non-local clients)
+    FIREWALL = "firewall"  # a load-balancer IP with source ranges: only its Allows may reach it
 
 
 Element = tuple[Verdict, Frontend]
+Allow = tuple[Frontend, str]  # (firewalled frontend, a source CIDR allowed to reach it)
 
 
 @dataclass(frozen=True)
@@ -120,6 +127,8 @@ class ServiceTable:
     _ports_of: dict[ServiceKey, list[ServicePortName]] = field(default_factory=dict)
     _elements: dict[ServiceKey, frozenset[Element]] = field(default_factory=dict)
     _waiting: dict[ServiceKey, set[Frontend]] = field(default_factory=dict)  # claims lost to an owner
+    _allows: dict[ServiceKey, frozenset[Allow]] = field(default_factory=dict)
+    allow_changes: tuple[set[Allow], set[Allow]] = field(default_factory=lambda: (set(), set()))
 
     def update(
         self, changed: Iterable[ServiceKey], store: ClusterStore, node_addresses: Iterable[str]
@@ -127,22 +136,32 @@ class ServiceTable:
         """Rebuild the changed Services; return (elements to add, elements to remove)."""
         addresses = tuple(node_addresses)
         zone = store.node.zone if store.node else None
+        node_ips = store.node.host_ips if store.node else ()
         added: set[Element] = set()
         removed: set[Element] = set()
+        allows_added: set[Allow] = set()
+        allows_removed: set[Allow] = set()
         pending = sorted(set(changed))
         while pending:
             key = pending.pop(0)
             old = self._elements.pop(key, frozenset())
+            old_allows = self._allows.pop(key, frozenset())
             old_ports = self._forget(key)
             service = store.services.get(key)
             new = self._build(service, store, addresses, zone) if service else frozenset()
+            new_allows = _allows(service, new, node_ips) if service else frozenset()
             for name in old_ports - set(self._ports_of.get(key, ())):
                 del self.balancers[name]  # the port is gone: so is its affinity state
             if new:
                 self._elements[key] = new
+            if new_allows:
+                self._allows[key] = new_allows
             added |= new - old
             removed |= old - new
+            allows_added |= new_allows - old_allows
+            allows_removed |= old_allows - new_allows
             pending += self._claimants_of_released(pending)
+        self.allow_changes = (allows_added - allows_removed, allows_removed - allows_added)
         return added - removed, removed - added
 
     def _claimants_of_released(self, pending: list[ServiceKey]) -> list[ServiceKey]:
@@ -154,6 +173,9 @@ class ServiceTable:
 
     def all_elements(self) -> set[Element]:
         return set().union(*self._elements.values()) if self._elements else set()
+
+    def all_allows(self) -> set[Allow]:
+        return set().union(*self._allows.values()) if self._allows else set()
 
     def expire_affinity(self, now: float) -> int:
         """Drop stale affinity entries of every service port (bounded per port); returns
@@ -181,7 +203,7 @@ class ServiceTable:
         slices = list(store.slices_of(service.key))
         for service_port in service.ports:
             merged = merge_slices(service_port.name, slices, self.node_name)
-            families = categorize_families(merged, zone)
+            families = categorize_families(merged, zone, self.node_name)
             state = PortState(
                 name=service_port.name,
                 endpoints=combine(merged, families),
@@ -199,6 +221,10 @@ class ServiceTable:
                 if self._claim(service.key, frontend, Route(state, external, family)):
                     internal_verdict, external_verdict = by_family[family]
                     elements.add((external_verdict if external else internal_verdict, frontend))
+            for ip in service.load_balancer_ips if service.source_ranges else ():
+                frontend = (ip, service_port.name.protocol, service_port.port)
+                if self._owners.get(frontend) == service.key and _firewalled(service, ip):
+                    elements.add((Verdict.FIREWALL, frontend))
         return frozenset(elements)
 
     def _configure_balancer(self, state: PortState) -> None:
@@ -239,3 +265,17 @@ def _frontends(
         for ip in node_addresses:
             if family_of(ip) in families:
                 yield (ip, protocol, port.node_port), True
+
+
+def _firewalled(service: Service, lb_ip: str) -> bool:
+    return allowed_sources(service.source_ranges, lb_ip, service.load_balancer_ips, ()) is not None
+
+
+def _allows(service: Service, elements: frozenset[Element], node_ips: tuple[str, ...]) -> frozenset[Allow]:
+    """The source CIDRs allowed to reach each of the Service's firewalled frontends."""
+    allows: set[Allow] = set()
+    for verdict, frontend in elements:
+        if verdict is Verdict.FIREWALL:
+            sources = allowed_sources(service.source_ranges, frontend[0], service.load_balancer_ips, node_ips) or ()
+            allows.update((frontend, cidr) for cidr in sources)
+    return frozenset(allows)

@@ -6,7 +6,10 @@ Rules kept here:
 - The /healthz+/livez and /metrics listeners are bound at start; an address that cannot be
   bound (an old kube-proxy still holding it, say) is logged and retried every few seconds
   rather than stopping the proxy. An empty bind address turns that server off.
-- The metrics address also serves the debug API (`pyproxy/inspect/server.py`).
+- The metrics address also serves the debug API (`pyproxy/inspect/server.py`) and, as
+  kube-proxy's does, `/configz`: the effective configuration as JSON, under its group
+  name (`{"pyproxy.io": {"apiVersion": ..., "kind": "PyProxyConfiguration", ...}}`), to
+  any method.
 - With `--workers N`, worker 0 serves all of the above; every other worker serves only its
   own debug view and /metrics, on its worker socket, for worker 0 to aggregate (it must
   not open health check node ports: worker 0 has them).
@@ -15,17 +18,19 @@ Rules kept here:
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from pyproxy.config import ProxyConfig, split_host_port
+from pyproxy.config import GROUP, ProxyConfig, config_document, split_host_port
 from pyproxy.dataplane.stats import DataplaneStats
 from pyproxy.dataplane.workers import WorkerRole
 from pyproxy.inspect.reader import ProxyReader
 from pyproxy.inspect.server import InspectApi, serve_worker_socket, worker_socket_name
 from pyproxy.model.table import ServiceTable
+from pyproxy.observe.health import Response
 from pyproxy.observe.http import serve_http
 from pyproxy.observe.metrics import CountingStore, ProxyMetrics
 from pyproxy.observe.servers import HealthServers, proxy_state_reader
@@ -89,8 +94,13 @@ class Observer:
 
     async def _start_metrics(self) -> None:
         host, port = split_host_port(self.config.metricsBindAddress, "metricsBindAddress")
-        self.metrics_server = await serve_http(host, port, self.api.answer)
-        log.info("serving /metrics%s on %s:%d", " and /debug" if self.config.debugAPI else "", host, port)
+        self.metrics_server = await serve_http(host, port, self.answer_metrics)
+        log.info("serving /metrics, /configz%s on %s:%d", " and /debug" if self.config.debugAPI else "", host, port)
+
+    async def answer_metrics(self, method: str, path: str, query: Mapping[str, str]) -> Response:
+        if path == "/configz":
+            return configz(self.config)
+        return await self.api.answer(method, path, query)
 
     async def _serve_worker_socket(self, stop: asyncio.Event) -> None:
         name = worker_socket_name(self.worker.group, self.worker.index)
@@ -123,3 +133,9 @@ async def _bind_until(stop: asyncio.Event, what: str, start: Callable[[], Awaita
             await asyncio.wait_for(stop.wait(), BIND_RETRY)
         except TimeoutError:
             pass
+
+
+def configz(config: ProxyConfig) -> Response:
+    """kube-proxy's /configz: every registered configuration by its group name, as JSON."""
+    body = json.dumps({GROUP: config_document(config)}, indent=1).encode() + b"\n"
+    return Response(200, body, (("Content-Type", "application/json"), ("X-Content-Type-Options", "nosniff")))

@@ -57,7 +57,7 @@ class Netns:
                 continue
             elements = found.setdefault(entry["set"]["name"], set())
             for element in entry["set"].get("elem", ()):
-                if isinstance(element, dict) and "concat" in element:
+                if isinstance(element, dict) and len(element.get("concat", ())) == 3:  # not svc_allow's
                     ip, proto, port = element["concat"]
                     elements.add((ip, str(proto), int(port)))
         return found
@@ -80,7 +80,8 @@ def netns(tmp_path: Path) -> Iterator[Netns]:
 
 
 def kernel_view(elements: set[Element]) -> dict[str, set[tuple[str, str, int]]]:
-    names = {CAP: "svc_capture", REJ: "svc_reject", DI: "svc_drop_internal", DE: "svc_drop_external"}
+    names = {CAP: "svc_capture", REJ: "svc_reject", DI: "svc_drop_internal", DE: "svc_drop_external",
+             Verdict.FIREWALL: "svc_firewall"}
     view: dict[str, set[tuple[str, str, int]]] = {name: set() for name in names.values()}
     for verdict, (ip, protocol, port) in elements:
         view[names[verdict]].add((ip, protocol.lower(), port))
@@ -97,7 +98,7 @@ async def test_full_then_incremental_write(netns: Netns) -> None:
     }
     await netns.runner.apply(render_ruleset(CONFIG, first))
     sets = netns.sets()
-    assert {k: v for k, v in sets.items() if k != "local_sources"} == kernel_view(first)
+    assert {k: v for k, v in sets.items() if k not in ("local_sources", "svc_allow")} == kernel_view(first)
     tables = netns.nft("list", "tables").stdout.split()
     assert tables == ["table", "ip", "pyproxy", "table", "ip6", "pyproxy", "table", "netdev", "pyproxy"]
     ruleset = netns.nft("list", "table", "ip", "pyproxy").stdout
@@ -116,7 +117,7 @@ async def test_full_then_incremental_write(netns: Netns) -> None:
     await netns.runner.apply(render_update(added, removed))
     second = (first - removed) | added
     sets = netns.sets()
-    assert {k: v for k, v in sets.items() if k != "local_sources"} == kernel_view(second)
+    assert {k: v for k, v in sets.items() if k not in ("local_sources", "svc_allow")} == kernel_view(second)
     assert netns.sets("netdev") == {"services": {key for v in kernel_view(second).values() for key in v},
                                     "services6": set()}
 
@@ -173,3 +174,24 @@ async def test_cleanup_removes_the_table_and_is_idempotent(netns: Netns) -> None
     assert netns.nft("list", "tables").stdout.strip() == ""
     await netns.runner.apply(render_cleanup())  # nothing to remove: still fine
     assert netns.nft("list", "tables").stdout.strip() == ""
+
+
+async def test_source_range_firewall_sets_take_overlapping_ranges_of_many_frontends(netns: Netns) -> None:
+    """svc_allow is an interval set of concatenations: the same range for two frontends, and
+    ranges of one frontend inside each other's neighbourhood, are all accepted; an update
+    removes exactly one pair."""
+    lb = ("1.2.3.4", "TCP", 80)
+    other = ("5.6.7.8", "UDP", 53)
+    allows = {(lb, "192.168.0.0/24"), (lb, "203.0.113.0/25"), (other, "192.168.0.0/24"), (lb, "1.2.3.4/32")}
+    elements: set[Element] = {(CAP, lb), (Verdict.FIREWALL, lb), (REJ, other), (Verdict.FIREWALL, other)}
+    await netns.runner.apply(render_ruleset(CONFIG, elements, allows))
+    listed = netns.nft("list", "set", "ip", "pyproxy", "svc_allow").stdout
+    for (ip, proto, port), cidr in allows:
+        assert f"{ip} . {proto.lower()} . {port} . {cidr.removesuffix('/32')}" in listed, listed
+    await netns.runner.apply(render_update(set(), set(), set(), {(lb, "203.0.113.0/25")}))
+    listed = netns.nft("list", "set", "ip", "pyproxy", "svc_allow").stdout
+    assert "203.0.113.0/25" not in listed and "1.2.3.4 . tcp . 80 . 192.168.0.0/24" in listed
+    lb6 = ("fd00:97::1", "TCP", 80)  # the ip6 table has its own pair of sets
+    await netns.runner.apply(render_update({(CAP, lb6), (Verdict.FIREWALL, lb6)}, set(), {(lb6, "fd00:56::/64")}))
+    listed6 = netns.nft("list", "set", "ip6", "pyproxy", "svc_allow").stdout
+    assert "fd00:97::1 . tcp . 80 . fd00:56::/64" in listed6, listed6

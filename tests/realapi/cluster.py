@@ -41,6 +41,10 @@ ALL = tuple(PODS)
 NODES = ("node1", "node2")
 TCP_PORTS = (80, 8080, 8443)
 SYNC_TIMEOUT = 60.0  # covers a reconnect backoff after an API server restart
+LB_CIDR = "10.97.0.0/24"  # load-balancer IPs tests put in Service status; the client routes them to node1
+OUTSIDE_IP = "192.168.56.150"  # a second address of the LAN client: a host outside source ranges
+# node1 reads its Node object for local detection and NodePort addresses; node2 keeps the defaults
+PROXY_ARGS = {"node1": ("--detect-local-mode", "NodeCIDR", "--nodeport-addresses", "primary")}
 
 
 def unique(prefix: str) -> str:
@@ -198,9 +202,14 @@ class KubeCluster:
         model.metadata.resource_version = current.metadata.resource_version
         self.discovery.replace_namespaced_endpoint_slice(name, "default", model)
 
-    def create_node(self, name: str, zone: str) -> None:
+    def create_node(self, name: str, zone: str, pod_cidr: str, address: str) -> None:
+        """A Node as a kubelet and the node IPAM controller leave it: zone label, pod CIDR, and
+        its address in status (which only the status subresource sets)."""
         self.core.create_node(client.V1Node.from_dict(
-            {"metadata": {"name": name, "labels": {"topology.kubernetes.io/zone": zone}}}))
+            {"metadata": {"name": name, "labels": {"topology.kubernetes.io/zone": zone}},
+             "spec": {"podCIDR": pod_cidr, "podCIDRs": [pod_cidr]}}))
+        self.core.patch_node_status(name, {"status": {"addresses": [
+            {"type": "InternalIP", "address": address}, {"type": "Hostname", "address": name}]}})
 
     # traffic
 

@@ -17,7 +17,8 @@ from kubernetes import client
 
 from pyproxy.demo.lab import Lab
 from tests.conftest import privileged_reason, skip_or_fail
-from tests.realapi.cluster import API_IP, NODES, PODS, TCP_PORTS, KubeCluster
+from pyproxy.demo.lab import node_ip, pod_cidr
+from tests.realapi.cluster import API_IP, LB_CIDR, NODES, OUTSIDE_IP, PODS, PROXY_ARGS, TCP_PORTS, KubeCluster
 from tests.realapi.kube import KubeAPIServer, KubeOptions, build_binaries
 
 
@@ -71,10 +72,12 @@ def cluster(bin_dir: Path, request: pytest.FixtureRequest,
             lab.start_echo(pod, tcp=TCP_PORTS)
         lab.add_pod("cl", "node1")  # an in-cluster client
         lab.route_client(options.service_cidr, "node1")
+        lab.route_client(LB_CIDR, "node1")
+        lab.exec("client", "ip", "addr", "add", f"{OUTSIDE_IP}/24", "dev", "eth0")
         result = KubeCluster(lab, kube, workdir, api)
         result.start_forwarder()
         for index, node in enumerate(NODES, start=1):
-            result.create_node(node, zone=f"zone-{index}")
+            result.create_node(node, zone=f"zone-{index}", pod_cidr=pod_cidr(index), address=node_ip(index))
         for node in NODES:
-            result.start_proxy(node)
+            result.start_proxy(node, *PROXY_ARGS.get(node, ()))
         yield result

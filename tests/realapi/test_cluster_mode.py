@@ -13,12 +13,23 @@ import collections
 import json
 import sys
 import time
+from typing import Any
 
 import pytest
 from kubernetes import client
 
 from pyproxy.demo.lab import CLIENT_IP, node_ip
-from tests.realapi.cluster import ALL, KubeCluster, client_ips_of, pods_of, port, service_body, unique
+from tests.realapi.cluster import (
+    ALL,
+    OUTSIDE_IP,
+    PODS,
+    KubeCluster,
+    client_ips_of,
+    pods_of,
+    port,
+    service_body,
+    unique,
+)
 
 pytestmark = [pytest.mark.realapi, pytest.mark.privileged]
 
@@ -309,3 +320,115 @@ def test_deletions_through_the_api(cluster: KubeCluster) -> None:
     cluster.change(lambda: cluster.core.delete_namespaced_service(name, "default"))
     assert not cluster.run("cl", "connect", f"{ip}:80", "--timeout", "1")[0].startswith(("ok", "refused")), \
         "a deleted Service is no longer proxied"
+
+
+# --- kube-proxy parity through the API: node1 runs with --detect-local-mode NodeCIDR and
+# --nodeport-addresses primary (cluster.PROXY_ARGS), node2 with the defaults.
+
+
+def reaches(cluster: KubeCluster, ns: str, address: str, *args: str) -> str:
+    """One connection's outcome: ok, refused or timeout (a drop)."""
+    return cluster.run(ns, "connect", address, "--timeout", "0.5", *args)[0].split()[0]
+
+
+def test_source_ranges_and_ip_mode_through_the_api(cluster: KubeCluster) -> None:
+    name = unique("lb-ranges")
+    vip, proxied = "10.97.0.10", "10.97.0.11"
+
+    def create() -> None:
+        body = service_body(name, [port(80, 80, name="http")], type="LoadBalancer")
+        body["spec"]["loadBalancerSourceRanges"] = [f"{CLIENT_IP}/32"]
+        cluster.create_service(body)
+        cluster.put_slice(cluster.slice_body(f"{name}-1", name, ALL, HTTP))
+        cluster.core.patch_namespaced_service_status(name, "default", {"status": {"loadBalancer": {"ingress": [
+            {"ip": vip, "ipMode": "VIP"}, {"ip": proxied, "ipMode": "Proxy"}]}}})
+
+    cluster.change(create)
+    assert pods_of(cluster.run("client", "http", f"{vip}:80"))[0] in ALL, "inside the range"
+    assert reaches(cluster, "client", f"{vip}:80", "--bind", OUTSIDE_IP) == "timeout", "outside: dropped"
+    assert reaches(cluster, "cl", f"{vip}:80") == "timeout", "a pod outside the ranges is dropped as well"
+    captured = cluster.lab.exec("node1", "nft", "list", "set", "ip", "pyproxy", "svc_capture").stdout
+    assert f"{vip} . tcp . 80" in captured and proxied not in captured, "ipMode Proxy: not captured"
+    assert reaches(cluster, "client", f"{proxied}:80") != "ok"
+
+    cluster.change(lambda: cluster.patch_service(name, {"spec": {"loadBalancerSourceRanges": ["192.168.56.0/24"]}}))
+    assert reaches(cluster, "client", f"{vip}:80", "--bind", OUTSIDE_IP) == "ok", "the new range applies live"
+
+
+def hinted_slice(cluster: KubeCluster, name: str, hints: dict[str, dict[str, list[dict[str, str]]]]) -> dict[str, Any]:
+    """A slice as the EndpointSlice controller writes it for a trafficDistribution: per endpoint
+    `hints.forZones` (and for PreferSameNode `hints.forNodes`); a pod left out has no hints."""
+    body = cluster.slice_body(f"{name}-1", name, ALL, HTTP)
+    for endpoint in body["endpoints"]:
+        pod = endpoint["targetRef"]["name"]
+        if pod in hints:
+            endpoint["hints"] = hints[pod]
+    return body
+
+
+def zone_of(pod: str) -> str:
+    return {"node1": "zone-1", "node2": "zone-2"}[PODS[pod]]
+
+
+def test_traffic_distribution_from_hints(cluster: KubeCluster) -> None:
+    name = unique("topology")
+
+    def create() -> int:
+        body = service_body(name, [port(80, 80, name="http")], type="NodePort")
+        body["spec"]["trafficDistribution"] = "PreferSameZone"
+        svc = cluster.create_service(body)
+        cluster.put_slice(hinted_slice(cluster, name, {p: {"forZones": [{"name": zone_of(p)}]} for p in ALL}))
+        return int(svc.spec.ports[0].node_port)
+
+    node_port = cluster.change(create)
+    via1, via2 = f"{node_ip(1)}:{node_port}", f"{node_ip(2)}:{node_port}"
+    assert set(pods_of(cluster.run("client", "http", via1, "--count", "12"))) == {"pa"}, "node1 is in zone-1"
+    assert set(pods_of(cluster.run("client", "http", via2, "--count", "20"))) == {"pb", "pc"}, "node2: zone-2"
+
+    # PreferSameNode, with both nodes in one zone: the node hints decide, not the zone
+    cluster.change(lambda: cluster.core.patch_node("node2", {"metadata": {"labels": {
+        "topology.kubernetes.io/zone": "zone-1"}}}), nodes=["node2"])  # node1 watches only its own Node
+    try:
+        def same_node(pods: tuple[str, ...]) -> dict[str, Any]:
+            return hinted_slice(cluster, name, {p: {"forNodes": [{"name": PODS[p]}], "forZones": [{"name": "zone-1"}]}
+                                                for p in pods})
+
+        cluster.change(lambda: (cluster.patch_service(name, {"spec": {"trafficDistribution": "PreferSameNode"}}),
+                                cluster.put_slice(same_node(ALL))))
+        assert set(pods_of(cluster.run("client", "http", via1, "--count", "12"))) == {"pa"}
+        assert set(pods_of(cluster.run("client", "http", via2, "--count", "20"))) == {"pb", "pc"}
+        # one endpoint without hints (the controller has not caught up): no topology at all
+        cluster.change(lambda: cluster.put_slice(same_node(("pa", "pb"))))
+        assert set(pods_of(cluster.run("client", "http", via1, "--count", "30"))) == set(ALL)
+    finally:
+        cluster.change(lambda: cluster.core.patch_node("node2", {"metadata": {"labels": {
+            "topology.kubernetes.io/zone": "zone-2"}}}), nodes=["node2"])
+
+
+def test_node_cidr_and_primary_nodeport_addresses_from_the_node_object(cluster: KubeCluster) -> None:
+    """node1: its pods are the Node's spec.podCIDRs (so its pod `cl` short-circuits to a
+    Local-policy load-balancer IP whose pods are on node2), and NodePorts are served on the
+    Node's InternalIP only; node2 (defaults) serves them on every local address."""
+    name = unique("node-object")
+    lb = "10.97.0.20"
+
+    def create() -> int:
+        svc = cluster.create_service(service_body(name, [port(80, 80, name="http")], type="LoadBalancer",
+                                                  external_policy="Local"))
+        cluster.put_slice(cluster.slice_body(f"{name}-1", name, ("pb", "pc"), HTTP))
+        cluster.core.patch_namespaced_service_status(name, "default", {"status": {"loadBalancer": {"ingress": [
+            {"ip": lb}]}}})
+        return int(svc.spec.ports[0].node_port)
+
+    node_port = cluster.change(create)
+    assert "local pods (detect-local-mode NodeCIDR): 10.244.1.0/24" in cluster.log("node1")
+    lines = cluster.run("cl", "http", f"{lb}:80", "--count", "4")
+    assert set(pods_of(lines)) <= {"pb", "pc"}, "a pod of node1: served from the cluster set"
+    assert cluster.lab.pods["cl"].ip not in client_ips_of(lines)
+    assert reaches(cluster, "client", f"{lb}:80") == "timeout", "from outside: no local endpoint on node1"
+
+    assert reaches(cluster, "client", f"{node_ip(1)}:{node_port}") == "timeout", "Local, no pod on node1: dropped"
+    assert reaches(cluster, "client", f"10.244.1.1:{node_port}") == "refused", \
+        "node1's other address is not a primary one: its NodePort is not captured"
+    assert pods_of(cluster.run("client", "http", f"10.244.2.1:{node_port}"))[0] in ("pb", "pc"), \
+        "node2 (no --nodeport-addresses) serves NodePorts on every local address"

@@ -65,7 +65,9 @@ def test_ruleset_owns_its_three_tables_and_nothing_else() -> None:
 
 def test_ruleset_declares_every_set_and_rules_use_them() -> None:
     text = render_ruleset(CONFIG, ())
-    assert set(SETS.values()) == {"svc_capture", "svc_reject", "svc_drop_internal", "svc_drop_external"}
+    assert set(SETS.values()) == {"svc_capture", "svc_reject", "svc_drop_internal", "svc_drop_external",
+                                  "svc_firewall"}
+    assert "set svc_allow { type ipv4_addr . inet_proto . inet_service . ipv4_addr; flags interval; }" in text
     for name in SETS.values():
         assert f"set {name} {{ type ipv4_addr . inet_proto . inet_service; }}" in text
         assert f"ip daddr . meta l4proto . th dport @{name}" in text
@@ -81,6 +83,7 @@ def test_ruleset_rules_and_their_order() -> None:
     match = "ip daddr . meta l4proto . th dport"
     assert pre == [
         "type filter hook prerouting priority mangle; policy accept;",
+        f"{match} @svc_firewall {match} . ip saddr != @svc_allow drop",
         f"{match} @svc_reject meta l4proto tcp reject with tcp reset",
         f"{match} @svc_reject reject",
         f"{match} @svc_drop_internal drop",
@@ -94,8 +97,9 @@ def test_ruleset_rules_and_their_order() -> None:
     out = lines[lines.index("chain output {") + 1:]
     out = out[:out.index("}")]
     assert out[0] == "type route hook output priority mangle; policy accept;"
-    assert out[1] == f"{match} @svc_drop_internal drop"
-    assert {line.split(" @")[1].split(" ")[0] for line in out[2:]} == {"svc_capture", "svc_drop_external",
+    assert out[1] == f"{match} @svc_firewall {match} . ip saddr != @svc_allow drop"
+    assert out[2] == f"{match} @svc_drop_internal drop"
+    assert {line.split(" @")[1].split(" ")[0] for line in out[3:]} == {"svc_capture", "svc_drop_external",
                                                                          "svc_reject"}
 
 
