@@ -10,12 +10,16 @@ Rules kept here:
   (idle) its Pss before and at peak during the hold. The load run itself is bounded in time;
   past the bound it is stopped and the measurement records a timeout.
 - `--pin`: proxies on CPU 0, load and backends on CPU 1 (taskset), else the scheduler decides.
+- For the C load generators every backend also runs nginx as a small HTTP server on
+  HTTP_PORT, and backend 1 runs `iperf3 -s` on IPERF_PORT (each only where installed; a
+  workload whose server is missing fails its measurements with the reason).
 """
 
 from __future__ import annotations
 
 import json
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -23,12 +27,34 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench import procs
-from bench.contenders import BACKEND_PORT, Contender
+from bench.contenders import BACKEND_PORT, HTTP_PORT, IPERF_PORT, Contender
 from bench.summary import Measurement
 from bench.topology import NODE_ADDR, Topology, in_ns
 from bench.workloads import Workload
 
 LOAD_SLACK_S = 40.0  # beyond the load tool's own hard deadline
+
+
+def http_backend_config(addr: str, workdir: Path) -> str:
+    """nginx as the C tools' HTTP backend: one worker, a fixed 20-byte answer, no log."""
+    return f"""daemon off;
+master_process off;
+worker_processes 1;
+worker_rlimit_nofile 20000;
+pid {workdir}/nginx.pid;
+error_log {workdir}/error.log warn;
+events {{
+    worker_connections 19000;
+}}
+http {{
+    access_log off;
+    keepalive_requests 1000000;
+    server {{
+        listen {addr}:{HTTP_PORT} reuseport backlog=4096;
+        location / {{ return 200 "hello-from-backend\\n"; }}
+    }}
+}}
+"""
 
 
 @dataclass
@@ -53,6 +79,17 @@ class Harness:
             argv = self._pinned(1, self._py("-m", "bench.backend", "--port", str(BACKEND_PORT), "--name", f"be{i}"))
             self.registry.start(f"backend-{i}", in_ns(self.topo.backend_ns(i), argv),
                                 self.workdir / f"backend-{i}.log", cwd=self.repo)
+            if shutil.which("nginx"):
+                d = self.workdir / f"backend-{i}-http"
+                d.mkdir(parents=True, exist_ok=True)
+                (d / "nginx.conf").write_text(http_backend_config(self.topo.backend_addr(i), d))
+                self.registry.start(f"backend-{i}-http", in_ns(self.topo.backend_ns(i), self._pinned(1, [
+                    "nginx", "-e", str(d / "error.log"), "-p", str(d), "-c", str(d / "nginx.conf")])),
+                    d / "run.log", cwd=self.repo)
+        if shutil.which("iperf3"):
+            self.registry.start("backend-1-iperf3", in_ns(self.topo.backend_ns(1), self._pinned(1, [
+                "iperf3", "-s", "-B", self.topo.backend_addr(1), "-p", str(IPERF_PORT)])),
+                self.workdir / "backend-1-iperf3.log", cwd=self.repo)
         for target in self.backend_targets():
             error = self.probe(target, 10.0)
             if error:
@@ -211,8 +248,10 @@ class Harness:
         sources = self.topo.source_list if w.use_sources else ""
         extra = ["--remove-hook", shlex.join(c.remove_hook), "--removed-name", f"be{self.topo.backends}"] \
             if w.mode == "affinity" and c.remove_hook and self.topo.backends > 1 else []
+        target = c.target_for(w.port)
+        assert target is not None  # run_rounds measures only contenders that serve the port
         argv = in_ns(self.topo.client_ns, self._pinned(1, self._py(
-            "-m", "bench.load", *w.load_args(c.target, sources, rate), *extra)))
+            "-m", w.module, *w.load_args(target, sources, rate), *extra)))
         tag = f"{w.name}-{c.id}-r{round_no}"
         out_path, log_path = self.workdir / "load" / f"{tag}.json", self.workdir / "load" / f"{tag}.log"
         out_path.parent.mkdir(exist_ok=True)

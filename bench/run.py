@@ -37,8 +37,8 @@ from bench.harness import Harness
 
 REPO = Path(__file__).resolve().parent.parent
 TOOLS = {"haproxy": "haproxy", "nginx": "nginx", "socat": "socat", "dnat": "nft"}
-FULL_CONTENDERS = "direct,dnat,haproxy,nginx,socat,pyproxy"
-QUICK_CONTENDERS = "direct,dnat,haproxy-1t,nginx-1w,pyproxy-splice,pyproxy-splice-2w"
+FULL_CONTENDERS = "direct,dnat,haproxy,nginx,socat,pyproxy,pyproxy-protocol,pyproxy-2w"
+QUICK_CONTENDERS = "direct,dnat,haproxy-1t,nginx-1w,pyproxy,pyproxy-2w"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -146,10 +146,11 @@ def run_rounds(h: Harness, active: list[ct.Contender], loads: list[workloads.Wor
             continue
         rate = None
         if w.rate_fraction:
-            ref = summary.reference_rate(summary.aggregate(measurements)) or latency_ref
+            ref = summary.reference_rate(summary.aggregate(measurements), workload=w.ref) or latency_ref
             rate = max(1.0, ref * w.rate_fraction)
+        serving = [c for c in active if c.target_for(w.port) is not None]  # socat: the bench port only
         for r in range(1, rounds + 1):
-            for c in active:
+            for c in serving:
                 error = h.activate(c, w.mode)
                 m = (summary.Measurement(w.name, w.mode, c.id, r, error=f"not ready: {error}") if error
                      else h.measure(c, w, r, rate))

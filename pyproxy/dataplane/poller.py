@@ -6,8 +6,8 @@ is registered once (`EPOLL_CTL_ADD`), its interest changed only when it really c
 (`EPOLL_CTL_MOD`), and never unregistered: closing the socket removes it from the set.
 
 Rules kept here:
-- `watch(fd, mask, handler)` sets the fd's interest (EPOLLIN/EPOLLOUT bits); the handler gets
-  the event bits. A mask of 0 keeps the fd registered; the kernel still reports errors and
+- `watch(fd, mask, handler)` sets the fd's interest (EPOLLIN/EPOLLOUT bits) and its handler,
+  which gets the event bits. A mask of 0 keeps the fd registered; the kernel still reports errors and
   hang-ups, which the handler must act on (`park` stops a level-triggered hang-up from
   spinning until the fd is wanted again).
 - `forget(fd)` must be called before the fd is closed: it drops the bookkeeping (no syscall).
@@ -48,10 +48,10 @@ class Poller:
         old = self._masks.get(fd)
         if old is None:
             self._epoll.register(fd, mask)
-            self._handlers[fd] = handler
         elif old != mask:
             self._epoll.modify(fd, mask)
         self._masks[fd] = mask
+        self._handlers[fd] = handler  # a handler may change with the interest (splice.FastPair.interest)
 
     def park(self, fd: int) -> None:
         """Take a hung-up fd out of the set until it is watched again."""

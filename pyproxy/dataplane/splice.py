@@ -88,8 +88,9 @@ from pyproxy.model.table import PortState, Route, ServiceTable, plan_connection
 log = logging.getLogger("pyproxy.splice")
 
 Sock = _socket.socket  # the C socket type (socket.socket's base): cheaper to make and to close
-AF_INET, AF_INET6, SOCK_STREAM, IPPROTO_TCP, TCP_NODELAY, SOL_IP = (
-    socket.AF_INET, socket.AF_INET6, socket.SOCK_STREAM, socket.IPPROTO_TCP, socket.TCP_NODELAY, socket.SOL_IP)
+AF_INET, AF_INET6, SOCK_STREAM, IPPROTO_TCP, TCP_NODELAY, SOL_IP, IPPROTO_IPV6, IPV6_V6ONLY = (
+    socket.AF_INET, socket.AF_INET6, socket.SOCK_STREAM, socket.IPPROTO_TCP, socket.TCP_NODELAY, socket.SOL_IP,
+    socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)
 SOCK_STREAM_NONBLOCK = socket.SOCK_STREAM | socket.SOCK_NONBLOCK
 
 ACCEPT_BATCH = 64
@@ -243,6 +244,7 @@ class FastRelay:
         listener = self.listener
         if listener is None:
             return
+        family = listener.family
         for _ in range(ACCEPT_BATCH):
             try:
                 fd, client = listener._accept()  # type: ignore[attr-defined]  # accept() converts enums each call
@@ -253,7 +255,7 @@ class FastRelay:
                                  level=logging.WARNING)
                 self._pause_accepting()
                 return
-            conn = _socket.socket(listener.family, SOCK_STREAM, 0, fd)  # the C type: no Python-level __init__/close
+            conn = _socket.socket(family, SOCK_STREAM, 0, fd)  # the C type: no Python-level __init__/close
             client = host_port(client)
             if self.draining:
                 _reset(conn)
@@ -355,16 +357,17 @@ def _snapshot(direction: Direction) -> DirectionState:
 
 
 def _dial_socket(source_ip: str | None, ipv6: bool = False) -> Sock:
-    """A non-blocking upstream socket of one family (SOCK_NONBLOCK: no extra syscall),
-    TCP_NODELAY, and bound to the client's address when it is to be kept (transparent)."""
+    """A non-blocking upstream socket of one family (SOCK_NONBLOCK: no extra syscall; an IPv6
+    one is V6ONLY, as relay.family_socket makes them), TCP_NODELAY, and bound to the client's
+    address when it is to be kept (transparent)."""
     sock = _socket.socket(AF_INET6 if ipv6 else AF_INET, SOCK_STREAM_NONBLOCK)
     try:
         if ipv6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.setsockopt(IPPROTO_IPV6, IPV6_V6ONLY, 1)
         sock.setsockopt(IPPROTO_TCP, TCP_NODELAY, 1)
         if source_ip is not None:
             if ipv6:
-                sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
+                sock.setsockopt(IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
             else:
                 sock.setsockopt(SOL_IP, IP_TRANSPARENT, 1)
             sock.setsockopt(SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
@@ -416,6 +419,16 @@ class Direction:
         if self.reading:
             self.reading = False
             self.pair.interest(self.src_fd)
+
+    def on_readable(self, bits: int) -> None:
+        """The poller's handler for src while this direction only reads it (the other
+        direction is not waiting to write there): one frame per event, not two."""
+        if self.pair.closed:
+            return
+        try:
+            self.readable(bits)
+        except Exception as err:
+            self.pair._internal(err)
 
     def readable(self, bits: int = 0) -> None:
         """Move what src has. A read shorter than the buffer drained the socket, unless the
@@ -564,14 +577,27 @@ class Direction:
     def _ended(self) -> None:
         """The source sent EOF: forward it once everything read has been written."""
         self.eof = True
+        if self.pending is None and not self.in_pipe and self._other_shut():
+            self.reading = False
+            self._shut()  # the last direction: the pair closes, no interest change needed
+            return
         self._unwatch_src()
         if self.pending is None and not self.in_pipe:
             self._shut()
+
+    def _other_shut(self) -> bool:
+        other = self.pair.down if self.count_in else self.pair.up
+        return other is not None and other.shut
 
     def _shut(self) -> None:
         if self.shut:
             return
         self.shut = True
+        if self._other_shut():
+            # Both directions are done: close() sends this FIN (both receive queues are read
+            # to their EOF, so it is a FIN, not a reset); a shutdown first would be one more call.
+            self.pair.close()
+            return
         try:
             self.dst.shutdown(socket.SHUT_WR)
         except OSError as err:
@@ -661,14 +687,17 @@ class FastPair:
         else:
             self._dial_failed(OSError(code, os.strerror(code)))
 
-    def _dial_done(self) -> None:
+    def _dial_done(self, bits: int) -> None:
+        """The connect finished: writable alone is success (no SO_ERROR call); an error or
+        hang-up bit is a failure, whose reason SO_ERROR gives."""
         sock = self.upstream
         assert sock is not None
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
-        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if err:
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) if bits & ERR_HUP else 0
+        if err or bits & ERR_HUP:
+            err = err or errno.ECONNREFUSED
             self._dial_failed(OSError(err, os.strerror(err)))
         else:
             self._connected()
@@ -781,10 +810,10 @@ class FastPair:
         assert up is not None and down is not None
         if fd == up.src_fd:  # the client
             mask = (IN_RDHUP if up.reading else 0) | (OUT if down.writing else 0)
-            self.relay.poller.watch(fd, mask, self._client_event)
+            self.relay.poller.watch(fd, mask, up.on_readable if mask == IN_RDHUP else self._client_event)
         else:
             mask = (IN_RDHUP if down.reading else 0) | (OUT if up.writing else 0)
-            self.relay.poller.watch(fd, mask, self._upstream_event)
+            self.relay.poller.watch(fd, mask, down.on_readable if mask == IN_RDHUP else self._upstream_event)
 
     def _client_event(self, bits: int) -> None:
         try:
@@ -814,7 +843,7 @@ class FastPair:
                 return
             if up is None or down is None:
                 if self.upstream is not None and bits & OUT_ERR_HUP:
-                    self._dial_done()
+                    self._dial_done(bits)
                 return
             if not (down.reading or up.writing):
                 self._hung_up(down.src_fd, bits)

@@ -58,14 +58,21 @@ def test_build_and_select() -> None:
     all_ = ct.build(ct.FAMILIES, "10.200.0.1", BACKENDS, Path("/w"))
     ids = [c.id for c in all_]
     assert ids == ["direct", "dnat", "haproxy-1t", "haproxy-2t", "nginx-1w", "nginx-2w", "socat",
-                   "pyproxy", "pyproxy-splice", "pyproxy-splice-2w"]
+                   "pyproxy", "pyproxy-protocol", "pyproxy-2w"]
     shared = [c for c in all_ if not c.exclusive]
     assert len({c.target for c in shared}) == len(shared)  # the persistent ones never share an address:port
     for py in all_[-3:]:  # the pyproxy variants run one at a time, on the same ClusterIP
         assert py.exclusive and "--hostname-override" in py.argv and py.cleanup
-    assert all_[-1].argv[-4:] == ("--relay", "splice", "--workers", "2")
+    assert all_[-1].argv[-2:] == ("--workers", "2") and all_[-2].argv[-2:] == ("--relay", "protocol")
+    # the C tools' ports: every contender but socat serves them, each on its own address:port
+    c_targets = [c.target_for(p) for c in shared if c.family != "socat" for p in ct.C_PORTS]
+    assert None not in c_targets and len(set(c_targets)) == len(c_targets)
+    assert all_[0].target_for(ct.IPERF_PORT) == ("10.201.1.2", ct.IPERF_PORT)  # iperf3: backend 1 only
+    assert all_[6].target_for(ct.HTTP_PORT) is None
     assert [c.id for c in ct.select(all_, "haproxy,direct")] == ["direct", "haproxy-1t", "haproxy-2t"]
     assert [c.id for c in ct.select(all_, "nginx-2w")] == ["nginx-2w"]
+    assert [c.id for c in ct.select(all_, "pyproxy")] == ["pyproxy"]  # the id (the default), not the family
+    assert [c.id for c in ct.select(all_, "pyproxy,pyproxy-2w")] == ["pyproxy", "pyproxy-2w"]
     with pytest.raises(ValueError):
         ct.select(all_, "envoy")
 
@@ -86,14 +93,21 @@ def test_topology_plan_stays_inside_its_namespaces() -> None:
 
 def test_workload_sets() -> None:
     q = quick()
-    assert [w.name for w in q] == ["stream-1", "crr", "latency@50%", "idle", "affinity", "control@10k", "restart"]
-    assert q[-1].contenders == ("dnat", "pyproxy-splice")  # the smoke restarts one pyproxy and its kernel baseline
+    assert [w.name for w in q] == ["stream-1", "crr-wrk", "latency@50%", "idle", "affinity", "control@10k", "restart"]
+    assert q[2].ref == "crr-wrk"
+    assert q[-1].contenders == ("dnat", "pyproxy")  # the smoke restarts the default pyproxy and its kernel baseline
     names = [w.name for w in full()]
     assert names[-2:] == ["restart", "crash"]
     assert names.index("crr") < names.index("latency@25%")
+    assert names.index("crr-wrk") < names.index("latency@75%-fortio")
+    fortio = full()[names.index("latency@75%-fortio")]
+    assert fortio.load_args(("10.96.0.12", 80), "", rate=900.0) == [
+        "fortio-crr", "--target", "10.96.0.12:80", "--duration", "5", "--json", "--rate", "900"]
+    assert fortio.module == "bench.cload" and q[0].module == "bench.load"
     argv = q[2].load_args(("10.96.0.10", 80), "10.200.1.1", rate=1234.4)
     assert argv[:3] == ["latency", "--target", "10.96.0.10:80"] and argv[-2:] == ["--rate", "1234"]
-    assert [w.name for w in select(full(), "stream")] == ["stream-1", "stream-4"]
+    assert [w.name for w in select(full(), "stream")] == ["stream-1", "stream-4", "stream-iperf3"]
+    assert [w.name for w in select(full(), "crr,idle")] == ["crr", "idle"]  # names first, then modes
     with pytest.raises(ValueError):
         select(q, "nope")
 
@@ -105,3 +119,24 @@ def test_proc_parsing() -> None:
     assert busiest_deltas({"1 a": 1.0, "2 b": 5.0}, {"1 a": 3.0, "2 b": 5.5, "3 c": 0.1}, top=2) == \
         {"1 a": 2.0, "2 b": 0.5}
     assert parse_pss_kib("Rss:  100 kB\nPss:   42 kB\n") == 42
+
+
+def test_pyproxy_c_tool_services() -> None:
+    docs = list(yaml.safe_load_all(ct.pyproxy_c_services(["10.201.1.2", "10.201.2.2"])))
+    http, http_eps, iperf, iperf_eps = docs
+    assert (http["spec"]["clusterIP"], http["spec"]["ports"][0]["targetPort"]) == (ct.PYPROXY_HTTP_IP, ct.HTTP_PORT)
+    assert len(http_eps["endpoints"]) == 2
+    assert iperf["spec"]["ports"][0]["port"] == ct.IPERF_PORT
+    assert [e["addresses"] for e in iperf_eps["endpoints"]] == [["10.201.1.2"]]  # one iperf3 server
+    assert iperf_eps["metadata"]["labels"] == {"kubernetes.io/service-name": "bench-iperf"}
+
+
+def test_c_tool_listeners_in_haproxy_nginx_and_dnat() -> None:
+    extra = ct.c_extra("10.200.0.1", 8001, BACKENDS)
+    hap = ct.haproxy_config(1, ("10.200.0.1", 8001), BACKENDS, extra)
+    assert "bind 10.200.0.1:8101" in hap and "server be2 10.201.2.2:8081" in hap
+    assert "bind 10.200.0.1:8201" in hap and "10.201.2.2:5201" not in hap
+    ngx = ct.nginx_config(1, ("10.200.0.1", 8003), BACKENDS, Path("/w"), extra=ct.c_extra("10.200.0.1", 8003, BACKENDS))
+    assert "listen 10.200.0.1:8103 reuseport" in ngx and ngx.count("proxy_half_close on;") == 3
+    nft = ct.dnat_ruleset(("10.96.0.20", 80), BACKENDS, extra=[(81, ct.c_backends(BACKENDS, ct.HTTP_PORT))])
+    assert "10.96.0.20 . tcp . 81 : goto service-default-bench2-tcp" in nft and "dnat to 10.201.2.2:8081" in nft

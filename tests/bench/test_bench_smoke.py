@@ -134,18 +134,18 @@ def test_topology_never_deletes_a_namespace_it_did_not_make() -> None:
 
 
 def test_runner_with_pyproxy_fast_path_and_workers(tmp_path: Path) -> None:
-    """The splice relay, alone and as 2 reuseport workers, through the real TPROXY rules:
+    """The default (splice) relay, alone and as 2 reuseport workers, through the real TPROXY rules:
     connections flow, and every client stays on one backend across connections and workers,
     and is not moved when another backend is removed."""
-    done = subprocess.run([sys.executable, "-m", "bench.run", "--contenders", "pyproxy-splice,pyproxy-splice-2w",
-                           "--workloads", "crr,affinity", "--rounds", "1", "--duration", "1", "--out", str(tmp_path)],
+    done = subprocess.run([sys.executable, "-m", "bench.run", "--contenders", "pyproxy,pyproxy-2w",
+                           "--workloads", "crr-wrk,affinity", "--rounds", "1", "--duration", "1", "--out", str(tmp_path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     doc = json.loads((tmp_path / "results.json").read_text())
     assert doc["skipped"] == {}, doc["skipped"]
     by = {(m["workload"], m["contender"]): m for m in doc["measurements"]}
-    for variant in ("pyproxy-splice", "pyproxy-splice-2w"):
-        crr, aff = by[("crr", variant)], by[("affinity", variant)]
+    for variant in ("pyproxy", "pyproxy-2w"):
+        crr, aff = by[("crr-wrk", variant)], by[("affinity", variant)]  # crr with wrk, through TPROXY
         assert not crr["error"] and crr["summary"]["ops"] > 100 and crr["summary"]["error_total"] == 0
         assert not aff["error"] and aff["summary"]["sticky_share"] == 1.0
         assert aff["summary"]["moved_needlessly_share"] == 0.0

@@ -1,7 +1,7 @@
 """kube-proxy parity on the real kernel: loadBalancerSourceRanges, ipMode Proxy, and the
 --detect-local-mode modes, with clients inside and outside the ranges.
 
-One cluster (uvloop, Protocol relay: these are kernel rules and model decisions, not byte
+One cluster (uvloop, the default relay: these are kernel rules and model decisions, not byte
 paths). The LAN client has a second address, 192.168.56.150, as a host outside the ranges;
 `cl` is a pod on node1 on a routed veth (`vcl`), `cb` a pod on node1 on a bridge of its own
 (`brpods`, 10.244.1.128/25, not one of pyproxy's pod bridges, with br_netfilter's IPv4 hook
