@@ -23,6 +23,7 @@ Rules kept here:
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from pathlib import Path
 
 import yaml
 
+STATE_ROOT = Path("/tmp/pyproxy-bench-state")  # pyproxy variants' --state-dir parents (contenders.state_dir)
 FAMILIES = ("direct", "dnat", "haproxy", "nginx", "socat", "pyproxy")
 PYPROXY_CLUSTER_IP = "10.96.0.10"
 PYPROXY_HTTP_IP = "10.96.0.12"  # Service bench-http: port 80 -> every backend's HTTP_PORT
@@ -279,7 +281,7 @@ def build(families: Sequence[str], listen_host: str, backends: Backends, workdir
                 d = workdir / label
                 out.append(Contender(label, family, (PYPROXY_CLUSTER_IP, SERVICE_PORT), exclusive=True,
                                      argv=(sys.executable, "-m", "pyproxy", "--manifests", str(d / "manifests"),
-                                           "--hostname-override", "node1", "--state-dir", str(d / "state"), *extra),
+                                           "--hostname-override", "node1", "--state-dir", str(state_dir(label)), *extra),
                                      files={"manifests/bench.yaml": pyproxy_manifest(hosts),
                                             "manifests/c-tools.yaml": pyproxy_c_services(hosts)},
                                      ports={HTTP_PORT: (PYPROXY_HTTP_IP, SERVICE_PORT),
@@ -291,6 +293,12 @@ def build(families: Sequence[str], listen_host: str, backends: Backends, workdir
                                      cleanup=(sys.executable, "-m", "pyproxy", "--cleanup"),
                                      ready_timeout=30.0))
     return out
+
+
+def state_dir(label: str) -> Path:
+    """pyproxy's state directory for one variant: short, since its hand-over socket's path
+    must fit a unix socket address (a long --out would not); removed by `run` at the end."""
+    return STATE_ROOT / f"{os.getpid()}-{label}"
 
 
 def select(all_contenders: Sequence[Contender], text: str) -> list[Contender]:

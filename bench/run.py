@@ -234,6 +234,9 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(sig, signal.SIG_IGN)  # teardown is bounded; let it finish
         registry.stop_all()
         leftovers = topology.destroy(made)
+        for c in chosen:
+            if c.family == "pyproxy":
+                shutil.rmtree(ct.state_dir(c.id), ignore_errors=True)
         meta["teardown_errors"] = leftovers
         meta["wall_s"] = time.monotonic() - t0
         write_outputs(out, meta, chosen, skipped, loads, measurements)
