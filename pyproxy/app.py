@@ -36,7 +36,8 @@ from pyproxy.config import ProxyConfig
 from pyproxy.dataplane.dualstack import DualStackRelay
 from pyproxy.dataplane.errors import ErrorLog
 from pyproxy.dataplane.nft import NftConfig, NftRunner
-from pyproxy.dataplane.relay import Relay, RelayConfig, transparent_listener
+from pyproxy.dataplane.relay import Relay, RelayConfig
+from pyproxy.dataplane.sockets import transparent_listener
 from pyproxy.dataplane.splice import FastRelay, TcpRelay
 from pyproxy.dataplane.workers import NullNftRunner, WorkerRole
 from pyproxy.dataplane.routing import PolicyRouting, interface_routes, local_addresses, pod_bridges

@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 from typing import Protocol, cast
 
 from pyproxy.dataplane.errors import ErrorLog, error_name
+from pyproxy.dataplane.sockets import LISTEN_BACKLOG, family_socket, set_transparent, transparent_listener
 from pyproxy.dataplane.stats import ConnectionInfo, DataplaneStats, PortStats
 from pyproxy.lifecycle.connstate import DirectionState, TcpState, movable
 from pyproxy.model.endpoints import Endpoint
@@ -56,12 +57,9 @@ from pyproxy.model.table import Route, ServiceTable, plan_connection
 
 log = logging.getLogger("pyproxy.relay")
 
-IP_TRANSPARENT = 19
 IP_BIND_ADDRESS_NO_PORT = 24
-IPV6_TRANSPARENT = 75  # <linux/in6.h>
 LINGER_RESET = struct.pack("ii", 1, 0)
 EARLY_BUFFER_LIMIT = 256 * 1024
-LISTEN_BACKLOG = 4096  # a burst of connections waits here for accept(); overflow drops handshakes
 ACCEPT_BATCH = 16  # accepts per wake-up of an asyncio listener
 MOVE_FLUSH_BOUND = 0.2  # seconds the pairs being moved may take to empty their write buffers (reads paused)
 
@@ -73,42 +71,6 @@ class RelayConfig:
     half_close_timeout: float = 300.0
     write_buffer_high: int = 256 * 1024
     write_buffer_low: int = 64 * 1024
-
-
-def family_socket(ipv6: bool, kind: int) -> socket.socket:
-    """A socket of one family; an IPv6 one never carries IPv4 (no mapped addresses)."""
-    sock = socket.socket(socket.AF_INET6 if ipv6 else socket.AF_INET, kind)
-    if ipv6:
-        try:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        except OSError:
-            sock.close()
-            raise
-    return sock
-
-
-def set_transparent(sock: socket.socket) -> None:
-    """IP_TRANSPARENT, or IPV6_TRANSPARENT on an IPv6 socket."""
-    if sock.family == socket.AF_INET6:
-        sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
-    else:
-        sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
-
-
-def transparent_listener(host: str, port: int, kind: int = socket.SOCK_STREAM) -> socket.socket:
-    """A socket that accepts TPROXY'd traffic for any destination of `host`'s family."""
-    sock = family_socket(":" in host, kind)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        set_transparent(sock)
-        sock.bind((host, port))
-        if kind == socket.SOCK_STREAM:
-            sock.listen(LISTEN_BACKLOG)
-        sock.setblocking(False)
-    except OSError:
-        sock.close()
-        raise
-    return sock
 
 
 def pair_timeout(config: RelayConfig, half_closed: bool) -> float:

@@ -70,14 +70,12 @@ from pyproxy.dataplane.fastcopy import copy_once, take_rest
 from pyproxy.dataplane.poller import ERR_HUP, IN, IN_RDHUP, OUT, RDHUP, Poller
 from pyproxy.dataplane.relay import (
     IP_BIND_ADDRESS_NO_PORT,
-    IP_TRANSPARENT,
-    IPV6_TRANSPARENT,
     LINGER_RESET,
     RelayConfig,
     drain_pairs,
     pair_timeout,
-    transparent_listener,
 )
+from pyproxy.dataplane.sockets import IP_TRANSPARENT, IPV6_TRANSPARENT, transparent_listener
 from pyproxy.dataplane.stats import ConnectionInfo, DataplaneStats, PortStats
 from pyproxy.lifecycle.connstate import DirectionState, TcpState, movable
 from pyproxy.model.copymode import SPLICE_NOW, CopyPolicy
@@ -358,7 +356,7 @@ def _snapshot(direction: Direction) -> DirectionState:
 
 def _dial_socket(source_ip: str | None, ipv6: bool = False) -> Sock:
     """A non-blocking upstream socket of one family (SOCK_NONBLOCK: no extra syscall; an IPv6
-    one is V6ONLY, as relay.family_socket makes them), TCP_NODELAY, and bound to the client's
+    one is V6ONLY, as sockets.family_socket makes them), TCP_NODELAY, and bound to the client's
     address when it is to be kept (transparent)."""
     sock = _socket.socket(AF_INET6 if ipv6 else AF_INET, SOCK_STREAM_NONBLOCK)
     try:

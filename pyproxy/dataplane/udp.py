@@ -49,7 +49,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from pyproxy.dataplane.relay import family_socket, set_transparent, transparent_listener
+from pyproxy.dataplane.sockets import family_socket, set_transparent, transparent_listener
 from pyproxy.dataplane.stats import ConnectionInfo, DataplaneStats, PortStats
 from pyproxy.lifecycle.connstate import UdpState
 from pyproxy.model.family import host_port, join_host_port

@@ -44,7 +44,7 @@ from types import FrameType
 
 from pyproxy.dataplane import steering
 from pyproxy.dataplane.nft import NftRunner
-from pyproxy.dataplane.relay import IP_TRANSPARENT
+from pyproxy.dataplane.sockets import IP_TRANSPARENT
 
 log = logging.getLogger("pyproxy.workers")
 

@@ -11,7 +11,8 @@ Theory of operation:
 - Binding fails with EADDRINUSE while a running pyproxy holds the port: then it takes the
   normal path (a hand-over from that process). Any other failure is left to the normal
   path too, which reports it.
-- Only this module's own imports run before the bind (`socket`), so it is cheap.
+- Only `socket` and `pyproxy/dataplane/sockets.py` (which imports only `socket`) run
+  before the bind, so it is cheap.
 - `--workers N` makes its reuseport group in the supervisor and is not covered here.
 """
 
@@ -19,28 +20,11 @@ from __future__ import annotations
 
 import socket
 
-IP_TRANSPARENT = 19
-IPV6_TRANSPARENT = 75
-BACKLOG = 4096
+from pyproxy.dataplane.sockets import transparent_listener
 
 
 def _listener(port: int, kind: int, ipv6: bool = False) -> socket.socket:
-    sock = socket.socket(socket.AF_INET6 if ipv6 else socket.AF_INET, kind)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if ipv6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
-        else:
-            sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
-        sock.bind(("::1" if ipv6 else "127.0.0.1", port))
-        if kind == socket.SOCK_STREAM:
-            sock.listen(BACKLOG)
-        sock.setblocking(False)
-    except OSError:
-        sock.close()
-        raise
-    return sock
+    return transparent_listener("::1" if ipv6 else "127.0.0.1", port, kind)
 
 
 def bind_early(tcp_port: int, udp_port: int) -> dict[str, socket.socket]:
