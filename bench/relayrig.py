@@ -20,7 +20,7 @@ import signal
 import sys
 
 from pyproxy.dataplane.relay import Relay, RelayConfig
-from pyproxy.dataplane.splice import DEFAULT_SPLICE_AFTER, FastRelay, TcpRelay
+from pyproxy.dataplane.splice import DEFAULT_SPLICE_AFTER, TcpRelay, make_splice_relay
 from pyproxy.dataplane.stats import DataplaneStats
 from pyproxy.model.affinity import Balancer
 from pyproxy.model.endpoints import Endpoint, EndpointSets
@@ -52,7 +52,7 @@ async def serve(args: argparse.Namespace) -> None:
     config = RelayConfig(idle_timeout=args.idle_timeout, half_close_timeout=args.half_close_timeout)
     relay: TcpRelay
     if args.relay == "splice":
-        relay = FastRelay(table, lambda ip: False, DataplaneStats(), config, splice_after=args.splice_after)
+        relay = make_splice_relay(table, lambda ip: False, DataplaneStats(), config, splice_after=args.splice_after)
     else:
         relay = Relay(table, lambda ip: False, DataplaneStats(), config)
     await relay.start(*listen)
@@ -60,7 +60,7 @@ async def serve(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    print(f"relayrig {args.relay} on {args.listen}", file=sys.stderr, flush=True)
+    print(f"relayrig {relay.kind} on {args.listen}", file=sys.stderr, flush=True)
     try:
         await asyncio.wait_for(stop.wait(), args.seconds)
     except TimeoutError:
