@@ -68,10 +68,11 @@ start_relay() {  # RELAY [wrapper...] -> sets RIG (pid of the relay)
     if [[ $relay == haproxy ]]; then
         ip netns exec "$NS" "$@" haproxy -db -f "$TMP/haproxy.cfg" >"$TMP/relay.log" 2>&1 &
     else
-        local pure=0 kind=$relay
+        local pure=0 kind=$relay extra=()
         [[ $relay == pure ]] && pure=1 kind=splice  # the splice relay's pure-Python twin
+        [[ $relay == thread ]] && kind=splice extra=(--engine-thread)  # experiment: the engine's epoll not nested
         (cd "$WT" && PYPROXY_PURE_PYTHON=$pure exec ip netns exec "$NS" "$@" "$PY" -m bench.relayrig --relay "$kind" --listen 127.0.0.1:15001 \
-            --backend 127.0.0.1:8080 --seconds 600) >"$TMP/relay.log" 2>&1 &
+            --backend 127.0.0.1:8080 --seconds 600 "${extra[@]}") >"$TMP/relay.log" 2>&1 &
     fi
     RIG=$!
     pids+=("$RIG")

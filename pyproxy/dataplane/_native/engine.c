@@ -931,9 +931,27 @@ static void on_conn_event(Engine *e, Conn *c, int side, uint32_t bits) {
         sync_interest(e, c);
 }
 
-static PyObject *Engine_run(Engine *e, PyObject *unused) {
+static int check_open(Engine *e);
+
+static PyObject *Engine_run(Engine *e, PyObject *const *args, Py_ssize_t nargs) {
+    /* run() handles what is ready now (the event loop's reader callback); run(ms) first waits
+     * up to ms for something, with the GIL released (for a loop of its own: bench.relayrig). */
+    int timeout = 0;
+    if (nargs > 1 || (nargs == 1 && ((timeout = (int)PyLong_AsLong(args[0])) == -1 && PyErr_Occurred()))) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_TypeError, "run([timeout_ms])");
+        return NULL;
+    }
+    if (check_open(e) < 0)
+        return NULL;
     struct epoll_event events[MAX_EVENTS];
-    int n = epoll_wait(e->epfd, events, MAX_EVENTS, 0);
+    int n;
+    if (timeout == 0) {
+        n = epoll_wait(e->epfd, events, MAX_EVENTS, 0);
+    } else {
+        Py_BEGIN_ALLOW_THREADS n = epoll_wait(e->epfd, events, MAX_EVENTS, timeout);
+        Py_END_ALLOW_THREADS
+    }
     if (n < 0) {
         if (errno == EINTR)
             Py_RETURN_NONE;
@@ -1445,7 +1463,8 @@ static PyObject *Engine_get_count(Engine *e, void *unused) {
 
 static PyMethodDef engine_methods[] = {
     {"fileno", (PyCFunction)Engine_fileno, METH_NOARGS, "the epoll fd the event loop watches"},
-    {"run", (PyCFunction)Engine_run, METH_NOARGS, "handle every ready event (the loop's reader callback)"},
+    {"run", (PyCFunction)(void (*)(void))Engine_run, METH_FASTCALL,
+     "run([timeout_ms]): handle every ready event (the loop's reader callback), waiting first if asked"},
     {"add_listener", (PyCFunction)Engine_add_listener, METH_O, "accept on this listening fd"},
     {"remove_listener", (PyCFunction)Engine_remove_listener, METH_O, "stop accepting on this fd"},
     {"sweep", (PyCFunction)(void (*)(void))Engine_sweep, METH_FASTCALL,
