@@ -33,6 +33,7 @@ class Cluster:
         self.workdir = workdir
         self.proxies: dict[str, subprocess.Popen[Any]] = {}
         self.logs: dict[str, Path] = {}
+        self.syncers: dict[str, int] = {}  # processes per node that log each sync (--workers N: N)
 
     def manifest_dir(self, node: str) -> Path:
         path = self.workdir / node / "manifests"
@@ -49,7 +50,8 @@ class Cluster:
                 "--state-dir", str(self.workdir / node / "state"), *extra]
         proc = self.lab.spawn(node, args, log=log_path)
         self.proxies[node] = proc
-        self.wait_for_log(node, "synced", 0)
+        self.syncers[node] = int(extra[extra.index("--workers") + 1]) if "--workers" in extra else 1
+        self.wait_for_log(node, "synced", self.syncers[node] - 1)  # every worker has its table
         return proc
 
     def syncs(self, node: str) -> int:
@@ -80,8 +82,8 @@ class Cluster:
         before = {n: self.syncs(n) for n in nodes}
         for node in nodes:
             write_manifest(self.manifest_dir(node), name, text)
-        for node in nodes:
-            self.wait_for_log(node, " synced ", before[node])
+        for node in nodes:  # with --workers N each worker syncs (and logs) on its own: wait for all N
+            self.wait_for_log(node, " synced ", before[node] + self.syncers.get(node, 1) - 1)
 
     def run(self, ns: str, mode: str, address: str, *args: str, timeout: float = 60) -> list[str]:
         """Run the demo client in namespace `ns`; one line per result."""
