@@ -80,7 +80,7 @@ async def _ask_name(timeout: float) -> str:
 async def measure(args: argparse.Namespace) -> dict[str, Any]:
     from pyproxy.dataplane.nft import NftConfig, NftRunner, render_cleanup
     from pyproxy.dataplane.routing import PolicyRouting
-    from pyproxy.dataplane.splice import FastRelay
+    from pyproxy.dataplane.splice import make_splice_relay
     from pyproxy.dataplane.stats import DataplaneStats
     from pyproxy.model.objects import parse_endpoint_slice, parse_service
     from pyproxy.model.store import ClusterStore
@@ -107,7 +107,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
     await asyncio.to_thread(routing.install)
     # the node's own connections need *a* route to the service range before nft re-routes them
     subprocess.run(["ip", "route", "replace", SERVICE_CIDR, "dev", "lo", "src", args.node_address], capture_output=True, timeout=30)
-    relay = FastRelay(table, proxier.is_local_source, DataplaneStats())
+    relay = make_splice_relay(table, proxier.is_local_source, DataplaneStats())
     await relay.start("127.0.0.1", PROXY_PORT)
     runner = SyncRunner(proxier.sync, args.min_sync_period, 30.0)
     stop = asyncio.Event()

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Where a relay's time goes, per request: the per-connection profile of bench/PROFILE.md.
 #
-#   bash bench/profile.sh [RELAY...]      (RELAY: splice, protocol, haproxy; default all three)
+#   bash bench/profile.sh [RELAY...]      (RELAY: splice, pure, protocol, haproxy; default splice protocol haproxy;
+#                                          pure = the splice relay's pure-Python twin)
 #
 # In a private network namespace (pp-prof-$$, removed on exit, also on failure or Ctrl-C):
 # nginx as the HTTP backend on 127.0.0.1:8080, the relay on 127.0.0.1:15001 (bench.relayrig,
@@ -67,8 +68,11 @@ start_relay() {  # RELAY [wrapper...] -> sets RIG (pid of the relay)
     if [[ $relay == haproxy ]]; then
         ip netns exec "$NS" "$@" haproxy -db -f "$TMP/haproxy.cfg" >"$TMP/relay.log" 2>&1 &
     else
-        (cd "$WT" && exec ip netns exec "$NS" "$@" "$PY" -m bench.relayrig --relay "$relay" --listen 127.0.0.1:15001 \
-            --backend 127.0.0.1:8080 --seconds 600) >"$TMP/relay.log" 2>&1 &
+        local pure=0 kind=$relay extra=()
+        [[ $relay == pure ]] && pure=1 kind=splice  # the splice relay's pure-Python twin
+        [[ $relay == thread ]] && kind=splice extra=(--engine-thread)  # experiment: the engine's epoll not nested
+        (cd "$WT" && PYPROXY_PURE_PYTHON=$pure exec ip netns exec "$NS" "$@" "$PY" -m bench.relayrig --relay "$kind" --listen 127.0.0.1:15001 \
+            --backend 127.0.0.1:8080 --seconds 600 "${extra[@]}") >"$TMP/relay.log" 2>&1 &
     fi
     RIG=$!
     pids+=("$RIG")

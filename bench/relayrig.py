@@ -18,9 +18,12 @@ import asyncio
 import cProfile
 import signal
 import sys
+import threading
+import time
+from typing import Any
 
 from pyproxy.dataplane.relay import Relay, RelayConfig
-from pyproxy.dataplane.splice import DEFAULT_SPLICE_AFTER, FastRelay, TcpRelay
+from pyproxy.dataplane.splice import DEFAULT_SPLICE_AFTER, TcpRelay, make_splice_relay
 from pyproxy.dataplane.stats import DataplaneStats
 from pyproxy.model.affinity import Balancer
 from pyproxy.model.endpoints import Endpoint, EndpointSets
@@ -52,21 +55,33 @@ async def serve(args: argparse.Namespace) -> None:
     config = RelayConfig(idle_timeout=args.idle_timeout, half_close_timeout=args.half_close_timeout)
     relay: TcpRelay
     if args.relay == "splice":
-        relay = FastRelay(table, lambda ip: False, DataplaneStats(), config, splice_after=args.splice_after)
+        relay = make_splice_relay(table, lambda ip: False, DataplaneStats(), config, splice_after=args.splice_after)
     else:
         relay = Relay(table, lambda ip: False, DataplaneStats(), config)
     await relay.start(*listen)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    if args.engine_thread:  # an experiment: the engine waits in a thread of its own, not nested in the loop's epoll
+        engine = getattr(relay, "engine", None)
+        if engine is None:
+            raise SystemExit("--engine-thread needs the compiled engine")
+        loop.remove_reader(engine.fileno())
+        threading.Thread(target=_engine_loop, args=(engine, args.seconds), daemon=True).start()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    print(f"relayrig {args.relay} on {args.listen}", file=sys.stderr, flush=True)
+    print(f"relayrig {relay.kind} on {args.listen}", file=sys.stderr, flush=True)
     try:
         await asyncio.wait_for(stop.wait(), args.seconds)
     except TimeoutError:
         pass
     relay.stop_accepting()
     await relay.drain(5.0)
+
+
+def _engine_loop(engine: Any, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        engine.run(100)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--affinity", type=int, default=None, help="ClientIP affinity timeout (s)")
     p.add_argument("--idle-timeout", type=float, default=3600.0)
     p.add_argument("--half-close-timeout", type=float, default=300.0)
+    p.add_argument("--engine-thread", action="store_true",
+                   help="experiment: run the compiled engine's epoll in a thread of its own (static table only)")
     p.add_argument("--seconds", type=float, default=3600.0, help="bound on the run")
     p.add_argument("--profile", help="write a cProfile here")
     args = p.parse_args(argv)

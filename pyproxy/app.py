@@ -38,7 +38,7 @@ from pyproxy.dataplane.errors import ErrorLog
 from pyproxy.dataplane.nft import NftConfig, NftRunner
 from pyproxy.dataplane.relay import Relay, RelayConfig
 from pyproxy.dataplane.sockets import transparent_listener
-from pyproxy.dataplane.splice import FastRelay, TcpRelay
+from pyproxy.dataplane.splice import TcpRelay, make_splice_relay
 from pyproxy.dataplane.workers import NullNftRunner, WorkerRole
 from pyproxy.dataplane.routing import PolicyRouting, interface_routes, local_addresses, pod_bridges
 from pyproxy.dataplane.stats import DataplaneStats
@@ -120,9 +120,9 @@ class ProxyApp:
         )
 
         def make_relay() -> TcpRelay:  # one per address family (dualstack.py)
-            if dp.relay == "splice":  # the raw-fd + os.splice byte path (pyproxy/dataplane/splice.py)
-                return FastRelay(self.table, self.proxier.is_local_source, self.stats, relay_config,
-                                 splice_after=dp.spliceAfter)
+            if dp.relay == "splice":  # the compiled engine (engine.py), or its pure-Python twin (splice.py)
+                return make_splice_relay(self.table, self.proxier.is_local_source, self.stats, relay_config,
+                                         splice_after=dp.spliceAfter)
             return Relay(table=self.table, is_local_source=self.proxier.is_local_source, stats=self.stats,
                          config=relay_config)
 
@@ -244,7 +244,7 @@ class ProxyApp:
                 handed.close_unused()
             raise
         self._install_signals()
-        log.info("pyproxy serving on node %s", self.node_name)
+        log.info("pyproxy serving on node %s (TCP relay: %s)", self.node_name, self.relay.describe())
         self.runner.request()
         self.supervisor.start("sync-runner", self._run_sync)
         self.supervisor.start("health-metrics-debug", self._run_observer)  # workers: debug only

@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import dataclasses
 import logging
+import os
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -66,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--proxy-port", type=int, help="local port of the transparent listeners (default 15001)")
     p.add_argument("--relay", choices=("splice", "protocol"),
                    help="TCP byte path (dataplane.relay; default splice)")
+    p.add_argument("--pure-python", action="store_true",
+                   help="run the pure-Python twins of the compiled helpers (as where no compiler built them; "
+                        "the same as PYPROXY_PURE_PYTHON=1)")
     p.add_argument("--workers", type=int, help="worker processes sharing the listener (dataplane.workers; default 1)")
     p.add_argument("--state-dir", help="hand-over socket and state snapshot (lifecycle.stateDir; default /run/pyproxy)")
     p.add_argument("--cleanup", action="store_true", help="remove everything pyproxy installed, then exit")
@@ -139,6 +143,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return inspect_main(argv[1:])
     args = build_parser().parse_args(argv)
     setup_logging(args.verbosity)
+    if args.pure_python:  # read when pyproxy.dataplane is first imported, which is below
+        os.environ["PYPROXY_PURE_PYTHON"] = "1"
     try:
         config = effective_config(args)
     except (ConfigError, OSError) as err:

@@ -38,6 +38,10 @@ class DualStackRelay:
         self.ipv6: TcpRelay | None = make() if serve_ipv6 else None
         self._started: list[TcpRelay] = []
 
+    def describe(self) -> str:
+        """Which byte path serves (for the start-up log line)."""
+        return self.ipv4.kind
+
     @property
     def relays(self) -> list[TcpRelay]:
         return self._started or [self.ipv4]

@@ -44,7 +44,7 @@ import struct
 import time
 from collections.abc import Callable, Iterator, Set
 from dataclasses import dataclass, field
-from typing import Protocol, cast
+from typing import ClassVar, Protocol, cast
 
 from pyproxy.dataplane.errors import ErrorLog, error_name
 from pyproxy.dataplane.sockets import LISTEN_BACKLOG, family_socket, set_transparent, transparent_listener
@@ -107,6 +107,7 @@ def reset(transport: asyncio.Transport) -> None:
 
 @dataclass
 class Relay:
+    kind: ClassVar[str] = "protocol"
     table: ServiceTable
     is_local_source: Callable[[str], bool]
     stats: DataplaneStats

@@ -62,7 +62,7 @@ import socket
 import time
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 from pyproxy.dataplane.errors import ErrorLog, error_name
 from pyproxy.dataplane.fastcopy import BUFFER_SIZE as COPY_BUFFER
@@ -113,7 +113,10 @@ class PairLike(Protocol):
 
 
 class TcpRelay(Protocol):
-    """What the app needs of a TCP relay: `relay.Relay` and `FastRelay` both are one."""
+    """What the app needs of a TCP relay: `relay.Relay`, `FastRelay` and `engine.NativeRelay` are one."""
+
+    @property
+    def kind(self) -> str: ...  # which byte path, as the start-up log line names it
 
     @property
     def pairs(self) -> Collection[PairLike]: ...
@@ -138,6 +141,7 @@ class TcpRelay(Protocol):
 
 @dataclass
 class FastRelay:
+    kind: ClassVar[str] = "splice, pure Python"
     table: ServiceTable
     is_local_source: Callable[[str], bool]
     stats: DataplaneStats
@@ -306,7 +310,8 @@ class FastRelay:
             _reset(conn)
             return
         port_stats = self._port_stats(frontend, route)
-        plan = plan_connection(route, self.is_local_source(client[0]))
+        port = route.port  # only an external Local frontend asks whether the source is local
+        plan = plan_connection(route, route.external and port.external_local and self.is_local_source(client[0]))
         if not plan.candidates:
             port_stats.refused += 1
             _reset(conn)
@@ -891,3 +896,17 @@ class FastPair:
             return False
         half_closed = self.up.eof or self.down.eof
         return now - self.last_activity >= pair_timeout(self.relay.config, half_closed)
+
+
+def make_splice_relay(
+    table: ServiceTable, is_local_source: Callable[[str], bool], stats: DataplaneStats,
+    config: RelayConfig | None = None, splice_after: int = DEFAULT_SPLICE_AFTER,
+) -> TcpRelay:
+    """The `relay: splice` byte path: the compiled engine (engine.py) when it is built and
+    PYPROXY_PURE_PYTHON is not 1, else this module's pure-Python FastRelay (same behaviour)."""
+    from pyproxy.dataplane import engine  # here: engine.py imports this module's neighbours
+
+    config = config or RelayConfig()
+    if engine.AVAILABLE:
+        return engine.NativeRelay(table, is_local_source, stats, config, splice_after=splice_after)
+    return FastRelay(table, is_local_source, stats, config, splice_after=splice_after)

@@ -9,6 +9,7 @@ nothing outside a relay ever holds its sockets or its mutable state.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -67,6 +68,13 @@ class DataplaneStats:
     unknown_destination: int = 0
     connection_errors: Counter[tuple[str, str]] = field(default_factory=Counter)  # (stage, error): errors.py
     udp: UdpStats = field(default_factory=UdpStats)
+    # called before the counters are read: a relay that counts bytes elsewhere (the compiled
+    # engine, engine.py) adds the bytes its open connections moved since it last reported
+    refreshers: list[Callable[[], None]] = field(default_factory=list)
+
+    def refresh(self) -> None:
+        for refresh in self.refreshers:
+            refresh()
 
     def port(self, name: ServicePortName) -> PortStats:
         stats = self.ports.get(name)

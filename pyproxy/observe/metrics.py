@@ -173,6 +173,7 @@ class DataplaneCollector(Collector):
         self.stats = stats
 
     def collect(self) -> Iterable[Metric]:
+        self.stats.refresh()
         active = GaugeMetricFamily("pyproxy_connections_active", "Open proxied connections", labels=PORT_LABELS)
         total = CounterMetricFamily("pyproxy_connections", "Proxied connections accepted", labels=PORT_LABELS)
         refused = CounterMetricFamily("pyproxy_connections_refused",

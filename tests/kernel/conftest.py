@@ -3,7 +3,8 @@
 One cluster per test module (building it costs a couple of seconds); tests change the
 Services by rewriting the manifest files, exactly as a standalone user would, and wait for
 both proxies to log the sync that follows (pyproxy.demo.cluster). Each module runs twice: the
-default splice relay on uvloop, and the Protocol relay on plain asyncio.
+default splice relay on its compiled engine on uvloop, and its pure-Python twin on plain
+asyncio. (The deprecated Protocol relay is covered by the hand-over and move tests.)
 """
 
 from __future__ import annotations
@@ -25,15 +26,16 @@ __all__ = ["PODS", "TCP_PORTS", "UDP_PORTS", "Cluster", "bridged_cluster", "clus
 
 
 VARIANTS = {  # pyproxy's command-line for each run of the kernel tier
-    "splice": ("--event-loop", "uvloop", "--relay", "splice"),  # the default
-    "protocol-asyncio": ("--event-loop", "asyncio", "--relay", "protocol"),  # the other relay, on the other loop
+    "splice": ("--event-loop", "uvloop", "--relay", "splice"),  # the default: the compiled engine
+    # the same relay's pure-Python twin (what runs where no compiler built the engine), on the other loop
+    "pure-asyncio": ("--event-loop", "asyncio", "--relay", "splice", "--pure-python"),
 }
 
 
 @pytest.fixture(scope="module", params=list(VARIANTS))
 def cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
     """The cluster, with pyproxy in the variant named by the parameter: every test that uses
-    it runs with the splice relay on uvloop (the default) and the Protocol relay on asyncio."""
+    it runs with the compiled engine on uvloop (the default) and the pure-Python twin on asyncio."""
     yield from _cluster(VARIANTS[request.param])
 
 

@@ -38,6 +38,17 @@ def plain_service(cluster: Cluster, name: str, ip: str, pods: tuple[str, ...] = 
     )
 
 
+BYTE_PATHS = {"splice": "splice, compiled engine", "pure-asyncio": "splice, pure Python"}
+
+
+def test_each_variant_runs_the_byte_path_it_names(cluster: Cluster, request: pytest.FixtureRequest) -> None:
+    """The default variant runs the compiled engine (so a missing build fails here, not
+    silently slower), the other its pure-Python twin: both proxies say so when they start."""
+    wanted = BYTE_PATHS[request.node.callspec.params["cluster"]]
+    for node in ("node1", "node2"):
+        assert f"(TCP relay: {wanted})" in cluster.log(node), cluster.log(node)[-2000:]
+
+
 def test_100_mb_each_way_arrive_intact(cluster: Cluster) -> None:
     plain_service(cluster, "bulk", "10.96.1.1")
     # ECHO: 100 MB up while 100 MB come back, then our EOF travels to the pod and its EOF back

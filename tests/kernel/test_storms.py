@@ -10,7 +10,7 @@ and checks that other clients are served while it happens:
   at the limit by clients that never leave; it logs at a bounded rate, and serves again
   once they are gone.
 The proxies here run with short idle timeouts (a config file), so this module builds its
-own cluster (every variant: splice on uvloop, Protocol on asyncio).
+own cluster (every variant: the compiled engine on uvloop, its pure-Python twin on asyncio).
 """
 
 from __future__ import annotations
@@ -208,10 +208,10 @@ def test_fd_exhaustion_is_logged_at_a_bounded_rate_and_service_comes_back(storm_
 
 
 def cluster_args(proc: subprocess.Popen[object]) -> list[str]:
-    """The variant flags a proxy was started with (--event-loop, --relay)."""
+    """The variant flags a proxy was started with (--event-loop, --relay, --pure-python)."""
     args = [str(a) for a in proc.args]  # type: ignore[union-attr]
     picked: list[str] = []
     for flag in ("--event-loop", "--relay"):
         if flag in args:
             picked += [flag, args[args.index(flag) + 1]]
-    return picked
+    return picked + ["--pure-python"] * ("--pure-python" in args)

@@ -269,8 +269,32 @@ def node_image(daemon: Daemon) -> str:
 
 
 # The files of the repository that go into pyproxy's image (the Dockerfile COPYs `.`;
-# .dockerignore keeps the rest out of an online build's context too).
+# .dockerignore keeps the rest out of an online build's context too). The compiled helpers
+# (pyproxy/dataplane/_*.so) are not copied from the tree as they lie: `native_helpers` builds
+# them for the image's build and only those go in.
 IMAGE_SOURCES = ("Dockerfile", ".dockerignore", "pyproject.toml", "README.md", "pyproxy", "bench")
+NATIVE_BUILD = REPO / "pyproxy" / "dataplane" / "_native" / "build.py"
+
+
+def native_helpers(python: str) -> list[Path]:
+    """Build the compiled helpers with `python` (build.py: each one whose source changed) and
+    return them: one `_<name><EXT_SUFFIX>` per entry of build.py's SOURCES, or BuildError.
+
+    The image's interpreter is Debian bookworm's python3 (3.11) on the same glibc as the host
+    here; the image build checks that each library loads there (REQUIRE_NATIVE=1)."""
+    done = subprocess.run([python, str(NATIVE_BUILD)], capture_output=True, text=True, timeout=300)
+    if done.returncode != 0:
+        raise BuildError(f"compiled helpers: {NATIVE_BUILD.name} failed:\n{done.stderr[-3000:]}")
+    probe = ("import runpy, sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX')); "
+             f"print(' '.join(runpy.run_path({str(NATIVE_BUILD)!r})['SOURCES']))")
+    suffix, names = subprocess.run([python, "-c", probe], capture_output=True, text=True, check=True,
+                                   timeout=60).stdout.splitlines()
+    built = [NATIVE_BUILD.parents[1] / f"{name}{suffix}" for name in names.split()]
+    missing = [p.name for p in built if not p.is_file()]
+    if missing or not built:
+        raise BuildError(f"compiled helpers: {', '.join(missing) or 'none'} not built by {NATIVE_BUILD.name} "
+                         f"with {python} (it needs gcc or $CC):\n{done.stderr[-3000:]}")
+    return built
 
 
 def wheelhouse(python: str) -> Path:
@@ -289,18 +313,22 @@ def wheelhouse(python: str) -> Path:
 def pyproxy_image(daemon: Daemon, python: str) -> str:
     """Build `pyproxy:dev` from the Dockerfile, offline, on the local Python base."""
     base = import_rootfs(daemon, rootfs.PYTHON, PYTHON_BASE)
+    helpers = native_helpers(python)
     with tempfile.TemporaryDirectory(prefix="pyproxy-image.") as tmp:
         ctx = Path(tmp)
         for name in IMAGE_SOURCES:
             src = REPO / name
             if src.is_dir():
-                shutil.copytree(src, ctx / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", "out"))
+                shutil.copytree(src, ctx / name, ignore=shutil.ignore_patterns(
+                    "__pycache__", "*.egg-info", "out", "_*.so", "*.tmp"))
             elif src.exists():
                 shutil.copy2(src, ctx / name)
+        for lib in helpers:
+            shutil.copy2(lib, ctx / lib.relative_to(REPO))
         shutil.copytree(wheelhouse(python), ctx / "wheels")
         proc = subprocess.run(
             ["docker", "build", "--network=none", "-q", "--build-arg", f"BASE_IMAGE={base}",
-             "-t", PYPROXY_IMAGE, str(ctx)],
+             "--build-arg", "REQUIRE_NATIVE=1", "-t", PYPROXY_IMAGE, str(ctx)],
             env={**daemon.env, "DOCKER_BUILDKIT": "0"}, capture_output=True, text=True, timeout=1800,
         )
         if proc.returncode != 0:

@@ -243,6 +243,18 @@ def test_inspect_from_the_daemonset_pod_shows_the_pin(kind: Cluster) -> None:
     assert "sample-session-affinity" in services and "kube-dns" in services
 
 
+def test_the_daemonset_pod_runs_the_compiled_helpers(kind: Cluster) -> None:
+    """The image carries the host-built `_*.so` and its Python loads them: not the twins."""
+    proxy = kind.kubectl("-n", "kube-system", "get", "pod", "-l", "app.kubernetes.io/name=pyproxy",
+                         f"--field-selector=spec.nodeName={WORKER}", "-o", "name").stdout.strip()
+    python = ("-n", "kube-system", "exec", proxy, "--", "/opt/pyproxy/bin/python")
+    native = kind.kubectl(*python, "-c", "from pyproxy.dataplane import fastcopy; print(fastcopy.NATIVE)")
+    assert native.stdout.strip() == "True", native.stdout + native.stderr
+    report = kind.kubectl(*python, "-m", "pyproxy.dataplane.compiled", "--require", check=False)
+    assert report.returncode == 0, report.stdout + report.stderr
+    assert "compiled helper _fastcopy." in report.stdout, report.stdout
+
+
 def _outside_curl(kind: Cluster, url: str, count: int) -> list[sc.Answer]:
     """curl from the host outside the cluster, `-g` so that `[v6]` is an address, not a glob."""
     answers = []

@@ -16,7 +16,7 @@ import sysconfig
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SOURCES = {"_fastcopy": HERE / "fastcopy.c"}
+SOURCES = {"_fastcopy": HERE / "fastcopy.c", "_engine": HERE / "engine.c"}
 
 
 def build(force: bool = False) -> int:

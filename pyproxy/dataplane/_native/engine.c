@@ -1,0 +1,1542 @@
+/* pyproxy._engine: the splice relay's connection engine, in C.
+ *
+ * The pure-Python twin is pyproxy/dataplane/splice.py (FastRelay); the wrapper that makes this
+ * a TcpRelay is pyproxy/dataplane/engine.py (NativeRelay). Both follow the same rules
+ * (splice.py's header is their theory of operation); this file only moves connections and
+ * bytes. Every decision stays in Python and is asked for through callbacks:
+ *
+ *   decide(client_ip, client_port, dst_ip, dst_port) -> None | (ip, port, transparent, ctx)
+ *       a new connection was accepted (dst: its original destination). None: reset it
+ *       (the callback counted why). Else dial (ip, port), from the client's address when
+ *       `transparent`; `ctx` is the caller's, handed back with every report on this pair.
+ *   redial(ctx, client_ip, client_port, dst_ip, dst_port, failed, errno, attempt) -> same
+ *       a dial failed (errno 0: it timed out); `failed` lists the (ip, port) tried so far.
+ *   closed(ctx, bytes_in, bytes_out)      the pair is gone: bytes not yet reported
+ *   moved(ctx, bytes_in, bytes_out)       flush(): bytes of an open pair not yet reported
+ *   note(stage, errno | exception)        something worth counting and logging went wrong
+ *
+ * The copy/splice policy of each direction is pyproxy/model/copymode.py's CopyPolicy, with its
+ * three numbers given at construction; `policy()` below answers the same questions as the
+ * model so a unit test can hold the two to the same table.
+ *
+ * Structure:
+ * - One epoll set (fileno()) that the event loop watches as one fd, and run() drains: the
+ *   listeners, a timerfd (dial deadlines, accept pauses), and both sockets of every pair,
+ *   each registered once and its interest changed only when it changes (the wanted masks are
+ *   worked out after each event, so one event costs at most one epoll_ctl per socket).
+ * - A pair is a `Conn`: two directions (UP client->upstream, DOWN upstream->client), each in
+ *   copy mode (one recv into the shared buffer, one send) or splice mode (its own pipe).
+ * - A closed Conn is freed only when run() ends (a later event of the same batch may name
+ *   it), into a free list that new pairs reuse.
+ * - Nothing blocks; the GIL is held throughout (every call is a non-blocking syscall).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/socket.h>
+#include <sys/timerfd.h>
+#include <time.h>
+#include <unistd.h>
+
+#ifndef IP_TRANSPARENT
+#define IP_TRANSPARENT 19
+#endif
+#ifndef IPV6_TRANSPARENT
+#define IPV6_TRANSPARENT 75
+#endif
+#ifndef IP_BIND_ADDRESS_NO_PORT
+#define IP_BIND_ADDRESS_NO_PORT 24
+#endif
+#ifndef F_SETPIPE_SZ
+#define F_SETPIPE_SZ 1031
+#endif
+
+#define BUFFER_SIZE (64 * 1024)
+#define MAX_EVENTS 256
+#define ACCEPT_BATCH 64
+#define READ_ROUNDS 4   /* copy-mode reads per readable event */
+#define SPLICE_ROUNDS 4 /* splice rounds per readable event */
+#define MAX_LISTENERS 8
+#define MAX_TIMEOUTS 16
+#define ACCEPT_PAUSE 0.1 /* seconds without accepting after EMFILE/ENFILE/ENOBUFS/ENOMEM */
+#define SPLICE_NOW (-1)
+#define EV_IN_RDHUP (EPOLLIN | EPOLLRDHUP)
+#define EV_ERR_HUP (EPOLLERR | EPOLLHUP)
+
+enum { UP = 0, DOWN = 1 };                  /* directions */
+enum { CLIENT = 0, UPSTREAM = 1 };          /* sockets of a pair */
+enum { DIALING = 0, OPEN = 1, CLOSED = 2 }; /* pair states */
+enum { REF_CLIENT = 0, REF_UPSTREAM = 1, REF_LISTENER = 2, REF_TIMER = 3 };
+
+static char buffer[BUFFER_SIZE];
+
+typedef union {
+    struct sockaddr sa;
+    struct sockaddr_in v4;
+    struct sockaddr_in6 v6;
+} Addr;
+
+struct Conn;
+
+typedef struct {
+    int kind;
+    struct Conn *conn;
+    int index; /* listeners: their slot */
+} Ref;
+
+typedef struct {
+    char *pending; /* copy mode: bytes read, not yet written */
+    size_t pending_len, pending_off;
+    int pipe_r, pipe_w; /* splice mode: -1 when copying */
+    size_t in_pipe;
+    long streak, small;
+    unsigned eof : 1, shut : 1, reading : 1, writing : 1;
+    unsigned long long bytes, reported;
+} Dir;
+
+typedef struct Conn {
+    Ref ref[2];
+    int fd[2];
+    int registered[2];
+    uint32_t mask[2];
+    int state;
+    int attempt;
+    int transparent;
+    Dir dir[2];
+    Addr client, frontend, endpoint;
+    double started, last, deadline;
+    PyObject *ctx, *failed, *target; /* target: the (ip, port, ...) tuple being dialed */
+    struct Conn *prev, *next;         /* every live pair */
+    struct Conn *dprev, *dnext;       /* the dial queue of its attempt */
+    unsigned long long id;
+} Conn;
+
+typedef struct {
+    Conn *head, *tail;
+} Queue;
+
+typedef struct {
+    int fd;
+    int paused;
+    double resume_at;
+    Ref ref;
+} Listener;
+
+typedef struct {
+    PyObject_HEAD int epfd, tfd;
+    PyObject *decide, *redial, *closed_cb, *moved_cb, *note_cb;
+    double timeouts[MAX_TIMEOUTS];
+    int ntimeouts;
+    long splice_after, bulk_read, copy_after;
+    int pipe_size;
+    int draining;
+    Conn *all;
+    Py_ssize_t count;
+    Queue dialing[MAX_TIMEOUTS];
+    Conn *zombies, *spare;
+    Py_ssize_t nspare;
+    Listener listeners[MAX_LISTENERS];
+    int nlisteners;
+    Ref timer_ref;
+    double armed; /* the timerfd's deadline, 0: none */
+    double now;
+    int in_run;
+    unsigned long long next_id;
+} Engine;
+
+static double monotonic(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+/* ---- the copy policy: pyproxy/model/copymode.py's CopyPolicy ---- */
+
+static long copy_read(Engine *e, long streak, long n) {
+    if (e->splice_after < 0 || n < e->bulk_read)
+        return 0;
+    streak += n;
+    return streak >= e->splice_after ? SPLICE_NOW : streak;
+}
+
+static long splice_round(Engine *e, long small, long n) {
+    if (e->splice_after == 0 || n >= e->bulk_read)
+        return 0;
+    return small + 1;
+}
+
+/* ---- callbacks into Python ---- */
+
+static void note_errno(Engine *e, const char *stage, int err) {
+    PyObject *r = PyObject_CallFunction(e->note_cb, "si", stage, err);
+    if (r == NULL)
+        PyErr_WriteUnraisable(e->note_cb);
+    Py_XDECREF(r);
+}
+
+/* The exception set now is reported to note(stage, exception), then cleared. */
+static void note_exception(Engine *e, const char *stage) {
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyErr_NormalizeException(&type, &value, &tb);
+    PyObject *r = PyObject_CallFunction(e->note_cb, "sO", stage, value ? value : Py_None);
+    if (r == NULL)
+        PyErr_WriteUnraisable(e->note_cb);
+    Py_XDECREF(r);
+    Py_XDECREF(type);
+    Py_XDECREF(value);
+    Py_XDECREF(tb);
+}
+
+static PyObject *addr_ip(const Addr *a) {
+    char text[INET6_ADDRSTRLEN];
+    const void *raw = a->sa.sa_family == AF_INET6 ? (const void *)&a->v6.sin6_addr : (const void *)&a->v4.sin_addr;
+    if (inet_ntop(a->sa.sa_family, raw, text, sizeof text) == NULL)
+        text[0] = '\0';
+    return PyUnicode_FromString(text);
+}
+
+static int addr_port(const Addr *a) {
+    return ntohs(a->sa.sa_family == AF_INET6 ? a->v6.sin6_port : a->v4.sin_port);
+}
+
+static PyObject *addr_tuple(const Addr *a) {
+    PyObject *ip = addr_ip(a);
+    if (ip == NULL)
+        return NULL;
+    return Py_BuildValue("(Ni)", ip, addr_port(a));
+}
+
+static int parse_addr(PyObject *ip, int port, Addr *out) {
+    const char *text = PyUnicode_AsUTF8(ip);
+    if (text == NULL)
+        return -1;
+    memset(out, 0, sizeof *out);
+    if (strchr(text, ':') != NULL) {
+        out->v6.sin6_family = AF_INET6;
+        out->v6.sin6_port = htons((uint16_t)port);
+        if (inet_pton(AF_INET6, text, &out->v6.sin6_addr) == 1)
+            return 0;
+    } else {
+        out->v4.sin_family = AF_INET;
+        out->v4.sin_port = htons((uint16_t)port);
+        if (inet_pton(AF_INET, text, &out->v4.sin_addr) == 1)
+            return 0;
+    }
+    PyErr_Format(PyExc_ValueError, "not an IP address: %R", ip);
+    return -1;
+}
+
+static socklen_t addr_len(const Addr *a) {
+    return a->sa.sa_family == AF_INET6 ? sizeof(struct sockaddr_in6) : sizeof(struct sockaddr_in);
+}
+
+/* ---- bookkeeping ---- */
+
+static void queue_remove(Engine *e, Conn *c) {
+    if (c->deadline == 0)
+        return;
+    Queue *q = &e->dialing[c->attempt - 1];
+    if (c->dprev)
+        c->dprev->dnext = c->dnext;
+    else
+        q->head = c->dnext;
+    if (c->dnext)
+        c->dnext->dprev = c->dprev;
+    else
+        q->tail = c->dprev;
+    c->dprev = c->dnext = NULL;
+    c->deadline = 0;
+}
+
+static void arm(Engine *e, double when) {
+    if (e->armed != 0 && e->armed <= when)
+        return;
+    struct itimerspec spec;
+    memset(&spec, 0, sizeof spec);
+    spec.it_value.tv_sec = (time_t)when;
+    spec.it_value.tv_nsec = (long)((when - (double)(time_t)when) * 1e9);
+    if (spec.it_value.tv_sec == 0 && spec.it_value.tv_nsec == 0)
+        spec.it_value.tv_nsec = 1;
+    if (timerfd_settime(e->tfd, TFD_TIMER_ABSTIME, &spec, NULL) == 0)
+        e->armed = when;
+}
+
+static void queue_push(Engine *e, Conn *c, double timeout) {
+    Queue *q = &e->dialing[c->attempt - 1];
+    c->deadline = e->now + timeout;
+    c->dnext = NULL;
+    c->dprev = q->tail;
+    if (q->tail)
+        q->tail->dnext = c;
+    else
+        q->head = c;
+    q->tail = c;
+    arm(e, c->deadline);
+}
+
+static void dir_init(Dir *d) {
+    memset(d, 0, sizeof *d);
+    d->pipe_r = d->pipe_w = -1;
+}
+
+static Conn *conn_new(Engine *e) {
+    Conn *c = e->spare;
+    if (c != NULL) {
+        e->spare = c->next;
+        e->nspare--;
+    } else {
+        c = PyMem_RawMalloc(sizeof *c);
+        if (c == NULL)
+            return NULL;
+    }
+    memset(c, 0, sizeof *c);
+    c->fd[CLIENT] = c->fd[UPSTREAM] = -1;
+    for (int i = 0; i < 2; i++) {
+        c->ref[i].kind = i == 0 ? REF_CLIENT : REF_UPSTREAM;
+        c->ref[i].conn = c;
+        dir_init(&c->dir[i]);
+    }
+    c->id = ++e->next_id;
+    c->started = c->last = e->now;
+    c->next = e->all;
+    if (e->all)
+        e->all->prev = c;
+    e->all = c;
+    e->count++;
+    return c;
+}
+
+static void conn_release(Engine *e, Conn *c) {
+    if (e->nspare < 1024) {
+        c->next = e->spare;
+        e->spare = c;
+        e->nspare++;
+    } else {
+        PyMem_RawFree(c);
+    }
+}
+
+static void reset_close(int fd) {
+    struct linger lg = {1, 0};
+    setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
+    close(fd);
+}
+
+static void dir_stop(Dir *d) {
+    d->reading = d->writing = 0;
+    if (d->pipe_r >= 0) {
+        close(d->pipe_r);
+        close(d->pipe_w);
+        d->pipe_r = d->pipe_w = -1;
+    }
+    if (d->pending) {
+        PyMem_RawFree(d->pending);
+        d->pending = NULL;
+    }
+}
+
+static void report(Engine *e, Conn *c, PyObject *cb) {
+    unsigned long long in = c->dir[UP].bytes - c->dir[UP].reported;
+    unsigned long long out = c->dir[DOWN].bytes - c->dir[DOWN].reported;
+    c->dir[UP].reported = c->dir[UP].bytes;
+    c->dir[DOWN].reported = c->dir[DOWN].bytes;
+    PyObject *r = PyObject_CallFunction(cb, "OKK", c->ctx, in, out);
+    if (r == NULL)
+        PyErr_WriteUnraisable(cb);
+    Py_XDECREF(r);
+}
+
+/* End the pair: pipes and buffers released, sockets closed (abort: with a reset), the
+ * caller's ctx told. `keep_fds`: the sockets were handed away (detach): just close ours. */
+static void conn_close(Engine *e, Conn *c, int abort) {
+    if (c->state == CLOSED)
+        return;
+    queue_remove(e, c);
+    for (int i = 0; i < 2; i++)
+        dir_stop(&c->dir[i]);
+    for (int i = 1; i >= 0; i--) {
+        if (c->fd[i] >= 0) {
+            if (abort)
+                reset_close(c->fd[i]);
+            else
+                close(c->fd[i]);
+            c->fd[i] = -1;
+        }
+    }
+    c->state = CLOSED;
+    if (c->prev)
+        c->prev->next = c->next;
+    else
+        e->all = c->next;
+    if (c->next)
+        c->next->prev = c->prev;
+    e->count--;
+    if (c->ctx != NULL) {
+        report(e, c, e->closed_cb);
+        Py_CLEAR(c->ctx);
+    }
+    Py_CLEAR(c->failed);
+    Py_CLEAR(c->target);
+    if (e->in_run) {
+        c->next = e->zombies;
+        e->zombies = c;
+    } else {
+        conn_release(e, c);
+    }
+}
+
+static void conn_fail(Engine *e, Conn *c, int err) {
+    note_errno(e, "relay", err);
+    conn_close(e, c, 0);
+}
+
+/* Bring both sockets' epoll interest in line with what the directions want. */
+static void sync_interest(Engine *e, Conn *c) {
+    if (c->state != OPEN)
+        return;
+    Dir *up = &c->dir[UP], *down = &c->dir[DOWN];
+    uint32_t want[2];
+    want[CLIENT] = (up->reading ? EV_IN_RDHUP : 0) | (down->writing ? EPOLLOUT : 0);
+    want[UPSTREAM] = (down->reading ? EV_IN_RDHUP : 0) | (up->writing ? EPOLLOUT : 0);
+    for (int i = 0; i < 2; i++) {
+        if (c->registered[i] && c->mask[i] == want[i])
+            continue;
+        struct epoll_event ev = {.events = want[i], .data.ptr = &c->ref[i]};
+        int op = c->registered[i] ? EPOLL_CTL_MOD : EPOLL_CTL_ADD;
+        if (epoll_ctl(e->epfd, op, c->fd[i], &ev) < 0) {
+            conn_fail(e, c, errno);
+            return;
+        }
+        c->registered[i] = 1;
+        c->mask[i] = want[i];
+    }
+}
+
+/* ---- moving bytes ---- */
+
+static int other_shut(Conn *c, Dir *d) {
+    return c->dir[d == &c->dir[UP] ? DOWN : UP].shut;
+}
+
+static int src_fd(Conn *c, Dir *d) {
+    return d == &c->dir[UP] ? c->fd[CLIENT] : c->fd[UPSTREAM];
+}
+
+static int dst_fd(Conn *c, Dir *d) {
+    return d == &c->dir[UP] ? c->fd[UPSTREAM] : c->fd[CLIENT];
+}
+
+static void dir_shut(Engine *e, Conn *c, Dir *d) {
+    if (d->shut)
+        return;
+    d->shut = 1;
+    if (other_shut(c, d)) {
+        /* Both directions are done: close() sends this FIN (both receive queues were read
+         * to their EOF, so it is a FIN, not a reset). */
+        conn_close(e, c, 0);
+        return;
+    }
+    if (shutdown(dst_fd(c, d), SHUT_WR) < 0 && errno != ENOTCONN)
+        conn_fail(e, c, errno);
+}
+
+static void dir_ended(Engine *e, Conn *c, Dir *d) {
+    d->eof = 1;
+    d->reading = 0;
+    if (d->pending == NULL && d->in_pipe == 0)
+        dir_shut(e, c, d);
+}
+
+static void wait_for_dst(Dir *d) {
+    d->reading = 0;
+    d->writing = 1;
+}
+
+static void to_splice(Engine *e, Dir *d) {
+    int p[2];
+    if (pipe2(p, O_NONBLOCK | O_CLOEXEC) < 0)
+        return; /* out of fds: keep copying (the next bulk streak tries again) */
+    fcntl(p[1], F_SETPIPE_SZ, e->pipe_size); /* if refused, the default pipe still works */
+    d->pipe_r = p[0];
+    d->pipe_w = p[1];
+    d->small = 0;
+}
+
+static void to_copy(Dir *d) {
+    close(d->pipe_r);
+    close(d->pipe_w);
+    d->pipe_r = d->pipe_w = -1;
+    d->streak = 0;
+}
+
+/* Move what the pipe holds to dst. -1: the pair failed (and is closed). */
+static int flush_pipe(Engine *e, Conn *c, Dir *d) {
+    int dst = dst_fd(c, d);
+    while (d->in_pipe) {
+        ssize_t n = splice(d->pipe_r, NULL, dst, NULL, d->in_pipe, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+        if (n < 0) {
+            if (errno == EAGAIN || errno == EINTR)
+                return 0;
+            conn_fail(e, c, errno);
+            return -1;
+        }
+        d->in_pipe -= (size_t)n;
+    }
+    return 0;
+}
+
+static void splice_in(Engine *e, Conn *c, Dir *d) {
+    int src = src_fd(c, d);
+    for (int i = 0; i < SPLICE_ROUNDS; i++) {
+        ssize_t n = splice(src, NULL, d->pipe_w, NULL, (size_t)e->pipe_size, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+        if (n < 0) {
+            if (errno == EAGAIN || errno == EINTR)
+                break;
+            conn_fail(e, c, errno);
+            return;
+        }
+        if (n == 0) {
+            dir_ended(e, c, d);
+            return;
+        }
+        d->in_pipe += (size_t)n;
+        d->bytes += (unsigned long long)n;
+        c->last = e->now;
+        if (flush_pipe(e, c, d) < 0)
+            return;
+        if (d->in_pipe) {
+            wait_for_dst(d);
+            return;
+        }
+        d->small = splice_round(e, d->small, n);
+        if (d->small >= e->copy_after) {
+            to_copy(d);
+            break;
+        }
+    }
+    d->reading = 1;
+}
+
+/* Move what src has. A read shorter than the buffer drained the socket, unless the peer's
+ * FIN is there too (EPOLLRDHUP): then read on, to see the EOF now. */
+static void dir_readable(Engine *e, Conn *c, Dir *d, uint32_t bits) {
+    if (d->pipe_r >= 0) {
+        splice_in(e, c, d);
+        return;
+    }
+    int src = src_fd(c, d), dst = dst_fd(c, d);
+    for (int i = 0; i < READ_ROUNDS; i++) {
+        ssize_t n = recv(src, buffer, BUFFER_SIZE, MSG_DONTWAIT);
+        if (n < 0) {
+            if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)
+                break;
+            conn_fail(e, c, errno);
+            return;
+        }
+        if (n == 0) {
+            dir_ended(e, c, d);
+            return;
+        }
+        d->bytes += (unsigned long long)n;
+        c->last = e->now;
+        ssize_t sent = 0;
+        while (sent < n) {
+            ssize_t k = send(dst, buffer + sent, (size_t)(n - sent), MSG_DONTWAIT | MSG_NOSIGNAL);
+            if (k < 0) {
+                if (errno == EINTR)
+                    continue;
+                if (errno == EAGAIN || errno == EWOULDBLOCK)
+                    break;
+                conn_fail(e, c, errno);
+                return;
+            }
+            sent += k;
+        }
+        if (sent < n) { /* dst is full: keep the rest, wait for it to drain */
+            d->pending = PyMem_RawMalloc((size_t)(n - sent));
+            if (d->pending == NULL) {
+                conn_fail(e, c, ENOMEM);
+                return;
+            }
+            memcpy(d->pending, buffer + sent, (size_t)(n - sent));
+            d->pending_len = (size_t)(n - sent);
+            d->pending_off = 0;
+            d->streak = 0;
+            wait_for_dst(d);
+            return;
+        }
+        if (n >= e->bulk_read || d->streak) {
+            long streak = copy_read(e, d->streak, n);
+            if (streak == SPLICE_NOW) {
+                d->streak = 0;
+                to_splice(e, d);
+                break;
+            }
+            d->streak = streak;
+        }
+        if (n < BUFFER_SIZE && !(bits & EPOLLRDHUP))
+            break;
+    }
+    d->reading = 1;
+}
+
+static void dir_writable(Engine *e, Conn *c, Dir *d) {
+    if (d->pipe_r >= 0 && d->in_pipe) {
+        if (flush_pipe(e, c, d) < 0 || d->in_pipe)
+            return;
+    } else if (d->pending != NULL) {
+        int dst = dst_fd(c, d);
+        while (d->pending_off < d->pending_len) {
+            ssize_t k = send(dst, d->pending + d->pending_off, d->pending_len - d->pending_off,
+                             MSG_DONTWAIT | MSG_NOSIGNAL);
+            if (k < 0) {
+                if (errno == EINTR)
+                    continue;
+                if (errno == EAGAIN || errno == EWOULDBLOCK)
+                    return;
+                conn_fail(e, c, errno);
+                return;
+            }
+            d->pending_off += (size_t)k;
+        }
+        PyMem_RawFree(d->pending);
+        d->pending = NULL;
+    }
+    d->writing = 0;
+    if (d->eof)
+        dir_shut(e, c, d);
+    else
+        d->reading = 1;
+}
+
+/* ---- dialing ---- */
+
+static void conn_connected(Engine *e, Conn *c);
+static void dial_failed(Engine *e, Conn *c, int err);
+
+static void refuse(Engine *e, Conn *c) {
+    conn_close(e, c, 1);
+}
+
+/* Dial what `target` (ip, port, transparent, ctx) names: attempt c->attempt + 1. */
+static void dial(Engine *e, Conn *c, PyObject *target) {
+    PyObject *ip = PyTuple_GET_ITEM(target, 0);
+    int port = (int)PyLong_AsLong(PyTuple_GET_ITEM(target, 1));
+    int transparent = PyObject_IsTrue(PyTuple_GET_ITEM(target, 2));
+    if (PyErr_Occurred() || parse_addr(ip, port, &c->endpoint) < 0) {
+        note_exception(e, "internal");
+        refuse(e, c);
+        return;
+    }
+    Py_XSETREF(c->target, Py_NewRef(target));
+    c->transparent = transparent;
+    c->attempt++;
+    int family = c->endpoint.sa.sa_family;
+    int fd = socket(family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0) { /* out of file descriptors, say: not the endpoint's fault */
+        note_errno(e, "upstream", errno);
+        refuse(e, c);
+        return;
+    }
+    int one = 1;
+    if (family == AF_INET6)
+        setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof one);
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    if (transparent) {
+        Addr source = c->client;
+        int ok;
+        if (family == AF_INET6) {
+            source.v6.sin6_port = 0;
+            ok = setsockopt(fd, IPPROTO_IPV6, IPV6_TRANSPARENT, &one, sizeof one) == 0;
+        } else {
+            source.v4.sin_port = 0;
+            ok = setsockopt(fd, SOL_IP, IP_TRANSPARENT, &one, sizeof one) == 0;
+        }
+        ok = ok && setsockopt(fd, SOL_IP, IP_BIND_ADDRESS_NO_PORT, &one, sizeof one) == 0;
+        ok = ok && source.sa.sa_family == family && bind(fd, &source.sa, addr_len(&source)) == 0;
+        if (!ok) {
+            int err = source.sa.sa_family == family ? errno : EAFNOSUPPORT;
+            close(fd);
+            note_errno(e, "upstream", err);
+            refuse(e, c);
+            return;
+        }
+    }
+    c->fd[UPSTREAM] = fd;
+    c->registered[UPSTREAM] = 0;
+    if (connect(fd, &c->endpoint.sa, addr_len(&c->endpoint)) == 0) {
+        conn_connected(e, c);
+        return;
+    }
+    if (errno != EINPROGRESS) {
+        dial_failed(e, c, errno);
+        return;
+    }
+    struct epoll_event ev = {.events = EPOLLOUT, .data.ptr = &c->ref[UPSTREAM]};
+    if (epoll_ctl(e->epfd, EPOLL_CTL_ADD, fd, &ev) < 0) {
+        note_errno(e, "upstream", errno);
+        refuse(e, c);
+        return;
+    }
+    c->registered[UPSTREAM] = 1;
+    c->mask[UPSTREAM] = EPOLLOUT;
+    int slot = c->attempt - 1 < e->ntimeouts ? c->attempt - 1 : e->ntimeouts - 1;
+    queue_push(e, c, e->timeouts[slot]);
+    if (c->attempt >= 2 && !c->registered[CLIENT]) {
+        /* A slow endpoint: watch the client for errors and hang-ups meanwhile, so a client
+         * that gives up ends the attempt too (the first attempt is short enough unwatched). */
+        struct epoll_event cev = {.events = 0, .data.ptr = &c->ref[CLIENT]};
+        if (epoll_ctl(e->epfd, EPOLL_CTL_ADD, c->fd[CLIENT], &cev) == 0) {
+            c->registered[CLIENT] = 1;
+            c->mask[CLIENT] = 0;
+        }
+    }
+}
+
+static void dial_failed(Engine *e, Conn *c, int err) {
+    queue_remove(e, c);
+    if (c->fd[UPSTREAM] >= 0) {
+        close(c->fd[UPSTREAM]);
+        c->fd[UPSTREAM] = -1;
+        c->registered[UPSTREAM] = 0;
+    }
+    if (c->failed == NULL && (c->failed = PyList_New(0)) == NULL) {
+        note_exception(e, "internal");
+        refuse(e, c);
+        return;
+    }
+    PyObject *tried = PyTuple_GetSlice(c->target, 0, 2);
+    if (tried == NULL || PyList_Append(c->failed, tried) < 0) {
+        Py_XDECREF(tried);
+        note_exception(e, "internal");
+        refuse(e, c);
+        return;
+    }
+    Py_DECREF(tried);
+    PyObject *cip = addr_ip(&c->client), *dip = addr_ip(&c->frontend);
+    PyObject *next = NULL;
+    if (cip != NULL && dip != NULL)
+        next = PyObject_CallFunction(e->redial, "OOiOiOii", c->ctx, cip, addr_port(&c->client), dip,
+                                     addr_port(&c->frontend), c->failed, err, c->attempt);
+    Py_XDECREF(cip);
+    Py_XDECREF(dip);
+    if (next == NULL) {
+        note_exception(e, "internal");
+        refuse(e, c);
+        return;
+    }
+    if (next == Py_None || !PyTuple_Check(next) || PyTuple_GET_SIZE(next) < 3) {
+        Py_DECREF(next);
+        refuse(e, c);
+        return;
+    }
+    dial(e, c, next);
+    Py_DECREF(next);
+}
+
+static void conn_connected(Engine *e, Conn *c) {
+    queue_remove(e, c);
+    c->state = OPEN;
+    if (e->splice_after == 0) {
+        to_splice(e, &c->dir[UP]);
+        to_splice(e, &c->dir[DOWN]);
+    }
+    c->dir[DOWN].reading = 1;
+    /* the client's request is usually there already: no wait for a wake-up */
+    dir_readable(e, c, &c->dir[UP], 0);
+    if (c->state == OPEN)
+        sync_interest(e, c);
+}
+
+static void dial_done(Engine *e, Conn *c, uint32_t bits) {
+    if (!(bits & (EPOLLOUT | EV_ERR_HUP)))
+        return;
+    if (bits & EV_ERR_HUP) {
+        int err = 0;
+        socklen_t len = sizeof err;
+        getsockopt(c->fd[UPSTREAM], SOL_SOCKET, SO_ERROR, &err, &len);
+        dial_failed(e, c, err ? err : ECONNREFUSED);
+        return;
+    }
+    conn_connected(e, c);
+}
+
+/* ---- accepting ---- */
+
+static void serve(Engine *e, int fd, Addr *client) {
+    Addr local;
+    socklen_t len = sizeof local;
+    if (getsockname(fd, &local.sa, &len) < 0) {
+        note_errno(e, "client", errno);
+        close(fd);
+        return;
+    }
+    PyObject *cip = addr_ip(client), *dip = addr_ip(&local);
+    PyObject *target = NULL;
+    if (cip != NULL && dip != NULL)
+        target = PyObject_CallFunction(e->decide, "OiOi", cip, addr_port(client), dip, addr_port(&local));
+    Py_XDECREF(cip);
+    Py_XDECREF(dip);
+    if (target == NULL) {
+        note_exception(e, "internal");
+        reset_close(fd);
+        return;
+    }
+    if (target == Py_None) {
+        Py_DECREF(target);
+        reset_close(fd);
+        return;
+    }
+    if (!PyTuple_Check(target) || PyTuple_GET_SIZE(target) != 4) {
+        PyErr_Format(PyExc_TypeError, "decide() must return None or (ip, port, transparent, ctx), not %R", target);
+        Py_DECREF(target);
+        note_exception(e, "internal");
+        reset_close(fd);
+        return;
+    }
+    Conn *c = conn_new(e);
+    if (c == NULL) {
+        Py_DECREF(target);
+        note_errno(e, "upstream", ENOMEM);
+        reset_close(fd);
+        return;
+    }
+    c->fd[CLIENT] = fd;
+    c->client = *client;
+    c->frontend = local;
+    c->ctx = Py_NewRef(PyTuple_GET_ITEM(target, 3));
+    dial(e, c, target);
+    Py_DECREF(target);
+}
+
+static void pause_listener(Engine *e, Listener *l) {
+    struct epoll_event ev = {.events = 0, .data.ptr = &l->ref};
+    epoll_ctl(e->epfd, EPOLL_CTL_MOD, l->fd, &ev);
+    l->paused = 1;
+    l->resume_at = e->now + ACCEPT_PAUSE;
+    arm(e, l->resume_at);
+}
+
+static void accept_batch(Engine *e, Listener *l) {
+    for (int i = 0; i < ACCEPT_BATCH; i++) {
+        Addr client;
+        socklen_t len = sizeof client;
+        int fd = accept4(l->fd, &client.sa, &len, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (fd < 0) {
+            if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)
+                return;
+            if (errno == ECONNABORTED || errno == EPROTO)
+                continue;
+            note_errno(e, "accept", errno); /* EMFILE, ENFILE, ENOBUFS: leave the rest queued */
+            pause_listener(e, l);
+            return;
+        }
+        if (e->draining) {
+            reset_close(fd);
+            continue;
+        }
+        serve(e, fd, &client);
+    }
+}
+
+/* ---- the timer: dial deadlines and paused listeners ---- */
+
+static int client_gone(Conn *c) {
+    struct pollfd p = {.fd = c->fd[CLIENT], .events = 0};
+    return poll(&p, 1, 0) == 1 && p.revents & (POLLERR | POLLHUP);
+}
+
+static void on_timer(Engine *e) {
+    uint64_t ticks;
+    if (read(e->tfd, &ticks, sizeof ticks) < 0 && errno != EAGAIN)
+        return;
+    e->armed = 0;
+    for (int q = 0; q < e->ntimeouts; q++) {
+        /* each queue is in deadline order: one timeout per attempt */
+        for (int bound = 0; bound < 1 << 20; bound++) {
+            Conn *c = e->dialing[q].head;
+            if (c == NULL || c->deadline > e->now)
+                break;
+            if (client_gone(c)) { /* it reset while we dialed (the first attempt is unwatched) */
+                note_errno(e, "client-dial", ECONNRESET);
+                conn_close(e, c, 1);
+                continue;
+            }
+            dial_failed(e, c, 0);
+        }
+    }
+    double next = 0;
+    for (int q = 0; q < e->ntimeouts; q++) {
+        Conn *c = e->dialing[q].head;
+        if (c != NULL && (next == 0 || c->deadline < next))
+            next = c->deadline;
+    }
+    for (int i = 0; i < e->nlisteners; i++) {
+        Listener *l = &e->listeners[i];
+        if (l->fd < 0 || !l->paused)
+            continue;
+        if (l->resume_at <= e->now) {
+            struct epoll_event ev = {.events = EPOLLIN, .data.ptr = &l->ref};
+            epoll_ctl(e->epfd, EPOLL_CTL_MOD, l->fd, &ev);
+            l->paused = 0;
+        } else if (next == 0 || l->resume_at < next) {
+            next = l->resume_at;
+        }
+    }
+    if (next != 0)
+        arm(e, next);
+}
+
+/* ---- events ---- */
+
+static void on_conn_event(Engine *e, Conn *c, int side, uint32_t bits) {
+    if (c->state == CLOSED)
+        return;
+    if (c->state == DIALING) {
+        if (side == UPSTREAM) {
+            dial_done(e, c, bits);
+        } else if (bits & EV_ERR_HUP) {
+            note_errno(e, "client-dial", ECONNRESET);
+            conn_close(e, c, 1);
+        }
+        return;
+    }
+    Dir *reader = &c->dir[side == CLIENT ? UP : DOWN];
+    Dir *writer = &c->dir[side == CLIENT ? DOWN : UP];
+    if (!reader->reading && !writer->writing) {
+        /* an error or hang-up on a socket nobody waits on: fail, or stop it spinning */
+        if (bits & EPOLLERR) {
+            conn_fail(e, c, ECONNRESET);
+        } else if (bits & EPOLLHUP && c->registered[side]) {
+            epoll_ctl(e->epfd, EPOLL_CTL_DEL, c->fd[side], NULL);
+            c->registered[side] = 0;
+            c->mask[side] = 0;
+        }
+        return;
+    }
+    if (reader->reading && bits & (EV_IN_RDHUP | EV_ERR_HUP))
+        dir_readable(e, c, reader, bits);
+    if (c->state == OPEN && writer->writing && bits & (EPOLLOUT | EV_ERR_HUP))
+        dir_writable(e, c, writer);
+    if (c->state == OPEN)
+        sync_interest(e, c);
+}
+
+static int check_open(Engine *e);
+
+static PyObject *Engine_run(Engine *e, PyObject *const *args, Py_ssize_t nargs) {
+    /* run() handles what is ready now (the event loop's reader callback); run(ms) first waits
+     * up to ms for something, with the GIL released (for a loop of its own: bench.relayrig). */
+    int timeout = 0;
+    if (nargs > 1 || (nargs == 1 && ((timeout = (int)PyLong_AsLong(args[0])) == -1 && PyErr_Occurred()))) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_TypeError, "run([timeout_ms])");
+        return NULL;
+    }
+    if (check_open(e) < 0)
+        return NULL;
+    struct epoll_event events[MAX_EVENTS];
+    int n;
+    if (timeout == 0) {
+        n = epoll_wait(e->epfd, events, MAX_EVENTS, 0);
+    } else {
+        Py_BEGIN_ALLOW_THREADS n = epoll_wait(e->epfd, events, MAX_EVENTS, timeout);
+        Py_END_ALLOW_THREADS
+    }
+    if (n < 0) {
+        if (errno == EINTR)
+            Py_RETURN_NONE;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    e->now = monotonic();
+    e->in_run = 1;
+    for (int i = 0; i < n; i++) {
+        Ref *ref = events[i].data.ptr;
+        switch (ref->kind) {
+        case REF_CLIENT:
+            on_conn_event(e, ref->conn, CLIENT, events[i].events);
+            break;
+        case REF_UPSTREAM:
+            on_conn_event(e, ref->conn, UPSTREAM, events[i].events);
+            break;
+        case REF_LISTENER:
+            if (e->listeners[ref->index].fd >= 0 && !e->listeners[ref->index].paused)
+                accept_batch(e, &e->listeners[ref->index]);
+            break;
+        case REF_TIMER:
+            on_timer(e);
+            break;
+        }
+    }
+    e->in_run = 0;
+    while (e->zombies) {
+        Conn *c = e->zombies;
+        e->zombies = c->next;
+        conn_release(e, c);
+    }
+    Py_RETURN_NONE;
+}
+
+/* ---- the Python face ---- */
+
+static int Engine_init(Engine *e, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"decide", "redial", "closed", "moved", "note", "dial_timeouts",
+                             "splice_after", "bulk_read", "copy_after", "pipe_size", NULL};
+    PyObject *decide, *redial, *closed, *moved, *note, *timeouts;
+    long splice_after, bulk_read, copy_after;
+    int pipe_size;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOOOllli", kwlist, &decide, &redial, &closed, &moved, &note,
+                                     &timeouts, &splice_after, &bulk_read, &copy_after, &pipe_size))
+        return -1;
+    PyObject *seq = PySequence_Fast(timeouts, "dial_timeouts must be a sequence");
+    if (seq == NULL)
+        return -1;
+    Py_ssize_t k = PySequence_Fast_GET_SIZE(seq);
+    if (k < 1 || k > MAX_TIMEOUTS) {
+        Py_DECREF(seq);
+        PyErr_Format(PyExc_ValueError, "dial_timeouts: 1 to %d timeouts, not %zd", MAX_TIMEOUTS, k);
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < k; i++) {
+        e->timeouts[i] = PyFloat_AsDouble(PySequence_Fast_GET_ITEM(seq, i));
+        if (PyErr_Occurred()) {
+            Py_DECREF(seq);
+            return -1;
+        }
+    }
+    Py_DECREF(seq);
+    if (bulk_read <= 0 || copy_after <= 0 || pipe_size <= 0) {
+        PyErr_SetString(PyExc_ValueError, "bulk_read, copy_after and pipe_size must be positive");
+        return -1;
+    }
+    if (e->epfd >= 0) {
+        PyErr_SetString(PyExc_RuntimeError, "Engine is already initialised");
+        return -1;
+    }
+    e->ntimeouts = (int)k;
+    e->splice_after = splice_after;
+    e->bulk_read = bulk_read;
+    e->copy_after = copy_after;
+    e->pipe_size = pipe_size;
+    e->decide = Py_NewRef(decide);
+    e->redial = Py_NewRef(redial);
+    e->closed_cb = Py_NewRef(closed);
+    e->moved_cb = Py_NewRef(moved);
+    e->note_cb = Py_NewRef(note);
+    e->epfd = epoll_create1(EPOLL_CLOEXEC);
+    if (e->epfd < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    e->tfd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
+    if (e->tfd < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    e->timer_ref.kind = REF_TIMER;
+    struct epoll_event ev = {.events = EPOLLIN, .data.ptr = &e->timer_ref};
+    if (epoll_ctl(e->epfd, EPOLL_CTL_ADD, e->tfd, &ev) < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    e->now = monotonic();
+    return 0;
+}
+
+static PyObject *Engine_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
+    Engine *e = (Engine *)type->tp_alloc(type, 0);
+    if (e != NULL)
+        e->epfd = e->tfd = -1;
+    return (PyObject *)e;
+}
+
+static void close_all(Engine *e, int abort) {
+    for (Py_ssize_t bound = e->count + 1; e->all != NULL && bound > 0; bound--)
+        conn_close(e, e->all, abort);
+}
+
+static void Engine_dealloc(Engine *e) {
+    close_all(e, 1);
+    while (e->spare) {
+        Conn *c = e->spare;
+        e->spare = c->next;
+        PyMem_RawFree(c);
+    }
+    if (e->tfd >= 0)
+        close(e->tfd);
+    if (e->epfd >= 0)
+        close(e->epfd);
+    Py_XDECREF(e->decide);
+    Py_XDECREF(e->redial);
+    Py_XDECREF(e->closed_cb);
+    Py_XDECREF(e->moved_cb);
+    Py_XDECREF(e->note_cb);
+    Py_TYPE(e)->tp_free((PyObject *)e);
+}
+
+static int check_open(Engine *e) {
+    if (e->epfd < 0) {
+        PyErr_SetString(PyExc_ValueError, "the engine is closed");
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *Engine_fileno(Engine *e, PyObject *unused) {
+    if (check_open(e) < 0)
+        return NULL;
+    return PyLong_FromLong(e->epfd);
+}
+
+static PyObject *Engine_add_listener(Engine *e, PyObject *arg) {
+    int fd = (int)PyLong_AsLong(arg);
+    if (PyErr_Occurred() || check_open(e) < 0)
+        return NULL;
+    int slot = -1;
+    for (int i = 0; i < e->nlisteners; i++)
+        if (e->listeners[i].fd < 0)
+            slot = i;
+    if (slot < 0) {
+        if (e->nlisteners == MAX_LISTENERS) {
+            PyErr_SetString(PyExc_ValueError, "too many listeners");
+            return NULL;
+        }
+        slot = e->nlisteners++;
+    }
+    Listener *l = &e->listeners[slot];
+    l->fd = fd;
+    l->paused = 0;
+    l->ref.kind = REF_LISTENER;
+    l->ref.index = slot;
+    struct epoll_event ev = {.events = EPOLLIN, .data.ptr = &l->ref};
+    if (epoll_ctl(e->epfd, EPOLL_CTL_ADD, fd, &ev) < 0) {
+        l->fd = -1;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *Engine_remove_listener(Engine *e, PyObject *arg) {
+    int fd = (int)PyLong_AsLong(arg);
+    if (PyErr_Occurred())
+        return NULL;
+    for (int i = 0; i < e->nlisteners; i++) {
+        if (e->listeners[i].fd == fd) {
+            if (e->epfd >= 0)
+                epoll_ctl(e->epfd, EPOLL_CTL_DEL, fd, NULL);
+            e->listeners[i].fd = -1;
+        }
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *Engine_sweep(Engine *e, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "sweep(idle_timeout, half_close_timeout)");
+        return NULL;
+    }
+    double idle = PyFloat_AsDouble(args[0]), half = PyFloat_AsDouble(args[1]);
+    if (PyErr_Occurred())
+        return NULL;
+    e->now = monotonic();
+    long closed = 0;
+    Conn *c = e->all;
+    for (Py_ssize_t bound = e->count + 1; c != NULL && bound > 0; bound--) {
+        Conn *next = c->next;
+        if (c->state == OPEN) {
+            double limit = c->dir[UP].eof || c->dir[DOWN].eof ? half : idle;
+            if (e->now - c->last >= limit) {
+                conn_close(e, c, 1);
+                closed++;
+            }
+        }
+        c = next;
+    }
+    return PyLong_FromLong(closed);
+}
+
+static PyObject *Engine_flush(Engine *e, PyObject *unused) {
+    for (Conn *c = e->all; c != NULL; c = c->next)
+        if (c->dir[UP].bytes != c->dir[UP].reported || c->dir[DOWN].bytes != c->dir[DOWN].reported)
+            report(e, c, e->moved_cb);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Engine_close_all(Engine *e, PyObject *arg) {
+    int abort = PyObject_IsTrue(arg);
+    if (abort < 0)
+        return NULL;
+    close_all(e, abort);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Engine_close_pair(Engine *e, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "close_pair(id, abort)");
+        return NULL;
+    }
+    unsigned long long id = PyLong_AsUnsignedLongLong(args[0]);
+    int abort = PyObject_IsTrue(args[1]);
+    if (PyErr_Occurred())
+        return NULL;
+    for (Conn *c = e->all; c != NULL; c = c->next)
+        if (c->id == id) {
+            conn_close(e, c, abort);
+            break;
+        }
+    Py_RETURN_NONE;
+}
+
+static PyObject *Engine_set_draining(Engine *e, PyObject *arg) {
+    int on = PyObject_IsTrue(arg);
+    if (on < 0)
+        return NULL;
+    e->draining = on;
+    Py_RETURN_NONE;
+}
+
+static PyObject *dir_state(Dir *d) {
+    PyObject *held = d->pending ? PyBytes_FromStringAndSize(d->pending + d->pending_off,
+                                                            (Py_ssize_t)(d->pending_len - d->pending_off))
+                                : PyBytes_FromStringAndSize(NULL, 0);
+    if (held == NULL)
+        return NULL;
+    return Py_BuildValue("(OONOn)", d->eof ? Py_True : Py_False, d->shut ? Py_True : Py_False, held,
+                         d->pipe_r >= 0 ? Py_True : Py_False, (Py_ssize_t)d->in_pipe);
+}
+
+/* (id, ctx, client, frontend, endpoint | None, bytes_in, bytes_out, started, last, up_eof, down_eof) */
+static PyObject *conn_info(Conn *c) {
+    PyObject *client = addr_tuple(&c->client), *frontend = addr_tuple(&c->frontend);
+    PyObject *endpoint = c->state == OPEN ? addr_tuple(&c->endpoint) : Py_NewRef(Py_None);
+    if (client == NULL || frontend == NULL || endpoint == NULL) {
+        Py_XDECREF(client);
+        Py_XDECREF(frontend);
+        Py_XDECREF(endpoint);
+        return NULL;
+    }
+    return Py_BuildValue("(KONNNKKddOO)", c->id, c->ctx, client, frontend, endpoint, c->dir[UP].bytes,
+                         c->dir[DOWN].bytes, c->started, c->last, c->dir[UP].eof ? Py_True : Py_False,
+                         c->dir[DOWN].eof ? Py_True : Py_False);
+}
+
+static PyObject *Engine_connections(Engine *e, PyObject *unused) {
+    PyObject *out = PyList_New(0);
+    if (out == NULL)
+        return NULL;
+    for (Conn *c = e->all; c != NULL; c = c->next) {
+        PyObject *info = conn_info(c);
+        if (info == NULL || PyList_Append(out, info) < 0) {
+            Py_XDECREF(info);
+            Py_DECREF(out);
+            return NULL;
+        }
+        Py_DECREF(info);
+    }
+    return out;
+}
+
+static PyObject *Engine_ids(Engine *e, PyObject *unused) {
+    PyObject *out = PyList_New(0);
+    if (out == NULL)
+        return NULL;
+    for (Conn *c = e->all; c != NULL; c = c->next) {
+        PyObject *id = PyLong_FromUnsignedLongLong(c->id);
+        if (id == NULL || PyList_Append(out, id) < 0) {
+            Py_XDECREF(id);
+            Py_DECREF(out);
+            return NULL;
+        }
+        Py_DECREF(id);
+    }
+    return out;
+}
+
+/* Every established pair leaves: [(info, up_state, down_state, [fds])] with dups of its sockets
+ * and pipes (client, upstream, then each direction's pipe read and write ends, up first). The
+ * pairs end here without a FIN or reset: the kernel objects live on in the dups. */
+static PyObject *Engine_detach(Engine *e, PyObject *unused) {
+    PyObject *out = PyList_New(0);
+    if (out == NULL)
+        return NULL;
+    e->now = monotonic();
+    Conn *c = e->all;
+    for (Py_ssize_t bound = e->count + 1; c != NULL && bound > 0; bound--) {
+        Conn *next = c->next;
+        if (c->state != OPEN) {
+            c = next;
+            continue;
+        }
+        int owned[6], n = 0;
+        owned[n++] = c->fd[CLIENT];
+        owned[n++] = c->fd[UPSTREAM];
+        for (int i = 0; i < 2; i++)
+            if (c->dir[i].pipe_r >= 0) {
+                owned[n++] = c->dir[i].pipe_r;
+                owned[n++] = c->dir[i].pipe_w;
+            }
+        PyObject *fds = PyList_New(0);
+        int ok = fds != NULL;
+        for (int i = 0; ok && i < n; i++) {
+            int dup_fd = fcntl(owned[i], F_DUPFD_CLOEXEC, 0);
+            PyObject *num = dup_fd < 0 ? NULL : PyLong_FromLong(dup_fd);
+            if (dup_fd < 0)
+                PyErr_SetFromErrno(PyExc_OSError);
+            if (num == NULL || PyList_Append(fds, num) < 0) {
+                if (dup_fd >= 0)
+                    close(dup_fd);
+                ok = 0;
+            }
+            Py_XDECREF(num);
+        }
+        PyObject *info = ok ? conn_info(c) : NULL;
+        PyObject *up = info ? dir_state(&c->dir[UP]) : NULL;
+        PyObject *down = up ? dir_state(&c->dir[DOWN]) : NULL;
+        PyObject *item = down ? PyTuple_Pack(4, info, up, down, fds) : NULL;
+        Py_XDECREF(info);
+        Py_XDECREF(up);
+        Py_XDECREF(down);
+        if (item == NULL || PyList_Append(out, item) < 0) {
+            Py_XDECREF(item);
+            if (fds != NULL)
+                for (Py_ssize_t i = 0; i < PyList_GET_SIZE(fds); i++)
+                    close((int)PyLong_AsLong(PyList_GET_ITEM(fds, i)));
+            Py_XDECREF(fds);
+            Py_DECREF(out);
+            return NULL;
+        }
+        Py_DECREF(item);
+        Py_DECREF(fds);
+        for (int i = 0; i < 2; i++) /* out of the epoll set: closing our fd would not take it out */
+            if (c->registered[i])
+                epoll_ctl(e->epfd, EPOLL_CTL_DEL, c->fd[i], NULL);
+        conn_close(e, c, 0);
+        c = next;
+    }
+    return out;
+}
+
+static int restore_dir(Dir *d, PyObject *state, int pipe_r, int pipe_w) {
+    /* state: (eof, shut, held: bytes, pipe: bool, in_pipe: int) */
+    int eof = PyObject_IsTrue(PyTuple_GET_ITEM(state, 0));
+    int shut = PyObject_IsTrue(PyTuple_GET_ITEM(state, 1));
+    PyObject *held = PyTuple_GET_ITEM(state, 2);
+    Py_ssize_t in_pipe = PyLong_AsSsize_t(PyTuple_GET_ITEM(state, 4));
+    if (eof < 0 || shut < 0 || !PyBytes_Check(held) || in_pipe < 0 || PyErr_Occurred()) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_ValueError, "bad direction state");
+        return -1;
+    }
+    d->eof = eof;
+    d->shut = shut;
+    Py_ssize_t len = PyBytes_GET_SIZE(held);
+    if (len > 0) {
+        d->pending = PyMem_RawMalloc((size_t)len);
+        if (d->pending == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        memcpy(d->pending, PyBytes_AS_STRING(held), (size_t)len);
+        d->pending_len = (size_t)len;
+    }
+    d->pipe_r = pipe_r;
+    d->pipe_w = pipe_w;
+    d->in_pipe = pipe_r >= 0 ? (size_t)in_pipe : 0;
+    return 0;
+}
+
+/* adopt(ctx, fds, client, frontend, endpoint, age, idle, bytes_in, bytes_out, up, down):
+ * go on relaying a pair another process detached; the engine owns `fds` from here on. */
+static PyObject *Engine_adopt(Engine *e, PyObject *args) {
+    PyObject *ctx, *fds, *client, *frontend, *endpoint, *up, *down;
+    double age, idle;
+    unsigned long long bin, bout;
+    if (!PyArg_ParseTuple(args, "OO!O!O!O!ddKKO!O!", &ctx, &PyList_Type, &fds, &PyTuple_Type, &client,
+                          &PyTuple_Type, &frontend, &PyTuple_Type, &endpoint, &age, &idle, &bin, &bout,
+                          &PyTuple_Type, &up, &PyTuple_Type, &down))
+        return NULL;
+    if (PyTuple_GET_SIZE(up) != 5 || PyTuple_GET_SIZE(down) != 5) {
+        PyErr_SetString(PyExc_ValueError, "direction states are 5-tuples");
+        return NULL;
+    }
+    int up_pipe = PyObject_IsTrue(PyTuple_GET_ITEM(up, 3)), down_pipe = PyObject_IsTrue(PyTuple_GET_ITEM(down, 3));
+    Py_ssize_t nfds = PyList_GET_SIZE(fds);
+    if (up_pipe < 0 || down_pipe < 0 || nfds != 2 + 2 * up_pipe + 2 * down_pipe) {
+        PyErr_SetString(PyExc_ValueError, "fd count does not match the pipes");
+        return NULL;
+    }
+    int fd[6];
+    for (Py_ssize_t i = 0; i < nfds; i++) {
+        fd[i] = (int)PyLong_AsLong(PyList_GET_ITEM(fds, i));
+        if (PyErr_Occurred())
+            return NULL;
+    }
+    /* from here on the fds are the engine's: closed (sockets reset) on any failure */
+    Addr a_client, a_frontend, a_endpoint;
+    Conn *c = NULL;
+    if (PyTuple_GET_SIZE(client) != 2 || PyTuple_GET_SIZE(frontend) != 2 || PyTuple_GET_SIZE(endpoint) != 2) {
+        PyErr_SetString(PyExc_ValueError, "addresses are (ip, port)");
+    } else if (parse_addr(PyTuple_GET_ITEM(client, 0), (int)PyLong_AsLong(PyTuple_GET_ITEM(client, 1)), &a_client) < 0 ||
+               parse_addr(PyTuple_GET_ITEM(frontend, 0), (int)PyLong_AsLong(PyTuple_GET_ITEM(frontend, 1)),
+                          &a_frontend) < 0 ||
+               parse_addr(PyTuple_GET_ITEM(endpoint, 0), (int)PyLong_AsLong(PyTuple_GET_ITEM(endpoint, 1)),
+                          &a_endpoint) < 0) {
+    } else if (check_open(e) == 0) {
+        e->now = monotonic();
+        c = conn_new(e);
+        if (c == NULL)
+            PyErr_NoMemory();
+    }
+    if (c == NULL) {
+        for (Py_ssize_t i = 0; i < nfds; i++)
+            if (i < 2)
+                reset_close(fd[i]);
+            else
+                close(fd[i]);
+        return NULL;
+    }
+    c->fd[CLIENT] = fd[0];
+    c->fd[UPSTREAM] = fd[1];
+    c->client = a_client;
+    c->frontend = a_frontend;
+    c->endpoint = a_endpoint;
+    c->started = e->now - age;
+    c->last = e->now - idle;
+    c->ctx = Py_NewRef(ctx);
+    c->state = OPEN;
+    c->dir[UP].bytes = c->dir[UP].reported = bin;
+    c->dir[DOWN].bytes = c->dir[DOWN].reported = bout;
+    int next = 2;
+    int up_r = up_pipe ? fd[next] : -1, up_w = up_pipe ? fd[next + 1] : -1;
+    next += 2 * up_pipe;
+    int down_r = down_pipe ? fd[next] : -1, down_w = down_pipe ? fd[next + 1] : -1;
+    if (restore_dir(&c->dir[UP], up, up_r, up_w) < 0 || restore_dir(&c->dir[DOWN], down, down_r, down_w) < 0) {
+        if (c->dir[UP].pipe_r < 0 && up_r >= 0) { /* not taken up by its direction: close it here */
+            close(up_r);
+            close(up_w);
+        }
+        if (c->dir[DOWN].pipe_r < 0 && down_r >= 0) {
+            close(down_r);
+            close(down_w);
+        }
+        Py_CLEAR(c->ctx); /* the caller counts this failure: no closed() report */
+        conn_close(e, c, 1);
+        return NULL;
+    }
+    /* go on where the old process stopped: write what is held, forward an EOF, or read */
+    for (int i = 0; i < 2 && c->state == OPEN; i++) {
+        Dir *d = &c->dir[i];
+        if (d->pending != NULL || d->in_pipe)
+            wait_for_dst(d);
+        else if (d->eof)
+            dir_shut(e, c, d);
+        else
+            d->reading = 1;
+    }
+    sync_interest(e, c);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Engine_close(Engine *e, PyObject *unused) {
+    close_all(e, 1);
+    if (e->tfd >= 0)
+        close(e->tfd);
+    if (e->epfd >= 0)
+        close(e->epfd);
+    e->tfd = e->epfd = -1;
+    e->nlisteners = 0;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Engine_get_count(Engine *e, void *unused) {
+    return PyLong_FromSsize_t(e->count);
+}
+
+static PyMethodDef engine_methods[] = {
+    {"fileno", (PyCFunction)Engine_fileno, METH_NOARGS, "the epoll fd the event loop watches"},
+    {"run", (PyCFunction)(void (*)(void))Engine_run, METH_FASTCALL,
+     "run([timeout_ms]): handle every ready event (the loop's reader callback), waiting first if asked"},
+    {"add_listener", (PyCFunction)Engine_add_listener, METH_O, "accept on this listening fd"},
+    {"remove_listener", (PyCFunction)Engine_remove_listener, METH_O, "stop accepting on this fd"},
+    {"sweep", (PyCFunction)(void (*)(void))Engine_sweep, METH_FASTCALL,
+     "sweep(idle, half_close): reset pairs idle past their bound; how many"},
+    {"flush", (PyCFunction)Engine_flush, METH_NOARGS, "report the bytes open pairs moved since the last report"},
+    {"close_all", (PyCFunction)Engine_close_all, METH_O, "close_all(abort): end every pair"},
+    {"close_pair", (PyCFunction)(void (*)(void))Engine_close_pair, METH_FASTCALL, "close_pair(id, abort)"},
+    {"set_draining", (PyCFunction)Engine_set_draining, METH_O, "reset new connections from now on"},
+    {"connections", (PyCFunction)Engine_connections, METH_NOARGS, "a tuple per open pair"},
+    {"ids", (PyCFunction)Engine_ids, METH_NOARGS, "the ids of the open pairs"},
+    {"detach", (PyCFunction)Engine_detach, METH_NOARGS, "hand every established pair out"},
+    {"adopt", (PyCFunction)Engine_adopt, METH_VARARGS, "take up a pair another process detached"},
+    {"close", (PyCFunction)Engine_close, METH_NOARGS, "end every pair and close the epoll set"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef engine_getset[] = {
+    {"count", (getter)Engine_get_count, NULL, "open pairs (dialing or established)", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject EngineType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "pyproxy.dataplane._engine.Engine",
+    .tp_basicsize = sizeof(Engine),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "the splice relay's connection engine (see engine.c's header)",
+    .tp_new = Engine_new,
+    .tp_init = (initproc)Engine_init,
+    .tp_dealloc = (destructor)Engine_dealloc,
+    .tp_methods = engine_methods,
+    .tp_getset = engine_getset,
+};
+
+/* policy(splice_after, bulk_read, copy_after, op, value, n): the engine's copy policy,
+ * for the parity test with model/copymode.py. op 0: copy_read(streak=value, n);
+ * op 1: splice_round(small=value, n); op 2: back_to_copy(small=value) as 0/1. */
+static PyObject *policy(PyObject *self, PyObject *args) {
+    Engine probe;
+    int op;
+    long value, n;
+    if (!PyArg_ParseTuple(args, "lllill", &probe.splice_after, &probe.bulk_read, &probe.copy_after, &op, &value, &n))
+        return NULL;
+    switch (op) {
+    case 0:
+        return PyLong_FromLong(copy_read(&probe, value, n));
+    case 1:
+        return PyLong_FromLong(splice_round(&probe, value, n));
+    case 2:
+        return PyLong_FromLong(value >= probe.copy_after);
+    }
+    PyErr_SetString(PyExc_ValueError, "op is 0, 1 or 2");
+    return NULL;
+}
+
+static PyMethodDef module_methods[] = {
+    {"policy", policy, METH_VARARGS, "the copy policy's answers (for tests)"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_engine", NULL, -1, module_methods};
+
+PyMODINIT_FUNC PyInit__engine(void) {
+    if (PyType_Ready(&EngineType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL)
+        return NULL;
+    if (PyModule_AddObjectRef(m, "Engine", (PyObject *)&EngineType) < 0 ||
+        PyModule_AddIntConstant(m, "BUFFER_SIZE", BUFFER_SIZE) < 0 ||
+        PyModule_AddIntConstant(m, "SPLICE_NOW", SPLICE_NOW) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
