@@ -43,7 +43,8 @@ from pyproxy.lifecycle.connstate import DirectionState, TcpState
 from pyproxy.model.copymode import CopyPolicy
 from pyproxy.model.family import join_host_port
 from pyproxy.model.objects import ServicePortName
-from pyproxy.model.table import Route, ServiceTable, plan_connection
+from pyproxy.model.affinity import Balancer
+from pyproxy.model.table import Plan, Route, ServiceTable, plan_connection
 
 log = logging.getLogger("pyproxy.splice")
 
@@ -52,6 +53,7 @@ STATS_CACHE_LIMIT = 65536
 DEFAULT_SPLICE_AFTER = 64 * 1024
 
 Context = tuple[PortStats, ServicePortName]  # what the engine hands back about a pair
+Prepared = tuple[Route, Context, "Balancer | None", Plan, "Plan | None"]  # per frontend: see _prepared
 Target = tuple[str, int, bool, Context]  # dial (ip, port), transparently or not
 
 
@@ -122,7 +124,7 @@ class NativeRelay:
         self.draining = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sweeper: asyncio.TimerHandle | None = None
-        self._contexts: dict[tuple[str, str, int], tuple[Route, Context]] = {}
+        self._contexts: dict[tuple[str, str, int], Prepared] = {}
         self._pairs = _Pairs(self)
 
     @property
@@ -148,16 +150,26 @@ class NativeRelay:
 
     # the decisions (called by the engine)
 
-    def _context(self, frontend: tuple[str, str, int], route: Route) -> Context:
-        """The port's counters and name, cached per frontend while its route stays the same."""
+    def _prepared(self, frontend: tuple[str, str, int], route: Route) -> Prepared:
+        """What every connection to `frontend` shares while its route object stays the same
+        (a sync makes a new Route for every change; a port's Balancer lives as long as the
+        port, so it is the route's for the route's whole life): the port's counters and name,
+        its balancer, and `plan_connection`'s answers (the second only where the source
+        matters: an external frontend of a Local port)."""
         cached = self._contexts.get(frontend)
         if cached is not None and cached[0] is route:
-            return cached[1]
-        context = (self.stats.port(route.port.name), route.port.name)
+            return cached
+        port = route.port
+        needs_source = route.external and port.external_local
+        prepared = (route, (self.stats.port(port.name), port.name), self.table.balancers.get(port.name),
+                    plan_connection(route, False), plan_connection(route, True) if needs_source else None)
         if len(self._contexts) >= STATS_CACHE_LIMIT:
             self._contexts.clear()
-        self._contexts[frontend] = (route, context)
-        return context
+        self._contexts[frontend] = prepared
+        return prepared
+
+    def _context(self, frontend: tuple[str, str, int], route: Route) -> Context:
+        return self._prepared(frontend, route)[1]
 
     def _decide(self, client_ip: str, client_port: int, dst_ip: str, dst_port: int) -> Target | None:
         frontend = (dst_ip, "TCP", dst_port)
@@ -165,17 +177,17 @@ class NativeRelay:
         if route is None:
             self.stats.unknown_destination += 1
             return None
-        context = self._context(frontend, route)
-        port = route.port
-        local = route.external and port.external_local and self.is_local_source(client_ip)
-        plan = plan_connection(route, local)
+        cached = self._contexts.get(frontend)
+        _, context, balancer, plan, local_plan = (
+            cached if cached is not None and cached[0] is route else self._prepared(frontend, route))
+        if local_plan is not None and self.is_local_source(client_ip):
+            plan = local_plan
         stats = context[0]
         if not plan.candidates:
             stats.refused += 1
             return None
         stats.active += 1
         stats.total += 1
-        balancer = self.table.balancers.get(port.name)
         endpoint = None if balancer is None else balancer.pick(client_ip, plan.candidates, self.clock())
         if endpoint is None:
             stats.refused += 1
