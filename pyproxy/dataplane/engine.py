@@ -48,7 +48,7 @@ from pyproxy.model.table import Plan, Route, ServiceTable, plan_connection
 
 log = logging.getLogger("pyproxy.splice")
 
-PIPE_SIZE = 256 * 1024
+PIPE_SIZE = 1024 * 1024  # splice pipes (the engine falls back to 256 KiB, then the default): splice.PIPE_SIZES
 STATS_CACHE_LIMIT = 65536
 DEFAULT_SPLICE_AFTER = 64 * 1024
 

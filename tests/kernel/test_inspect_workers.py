@@ -142,9 +142,12 @@ def test_each_worker_hands_its_connections_to_its_successor(workers_cluster: Clu
     )
     streams = [worker_clients.start(stream_code("10.96.5.1", 80, source)) for source in SOURCES[:6]]
     udp = worker_clients.start(UDP_FLOW)
-    for stream in streams:
-        line_of(stream, "flowing", 20)
-    line_of(udp, "answered", 20)
+    try:
+        for stream in streams:
+            line_of(stream, "flowing", 20)
+        line_of(udp, "answered", 20)
+    except AssertionError as err:  # say what the workers said too
+        raise AssertionError(f"{err}\nnode1's log:\n{cluster.log('node1')[-4000:]}") from None
     lines = restart(cluster, workers=2)
     counts = sorted(int(line.split()[2]) for line in lines)
     assert sum(counts) == 6 and counts[0] > 0, f"both workers had streams to hand over: {lines}"

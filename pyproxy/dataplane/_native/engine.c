@@ -68,6 +68,7 @@
 #define MAX_TIMEOUTS 16
 #define ACCEPT_PAUSE 0.1 /* seconds without accepting after EMFILE/ENFILE/ENOBUFS/ENOMEM */
 #define SPLICE_NOW (-1)
+#define FALLBACK_PIPE_SIZE (256 * 1024)
 #define EV_IN_RDHUP (EPOLLIN | EPOLLRDHUP)
 #define EV_ERR_HUP (EPOLLERR | EPOLLHUP)
 
@@ -378,7 +379,8 @@ static void report(Engine *e, Conn *c, PyObject *cb) {
 }
 
 /* End the pair: pipes and buffers released, sockets closed (abort: with a reset), the
- * caller's ctx told. `keep_fds`: the sockets were handed away (detach): just close ours. */
+ * caller told (closed(ctx, bytes not yet reported)). After detach() the kernel sockets live
+ * on in the dups handed away, so closing ours here sends nothing. */
 static void conn_close(Engine *e, Conn *c, int abort) {
     if (c->state == CLOSED)
         return;
@@ -487,7 +489,10 @@ static void to_splice(Engine *e, Dir *d) {
     int p[2];
     if (pipe2(p, O_NONBLOCK | O_CLOEXEC) < 0)
         return; /* out of fds: keep copying (the next bulk streak tries again) */
-    fcntl(p[1], F_SETPIPE_SZ, e->pipe_size); /* if refused, the default pipe still works */
+    /* the size asked for, else 256 KiB (past the user's pipe-user-pages-soft an unprivileged
+     * process is refused big pipes), else the default pipe: each still works */
+    if (fcntl(p[1], F_SETPIPE_SZ, e->pipe_size) < 0 && e->pipe_size > FALLBACK_PIPE_SIZE)
+        fcntl(p[1], F_SETPIPE_SZ, FALLBACK_PIPE_SIZE);
     d->pipe_r = p[0];
     d->pipe_w = p[1];
     d->small = 0;
