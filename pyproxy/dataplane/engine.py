@@ -20,6 +20,12 @@ The copy/splice policy's numbers come from `model/copymode.py`'s CopyPolicy (the
 pure-Python twin with the same behaviour; `make_splice_relay` picks this one when the
 compiled engine imports and `PYPROXY_PURE_PYTHON` is not 1.
 
+Where the engine differs from the twin in how, never in what: dial deadlines live on one
+timerfd (no timer object per attempt), and during the first dial attempt the client socket
+is not watched (one epoll_ctl fewer per connection): a client that resets then is noticed
+when that attempt ends (connected, failed, or at its timeout, whose expiry checks the client
+first); from the second attempt on it is watched, as in the twin.
+
 Moving to a successor goes through the same TcpState as the other relays
 (`lifecycle/connstate.py`), so pairs move between this engine and either Python relay.
 """

@@ -1,7 +1,9 @@
-"""The fast TCP relay: raw sockets driven by event-loop callbacks, `os.splice` for bulk.
+"""The splice relay in pure Python: raw sockets driven by event-loop callbacks, `os.splice` for bulk.
 
-This is the `relay: splice` data path (config `dataplane.relay`); `relay.py` is the
-Protocol-based one. Both keep the same rules (SPEC.md §5, §8) and take every *decision*
+This is the `relay: splice` data path (config `dataplane.relay`) where the compiled engine
+(`engine.py`, `_native/engine.c`) is not built or `PYPROXY_PURE_PYTHON=1`: its twin, and
+the engine's theory of operation too (`make_splice_relay`, at the end, picks one).
+`relay.py` is the Protocol-based relay (deprecated). All keep the same rules (SPEC.md §5, §8) and take every *decision*
 from the same pure code: the service port (`ServiceTable.routes`), the endpoint set and
 source policy (`plan_connection`), the endpoint (`Balancer.pick`, affinity included), and
 which timeout applies (`pair_timeout`). What differs is only how bytes move.
