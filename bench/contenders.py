@@ -312,3 +312,8 @@ def select(all_contenders: Sequence[Contender], text: str) -> list[Contender]:
     ids = {c.id for c in all_contenders}
     families = {t for t in tokens if t not in ids}  # "pyproxy" is an id (the default variant) first
     return [c for c in all_contenders if c.id in tokens or c.family in families]
+
+
+def threads_of(c: Contender) -> int:
+    """How many threads or workers serve: `-2t` (HAProxy), `-2w` (nginx, pyproxy) mean two."""
+    return 2 if c.id.endswith(("-2t", "-2w")) else 1

@@ -10,6 +10,10 @@ Rules kept here:
   (idle) its Pss before and at peak during the hold. The load run itself is bounded in time;
   past the bound it is stopped and the measurement records a timeout.
 - `--pin`: proxies on CPU 0, load and backends on CPU 1 (taskset), else the scheduler decides.
+- `--proxy-cores Q`: each proxy runs in a cpu cgroup of its own (v1 `cpu.cfs_quota_us`, made
+  under /sys/fs/cgroup/cpu for this run and removed at its end) capped at Q cores per thread
+  or worker (`threads_of`), so that on a small machine a proxy is the bottleneck while the
+  load and the backends still have cores to spare: how `--workers 2` is shown to gain here.
 - For the C load generators every backend also runs nginx as a small HTTP server on
   HTTP_PORT, and backend 1 runs `iperf3 -s` on IPERF_PORT (each only where installed; a
   workload whose server is missing fails its measurements with the reason).
@@ -23,11 +27,14 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench import procs
-from bench.contenders import BACKEND_PORT, HTTP_PORT, IPERF_PORT, Contender
+from bench.contenders import BACKEND_PORT, HTTP_PORT, IPERF_PORT, Contender, threads_of
+
+CGROUP_ROOT = Path("/sys/fs/cgroup/cpu")
+CFS_PERIOD_US = 100_000
 from bench.summary import Measurement
 from bench.topology import NODE_ADDR, Topology, in_ns
 from bench.workloads import Workload
@@ -64,12 +71,43 @@ class Harness:
     registry: procs.Registry
     repo: Path
     pin: bool = False
+    proxy_cores: float = 0.0  # > 0: cap each proxy at this many cores per thread/worker
+    cgroups: list[Path] = field(default_factory=list)
 
     def _py(self, *args: str) -> list[str]:
         return [sys.executable, *args]
 
     def _pinned(self, cpu: int, argv: list[str]) -> list[str]:
         return ["taskset", "-c", str(cpu), *argv] if self.pin else argv
+
+    def _proxy_argv(self, c: Contender) -> list[str]:
+        """The contender's command: pinned, and inside its capped cgroup when asked."""
+        argv = self._pinned(0, list(c.argv))
+        if self.proxy_cores <= 0:
+            return argv
+        group = CGROUP_ROOT / f"{self.topo.prefix}{c.id}"
+        if group not in self.cgroups:
+            group.mkdir(exist_ok=True)
+            self.cgroups.append(group)
+            (group / "cpu.cfs_period_us").write_text(str(CFS_PERIOD_US))
+            (group / "cpu.cfs_quota_us").write_text(str(round(self.proxy_cores * threads_of(c) * CFS_PERIOD_US)))
+        return ["sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', str(group), *argv]
+
+    def remove_cgroups(self) -> list[str]:
+        """Remove the cgroups this run made (their processes are gone by now); what could not be."""
+        left = []
+        for group in self.cgroups:
+            for _ in range(50):
+                try:
+                    group.rmdir()
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    time.sleep(0.1)
+            else:
+                left.append(str(group))
+        return left
 
     def backend_targets(self) -> list[tuple[str, int]]:
         return [(self.topo.backend_addr(i), BACKEND_PORT) for i in self.topo.backend_ids]
@@ -118,7 +156,7 @@ class Harness:
             (d / name).parent.mkdir(parents=True, exist_ok=True)
             (d / name).write_text(text)
         if c.has_process:
-            self.registry.start(c.id, in_ns(self.topo.node_ns, self._pinned(0, list(c.argv))), d / "run.log", cwd=self.repo)
+            self.registry.start(c.id, in_ns(self.topo.node_ns, self._proxy_argv(c)), d / "run.log", cwd=self.repo)
 
     def proc(self, c: Contender) -> procs.Started | None:
         """The contender's process: the live one, when a restart started a successor."""
@@ -231,7 +269,7 @@ class Harness:
         if how == "crash":
             procs.kill_group(old.pid)
             old.popen.wait(10)
-        self.registry.start(c.id, in_ns(self.topo.node_ns, self._pinned(0, list(c.argv))), log, cwd=self.repo)
+        self.registry.start(c.id, in_ns(self.topo.node_ns, self._proxy_argv(c)), log, cwd=self.repo)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             if log.read_text().count(mark) > before:

@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latency-ref", type=float, default=5000.0,
                    help="crr rate the latency fractions apply to when no crr was measured")
     p.add_argument("--pin", action="store_true", help="proxies on CPU 0, load and backends on CPU 1")
+    p.add_argument("--proxy-cores", type=float, default=0.0,
+                   help="cap each proxy at this many cores per thread/worker (a cpu cgroup of its own), "
+                        "so the load keeps cores to spare")
     p.add_argument("--out", help="output directory (default bench/out/<UTC timestamp>)")
     return p
 
@@ -214,9 +217,10 @@ def main(argv: list[str] | None = None) -> int:
                             "wall_s": 0.0, "interrupted": False}
     t0 = time.monotonic()
     status = 0
+    h: Harness | None = None
     try:
         topology.create(topo, made)
-        h = Harness(topo, work, registry, REPO, args.pin)
+        h = Harness(topo, work, registry, REPO, args.pin, args.proxy_cores)
         h.start_backends()
         _log(f"topology {topo.prefix}* up, {len(backends)} backends ready; output {out}")
         active = start_all(h, chosen, skipped)
@@ -233,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, signal.SIG_IGN)  # teardown is bounded; let it finish
         registry.stop_all()
-        leftovers = topology.destroy(made)
+        leftovers = topology.destroy(made) + (h.remove_cgroups() if h is not None else [])
         for c in chosen:
             if c.family == "pyproxy":
                 shutil.rmtree(ct.state_dir(c.id), ignore_errors=True)
