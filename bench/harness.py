@@ -81,8 +81,9 @@ class Harness:
         return ["taskset", "-c", str(cpu), *argv] if self.pin else argv
 
     def _proxy_argv(self, c: Contender) -> list[str]:
-        """The contender's command: pinned, and inside its capped cgroup when asked."""
-        argv = self._pinned(0, list(c.argv))
+        """The contender's command in the node namespace: pinned, and inside its capped cgroup
+        when asked (joined before `ip netns exec`, whose private /sys has no cgroup mounts)."""
+        argv = in_ns(self.topo.node_ns, self._pinned(0, list(c.argv)))
         if self.proxy_cores <= 0:
             return argv
         group = CGROUP_ROOT / f"{self.topo.prefix}{c.id}"
@@ -156,7 +157,7 @@ class Harness:
             (d / name).parent.mkdir(parents=True, exist_ok=True)
             (d / name).write_text(text)
         if c.has_process:
-            self.registry.start(c.id, in_ns(self.topo.node_ns, self._proxy_argv(c)), d / "run.log", cwd=self.repo)
+            self.registry.start(c.id, self._proxy_argv(c), d / "run.log", cwd=self.repo)
 
     def proc(self, c: Contender) -> procs.Started | None:
         """The contender's process: the live one, when a restart started a successor."""
@@ -269,7 +270,7 @@ class Harness:
         if how == "crash":
             procs.kill_group(old.pid)
             old.popen.wait(10)
-        self.registry.start(c.id, in_ns(self.topo.node_ns, self._proxy_argv(c)), log, cwd=self.repo)
+        self.registry.start(c.id, self._proxy_argv(c), log, cwd=self.repo)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             if log.read_text().count(mark) > before:
