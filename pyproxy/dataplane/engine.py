@@ -111,11 +111,13 @@ class _Pairs:
 
 class NativeRelay:
     kind = "splice, compiled engine"
+
     def __init__(
         self, table: ServiceTable, is_local_source: Callable[[str], bool], stats: DataplaneStats,
         config: RelayConfig | None = None, clock: Callable[[], float] = time.monotonic,
         splice_after: int = DEFAULT_SPLICE_AFTER,
     ) -> None:
+        # `clock` must read CLOCK_MONOTONIC (time.monotonic does): the engine stamps pairs with it
         if native is None:
             raise RuntimeError("the compiled engine is not available (cmd/setup builds it)")
         self.table = table
