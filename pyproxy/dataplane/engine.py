@@ -50,7 +50,7 @@ from pyproxy.model.copymode import CopyPolicy
 from pyproxy.model.family import join_host_port
 from pyproxy.model.objects import ServicePortName
 from pyproxy.model.affinity import Balancer
-from pyproxy.model.table import Plan, Route, ServiceTable, plan_connection
+from pyproxy.model.table import Plan, Route, ServiceTable, plan_connection, source_matters
 
 log = logging.getLogger("pyproxy.splice")
 
@@ -106,7 +106,8 @@ class _Pairs:
         return iter([_Pair(engine, i) for i in engine.ids()])
 
     def __contains__(self, item: object) -> bool:
-        return False
+        engine = self._relay.engine
+        return isinstance(item, _Pair) and engine is not None and item._engine is engine and item._id in engine.ids()
 
 
 class NativeRelay:
@@ -168,9 +169,8 @@ class NativeRelay:
         if cached is not None and cached[0] is route:
             return cached
         port = route.port
-        needs_source = route.external and port.external_local
         prepared = (route, (self.stats.port(port.name), port.name), self.table.balancers.get(port.name),
-                    plan_connection(route, False), plan_connection(route, True) if needs_source else None)
+                    plan_connection(route, False), plan_connection(route, True) if source_matters(route) else None)
         if len(self._contexts) >= STATS_CACHE_LIMIT:
             self._contexts.clear()
         self._contexts[frontend] = prepared
@@ -185,9 +185,7 @@ class NativeRelay:
         if route is None:
             self.stats.unknown_destination += 1
             return None
-        cached = self._contexts.get(frontend)
-        _, context, balancer, plan, local_plan = (
-            cached if cached is not None and cached[0] is route else self._prepared(frontend, route))
+        _, context, balancer, plan, local_plan = self._prepared(frontend, route)
         if local_plan is not None and self.is_local_source(client_ip):
             plan = local_plan
         stats = context[0]
@@ -211,16 +209,17 @@ class NativeRelay:
         err = OSError(code, os.strerror(code)) if code else None
         self.errors.note("dial", err, f"dial {join_host_port(*address)} for {name} failed: {err or 'timeout'}",
                          key=f"dial {join_host_port(*address)} {error_name(err)}")
-        route = self.table.routes.get((dst_ip, "TCP", dst_port))
-        balancer = self.table.balancers.get(name)
+        frontend = (dst_ip, "TCP", dst_port)
+        route = self.table.routes.get(frontend)
         endpoint = None
         transparent = False
-        if attempt < len(self.config.dial_timeouts) and route is not None and route.port.name == name \
-                and balancer is not None:
-            port = route.port
-            plan = plan_connection(route, route.external and port.external_local and self.is_local_source(client_ip))
+        if attempt < len(self.config.dial_timeouts) and route is not None and route.port.name == name:
+            _, _, balancer, plan, local_plan = self._prepared(frontend, route)
+            if local_plan is not None and self.is_local_source(client_ip):
+                plan = local_plan
             transparent = plan.transparent
-            endpoint = balancer.pick(client_ip, plan.candidates, self.clock(), exclude=set(failed))
+            if balancer is not None:
+                endpoint = balancer.pick(client_ip, plan.candidates, self.clock(), exclude=set(failed))
         if endpoint is None:
             stats.refused += 1
             return None

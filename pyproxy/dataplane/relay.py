@@ -53,7 +53,7 @@ from pyproxy.lifecycle.connstate import DirectionState, TcpState, movable
 from pyproxy.model.endpoints import Endpoint
 from pyproxy.model.family import host_port
 from pyproxy.model.objects import ServicePortName
-from pyproxy.model.table import Route, ServiceTable, plan_connection
+from pyproxy.model.table import Route, ServiceTable, plan_connection, source_matters
 
 log = logging.getLogger("pyproxy.relay")
 
@@ -294,7 +294,7 @@ class ClientSide(asyncio.Protocol):
             reset(transport)
             return
         port_stats = self.relay.stats.port(route.port.name)
-        plan = plan_connection(route, self.relay.is_local_source(client[0]))
+        plan = plan_connection(route, source_matters(route) and self.relay.is_local_source(client[0]))
         if not plan.candidates:
             port_stats.refused += 1
             reset(transport)

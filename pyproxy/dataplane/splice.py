@@ -83,7 +83,7 @@ from pyproxy.lifecycle.connstate import DirectionState, TcpState, movable
 from pyproxy.model.copymode import SPLICE_NOW, CopyPolicy
 from pyproxy.model.endpoints import Endpoint, EndpointSets
 from pyproxy.model.family import host_port
-from pyproxy.model.table import PortState, Route, ServiceTable, plan_connection
+from pyproxy.model.table import PortState, Route, ServiceTable, plan_connection, source_matters
 
 log = logging.getLogger("pyproxy.splice")
 
@@ -312,8 +312,7 @@ class FastRelay:
             _reset(conn)
             return
         port_stats = self._port_stats(frontend, route)
-        port = route.port  # only an external Local frontend asks whether the source is local
-        plan = plan_connection(route, route.external and port.external_local and self.is_local_source(client[0]))
+        plan = plan_connection(route, source_matters(route) and self.is_local_source(client[0]))
         if not plan.candidates:
             port_stats.refused += 1
             _reset(conn)

@@ -55,7 +55,7 @@ from pyproxy.lifecycle.connstate import UdpState
 from pyproxy.model.family import host_port, join_host_port
 from pyproxy.model.flows import Address, Flow, FlowKey, FlowTable, usable_endpoints
 from pyproxy.model.objects import ServicePortName
-from pyproxy.model.table import PortState, ServiceTable, plan_connection
+from pyproxy.model.table import PortState, ServiceTable, plan_connection, source_matters
 
 log = logging.getLogger("pyproxy.udp")
 
@@ -387,7 +387,7 @@ class UdpRelay:
             return None
         name = route.port.name
         port_stats = self.stats.port(name)
-        plan = plan_connection(route, self.is_local_source(client[0]))
+        plan = plan_connection(route, source_matters(route) and self.is_local_source(client[0]))
         balancer = self.table.balancers.get(name)
         endpoint = balancer.pick(client[0], plan.candidates, now) if balancer is not None else None
         if endpoint is None:

@@ -84,6 +84,13 @@ class Plan:
     transparent: bool
 
 
+def source_matters(route: Route) -> bool:
+    """Whether `plan_connection`'s answer depends on `client_is_local` (an external frontend
+    of a Local port): only then need a relay classify the client's address, which costs
+    an address parse per connection."""
+    return route.external and route.port.external_local
+
+
 def plan_connection(route: Route, client_is_local: bool) -> Plan:
     """Choose the endpoint set and source address policy for one new connection.
 

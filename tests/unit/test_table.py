@@ -24,6 +24,7 @@ from pyproxy.model.table import (
     ServiceTable,
     Verdict,
     plan_connection,
+    source_matters,
     verdicts,
 )
 
@@ -375,3 +376,15 @@ def test_local_sources_are_the_node_the_cluster_cidrs_and_the_pod_bridges_subnet
     assert is_local_source("10.244.1.7", node, parse_cidrs(["10.244.1.0/24"]))  # on this node's bridge
     assert not is_local_source("10.244.2.7", node, parse_cidrs(["10.244.1.0/24"]))  # another node's pod
     assert not is_local_source("192.168.56.100", node, parse_cidrs("10.244.0.0/16,10.245.0.0/16"))
+
+
+@pytest.mark.parametrize("external", [False, True])
+@pytest.mark.parametrize("internal_local", [False, True])
+@pytest.mark.parametrize("external_local", [False, True])
+def test_source_matters_exactly_where_the_plan_reads_it(external: bool, internal_local: bool,
+                                                         external_local: bool) -> None:
+    """The relays skip classifying the client's address where `source_matters` says no: the
+    plan must then be the same whatever the answer would have been."""
+    route = Route(state(BOTH, internal_local, external_local), external)
+    differs = plan_connection(route, True) != plan_connection(route, False)
+    assert source_matters(route) == differs
