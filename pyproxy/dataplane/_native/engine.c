@@ -480,6 +480,23 @@ static void dir_ended(Engine *e, Conn *c, Dir *d) {
         dir_shut(e, c, d);
 }
 
+/* Write buf[*sent:len] to fd until it is all written or fd is full; advances *sent.
+ * 0, or the errno of a failed send. */
+static int send_until_full(int fd, const char *buf, size_t len, size_t *sent) {
+    while (*sent < len) {
+        ssize_t k = send(fd, buf + *sent, len - *sent, MSG_DONTWAIT | MSG_NOSIGNAL);
+        if (k < 0) {
+            if (errno == EINTR)
+                continue;
+            if (errno == EAGAIN || errno == EWOULDBLOCK)
+                return 0;
+            return errno;
+        }
+        *sent += (size_t)k;
+    }
+    return 0;
+}
+
 static void wait_for_dst(Dir *d) {
     d->reading = 0;
     d->writing = 1;
@@ -575,20 +592,13 @@ static void dir_readable(Engine *e, Conn *c, Dir *d, uint32_t bits) {
         }
         d->bytes += (unsigned long long)n;
         c->last = e->now;
-        ssize_t sent = 0;
-        while (sent < n) {
-            ssize_t k = send(dst, buffer + sent, (size_t)(n - sent), MSG_DONTWAIT | MSG_NOSIGNAL);
-            if (k < 0) {
-                if (errno == EINTR)
-                    continue;
-                if (errno == EAGAIN || errno == EWOULDBLOCK)
-                    break;
-                conn_fail(e, c, errno);
-                return;
-            }
-            sent += k;
+        size_t sent = 0;
+        int err = send_until_full(dst, buffer, (size_t)n, &sent);
+        if (err) {
+            conn_fail(e, c, err);
+            return;
         }
-        if (sent < n) { /* dst is full: keep the rest, wait for it to drain */
+        if (sent < (size_t)n) { /* dst is full: keep the rest, wait for it to drain */
             d->pending = PyMem_RawMalloc((size_t)(n - sent));
             if (d->pending == NULL) {
                 conn_fail(e, c, ENOMEM);
@@ -621,20 +631,13 @@ static void dir_writable(Engine *e, Conn *c, Dir *d) {
         if (flush_pipe(e, c, d) < 0 || d->in_pipe)
             return;
     } else if (d->pending != NULL) {
-        int dst = dst_fd(c, d);
-        while (d->pending_off < d->pending_len) {
-            ssize_t k = send(dst, d->pending + d->pending_off, d->pending_len - d->pending_off,
-                             MSG_DONTWAIT | MSG_NOSIGNAL);
-            if (k < 0) {
-                if (errno == EINTR)
-                    continue;
-                if (errno == EAGAIN || errno == EWOULDBLOCK)
-                    return;
-                conn_fail(e, c, errno);
-                return;
-            }
-            d->pending_off += (size_t)k;
+        int err = send_until_full(dst_fd(c, d), d->pending, d->pending_len, &d->pending_off);
+        if (err) {
+            conn_fail(e, c, err);
+            return;
         }
+        if (d->pending_off < d->pending_len)
+            return;
         PyMem_RawFree(d->pending);
         d->pending = NULL;
     }
@@ -1261,36 +1264,33 @@ static PyObject *conn_info(Conn *c) {
                          c->dir[DOWN].eof ? Py_True : Py_False);
 }
 
-static PyObject *Engine_connections(Engine *e, PyObject *unused) {
+/* A list of one item per live pair, made by `item` (which returns a new reference or NULL). */
+static PyObject *each_pair(Engine *e, PyObject *(*item)(Conn *)) {
     PyObject *out = PyList_New(0);
     if (out == NULL)
         return NULL;
     for (Conn *c = e->all; c != NULL; c = c->next) {
-        PyObject *info = conn_info(c);
-        if (info == NULL || PyList_Append(out, info) < 0) {
-            Py_XDECREF(info);
+        PyObject *one = item(c);
+        if (one == NULL || PyList_Append(out, one) < 0) {
+            Py_XDECREF(one);
             Py_DECREF(out);
             return NULL;
         }
-        Py_DECREF(info);
+        Py_DECREF(one);
     }
     return out;
 }
 
+static PyObject *conn_id(Conn *c) {
+    return PyLong_FromUnsignedLongLong(c->id);
+}
+
+static PyObject *Engine_connections(Engine *e, PyObject *unused) {
+    return each_pair(e, conn_info);
+}
+
 static PyObject *Engine_ids(Engine *e, PyObject *unused) {
-    PyObject *out = PyList_New(0);
-    if (out == NULL)
-        return NULL;
-    for (Conn *c = e->all; c != NULL; c = c->next) {
-        PyObject *id = PyLong_FromUnsignedLongLong(c->id);
-        if (id == NULL || PyList_Append(out, id) < 0) {
-            Py_XDECREF(id);
-            Py_DECREF(out);
-            return NULL;
-        }
-        Py_DECREF(id);
-    }
-    return out;
+    return each_pair(e, conn_id);
 }
 
 /* Every established pair leaves: [(info, up_state, down_state, [fds])] with dups of its sockets
