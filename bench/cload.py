@@ -9,6 +9,10 @@ Tools (what they drive; the backends serve them, see bench/contenders.py):
   (p50/p75/p90/p99 from wrk's --latency).
 - `wrk-crr`: the same with `Connection: close`: one TCP connection per request (the backend
   closes first, so TIME_WAIT stays off the client's ports).
+- `fortio-max`: fortio as fast as it goes (`-qps 0`), 16 connections, no keep-alive: the
+  connection rate fortio itself can drive through a proxy on this machine. The fixed rates
+  of `latency@N%-fortio-max` are fractions of HAProxy's figure here, so that they measure
+  the proxy rather than how much CPU fortio (dearer per request than wrk) leaves it.
 - `fortio-crr`: fortio at a fixed rate (`--rate`), 16 connections, no keep-alive, no
   catch-up (`-nocatchup`: a slow proxy loses rate rather than bunching requests): the rate
   kept and p50/p90/p99/p99.9/max. fortio times each request from its actual send, so a
@@ -37,8 +41,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-TOOLS = ("wrk-rr", "wrk-crr", "fortio-crr", "iperf3")
-MODES = {"wrk-rr": "rr", "wrk-crr": "crr", "fortio-crr": "latency", "iperf3": "stream"}
+TOOLS = ("wrk-rr", "wrk-crr", "fortio-max", "fortio-crr", "iperf3")
+MODES = {"wrk-rr": "rr", "wrk-crr": "crr", "fortio-max": "crr", "fortio-crr": "latency", "iperf3": "stream"}
 BIN_BENCH = Path(os.environ.get("PYPROXY_CACHE", "/var/cache/pyproxy")) / "bin-bench"
 CONNS = 16
 UNITS = {"us": 1e-3, "ms": 1.0, "s": 1000.0, "m": 60_000.0}
@@ -89,7 +93,10 @@ def parse_fortio(doc: dict[str, Any]) -> dict[str, Any]:
     errors = {f"code_{k}": v for k, v in codes.items() if k != "200"}
     if total - sum(codes.values()) > 0:
         errors["other"] = total - sum(codes.values())
-    requested = float(doc.get("RequestedQPS") or 0)
+    try:  # a number, or "max" for -qps 0
+        requested = float(doc.get("RequestedQPS") or 0)
+    except ValueError:
+        requested = 0.0
     ops_per_s = ok / window if window else 0.0
     return {"window_s": window, "ops": ok, "ops_per_s": ops_per_s, "gbit_per_s": 0.0, "errors": errors,
             "error_total": sum(errors.values()), "latency_ms": latency, "requested_rate": requested,
@@ -116,14 +123,18 @@ def command(tool: str, target: tuple[str, int], duration: float, rate: float | N
             raise FileNotFoundError("wrk is not installed (apt-get install wrk)")
         close = ["-H", "Connection: close"] if tool == "wrk-crr" else []
         return [path, "-t2", f"-c{CONNS}", f"-d{secs}s", "--latency", *close, url]
-    if tool == "fortio-crr":
+    if tool in ("fortio-max", "fortio-crr"):
         path = tool_path("fortio")
         if path is None:
             raise FileNotFoundError("fortio is not built (bash bench/build-tools.sh)")
-        if not rate:
+        if tool == "fortio-max":
+            pace = ["-qps", "0"]
+        elif not rate:
             raise ValueError("fortio-crr needs --rate")
-        return [path, "load", "-quiet", "-qps", f"{rate:.0f}", "-c", str(CONNS), "-t", f"{secs}s", "-keepalive=false",
-                "-nocatchup", "-uniform", "-p", "50,90,99,99.9", "-json", "-", url]
+        else:
+            pace = ["-qps", f"{rate:.0f}", "-nocatchup", "-uniform"]
+        return [path, "load", "-quiet", *pace, "-c", str(CONNS), "-t", f"{secs}s", "-keepalive=false",
+                "-p", "50,90,99,99.9", "-json", "-", url]
     if tool == "iperf3":
         path = tool_path("iperf3")
         if path is None:
@@ -140,7 +151,7 @@ def run(tool: str, target: tuple[str, int], duration: float, rate: float | None)
         raise RuntimeError(f"{tool} exited {done.returncode}: {(done.stderr or done.stdout).strip()[-300:]}")
     if tool.startswith("wrk"):
         summary = parse_wrk(done.stdout)
-    elif tool == "fortio-crr":
+    elif tool.startswith("fortio"):
         summary = parse_fortio(json.loads(done.stdout))
     else:
         summary = parse_iperf3(json.loads(done.stdout))

@@ -278,11 +278,11 @@ def build(families: Sequence[str], listen_host: str, backends: Backends, workdir
                                  argv=socat_argv((listen_host, 8005), backends[0])))
         elif family == "pyproxy":
             hosts = [h for h, _ in backends]
-            for label, extra in variants:
+            for label, args in variants:
                 d = workdir / label
                 out.append(Contender(label, family, (PYPROXY_CLUSTER_IP, SERVICE_PORT), exclusive=True,
                                      argv=(sys.executable, "-m", "pyproxy", "--manifests", str(d / "manifests"),
-                                           "--hostname-override", "node1", "--state-dir", str(state_dir(label)), *extra),
+                                           "--hostname-override", "node1", "--state-dir", str(state_dir(label)), *args),
                                      files={"manifests/bench.yaml": pyproxy_manifest(hosts),
                                             "manifests/c-tools.yaml": pyproxy_c_services(hosts)},
                                      ports={HTTP_PORT: (PYPROXY_HTTP_IP, SERVICE_PORT),

@@ -297,6 +297,7 @@ class Harness:
         pss0 = procs.pss_bytes(root) if root and w.mode == "idle" else None
         by0 = procs.cpu_by_process(root) if root else {}
         cpu0, be0, t0 = procs.cpu_seconds(root) if root else None, self.backend_cpu(), time.monotonic()
+        busy0 = procs.machine_busy_seconds()
         load = self.registry.start(f"load-{tag}", argv, log_path, cwd=self.repo, stdout=out_path)
         peak, error = pss0, ""
         bound = t0 + (2 if w.mode in ("idle", "affinity") else 1) * w.duration + 2 * 5.0 + LOAD_SLACK_S
@@ -308,6 +309,7 @@ class Harness:
             error = "load run exceeded its time bound"
         self.registry.stop(load)
         cpu1, be1, wall = procs.cpu_seconds(root) if root else None, self.backend_cpu(), time.monotonic() - t0
+        busy = procs.machine_busy_seconds() - busy0
         by_process = procs.busiest_deltas(by0, procs.cpu_by_process(root)) if root else {}
         summary: dict[str, object] = {}
         try:
@@ -319,4 +321,4 @@ class Harness:
             workload=w.name, mode=w.mode, contender=c.id, round=round_no, error=error, summary=summary,
             proxy_cpu_s=(cpu1 - cpu0) if cpu0 is not None and cpu1 is not None else None,
             backend_cpu_s=be1 - be0, wall_s=wall, pss_before=pss0, pss_peak=peak, rate=rate,
-            proxy_cpu_by_process=by_process)
+            proxy_cpu_by_process=by_process, machine_cpu_s=busy)

@@ -70,6 +70,22 @@ def cpu_seconds(root: int) -> float:
     return sum(s.cpu_ticks for s in tree(root)) / CLK_TCK
 
 
+def parse_machine_busy(text: str) -> int:
+    """/proc/stat -> the machine's busy ticks, all CPUs: user, nice, system, irq, softirq and
+    steal (not idle or iowait; guest time is already inside user)."""
+    for line in text.splitlines():
+        fields = line.split()
+        if fields and fields[0] == "cpu":
+            user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in fields[1:9])
+            return user + nice + system + irq + softirq + steal
+    raise ValueError("/proc/stat has no 'cpu' line")
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds the whole machine has been busy (every process, interrupts and softirq)."""
+    return parse_machine_busy(Path("/proc/stat").read_text()) / CLK_TCK
+
+
 def cpu_by_process(root: int) -> dict[str, float]:
     """CPU seconds per process of the tree, keyed "pid comm"."""
     return {f"{s.pid} {s.comm}": s.cpu_ticks / CLK_TCK for s in tree(root)}

@@ -87,10 +87,11 @@ def summary_table(cells: Sequence[Cell], contenders: Sequence[str]) -> list[str]
 
 
 DETAIL_KEYS = {
-    "stream": ("gbit_per_s", "gbit_per_core", "proxy_cores"),
-    "rr": ("ops_per_s", "ops_per_core", "p50_ms", "p99_ms", "p99.9_ms", "proxy_cores"),
-    "crr": ("ops_per_s", "ops_per_core", "p50_ms", "p99_ms", "p99.9_ms", "proxy_cores"),
-    "latency": ("offered_rate", "ops_per_s", "p50_ms", "p90_ms", "p99_ms", "p99.9_ms", "max_ms", "proxy_cores"),
+    "stream": ("gbit_per_s", "gbit_per_core", "proxy_cores", "machine_cores"),
+    "rr": ("ops_per_s", "ops_per_core", "p50_ms", "p99_ms", "p99.9_ms", "proxy_cores", "machine_cores"),
+    "crr": ("ops_per_s", "ops_per_core", "p50_ms", "p99_ms", "p99.9_ms", "proxy_cores", "machine_cores"),
+    "latency": ("offered_rate", "ops_per_s", "rate_kept", "p50_ms", "p90_ms", "p99_ms", "p99.9_ms", "max_ms",
+                "proxy_cores", "machine_cores"),
     "idle": ("target", "established", "mem_per_conn_kib"),
     "affinity": ("sticky_share", "after_sticky_share", "moved_needlessly_share"),
     "control": ("services", "full_sync_ms", "p50_ms", "p90_ms", "p99_ms", "max_ms"),

@@ -40,6 +40,7 @@ class Measurement:
     pss_peak: int | None = None
     rate: float | None = None  # latency: the offered rate
     proxy_cpu_by_process: Mapping[str, float] = field(default_factory=dict)  # "pid comm" -> s, busiest
+    machine_cpu_s: float | None = None  # the whole machine's busy CPU seconds over wall_s (procs.machine_busy_seconds)
 
     @property
     def ok(self) -> bool:
@@ -65,6 +66,9 @@ def figures(m: Measurement) -> dict[str, float | None]:
         "proxy_cpu_s": m.proxy_cpu_s,
         "client_cpu_s": float(s.get("client_cpu_s", 0.0)),
         "backend_cpu_s": m.backend_cpu_s,
+        # how many of the machine's cores were busy (load, proxy, backends, softirq), over the
+        # load's whole run: near the core count, the machine and not the proxy was the limit
+        "machine_cores": (m.machine_cpu_s / m.wall_s) if m.machine_cpu_s is not None and m.wall_s > 0 else None,
     }
     for key in ("p50", "p90", "p99", "p99.9", "max"):
         out[f"{key}_ms"] = lat.get(key)
@@ -93,6 +97,7 @@ def figures(m: Measurement) -> dict[str, float | None]:
         out["full_sync_ms"] = float(s.get("full_sync_s", 0.0)) * 1000
     if m.rate is not None:
         out["offered_rate"] = m.rate
+        out["rate_kept"] = (out["ops_per_s"] or 0.0) / m.rate if m.rate > 0 else None
     return out
 
 

@@ -74,14 +74,19 @@ def full(duration: float = 5.0, idle_conns: int = 10000) -> list[Workload]:
 
 
 def c_tools(duration: float, fractions: tuple[float, ...] = (0.75,)) -> list[Workload]:
-    """The C/Go load generators: iperf3 stream, wrk rr and crr, fortio at fixed crr rates."""
+    """The C/Go load generators: iperf3 stream, wrk rr and crr, fortio at fixed crr rates: as
+    fractions of HAProxy's crr rate under wrk (`-fortio`) and under fortio itself
+    (`-fortio-max`, after `crr-fortio`)."""
     d = duration
     return [
         Workload("stream-iperf3", "stream", d, tool="iperf3", port=IPERF_PORT),
         Workload("rr-wrk", "rr", d, tool="wrk-rr", port=HTTP_PORT),
         Workload("crr-wrk", "crr", d, tool="wrk-crr", port=HTTP_PORT),
+        Workload("crr-fortio", "crr", d, tool="fortio-max", port=HTTP_PORT),
         *(Workload(f"latency@{int(f * 100)}%-fortio", "latency", d, rate_fraction=f, tool="fortio-crr",
                    port=HTTP_PORT, ref="crr-wrk") for f in fractions),
+        *(Workload(f"latency@{int(f * 100)}%-fortio-max", "latency", d, rate_fraction=f, tool="fortio-crr",
+                   port=HTTP_PORT, ref="crr-fortio") for f in fractions),
     ]
 
 

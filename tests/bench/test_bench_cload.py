@@ -62,3 +62,14 @@ def test_commands() -> None:
         cload.command("fortio-crr", ("10.0.0.1", 80), 5, None)
     with pytest.raises(ValueError, match="unknown tool"):
         cload.command("ab", ("10.0.0.1", 80), 5, None)
+
+
+def test_fortio_max_runs_unpaced_and_reads_its_result() -> None:
+    argv = cload.command("fortio-max", ("10.0.0.1", 80), 5, None)
+    assert argv[argv.index("-qps") + 1] == "0" and "-nocatchup" not in argv and "-keepalive=false" in argv
+    paced = cload.command("fortio-crr", ("10.0.0.1", 80), 5, 1200.0)
+    assert paced[paced.index("-qps") + 1] == "1200" and "-nocatchup" in paced
+    doc = {"RequestedQPS": "max", "ActualDuration": 2_000_000_000, "RetCodes": {"200": 9000},
+           "DurationHistogram": {"Count": 9000, "Max": 0.01, "Percentiles": [{"Percentile": 99, "Value": 0.003}]}}
+    s = cload.parse_fortio(doc)
+    assert s["ops_per_s"] == pytest.approx(4500) and s["rate_kept"] is None and s["error_total"] == 0

@@ -9,7 +9,7 @@ import yaml
 
 from bench import contenders as ct
 from bench import protocol as proto
-from bench.procs import busiest_deltas, parse_pss_kib, parse_stat
+from bench.procs import busiest_deltas, parse_machine_busy, parse_pss_kib, parse_stat
 from bench.topology import Topology, commands, source_batch
 from bench.workloads import full, quick, select
 
@@ -141,3 +141,20 @@ def test_c_tool_listeners_in_haproxy_nginx_and_dnat() -> None:
     assert "listen 10.200.0.1:8103 reuseport" in ngx and ngx.count("proxy_half_close on;") == 3
     nft = ct.dnat_ruleset(("10.96.0.20", 80), BACKENDS, extra=[(81, ct.c_backends(BACKENDS, ct.HTTP_PORT))])
     assert "10.96.0.20 . tcp . 81 : goto service-default-bench2-tcp" in nft and "dnat to 10.201.2.2:8081" in nft
+
+
+def test_fixed_rates_of_fortios_own_maximum_come_after_it() -> None:
+    names = [w.name for w in full()]
+    assert names.index("crr-fortio") < names.index("latency@75%-fortio-max")
+    w = full()[names.index("latency@75%-fortio-max")]
+    assert (w.ref, w.tool, w.rate_fraction) == ("crr-fortio", "fortio-crr", 0.75)
+    assert full()[names.index("crr-fortio")].tool == "fortio-max"
+
+
+def test_machine_busy_ticks_leave_out_idle_and_iowait() -> None:
+    text = ("cpu  100 5 40 9000 7 3 2 1 0 0\n"
+            "cpu0 50 2 20 4500 3 1 1 0 0 0\n"
+            "intr 12345\n")
+    assert parse_machine_busy(text) == 100 + 5 + 40 + 3 + 2 + 1
+    with pytest.raises(ValueError, match="no 'cpu' line"):
+        parse_machine_busy("intr 1\n")

@@ -85,3 +85,12 @@ def test_affinity_without_second_phase_and_ambiguous_removal() -> None:
     assert "removed" not in rep and rep["sticky_share"] == 1.0
     assert infer_removed({"a": ["x"], "b": ["y"]}, {"a": ["z"]}) is None
     assert merge_observations([{"a": ["x"]}, {"a": ["y"], "b": ["z"]}]) == {"a": ["x", "y"], "b": ["z"]}
+
+
+def test_figures_machine_cores_and_rate_kept() -> None:
+    meas = m("pyproxy", 1, ops=900.0, workload="latency@75%", mode="latency")
+    meas = Measurement(meas.workload, meas.mode, meas.contender, 1, summary=meas.summary, proxy_cpu_s=1.0,
+                       wall_s=2.5, rate=1000.0, machine_cpu_s=4.5)
+    f = figures(meas)
+    assert f["machine_cores"] == pytest.approx(1.8) and f["rate_kept"] == pytest.approx(0.9)
+    assert figures(m("direct", 1, ops=10.0))["machine_cores"] is None  # not sampled
