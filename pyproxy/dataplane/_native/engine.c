@@ -176,7 +176,12 @@ static long splice_round(Engine *e, long small, long n) {
 
 /* ---- callbacks into Python ---- */
 
+/* A callback is NULL only after the garbage collector broke a cycle through the engine
+ * (Engine_clear): the engine is unreachable then and about to go, so a NULL one is skipped. */
+
 static void note_errno(Engine *e, const char *stage, int err) {
+    if (e->note_cb == NULL)
+        return;
     PyObject *r = PyObject_CallFunction(e->note_cb, "si", stage, err);
     if (r == NULL)
         PyErr_WriteUnraisable(e->note_cb);
@@ -188,7 +193,8 @@ static void note_exception(Engine *e, const char *stage) {
     PyObject *type, *value, *tb;
     PyErr_Fetch(&type, &value, &tb);
     PyErr_NormalizeException(&type, &value, &tb);
-    PyObject *r = PyObject_CallFunction(e->note_cb, "sO", stage, value ? value : Py_None);
+    PyObject *r = e->note_cb == NULL ? Py_NewRef(Py_None)
+                                     : PyObject_CallFunction(e->note_cb, "sO", stage, value ? value : Py_None);
     if (r == NULL)
         PyErr_WriteUnraisable(e->note_cb);
     Py_XDECREF(r);
@@ -361,6 +367,8 @@ static void dir_stop(Dir *d) {
 }
 
 static void report(Engine *e, Conn *c, PyObject *cb) {
+    if (cb == NULL)
+        return;
     unsigned long long in = c->dir[UP].bytes - c->dir[UP].reported;
     unsigned long long out = c->dir[DOWN].bytes - c->dir[DOWN].reported;
     c->dir[UP].reported = c->dir[UP].bytes;
@@ -754,7 +762,9 @@ static void dial_failed(Engine *e, Conn *c, int err) {
     Py_DECREF(tried);
     PyObject *cip = addr_ip(&c->client), *dip = addr_ip(&c->frontend);
     PyObject *next = NULL;
-    if (cip != NULL && dip != NULL)
+    if (e->redial == NULL)
+        PyErr_SetString(PyExc_ValueError, "the engine is closed");
+    else if (cip != NULL && dip != NULL)
         next = PyObject_CallFunction(e->redial, "OOiOiOii", c->ctx, cip, addr_port(&c->client), dip,
                                      addr_port(&c->frontend), c->failed, err, c->attempt);
     Py_XDECREF(cip);
@@ -813,7 +823,9 @@ static void serve(Engine *e, int fd, Addr *client) {
     PyObject *cip = addr_ip(client), *dip = addr_ip(&local);
     PyObject *cport = PyLong_FromLong(addr_port(client)), *dport = PyLong_FromLong(addr_port(&local));
     PyObject *target = NULL;
-    if (cip != NULL && dip != NULL && cport != NULL && dport != NULL) {
+    if (e->decide == NULL) {
+        PyErr_SetString(PyExc_ValueError, "the engine is closed");
+    } else if (cip != NULL && dip != NULL && cport != NULL && dport != NULL) {
         PyObject *argv[4] = {cip, cport, dip, dport};
         target = PyObject_Vectorcall(e->decide, argv, 4, NULL);
     }
@@ -1062,11 +1074,11 @@ static int Engine_init(Engine *e, PyObject *args, PyObject *kwds) {
     e->bulk_read = bulk_read;
     e->copy_after = copy_after;
     e->pipe_size = pipe_size;
-    e->decide = Py_NewRef(decide);
-    e->redial = Py_NewRef(redial);
-    e->closed_cb = Py_NewRef(closed);
-    e->moved_cb = Py_NewRef(moved);
-    e->note_cb = Py_NewRef(note);
+    Py_XSETREF(e->decide, Py_NewRef(decide));
+    Py_XSETREF(e->redial, Py_NewRef(redial));
+    Py_XSETREF(e->closed_cb, Py_NewRef(closed));
+    Py_XSETREF(e->moved_cb, Py_NewRef(moved));
+    Py_XSETREF(e->note_cb, Py_NewRef(note));
     e->epfd = epoll_create1(EPOLL_CLOEXEC);
     if (e->epfd < 0) {
         PyErr_SetFromErrno(PyExc_OSError);
@@ -1099,7 +1111,35 @@ static void close_all(Engine *e, int abort) {
         conn_close(e, e->all, abort);
 }
 
+/* The garbage collector's view: the callbacks (bound methods of the relay, which holds the
+ * engine: a cycle) and what each live pair holds (its context, the endpoints it tried, the
+ * dial target). */
+static int Engine_traverse(Engine *e, visitproc visit, void *arg) {
+    Py_VISIT(e->decide);
+    Py_VISIT(e->redial);
+    Py_VISIT(e->closed_cb);
+    Py_VISIT(e->moved_cb);
+    Py_VISIT(e->note_cb);
+    for (Conn *c = e->all; c != NULL; c = c->next) {
+        Py_VISIT(c->ctx);
+        Py_VISIT(c->failed);
+        Py_VISIT(c->target);
+    }
+    return 0;
+}
+
+/* Break the cycle: drop the callbacks (the pairs are ended, unreported, at dealloc). */
+static int Engine_clear(Engine *e) {
+    Py_CLEAR(e->decide);
+    Py_CLEAR(e->redial);
+    Py_CLEAR(e->closed_cb);
+    Py_CLEAR(e->moved_cb);
+    Py_CLEAR(e->note_cb);
+    return 0;
+}
+
 static void Engine_dealloc(Engine *e) {
+    PyObject_GC_UnTrack(e);
     close_all(e, 1);
     while (e->spare) {
         Conn *c = e->spare;
@@ -1110,11 +1150,7 @@ static void Engine_dealloc(Engine *e) {
         close(e->tfd);
     if (e->epfd >= 0)
         close(e->epfd);
-    Py_XDECREF(e->decide);
-    Py_XDECREF(e->redial);
-    Py_XDECREF(e->closed_cb);
-    Py_XDECREF(e->moved_cb);
-    Py_XDECREF(e->note_cb);
+    Engine_clear(e);
     Py_TYPE(e)->tp_free((PyObject *)e);
 }
 
@@ -1521,8 +1557,10 @@ static PyGetSetDef engine_getset[] = {
 static PyTypeObject EngineType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "pyproxy.dataplane._engine.Engine",
     .tp_basicsize = sizeof(Engine),
-    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
     .tp_doc = "the splice relay's connection engine (see engine.c's header)",
+    .tp_traverse = (traverseproc)Engine_traverse,
+    .tp_clear = (inquiry)Engine_clear,
     .tp_new = Engine_new,
     .tp_init = (initproc)Engine_init,
     .tp_dealloc = (destructor)Engine_dealloc,
