@@ -58,13 +58,16 @@ def start_dns(lab: Lab, pod: str, records: Mapping[str, str], port: int = 53, lo
 
 
 def lookup(lab: Lab, where: str, server: str, name: str, rtype: str = "A", tcp: bool = False,
-           timeout: float = 2.0) -> list[str]:
-    """`dig +short` from namespace `where` against `server` (ip:port): the answers, or one error word."""
+           timeout: float = 2.0, source: str | None = None) -> list[str]:
+    """`dig +short` from namespace `where` against `server` (ip:port), from the address
+    `source` if given: the answers, or one error word."""
     host, _, port = server.rpartition(":")
     args = ["dig", "+short", f"+time={max(1, round(timeout))}", "+tries=1", "-p", port, f"@{host}",
             _qualified(name, DOMAIN), rtype]
     if tcp:
         args.insert(1, "+tcp")
+    if source:
+        args[1:1] = ["-b", source]
     result = lab.exec(where, *args, check=False, timeout=timeout + 5)
     text = result.stdout.strip()
     if result.returncode != 0 or text.startswith(";;"):

@@ -22,9 +22,11 @@ import pytest
 
 from pyproxy.demo import dns
 from pyproxy.demo import manifests as m
-from pyproxy.demo.lab import CLIENT_IP, node_ip
+from pyproxy.demo.lab import CLIENT_IP, LAN_PREFIX, node_ip
 from tests.conftest import skip_or_fail
 from tests.kernel.conftest import Cluster
+
+LOCAL_PHASE_IP = f"{LAN_PREFIX}.150"  # a second client address: no flows from before a policy change
 
 pytestmark = pytest.mark.privileged
 
@@ -193,14 +195,25 @@ def test_kdig_and_the_nodeport_answer_too(udp: Cluster) -> None:
         assert dns.lookup(udp.lab, "client", f"{node_ip(node)}:30053", "web") == ["10.1.2.3"]
 
 
+def local_phase_client(cluster: Cluster) -> str:
+    """A second client address, with no flows yet. A policy change leaves live flows on their
+    endpoints (as kube-proxy's conntrack cleanup does), and flows live for udpIdleTimeout: a
+    new socket that the kernel gives the port of a flow from before the change back to would
+    be that flow. So the flows checked after a change come from here."""
+    cluster.lab.exec("client", "ip", "addr", "replace", f"{LOCAL_PHASE_IP}/24", "dev", "eth0")
+    return LOCAL_PHASE_IP
+
+
 def test_local_policy_dns_sees_the_clients_own_address(udp: Cluster) -> None:
     kube_dns(udp, external_policy="Local")
+    source = local_phase_client(udp)
     seen_before = len(dns.queries_seen(dns_log(udp, "dns1")))
     for _ in range(5):
-        assert dns.lookup(udp.lab, "client", f"{node_ip(1)}:30053", "whoami", "TXT") == ["dns1"], "node1's own pod"
+        assert dns.lookup(udp.lab, "client", f"{node_ip(1)}:30053", "whoami", "TXT", source=source) == ["dns1"], \
+            "node1's own pod"
     queries = dns.queries_seen(dns_log(udp, "dns1"))[seen_before:]
-    assert [client for name, client in queries if name == "whoami.svc.test"] == [CLIENT_IP] * 5
-    assert dns.lookup(udp.lab, "client", f"{node_ip(2)}:30053", "whoami", "TXT") == ["dns2"]
+    assert [client for name, client in queries if name == "whoami.svc.test"] == [source] * 5
+    assert dns.lookup(udp.lab, "client", f"{node_ip(2)}:30053", "whoami", "TXT", source=source) == ["dns2"]
 
 
 def test_cluster_and_local_policy_with_the_echo_pods(udp: Cluster) -> None:
@@ -210,10 +223,11 @@ def test_cluster_and_local_policy_with_the_echo_pods(udp: Cluster) -> None:
     assert set(pods_of(lines)) == set(ECHO), "Cluster policy spreads new flows over every pod"
     assert CLIENT_IP not in clients_of(lines) and all("whole=True" in line for line in lines)
     echo_service(udp, external_policy="Local")
-    lines = udp.run("client", "udp", f"{node_ip(1)}:30054", "--count", "5")
-    assert set(pods_of(lines)) == {"pa"} and set(clients_of(lines)) == {CLIENT_IP}, lines
-    lines = udp.run("client", "udp", f"{node_ip(2)}:30054", "--count", "30")  # one pod for all: 2^-29
-    assert set(pods_of(lines)) == {"pb", "pc"} and set(clients_of(lines)) == {CLIENT_IP}, lines
+    source = local_phase_client(udp)  # not CLIENT_IP: its 40 flows above are live
+    lines = udp.run("client", "udp", f"{node_ip(1)}:30054", "--count", "5", "--bind", source)
+    assert set(pods_of(lines)) == {"pa"} and set(clients_of(lines)) == {source}, lines
+    lines = udp.run("client", "udp", f"{node_ip(2)}:30054", "--count", "30", "--bind", source)  # one pod: 2^-29
+    assert set(pods_of(lines)) == {"pb", "pc"} and set(clients_of(lines)) == {source}, lines
 
 
 def test_large_datagrams_pass_whole(udp: Cluster) -> None:
