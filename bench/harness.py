@@ -32,13 +32,12 @@ from pathlib import Path
 
 from bench import procs
 from bench.contenders import BACKEND_PORT, HTTP_PORT, IPERF_PORT, Contender, threads_of
-
-CGROUP_ROOT = Path("/sys/fs/cgroup/cpu")
-CFS_PERIOD_US = 100_000
 from bench.summary import Measurement
 from bench.topology import NODE_ADDR, Topology, in_ns
 from bench.workloads import Workload
 
+CGROUP_ROOT = Path("/sys/fs/cgroup/cpu")
+CFS_PERIOD_US = 100_000
 LOAD_SLACK_S = 40.0  # beyond the load tool's own hard deadline
 
 
