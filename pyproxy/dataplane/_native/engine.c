@@ -193,11 +193,12 @@ static void note_exception(Engine *e, const char *stage) {
     PyObject *type, *value, *tb;
     PyErr_Fetch(&type, &value, &tb);
     PyErr_NormalizeException(&type, &value, &tb);
-    PyObject *r = e->note_cb == NULL ? Py_NewRef(Py_None)
-                                     : PyObject_CallFunction(e->note_cb, "sO", stage, value ? value : Py_None);
-    if (r == NULL)
-        PyErr_WriteUnraisable(e->note_cb);
-    Py_XDECREF(r);
+    if (e->note_cb != NULL) {
+        PyObject *r = PyObject_CallFunction(e->note_cb, "sO", stage, value ? value : Py_None);
+        if (r == NULL)
+            PyErr_WriteUnraisable(e->note_cb);
+        Py_XDECREF(r);
+    }
     Py_XDECREF(type);
     Py_XDECREF(value);
     Py_XDECREF(tb);
