@@ -98,7 +98,9 @@ async def test_full_then_incremental_write(netns: Netns) -> None:
     }
     await netns.runner.apply(render_ruleset(CONFIG, first))
     sets = netns.sets()
-    assert {k: v for k, v in sets.items() if k not in ("local_sources", "svc_allow")} == kernel_view(first)
+    assert {k: v for k, v in sets.items() if k not in ("local_sources", "svc_allow", "services")} == kernel_view(first)
+    # the guard in front of the per-service rules holds every frontend, whatever its verdict
+    assert sets["services"] == {key for v in kernel_view(first).values() for key in v}
     tables = netns.nft("list", "tables").stdout.split()
     assert tables == ["table", "ip", "pyproxy", "table", "ip6", "pyproxy", "table", "netdev", "pyproxy"]
     ruleset = netns.nft("list", "table", "ip", "pyproxy").stdout
@@ -117,7 +119,8 @@ async def test_full_then_incremental_write(netns: Netns) -> None:
     await netns.runner.apply(render_update(added, removed))
     second = (first - removed) | added
     sets = netns.sets()
-    assert {k: v for k, v in sets.items() if k not in ("local_sources", "svc_allow")} == kernel_view(second)
+    assert {k: v for k, v in sets.items() if k not in ("local_sources", "svc_allow", "services")} == kernel_view(second)
+    assert sets["services"] == {key for v in kernel_view(second).values() for key in v}
     assert netns.sets("netdev") == {"services": {key for v in kernel_view(second).values() for key in v},
                                     "services6": set()}
 
@@ -140,6 +143,7 @@ async def test_ipv6_elements_land_in_the_ip6_table_the_kernel_accepts(netns: Net
     assert netns.sets("ip")["svc_capture"] == {("10.96.0.10", "tcp", 80)}
     ruleset = netns.nft("list", "table", "ip6", "pyproxy").stdout
     assert "tproxy to [::1]:15001" in ruleset and "tproxy to [::1]:15002" in ruleset
+    assert v6["services"] == {("fd00:96::10", "tcp", 80), ("fd00:96::11", "udp", 53), ("fd00:56::101", "tcp", 30080)}
     assert "fd00:244::/56" in netns.nft("list", "set", "ip6", "pyproxy", "local_sources").stdout
     assert netns.sets("netdev")["services6"] == {("fd00:96::10", "tcp", 80), ("fd00:96::11", "udp", 53),
                                                  ("fd00:56::101", "tcp", 30080)}

@@ -27,7 +27,7 @@ ELEMENTS: set[Element] = {
 
 
 def element_lines(text: str) -> list[str]:
-    return [line for line in text.splitlines() if " element ip " in line]
+    return [line for line in text.splitlines() if " element ip " in line and " pyproxy services " not in line]
 
 
 def reentry_elements(text: str, verb: str) -> set[str]:
@@ -76,13 +76,25 @@ def test_ruleset_declares_every_set_and_rules_use_them() -> None:
     assert element_lines(text) == []  # no services: no elements, but the rules are all there
 
 
+def chain(lines: list[str], name: str) -> list[str]:
+    body = lines[lines.index(f"chain {name} {{") + 1:]
+    return body[:body.index("}")]
+
+
 def test_ruleset_rules_and_their_order() -> None:
     lines = [line.strip() for line in render_ruleset(CONFIG, ()).splitlines()]
-    pre = lines[lines.index("chain prerouting {") + 1:]
-    pre = pre[:pre.index("}")]
     match = "ip daddr . meta l4proto . th dport"
-    assert pre == [
+    # the hooks' chains: one lookup in `services` for every packet, then Local's reply path
+    assert chain(lines, "prerouting") == [
         "type filter hook prerouting priority mangle; policy accept;",
+        f"{match} @services jump service_prerouting",
+        "socket transparent 1 meta mark set meta mark or 0x1f",
+    ]
+    assert chain(lines, "output") == [
+        "type route hook output priority mangle; policy accept;",
+        f"{match} @services jump service_output",
+    ]
+    assert chain(lines, "service_prerouting") == [
         f"{match} @svc_firewall {match} . ip saddr != @svc_allow drop",
         f"{match} @svc_reject meta l4proto tcp reject with tcp reset",
         f"{match} @svc_reject reject",
@@ -92,15 +104,35 @@ def test_ruleset_rules_and_their_order() -> None:
         f"{match} @svc_capture meta l4proto udp tproxy to 127.0.0.1:15002 meta mark set meta mark or 0x1f accept",
         f"{match} @svc_drop_external meta l4proto tcp tproxy to 127.0.0.1:15001 meta mark set meta mark or 0x1f accept",
         f"{match} @svc_drop_external meta l4proto udp tproxy to 127.0.0.1:15002 meta mark set meta mark or 0x1f accept",
-        "socket transparent 1 meta mark set meta mark or 0x1f",
     ]
-    out = lines[lines.index("chain output {") + 1:]
-    out = out[:out.index("}")]
-    assert out[0] == "type route hook output priority mangle; policy accept;"
-    assert out[1] == f"{match} @svc_firewall {match} . ip saddr != @svc_allow drop"
-    assert out[2] == f"{match} @svc_drop_internal drop"
-    assert {line.split(" @")[1].split(" ")[0] for line in out[3:]} == {"svc_capture", "svc_drop_external",
+    out = chain(lines, "service_output")
+    assert out[0] == f"{match} @svc_firewall {match} . ip saddr != @svc_allow drop"
+    assert out[1] == f"{match} @svc_drop_internal drop"
+    assert {line.split(" @")[1].split(" ")[0] for line in out[2:]} == {"svc_capture", "svc_drop_external",
                                                                          "svc_reject"}
+
+
+def test_the_guard_set_holds_every_frontend_with_a_verdict() -> None:
+    """A packet skips the per-service rules unless `services` has its frontend: every element
+    of every verdict set must be there (else its verdict is never applied), in its family's table."""
+    elements = ELEMENTS | {(Verdict.FIREWALL, ("192.168.1.10", "TCP", 30080)), (CAP, ("fd00:96::10", "TCP", 80))}
+    text = render_ruleset(CONFIG, elements)
+    guarded = {line for line in text.splitlines() if line.startswith("add element ip pyproxy services ")}
+    assert guarded == {"add element ip pyproxy services { 10.96.0.10 . tcp . 80, 10.96.0.11 . tcp . 443, "
+                       "10.96.0.12 . tcp . 80, 10.96.0.53 . udp . 53, 192.168.1.10 . tcp . 30080 }"}
+    assert "add element ip6 pyproxy services { fd00:96::10 . tcp . 80 }" in text
+    assert "set services { type ipv4_addr . inet_proto . inet_service; }" in text
+    assert "set services { type ipv6_addr . inet_proto . inet_service; }" in text
+
+
+def test_an_update_keeps_the_guard_set_in_step() -> None:
+    moved: set[Element] = {(CAP, ("10.96.0.11", "TCP", 443))}  # reject -> capture: stays guarded
+    text = render_update(moved | {(DE, ("192.168.1.20", "TCP", 30081))},
+                         {(REJ, ("10.96.0.11", "TCP", 443)), (CAP, ("10.96.0.99", "UDP", 53))})
+    lines = text.splitlines()
+    assert "delete element ip pyproxy services { 10.96.0.99 . udp . 53 }" in lines
+    assert "add element ip pyproxy services { 192.168.1.20 . tcp . 30081 }" in lines
+    assert "10.96.0.11" not in "".join(line for line in lines if " services " in line)
 
 
 def test_overlapping_local_sources_are_merged() -> None:
@@ -220,9 +252,9 @@ DUAL_ELEMENTS: set[Element] = {
 
 
 def _table(text: str, family: str) -> list[str]:
-    lines = [line.strip() for line in text.splitlines()]
+    lines = text.splitlines()
     start = lines.index(f"table {family} pyproxy {{")
-    return lines[start:lines.index("}", start) + 1]
+    return [line.strip() for line in lines[start:lines.index("}", start) + 1]]  # its own "}" is unindented
 
 
 def test_each_family_has_its_own_table_with_its_own_listener_and_types() -> None:
