@@ -24,7 +24,9 @@ Where the engine differs from the twin in how, never in what: dial deadlines liv
 timerfd (no timer object per attempt), and during the first dial attempt the client socket
 is not watched (one epoll_ctl fewer per connection): a client that resets then is noticed
 when that attempt ends (connected, failed, or at its timeout, whose expiry checks the client
-first); from the second attempt on it is watched, as in the twin.
+first); from the second attempt on it is watched, as in the twin. And the engine's sockets are
+edge-triggered in its epoll set, so a connection's interest is set once per socket rather than
+changed at each turn (engine.c's header says what stays registered and why).
 
 Moving to a successor goes through the same TcpState as the other relays
 (`lifecycle/connstate.py`), so pairs move between this engine and either Python relay.

@@ -8,6 +8,10 @@ Each subcommand prints one line per result, so callers can count and compare:
   match=True|False` (sha256 of both directions);
 - `sink ADDR --bytes N`: send N bytes, half-close, print whether the pod counted the
   same bytes and sha256;
+- `turns ADDR --bytes N --count K`: ECHO in K turns of N bytes each, a turn's bytes all sent
+  before its echo is read whole, with no EOF between turns; print `turns=D/K` (D: the turns
+  that came back whole). A relay that leaves a burst's last bytes unread stalls here;
+
 - `connect ADDR`: print `ok|refused|timeout|reset <ms>`;
 - `stall ADDR --bytes N --timeout S`: ECHO without ever reading; print how much got out
   before sending stayed blocked for S seconds (backpressure checks);
@@ -117,6 +121,28 @@ def echo(address: tuple[str, int], size: int, timeout: float, bind: str | None, 
         thread.join(timeout)
     match = received == size and sent_digest.digest() == received_digest.digest()
     return f"sent={size} received={received} match={match}"
+
+
+def turns(address: tuple[str, int], size: int, count: int, timeout: float, bind: str | None) -> str:
+    done = 0
+    with _connect(address, timeout, bind) as sock:
+        sock.sendall(b"ECHO\n")
+        for _ in range(min(count, 1000)):
+            message = os.urandom(size)
+            sender = threading.Thread(target=sock.sendall, args=(message,), daemon=True)
+            sender.start()  # sent while its echo is read, so neither side's buffers need to hold it all
+            parts, received = [], 0
+            while received < size:
+                chunk = sock.recv(min(CHUNK, size - received))  # a stall ends in the socket's timeout
+                if not chunk:
+                    break
+                parts.append(chunk)
+                received += len(chunk)
+            sender.join(timeout)
+            if b"".join(parts) != message:
+                break
+            done += 1
+    return f"turns={done}/{count}"
 
 
 def sink(address: tuple[str, int], size: int, timeout: float, bind: str | None) -> str:
@@ -348,7 +374,7 @@ def loop(address: tuple[str, int], duration: float, interval: float, timeout: fl
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pyproxy-client")
-    parser.add_argument("mode", choices=["http", "who", "echo", "sink", "connect", "udp", "hold", "stall",
+    parser.add_argument("mode", choices=["http", "who", "echo", "sink", "turns", "connect", "udp", "hold", "stall",
                                            "storm", "silent", "loop"])
     parser.add_argument("address")
     parser.add_argument("--count", type=int, default=1)
@@ -373,6 +399,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.mode == "storm":
         print(storm(address, args.count, max(1, args.batch), args.send, args.timeout, args.bind), flush=True)
+        return 0
+    if args.mode == "turns":
+        try:
+            print(turns(address, args.bytes, args.count, args.timeout, args.bind), flush=True)
+        except OSError as err:
+            print(f"error {type(err).__name__}: {err}", flush=True)
         return 0
     if args.mode == "silent":
         print(silent(address, args.count, args.hold, args.send, args.timeout, args.bind), flush=True)

@@ -73,6 +73,17 @@ def test_half_close_is_forwarded(cluster: Cluster) -> None:
     assert re.fullmatch(rf"sent={5 * MB} match=True reply={5 * MB} [0-9a-f]{{64}}", line), line
 
 
+def test_bursts_in_turns_arrive_whole(cluster: Cluster) -> None:
+    """Request/response with big messages and no EOF: each 1 MiB turn is all sent before its
+    echo is read. The last bytes of a burst bring no new readiness of their own (the engine's
+    sockets are edge-triggered), so a read that stopped at its round limit, or at a switch
+    between copying and splicing, must look again by itself: else the turn stalls."""
+    plain_service(cluster, "turns", "10.96.1.9")
+    line = cluster.run("client", "turns", "10.96.1.9:80", "--bytes", str(MB), "--count", "30", "--timeout", "10",
+                       timeout=120)[0]
+    assert line == "turns=30/30", line
+
+
 @pytest.fixture
 def held(cluster: Cluster) -> Iterator[subprocess.Popen[str]]:
     """A client connection kept open (HOLD), that echoes each line we send through it."""

@@ -22,8 +22,14 @@
  * Structure:
  * - One epoll set (fileno()) that the event loop watches as one fd, and run() drains: the
  *   listeners, a timerfd (dial deadlines, accept pauses), and both sockets of every pair,
- *   each registered once and its interest changed only when it changes (the wanted masks are
- *   worked out after each event, so one event costs at most one epoll_ctl per socket).
+ *   each registered once. A pair's sockets are edge-triggered (EPOLLET), so interest that
+ *   cannot fire without cause stays: EPOLLOUT once a socket has needed it (its edge comes
+ *   only after a send found the socket full; an upstream has it from the dial, for the
+ *   connect), EPOLLIN after its direction's EOF (no level to spin on). Interest changes only
+ *   when a direction stops reading because its destination is full, and starts again (that
+ *   MOD re-checks the socket, so data that came meanwhile is reported). A read loop that
+ *   stops at its round limit with data perhaps left re-arms the same way. A connection that
+ *   carries a request and its reply so costs two epoll_ctl: one ADD per socket.
  * - A pair is a `Conn`: two directions (UP client->upstream, DOWN upstream->client), each in
  *   copy mode (one recv into the shared buffer, one send) or splice mode (its own pipe).
  * - A closed Conn is freed only when run() ends (a later event of the same batch may name
@@ -70,6 +76,7 @@
 #define SPLICE_NOW (-1)
 #define FALLBACK_PIPE_SIZE (256 * 1024)
 #define EV_IN_RDHUP (EPOLLIN | EPOLLRDHUP)
+#define EV_DIAL (EPOLLIN | EPOLLRDHUP | EPOLLOUT | EPOLLET) /* an upstream's interest from its dial on */
 #define EV_ERR_HUP (EPOLLERR | EPOLLHUP)
 
 enum { UP = 0, DOWN = 1 };                  /* directions */
@@ -108,6 +115,7 @@ typedef struct Conn {
     int fd[2];
     int registered[2];
     uint32_t mask[2];
+    int rearm[2]; /* a read stopped with data perhaps left: re-check the socket (MOD) */
     int state;
     int attempt;
     int transparent;
@@ -432,17 +440,26 @@ static void conn_fail(Engine *e, Conn *c, int err) {
     conn_close(e, c, 0);
 }
 
-/* Bring both sockets' epoll interest in line with what the directions want. */
+/* A direction waiting for its destination to drain: its source is not watched meanwhile. */
+static int paused(Dir *d) {
+    return !d->reading && !d->eof;
+}
+
+/* Bring both sockets' epoll interest in line with what the directions want (edge-triggered:
+ * see the header for what stays). */
 static void sync_interest(Engine *e, Conn *c) {
     if (c->state != OPEN)
         return;
     Dir *up = &c->dir[UP], *down = &c->dir[DOWN];
     uint32_t want[2];
-    want[CLIENT] = (up->reading ? EV_IN_RDHUP : 0) | (down->writing ? EPOLLOUT : 0);
-    want[UPSTREAM] = (down->reading ? EV_IN_RDHUP : 0) | (up->writing ? EPOLLOUT : 0);
+    want[CLIENT] = EPOLLET | (c->registered[CLIENT] ? c->mask[CLIENT] & EPOLLOUT : 0) |
+                   (paused(up) ? 0 : EV_IN_RDHUP) | (down->writing ? EPOLLOUT : 0);
+    want[UPSTREAM] = EPOLLET | (c->registered[UPSTREAM] ? c->mask[UPSTREAM] & EPOLLOUT : 0) |
+                     (paused(down) ? 0 : EV_IN_RDHUP) | (up->writing ? EPOLLOUT : 0);
     for (int i = 0; i < 2; i++) {
-        if (c->registered[i] && c->mask[i] == want[i])
+        if (c->registered[i] && c->mask[i] == want[i] && !c->rearm[i])
             continue;
+        c->rearm[i] = 0;
         struct epoll_event ev = {.events = want[i], .data.ptr = &c->ref[i]};
         int op = c->registered[i] ? EPOLL_CTL_MOD : EPOLL_CTL_ADD;
         if (epoll_ctl(e->epfd, op, c->fd[i], &ev) < 0) {
@@ -547,9 +564,16 @@ static int flush_pipe(Engine *e, Conn *c, Dir *d) {
     return 0;
 }
 
+/* The read of d stopped with data perhaps left on its source: have sync_interest re-check it
+ * (edge-triggered, no new edge would come for bytes already there). */
+static void rearm_src(Conn *c, Dir *d) {
+    c->rearm[d == &c->dir[UP] ? CLIENT : UPSTREAM] = 1;
+}
+
 static void splice_in(Engine *e, Conn *c, Dir *d) {
     int src = src_fd(c, d);
-    for (int i = 0; i < SPLICE_ROUNDS; i++) {
+    int i;
+    for (i = 0; i < SPLICE_ROUNDS; i++) {
         ssize_t n = splice(src, NULL, d->pipe_w, NULL, (size_t)e->pipe_size, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
         if (n < 0) {
             if (errno == EAGAIN || errno == EINTR)
@@ -573,9 +597,12 @@ static void splice_in(Engine *e, Conn *c, Dir *d) {
         d->small = splice_round(e, d->small, n);
         if (d->small >= e->copy_after) {
             to_copy(d);
+            rearm_src(c, d);
             break;
         }
     }
+    if (i == SPLICE_ROUNDS)
+        rearm_src(c, d);
     d->reading = 1;
 }
 
@@ -587,7 +614,8 @@ static void dir_readable(Engine *e, Conn *c, Dir *d, uint32_t bits) {
         return;
     }
     int src = src_fd(c, d), dst = dst_fd(c, d);
-    for (int i = 0; i < READ_ROUNDS; i++) {
+    int i;
+    for (i = 0; i < READ_ROUNDS; i++) {
         ssize_t n = recv(src, buffer, BUFFER_SIZE, MSG_DONTWAIT);
         if (n < 0) {
             if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)
@@ -625,6 +653,7 @@ static void dir_readable(Engine *e, Conn *c, Dir *d, uint32_t bits) {
             if (streak == SPLICE_NOW) {
                 d->streak = 0;
                 to_splice(e, d);
+                rearm_src(c, d);
                 break;
             }
             d->streak = streak;
@@ -632,6 +661,8 @@ static void dir_readable(Engine *e, Conn *c, Dir *d, uint32_t bits) {
         if (n < BUFFER_SIZE && !(bits & EPOLLRDHUP))
             break;
     }
+    if (i == READ_ROUNDS)
+        rearm_src(c, d);
     d->reading = 1;
 }
 
@@ -659,7 +690,7 @@ static void dir_writable(Engine *e, Conn *c, Dir *d) {
 
 /* ---- dialing ---- */
 
-static void conn_connected(Engine *e, Conn *c);
+static void conn_connected(Engine *e, Conn *c, uint32_t bits);
 static void dial_failed(Engine *e, Conn *c, int err);
 
 static void refuse(Engine *e, Conn *c) {
@@ -713,30 +744,30 @@ static void dial(Engine *e, Conn *c, PyObject *target) {
     c->fd[UPSTREAM] = fd;
     c->registered[UPSTREAM] = 0;
     if (connect(fd, &c->endpoint.sa, addr_len(&c->endpoint)) == 0) {
-        conn_connected(e, c);
+        conn_connected(e, c, 0); /* not registered yet: its ADD reports what is there */
         return;
     }
     if (errno != EINPROGRESS) {
         dial_failed(e, c, errno);
         return;
     }
-    struct epoll_event ev = {.events = EPOLLOUT, .data.ptr = &c->ref[UPSTREAM]};
+    struct epoll_event ev = {.events = EV_DIAL, .data.ptr = &c->ref[UPSTREAM]};
     if (epoll_ctl(e->epfd, EPOLL_CTL_ADD, fd, &ev) < 0) {
         note_errno(e, "upstream", errno);
         refuse(e, c);
         return;
     }
     c->registered[UPSTREAM] = 1;
-    c->mask[UPSTREAM] = EPOLLOUT;
+    c->mask[UPSTREAM] = EV_DIAL;
     int slot = c->attempt - 1 < e->ntimeouts ? c->attempt - 1 : e->ntimeouts - 1;
     queue_push(e, c, e->timeouts[slot]);
     if (c->attempt >= 2 && !c->registered[CLIENT]) {
         /* A slow endpoint: watch the client for errors and hang-ups meanwhile, so a client
          * that gives up ends the attempt too (the first attempt is short enough unwatched). */
-        struct epoll_event cev = {.events = 0, .data.ptr = &c->ref[CLIENT]};
+        struct epoll_event cev = {.events = EPOLLET, .data.ptr = &c->ref[CLIENT]};
         if (epoll_ctl(e->epfd, EPOLL_CTL_ADD, c->fd[CLIENT], &cev) == 0) {
             c->registered[CLIENT] = 1;
-            c->mask[CLIENT] = 0;
+            c->mask[CLIENT] = EPOLLET;
         }
     }
 }
@@ -784,7 +815,8 @@ static void dial_failed(Engine *e, Conn *c, int err) {
     Py_DECREF(next);
 }
 
-static void conn_connected(Engine *e, Conn *c) {
+/* bits: the connect's event; edge-triggered, so a reply that came with it is read now. */
+static void conn_connected(Engine *e, Conn *c, uint32_t bits) {
     queue_remove(e, c);
     c->state = OPEN;
     if (e->splice_after == 0) {
@@ -794,6 +826,8 @@ static void conn_connected(Engine *e, Conn *c) {
     c->dir[DOWN].reading = 1;
     /* the client's request is usually there already: no wait for a wake-up */
     dir_readable(e, c, &c->dir[UP], 0);
+    if (c->state == OPEN && bits & EV_IN_RDHUP)
+        dir_readable(e, c, &c->dir[DOWN], bits);
     if (c->state == OPEN)
         sync_interest(e, c);
 }
@@ -808,7 +842,7 @@ static void dial_done(Engine *e, Conn *c, uint32_t bits) {
         dial_failed(e, c, err ? err : ECONNREFUSED);
         return;
     }
-    conn_connected(e, c);
+    conn_connected(e, c, bits);
 }
 
 /* ---- accepting ---- */
@@ -961,14 +995,10 @@ static void on_conn_event(Engine *e, Conn *c, int side, uint32_t bits) {
     Dir *reader = &c->dir[side == CLIENT ? UP : DOWN];
     Dir *writer = &c->dir[side == CLIENT ? DOWN : UP];
     if (!reader->reading && !writer->writing) {
-        /* an error or hang-up on a socket nobody waits on: fail, or stop it spinning */
-        if (bits & EPOLLERR) {
+        /* an error on a socket nobody waits on fails the pair; anything else (a hang-up, the
+         * readiness of a paused or ended direction) is an edge, reported once: ignored */
+        if (bits & EPOLLERR)
             conn_fail(e, c, ECONNRESET);
-        } else if (bits & EPOLLHUP && c->registered[side]) {
-            epoll_ctl(e->epfd, EPOLL_CTL_DEL, c->fd[side], NULL);
-            c->registered[side] = 0;
-            c->mask[side] = 0;
-        }
         return;
     }
     if (reader->reading && bits & (EV_IN_RDHUP | EV_ERR_HUP))

@@ -1,0 +1,60 @@
+"""A burst that is already queued when the compiled engine reads comes out whole.
+
+The engine's sockets are edge-triggered (engine.c's header): a burst that lands while the
+engine is busy elsewhere brings one edge, whatever its size. A read that stops with bytes
+left must therefore look again by itself; each case below stops at one of the three places
+where it does (tests/kernel/engine_bursts.py drives the engine by hand, in a namespace of
+this test's own, removed afterwards).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import privileged_reason, skip_or_fail
+
+pytestmark = pytest.mark.privileged
+
+ROOT = Path(__file__).resolve().parents[2]
+BURST = 1 << 20
+
+CASES = {
+    # a fresh direction copies; its first full read starts splicing and ends the read
+    "copy-then-splice": (64 * 1024, 1 << 20),
+    # copying only: the read stops after its four rounds of 64 KiB
+    "copy-only": (-1, 1 << 20),
+    # splicing from the start through 64 KiB pipes: the read stops after its four rounds
+    "splice-only": (0, 64 * 1024),
+}
+
+
+@pytest.fixture
+def netns() -> Iterator[str]:
+    reason = privileged_reason()
+    if reason:
+        skip_or_fail(reason)
+    name = f"pyproxy-bursts-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    subprocess.run(["ip", "netns", "add", name], check=True, timeout=10)
+    try:
+        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True, timeout=10)
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "delete", name], check=False, timeout=10)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_a_queued_burst_comes_out_whole(netns: str, case: str) -> None:
+    splice_after, pipe_size = CASES[case]
+    done = subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-m", "tests.kernel.engine_bursts",
+                           str(splice_after), str(pipe_size), str(BURST)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout) == {"up": BURST, "down": BURST}, done.stdout
