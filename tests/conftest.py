@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 
@@ -24,3 +27,14 @@ def privileged_reason() -> str | None:
         if shutil.which(tool) is None:
             return f"needs the '{tool}' command (apt-get install iproute2 nftables)"
     return None
+
+
+@contextmanager
+def private_netns(name: str) -> Iterator[str]:
+    """A network namespace of the caller's own, `lo` up, deleted on the way out (on failure too)."""
+    subprocess.run(["ip", "netns", "add", name], check=True, timeout=30)
+    try:
+        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True, timeout=30)
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "delete", name], check=False, timeout=30)

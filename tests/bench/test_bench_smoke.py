@@ -14,6 +14,8 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import private_netns
+
 ROOT = Path(__file__).resolve().parents[2]
 PORT = 9000
 
@@ -22,24 +24,21 @@ pytestmark = pytest.mark.privileged
 
 @pytest.fixture(scope="module")
 def netns() -> Iterator[str]:
-    name = f"pbt{os.getpid()}-smoke"
-    subprocess.run(["ip", "netns", "add", name], check=True, timeout=30)
     backend: subprocess.Popen[bytes] | None = None
-    try:
-        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True, timeout=30)
-        backend = subprocess.Popen(
-            ["ip", "netns", "exec", name, sys.executable, "-m", "bench.backend", "--port", str(PORT),
-             "--name", "be-smoke"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            start_new_session=True)
-        probe = subprocess.run(["ip", "netns", "exec", name, sys.executable, "-m", "bench.probe",
-                                "--target", f"127.0.0.1:{PORT}", "--timeout", "10"], cwd=ROOT, timeout=30)
-        assert probe.returncode == 0, "backend did not come up"
-        yield name
-    finally:
-        if backend is not None:
-            os.killpg(backend.pid, 15)
-            backend.wait(timeout=10)
-        subprocess.run(["ip", "netns", "del", name], timeout=30)
+    with private_netns(f"pbt{os.getpid()}-smoke") as name:
+        try:
+            backend = subprocess.Popen(
+                ["ip", "netns", "exec", name, sys.executable, "-m", "bench.backend", "--port", str(PORT),
+                 "--name", "be-smoke"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                start_new_session=True)
+            probe = subprocess.run(["ip", "netns", "exec", name, sys.executable, "-m", "bench.probe",
+                                    "--target", f"127.0.0.1:{PORT}", "--timeout", "10"], cwd=ROOT, timeout=30)
+            assert probe.returncode == 0, "backend did not come up"
+            yield name
+        finally:
+            if backend is not None:
+                os.killpg(backend.pid, 15)
+                backend.wait(timeout=10)
 
 
 def load(ns: str, *args: str) -> dict[str, Any]:

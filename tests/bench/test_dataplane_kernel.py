@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import privileged_reason, skip_or_fail
+from tests.conftest import private_netns, privileged_reason, skip_or_fail
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVER_PORT = 9100
@@ -54,47 +54,46 @@ def netns() -> Iterator[str]:
     reason = privileged_reason()
     if reason:
         skip_or_fail(reason)
-    name = f"pbt{os.getpid()}-dp"
-    subprocess.run(["ip", "netns", "add", name], check=True, timeout=30)
     procs: list[subprocess.Popen[bytes]] = []
-    try:
-        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True, timeout=30)
-        procs.append(subprocess.Popen(
-            _exec(name, sys.executable, "-m", "tests.bench.integrity", "server", str(SERVER_PORT), str(MIB)),
-            cwd=ROOT, start_new_session=True))
-        procs.append(subprocess.Popen(_exec(name, sys.executable, "-m", "tests.bench.phases", "server", str(ECHO_PORT)),
-                                      cwd=ROOT, start_new_session=True))
-        procs.append(subprocess.Popen(_exec(name, sys.executable, "-m", "bench.backend", "--port", str(SOURCE_PORT),
-                                            "--name", "b", "--host", "127.0.0.1"), cwd=ROOT, start_new_session=True))
-        for port, args in RELAYS.items():
-            backend = SERVER_PORT
-            if "--backend-of-port" in args:
-                backend = int(args[args.index("--backend-of-port") + 1])
-                args = args[:args.index("--backend-of-port")] + args[args.index("--backend-of-port") + 2:]
-            env = dict(os.environ)
-            if "--pure-python" in args:
-                args = tuple(a for a in args if a != "--pure-python")
-                env["PYPROXY_PURE_PYTHON"] = "1"
-            proc = subprocess.Popen(
-                _exec(name, sys.executable, "-m", "bench.relayrig", "--listen", f"127.0.0.1:{port}",
-                      "--backend", f"127.0.0.1:{backend}", "--seconds", "600", *args),
-                cwd=ROOT, stderr=subprocess.DEVNULL, start_new_session=True, env=env)
-            procs.append(proc)
-            RELAY_PIDS[port] = proc.pid
-        time.sleep(1.0)
-        assert all(p.poll() is None for p in procs), "a relay or the server exited at start"
-        yield name
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, 15)
-        for p in procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, 9)
-                p.wait(timeout=10)
-        subprocess.run(["ip", "netns", "del", name], timeout=30)
+    with private_netns(f"pbt{os.getpid()}-dp") as name:
+        try:
+            procs.append(subprocess.Popen(
+                _exec(name, sys.executable, "-m", "tests.bench.integrity", "server", str(SERVER_PORT), str(MIB)),
+                cwd=ROOT, start_new_session=True))
+            procs.append(subprocess.Popen(
+                _exec(name, sys.executable, "-m", "tests.bench.phases", "server", str(ECHO_PORT)),
+                cwd=ROOT, start_new_session=True))
+            procs.append(subprocess.Popen(
+                _exec(name, sys.executable, "-m", "bench.backend", "--port", str(SOURCE_PORT), "--name", "b",
+                      "--host", "127.0.0.1"), cwd=ROOT, start_new_session=True))
+            for port, args in RELAYS.items():
+                backend = SERVER_PORT
+                if "--backend-of-port" in args:
+                    backend = int(args[args.index("--backend-of-port") + 1])
+                    args = args[:args.index("--backend-of-port")] + args[args.index("--backend-of-port") + 2:]
+                env = dict(os.environ)
+                if "--pure-python" in args:
+                    args = tuple(a for a in args if a != "--pure-python")
+                    env["PYPROXY_PURE_PYTHON"] = "1"
+                proc = subprocess.Popen(
+                    _exec(name, sys.executable, "-m", "bench.relayrig", "--listen", f"127.0.0.1:{port}",
+                          "--backend", f"127.0.0.1:{backend}", "--seconds", "600", *args),
+                    cwd=ROOT, stderr=subprocess.DEVNULL, start_new_session=True, env=env)
+                procs.append(proc)
+                RELAY_PIDS[port] = proc.pid
+            time.sleep(1.0)
+            assert all(p.poll() is None for p in procs), "a relay or the server exited at start"
+            yield name
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    os.killpg(p.pid, 15)
+            for p in procs:
+                try:
+                    p.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    os.killpg(p.pid, 9)
+                    p.wait(timeout=10)
 
 
 @pytest.mark.parametrize("port", [15001, 15002, 15003])

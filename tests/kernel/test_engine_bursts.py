@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import privileged_reason, skip_or_fail
+from tests.conftest import private_netns, privileged_reason, skip_or_fail
 
 pytestmark = pytest.mark.privileged
 
@@ -41,13 +41,8 @@ def netns() -> Iterator[str]:
     reason = privileged_reason()
     if reason:
         skip_or_fail(reason)
-    name = f"pyproxy-bursts-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    subprocess.run(["ip", "netns", "add", name], check=True, timeout=10)
-    try:
-        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True, timeout=10)
+    with private_netns(f"pyproxy-bursts-{os.getpid()}-{uuid.uuid4().hex[:8]}") as name:
         yield name
-    finally:
-        subprocess.run(["ip", "netns", "delete", name], check=False, timeout=10)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

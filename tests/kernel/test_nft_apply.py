@@ -27,7 +27,7 @@ from pyproxy.dataplane.nft import (
     render_update,
 )
 from pyproxy.model.table import Element, Verdict
-from tests.conftest import privileged_reason, skip_or_fail
+from tests.conftest import private_netns, privileged_reason, skip_or_fail
 
 pytestmark = pytest.mark.privileged
 
@@ -68,15 +68,11 @@ def netns(tmp_path: Path) -> Iterator[Netns]:
     reason = privileged_reason()
     if reason:
         skip_or_fail(reason)
-    name = f"pyproxy-nft-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    subprocess.run(["ip", "netns", "add", name], check=True, timeout=10)
-    try:
+    with private_netns(f"pyproxy-nft-{os.getpid()}-{uuid.uuid4().hex[:8]}") as name:
         # the re-entry veth the pod-bridge chain forwards into (routing.py makes it in pyproxy)
         subprocess.run(["ip", "-n", name, "link", "add", REENTRY_DEVICE, "type", "veth", "peer", "name", "in0"],
                        check=True, timeout=10)
         yield Netns(name, tmp_path)
-    finally:
-        subprocess.run(["ip", "netns", "delete", name], check=False, timeout=10)
 
 
 def kernel_view(elements: set[Element]) -> dict[str, set[tuple[str, str, int]]]:
