@@ -59,7 +59,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from pyproxy.model.family import Family, family_of
@@ -262,18 +262,19 @@ def _chunks(verb: str, target: str, items: list[str]) -> list[str]:
 
 
 def _services_lines(verb: str, keys: set[tuple[str, str, int]]) -> list[str]:
-    by_table: dict[str, list[str]] = {}
-    for ip, protocol, port in sorted(keys):
-        by_table.setdefault(family_of(ip).nft, []).append(_item(ip, protocol, port))
-    return [line for table, items in sorted(by_table.items())
-            for line in _chunks(verb, f"{table} {TABLE} {SERVICES_SET}", items)]
+    return _key_lines(verb, keys, lambda family: f"{family.nft} {TABLE} {SERVICES_SET}")
 
 
 def _reentry_lines(verb: str, keys: set[tuple[str, str, int]]) -> list[str]:
-    by_set: dict[str, list[str]] = {}
+    return _key_lines(verb, keys, lambda family: f"netdev {TABLE} {FAMILIES[family].reentry_set}")
+
+
+def _key_lines(verb: str, keys: set[tuple[str, str, int]], target: Callable[[Family], str]) -> list[str]:
+    """`verb` the frontends `keys` in the set `target` names for each one's family."""
+    by_target: dict[str, list[str]] = {}
     for ip, protocol, port in sorted(keys):
-        by_set.setdefault(FAMILIES[family_of(ip)].reentry_set, []).append(_item(ip, protocol, port))
-    return [line for name, items in sorted(by_set.items()) for line in _chunks(verb, f"netdev {TABLE} {name}", items)]
+        by_target.setdefault(target(family_of(ip)), []).append(_item(ip, protocol, port))
+    return [line for name, items in sorted(by_target.items()) for line in _chunks(verb, name, items)]
 
 
 def _element_lines(verb: str, elements: Iterable[Element]) -> list[str]:
