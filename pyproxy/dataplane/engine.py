@@ -9,6 +9,13 @@ connection, through callbacks:
   (`ServiceTable.routes`), the endpoint set and source policy (`plan_connection`), and the
   endpoint (`Balancer.pick`, affinity included) — the same pure code `FastRelay` calls.
   It counts what the pair counts (total, active, refused, unknown destination).
+  Where that answer depends on nothing but the route (`Balancer.uniform`: no affinity; no
+  client-dependent endpoint set, `source_matters`), it also hands the engine a plan: the
+  route, the targets and the port's counters. The engine then serves the next connections
+  to that address by a uniform draw of its own and counts them as `_decide` and `_closed`
+  would, for as long as `table.routes` holds the same Route object for the address (a sync
+  makes a new one for every change, and the engine looks it up at every connection), so
+  no Python runs per connection there.
 - `_redial`: a dial failed or timed out: count it, pick again without the failed endpoints,
   up to `len(dial_timeouts)` attempts.
 - `_closed` / `_moved`: bytes relayed, reported when the pair closes, and for open pairs when
@@ -61,8 +68,9 @@ STATS_CACHE_LIMIT = 65536
 DEFAULT_SPLICE_AFTER = 64 * 1024
 
 Context = tuple[PortStats, ServicePortName]  # what the engine hands back about a pair
-Prepared = tuple[Route, Context, "Balancer | None", Plan, "Plan | None"]  # per frontend: see _prepared
 Target = tuple[str, int, bool, Context]  # dial (ip, port), transparently or not
+EnginePlan = tuple[tuple[str, str, int], Route, tuple[Target, ...], PortStats]  # engine.c's "Plans"
+Prepared = tuple[Route, Context, "Balancer | None", Plan, "Plan | None", "EnginePlan | None"]  # see _prepared
 
 
 def _load() -> Any:
@@ -151,7 +159,8 @@ class NativeRelay:
         self.engine = native.Engine(
             self._decide, self._redial, self._closed, self._moved, self._note,
             dial_timeouts=tuple(self.config.dial_timeouts), splice_after=policy.splice_after,
-            bulk_read=policy.bulk_read, copy_after=policy.copy_after, pipe_size=PIPE_SIZE)
+            bulk_read=policy.bulk_read, copy_after=policy.copy_after, pipe_size=PIPE_SIZE,
+            routes=self.table.routes)
         if self.draining:
             self.engine.set_draining(True)
         self.engine.add_listener(self.listener.fileno())
@@ -166,13 +175,21 @@ class NativeRelay:
         (a sync makes a new Route for every change; a port's Balancer lives as long as the
         port, so it is the route's for the route's whole life): the port's counters and name,
         its balancer, and `plan_connection`'s answers (the second only where the source
-        matters: an external frontend of a Local port)."""
+        matters: an external frontend of a Local port); and the engine's plan where the pick
+        needs nothing but the route (engine.c's "Plans")."""
         cached = self._contexts.get(frontend)
         if cached is not None and cached[0] is route:
             return cached
         port = route.port
-        prepared = (route, (self.stats.port(port.name), port.name), self.table.balancers.get(port.name),
-                    plan_connection(route, False), plan_connection(route, True) if source_matters(route) else None)
+        context = (self.stats.port(port.name), port.name)
+        balancer = self.table.balancers.get(port.name)
+        plan = plan_connection(route, False)
+        local_plan = plan_connection(route, True) if source_matters(route) else None
+        engine_plan = None
+        if local_plan is None and balancer is not None and balancer.uniform and plan.candidates:
+            targets = tuple((e.ip, e.port, plan.transparent, context) for e in plan.candidates)
+            engine_plan = (frontend, route, targets, context[0])
+        prepared = (route, context, balancer, plan, local_plan, engine_plan)
         if len(self._contexts) >= STATS_CACHE_LIMIT:
             self._contexts.clear()
         self._contexts[frontend] = prepared
@@ -181,13 +198,14 @@ class NativeRelay:
     def _context(self, frontend: tuple[str, str, int], route: Route) -> Context:
         return self._prepared(frontend, route)[1]
 
-    def _decide(self, client_ip: str, client_port: int, dst_ip: str, dst_port: int) -> Target | None:
+    def _decide(self, client_ip: str, client_port: int, dst_ip: str,
+                dst_port: int) -> Target | tuple[str, int, bool, Context, EnginePlan] | None:
         frontend = (dst_ip, "TCP", dst_port)
         route = self.table.routes.get(frontend)
         if route is None:
             self.stats.unknown_destination += 1
             return None
-        _, context, balancer, plan, local_plan = self._prepared(frontend, route)
+        _, context, balancer, plan, local_plan, engine_plan = self._prepared(frontend, route)
         if local_plan is not None and self.is_local_source(client_ip):
             plan = local_plan
         stats = context[0]
@@ -201,6 +219,8 @@ class NativeRelay:
             stats.refused += 1
             stats.active -= 1
             return None
+        if engine_plan is not None:
+            return endpoint.ip, endpoint.port, plan.transparent, context, engine_plan
         return endpoint.ip, endpoint.port, plan.transparent, context
 
     def _redial(self, context: Context, client_ip: str, client_port: int, dst_ip: str, dst_port: int,
@@ -216,7 +236,7 @@ class NativeRelay:
         endpoint = None
         transparent = False
         if attempt < len(self.config.dial_timeouts) and route is not None and route.port.name == name:
-            _, _, balancer, plan, local_plan = self._prepared(frontend, route)
+            _, _, balancer, plan, local_plan, _ = self._prepared(frontend, route)
             if local_plan is not None and self.is_local_source(client_ip):
                 plan = local_plan
             transparent = plan.transparent

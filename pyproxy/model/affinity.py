@@ -131,6 +131,13 @@ class Balancer:
         self.affinity.timeout = affinity_timeout
         self.affinity.retain(usable)
 
+    @property
+    def uniform(self) -> bool:
+        """Whether `pick` is a uniform random draw over its candidates that reads and records
+        nothing (no affinity): then a relay that holds the candidates may draw for itself,
+        as the compiled engine does (dataplane/engine.py), until the port's route changes."""
+        return self.affinity is None
+
     def pick(
         self,
         client_ip: str,

@@ -192,6 +192,22 @@ def test_affinity_switched_on_and_off_at_once() -> None:
     assert len({balancer.pick("192.0.2.1", ABC, now=3.0) for _ in range(60)}) == 3
 
 
+@pytest.mark.parametrize("seed", [None, "cluster-seed"])
+def test_uniform_means_the_pick_is_a_plain_draw_the_relay_may_make_itself(seed: str | None) -> None:
+    """`uniform` is the licence the compiled engine draws under: while it holds, the same
+    draw from another source of randomness gives the same distribution and loses no state."""
+    balancer = Balancer(100, rng=random.Random(7), consistent_seed=seed)
+    balancer.configure(None, addresses(*ABC))
+    assert balancer.uniform
+    picks = Counter(balancer.pick(f"192.0.2.{i % 5}", ABC, now=float(i)) for i in range(3000))
+    assert set(picks) == set(ABC) and min(picks.values()) > 900  # every client spread over all three
+    assert balancer.affinity is None  # nothing recorded
+    balancer.configure(10800, addresses(*ABC))
+    assert not balancer.uniform  # pins are read and written: every pick is the model's
+    balancer.configure(None, addresses(*ABC))
+    assert balancer.uniform
+
+
 def test_shorter_timeout_applies_to_existing_pins() -> None:
     balancer = sticky_balancer(timeout=10800)
     first = balancer.pick("192.0.2.1", ABC, now=0.0)

@@ -5,10 +5,15 @@
  * (splice.py's header is their theory of operation); this file only moves connections and
  * bytes. Every decision stays in Python and is asked for through callbacks:
  *
- *   decide(client_ip, client_port, dst_ip, dst_port) -> None | (ip, port, transparent, ctx)
+ *   decide(client_ip, client_port, dst_ip, dst_port) -> None | (ip, port, transparent, ctx[, plan])
  *       a new connection was accepted (dst: its original destination). None: reset it
  *       (the callback counted why). Else dial (ip, port), from the client's address when
  *       `transparent`; `ctx` is the caller's, handed back with every report on this pair.
+ *       plan = (key, route, targets, counters): "until routes[key] is no longer `route`,
+ *       serve this destination by a uniform draw from `targets` (tuples like this one,
+ *       without the plan), without asking". `routes` is the dict given at construction.
+ *       For such a pair the engine also does the counting decide() and closed() would do
+ *       (counters.active, .total, .bytes_in, .bytes_out: see "Plans" below).
  *   redial(ctx, client_ip, client_port, dst_ip, dst_port, failed, errno, attempt) -> same
  *       a dial failed (errno 0: it timed out); `failed` lists the (ip, port) tried so far.
  *   closed(ctx, bytes_in, bytes_out)      the pair is gone: bytes not yet reported
@@ -34,6 +39,12 @@
  *   copy mode (one recv into the shared buffer, one send) or splice mode (its own pipe).
  * - A closed Conn is freed only when run() ends (a later event of the same batch may name
  *   it), into a free list that new pairs reuse.
+ * - Plans: a destination whose endpoint choice depends on nothing but its endpoint set (no
+ *   affinity, no client-dependent set: the caller decides that) is served from a plan
+ *   decide() handed over, keyed by the destination's address, checked at each connection by
+ *   one dict lookup: the route object that routes[key] holds now must be the plan's (a sync
+ *   makes a new Route for every change, so a change is seen by the next connection). Then
+ *   no Python code runs between accept and the first byte relayed, nor at close.
  * - Nothing blocks; the GIL is held throughout (every call is a non-blocking syscall).
  */
 #define PY_SSIZE_T_CLEAN
@@ -47,6 +58,7 @@
 #include <stdint.h>
 #include <string.h>
 #include <sys/epoll.h>
+#include <sys/random.h>
 #include <sys/socket.h>
 #include <sys/timerfd.h>
 #include <time.h>
@@ -78,6 +90,8 @@
 #define EV_IN_RDHUP (EPOLLIN | EPOLLRDHUP)
 #define EV_DIAL (EPOLLIN | EPOLLRDHUP | EPOLLOUT | EPOLLET) /* an upstream's interest from its dial on */
 #define EV_ERR_HUP (EPOLLERR | EPOLLHUP)
+#define PLAN_BUCKETS 1024
+#define PLAN_LIMIT 4096 /* plans held at most: past it they are all dropped and made again */
 
 enum { UP = 0, DOWN = 1 };                  /* directions */
 enum { CLIENT = 0, UPSTREAM = 1 };          /* sockets of a pair */
@@ -123,6 +137,7 @@ typedef struct Conn {
     Addr client, frontend, endpoint;
     double started, last, deadline;
     PyObject *ctx, *failed, *target; /* target: the (ip, port, ...) tuple being dialed */
+    PyObject *counters;               /* served from a plan: the engine counts (else closed()) */
     struct Conn *prev, *next;         /* every live pair */
     struct Conn *dprev, *dnext;       /* the dial queue of its attempt */
     unsigned long long id;
@@ -139,9 +154,20 @@ typedef struct {
     Ref ref;
 } Listener;
 
+/* How one destination is served without asking decide() (the header's "Plans"). */
+typedef struct Plan {
+    struct Plan *next; /* in its bucket */
+    Addr frontend;
+    PyObject *key, *route, *targets, *counters;
+} Plan;
+
 typedef struct {
     PyObject_HEAD int epfd, tfd;
     PyObject *decide, *redial, *closed_cb, *moved_cb, *note_cb;
+    PyObject *routes; /* NULL: no plans */
+    Plan *plans[PLAN_BUCKETS];
+    int nplans;
+    uint64_t rng;
     double timeouts[MAX_TIMEOUTS];
     int ntimeouts;
     long splice_after, bulk_read, copy_after;
@@ -270,6 +296,150 @@ static socklen_t addr_len(const Addr *a) {
     return a->sa.sa_family == AF_INET6 ? sizeof(struct sockaddr_in6) : sizeof(struct sockaddr_in);
 }
 
+/* ---- plans: destinations served without asking decide() ---- */
+
+static PyObject *str_active, *str_total, *str_bytes_in, *str_bytes_out;
+
+static int addr_same(const Addr *a, const Addr *b) {
+    if (a->sa.sa_family != b->sa.sa_family)
+        return 0;
+    if (a->sa.sa_family == AF_INET)
+        return a->v4.sin_port == b->v4.sin_port && a->v4.sin_addr.s_addr == b->v4.sin_addr.s_addr;
+    return a->v6.sin6_port == b->v6.sin6_port &&
+           memcmp(&a->v6.sin6_addr, &b->v6.sin6_addr, sizeof a->v6.sin6_addr) == 0;
+}
+
+static unsigned addr_bucket(const Addr *a) {
+    uint64_t h;
+    if (a->sa.sa_family == AF_INET) {
+        h = ((uint64_t)a->v4.sin_addr.s_addr << 16) ^ a->v4.sin_port;
+    } else {
+        uint64_t w[2];
+        memcpy(w, &a->v6.sin6_addr, sizeof w);
+        h = w[0] ^ (w[1] * 31) ^ a->v6.sin6_port;
+    }
+    h *= 0x9E3779B97F4A7C15ull;
+    return (unsigned)(h >> 54) % PLAN_BUCKETS; /* the top 10 bits */
+}
+
+static Plan **plan_slot(Engine *e, const Addr *frontend) {
+    Plan **slot = &e->plans[addr_bucket(frontend)];
+    while (*slot != NULL && !addr_same(&(*slot)->frontend, frontend))
+        slot = &(*slot)->next;
+    return slot;
+}
+
+static void plan_free(Plan *p) {
+    Py_XDECREF(p->key);
+    Py_XDECREF(p->route);
+    Py_XDECREF(p->targets);
+    Py_XDECREF(p->counters);
+    PyMem_RawFree(p);
+}
+
+static void plans_clear(Engine *e) {
+    for (int i = 0; i < PLAN_BUCKETS; i++) {
+        while (e->plans[i] != NULL) {
+            Plan *p = e->plans[i];
+            e->plans[i] = p->next;
+            plan_free(p);
+        }
+    }
+    e->nplans = 0;
+}
+
+/* The plan for `frontend` while it still holds (its route is still routes[key]), else NULL
+ * (a plan that no longer holds is dropped). */
+static Plan *plan_find(Engine *e, const Addr *frontend) {
+    if (e->routes == NULL || e->nplans == 0)
+        return NULL;
+    Plan **slot = plan_slot(e, frontend);
+    Plan *p = *slot;
+    if (p == NULL)
+        return NULL;
+    PyObject *now = PyDict_GetItemWithError(e->routes, p->key); /* borrowed */
+    if (now == p->route)
+        return p;
+    PyErr_Clear();
+    *slot = p->next;
+    e->nplans--;
+    plan_free(p);
+    return NULL;
+}
+
+/* Keep decide()'s plan (key, route, targets, counters) for `frontend`. A plan that is not
+ * that shape is an error of the caller's: reported, and the destination is asked again. */
+static void plan_keep(Engine *e, const Addr *frontend, PyObject *plan) {
+    if (e->routes == NULL || plan == Py_None)
+        return;
+    if (!PyTuple_Check(plan) || PyTuple_GET_SIZE(plan) != 4 || !PyTuple_Check(PyTuple_GET_ITEM(plan, 2)) ||
+        PyTuple_GET_SIZE(PyTuple_GET_ITEM(plan, 2)) < 1) {
+        PyErr_Format(PyExc_TypeError, "a plan is (key, route, targets, counters) with targets, not %R", plan);
+        note_exception(e, "internal");
+        return;
+    }
+    PyObject *targets = PyTuple_GET_ITEM(plan, 2);
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(targets); i++) {
+        PyObject *t = PyTuple_GET_ITEM(targets, i);
+        if (!PyTuple_Check(t) || PyTuple_GET_SIZE(t) != 4) {
+            PyErr_Format(PyExc_TypeError, "a plan's targets are (ip, port, transparent, ctx), not %R", t);
+            note_exception(e, "internal");
+            return;
+        }
+    }
+    Plan **slot = plan_slot(e, frontend);
+    if (*slot != NULL) { /* replaced */
+        Plan *old = *slot;
+        *slot = old->next;
+        e->nplans--;
+        plan_free(old);
+    }
+    if (e->nplans >= PLAN_LIMIT) {
+        plans_clear(e);
+        slot = plan_slot(e, frontend);
+    }
+    Plan *p = PyMem_RawMalloc(sizeof *p);
+    if (p == NULL)
+        return; /* asked again next time */
+    p->frontend = *frontend;
+    p->key = Py_NewRef(PyTuple_GET_ITEM(plan, 0));
+    p->route = Py_NewRef(PyTuple_GET_ITEM(plan, 1));
+    p->targets = Py_NewRef(targets);
+    p->counters = Py_NewRef(PyTuple_GET_ITEM(plan, 3));
+    p->next = NULL;
+    *slot = p;
+    e->nplans++;
+}
+
+/* xorshift64*: a uniform index below n (the bias of the multiply-shift is below 2^-32 * n). */
+static Py_ssize_t draw(Engine *e, Py_ssize_t n) {
+    uint64_t x = e->rng;
+    x ^= x >> 12;
+    x ^= x << 25;
+    x ^= x >> 27;
+    e->rng = x;
+    uint32_t r = (uint32_t)((x * 0x2545F4914F6CDD1Dull) >> 32);
+    return (Py_ssize_t)(((uint64_t)r * (uint64_t)n) >> 32);
+}
+
+/* counters.<name> += delta (a plan's pair is counted as decide() and closed() count). */
+static int count(PyObject *counters, PyObject *name, unsigned long long delta, int negative) {
+    if (delta == 0)
+        return 0;
+    PyObject *value = PyObject_GetAttr(counters, name);
+    if (value == NULL)
+        return -1;
+    PyObject *d = PyLong_FromUnsignedLongLong(delta);
+    PyObject *sum = d == NULL ? NULL : negative ? PyNumber_Subtract(value, d) : PyNumber_Add(value, d);
+    Py_DECREF(value);
+    Py_XDECREF(d);
+    if (sum == NULL)
+        return -1;
+    int rc = PyObject_SetAttr(counters, name, sum);
+    Py_DECREF(sum);
+    return rc;
+}
+
 /* ---- bookkeeping ---- */
 
 static void queue_remove(Engine *e, Conn *c) {
@@ -375,6 +545,17 @@ static void dir_stop(Dir *d) {
     }
 }
 
+/* A plan's pair is gone: what closed() would count, counted here. */
+static void count_closed(Engine *e, Conn *c) {
+    unsigned long long in = c->dir[UP].bytes - c->dir[UP].reported;
+    unsigned long long out = c->dir[DOWN].bytes - c->dir[DOWN].reported;
+    c->dir[UP].reported = c->dir[UP].bytes;
+    c->dir[DOWN].reported = c->dir[DOWN].bytes;
+    if (count(c->counters, str_active, 1, 1) < 0 || count(c->counters, str_bytes_in, in, 0) < 0 ||
+        count(c->counters, str_bytes_out, out, 0) < 0)
+        PyErr_WriteUnraisable(c->counters);
+}
+
 static void report(Engine *e, Conn *c, PyObject *cb) {
     if (cb == NULL)
         return;
@@ -422,9 +603,13 @@ static void conn_close(Engine *e, Conn *c, int abort) {
         c->next->prev = c->prev;
     e->count--;
     if (c->ctx != NULL) {
-        report(e, c, e->closed_cb);
+        if (c->counters != NULL)
+            count_closed(e, c);
+        else
+            report(e, c, e->closed_cb);
         Py_CLEAR(c->ctx);
     }
+    Py_CLEAR(c->counters);
     Py_CLEAR(c->failed);
     Py_CLEAR(c->target);
     if (e->in_run) {
@@ -847,12 +1032,49 @@ static void dial_done(Engine *e, Conn *c, uint32_t bits) {
 
 /* ---- accepting ---- */
 
+static Conn *conn_accepted(Engine *e, int fd, const Addr *client, const Addr *local, PyObject *ctx) {
+    Conn *c = conn_new(e);
+    if (c == NULL) {
+        note_errno(e, "upstream", ENOMEM);
+        reset_close(fd);
+        return NULL;
+    }
+    c->fd[CLIENT] = fd;
+    c->client = *client;
+    c->frontend = *local;
+    c->ctx = Py_NewRef(ctx);
+    return c;
+}
+
+/* Serve from a plan: counted as decide() counts (active, total), drawn, dialed. */
+static void serve_planned(Engine *e, int fd, const Addr *client, const Addr *local, Plan *p) {
+    PyObject *target = PyTuple_GET_ITEM(p->targets, draw(e, PyTuple_GET_SIZE(p->targets)));
+    if (count(p->counters, str_active, 1, 0) < 0 || count(p->counters, str_total, 1, 0) < 0) {
+        note_exception(e, "internal");
+        reset_close(fd);
+        return;
+    }
+    Conn *c = conn_accepted(e, fd, client, local, PyTuple_GET_ITEM(target, 3));
+    if (c == NULL) {
+        count(p->counters, str_active, 1, 1);
+        PyErr_Clear();
+        return;
+    }
+    c->counters = Py_NewRef(p->counters);
+    dial(e, c, target);
+}
+
 static void serve(Engine *e, int fd, Addr *client) {
     Addr local;
     socklen_t len = sizeof local;
     if (getsockname(fd, &local.sa, &len) < 0) {
         note_errno(e, "client", errno);
         close(fd);
+        return;
+    }
+    Plan *plan = plan_find(e, &local);
+    if (plan != NULL) {
+        serve_planned(e, fd, client, &local, plan);
         return;
     }
     PyObject *cip = addr_ip(client), *dip = addr_ip(&local);
@@ -878,25 +1100,20 @@ static void serve(Engine *e, int fd, Addr *client) {
         reset_close(fd);
         return;
     }
-    if (!PyTuple_Check(target) || PyTuple_GET_SIZE(target) != 4) {
-        PyErr_Format(PyExc_TypeError, "decide() must return None or (ip, port, transparent, ctx), not %R", target);
+    Py_ssize_t size = PyTuple_Check(target) ? PyTuple_GET_SIZE(target) : 0;
+    if (size != 4 && size != 5) {
+        PyErr_Format(PyExc_TypeError, "decide() must return None or (ip, port, transparent, ctx[, plan]), not %R",
+                     target);
         Py_DECREF(target);
         note_exception(e, "internal");
         reset_close(fd);
         return;
     }
-    Conn *c = conn_new(e);
-    if (c == NULL) {
-        Py_DECREF(target);
-        note_errno(e, "upstream", ENOMEM);
-        reset_close(fd);
-        return;
-    }
-    c->fd[CLIENT] = fd;
-    c->client = *client;
-    c->frontend = local;
-    c->ctx = Py_NewRef(PyTuple_GET_ITEM(target, 3));
-    dial(e, c, target);
+    if (size == 5)
+        plan_keep(e, &local, PyTuple_GET_ITEM(target, 4));
+    Conn *c = conn_accepted(e, fd, client, &local, PyTuple_GET_ITEM(target, 3));
+    if (c != NULL)
+        dial(e, c, target);
     Py_DECREF(target);
 }
 
@@ -1068,13 +1285,17 @@ static PyObject *Engine_run(Engine *e, PyObject *const *args, Py_ssize_t nargs) 
 
 static int Engine_init(Engine *e, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"decide", "redial", "closed", "moved", "note", "dial_timeouts",
-                             "splice_after", "bulk_read", "copy_after", "pipe_size", NULL};
-    PyObject *decide, *redial, *closed, *moved, *note, *timeouts;
+                             "splice_after", "bulk_read", "copy_after", "pipe_size", "routes", NULL};
+    PyObject *decide, *redial, *closed, *moved, *note, *timeouts, *routes = Py_None;
     long splice_after, bulk_read, copy_after;
     int pipe_size;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOOOllli", kwlist, &decide, &redial, &closed, &moved, &note,
-                                     &timeouts, &splice_after, &bulk_read, &copy_after, &pipe_size))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOOOllli|O", kwlist, &decide, &redial, &closed, &moved, &note,
+                                     &timeouts, &splice_after, &bulk_read, &copy_after, &pipe_size, &routes))
         return -1;
+    if (routes != Py_None && !PyDict_Check(routes)) {
+        PyErr_SetString(PyExc_TypeError, "routes must be a dict or None");
+        return -1;
+    }
     PyObject *seq = PySequence_Fast(timeouts, "dial_timeouts must be a sequence");
     if (seq == NULL)
         return -1;
@@ -1110,6 +1331,10 @@ static int Engine_init(Engine *e, PyObject *args, PyObject *kwds) {
     Py_XSETREF(e->closed_cb, Py_NewRef(closed));
     Py_XSETREF(e->moved_cb, Py_NewRef(moved));
     Py_XSETREF(e->note_cb, Py_NewRef(note));
+    Py_XSETREF(e->routes, routes == Py_None ? NULL : Py_NewRef(routes));
+    if (getrandom(&e->rng, sizeof e->rng, GRND_NONBLOCK) != sizeof e->rng)
+        e->rng = (uint64_t)(monotonic() * 1e9) ^ (uint64_t)getpid() << 32;
+    e->rng |= 1; /* xorshift never leaves 0, so it must not start there */
     e->epfd = epoll_create1(EPOLL_CLOEXEC);
     if (e->epfd < 0) {
         PyErr_SetFromErrno(PyExc_OSError);
@@ -1151,16 +1376,28 @@ static int Engine_traverse(Engine *e, visitproc visit, void *arg) {
     Py_VISIT(e->closed_cb);
     Py_VISIT(e->moved_cb);
     Py_VISIT(e->note_cb);
+    Py_VISIT(e->routes);
+    for (int i = 0; i < PLAN_BUCKETS; i++) {
+        for (Plan *p = e->plans[i]; p != NULL; p = p->next) {
+            Py_VISIT(p->key);
+            Py_VISIT(p->route);
+            Py_VISIT(p->targets);
+            Py_VISIT(p->counters);
+        }
+    }
     for (Conn *c = e->all; c != NULL; c = c->next) {
         Py_VISIT(c->ctx);
         Py_VISIT(c->failed);
         Py_VISIT(c->target);
+        Py_VISIT(c->counters);
     }
     return 0;
 }
 
-/* Break the cycle: drop the callbacks (the pairs are ended, unreported, at dealloc). */
+/* Break the cycle: drop the callbacks and plans (the pairs are ended, unreported, at dealloc). */
 static int Engine_clear(Engine *e) {
+    plans_clear(e);
+    Py_CLEAR(e->routes);
     Py_CLEAR(e->decide);
     Py_CLEAR(e->redial);
     Py_CLEAR(e->closed_cb);
@@ -1547,6 +1784,7 @@ static PyObject *Engine_adopt(Engine *e, PyObject *args) {
 
 static PyObject *Engine_close(Engine *e, PyObject *unused) {
     close_all(e, 1);
+    plans_clear(e);
     if (e->tfd >= 0)
         close(e->tfd);
     if (e->epfd >= 0)
@@ -1629,6 +1867,11 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_engine", NULL, -1, 
 
 PyMODINIT_FUNC PyInit__engine(void) {
     if (PyType_Ready(&EngineType) < 0)
+        return NULL;
+    if ((str_active = PyUnicode_InternFromString("active")) == NULL ||
+        (str_total = PyUnicode_InternFromString("total")) == NULL ||
+        (str_bytes_in = PyUnicode_InternFromString("bytes_in")) == NULL ||
+        (str_bytes_out = PyUnicode_InternFromString("bytes_out")) == NULL)
         return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
