@@ -33,7 +33,9 @@ is not watched (one epoll_ctl fewer per connection): a client that resets then i
 when that attempt ends (connected, failed, or at its timeout, whose expiry checks the client
 first); from the second attempt on it is watched, as in the twin. And the engine's sockets are
 edge-triggered in its epoll set, so a connection's interest is set once per socket rather than
-changed at each turn (engine.c's header says what stays registered and why).
+changed at each turn (engine.c's header says what stays registered and why). A short read
+from a socket whose event reported the peer's FIN (EPOLLRDHUP) ends its direction at once:
+the twin reads once more to see the EOF.
 
 Moving to a successor goes through the same TcpState as the other relays
 (`lifecycle/connstate.py`), so pairs move between this engine and either Python relay.

@@ -52,4 +52,20 @@ def test_a_queued_burst_comes_out_whole(netns: str, case: str) -> None:
                            str(splice_after), str(pipe_size), str(BURST)],
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert json.loads(done.stdout) == {"up": BURST, "down": BURST}, done.stdout
+    assert json.loads(done.stdout) == {"up": BURST, "down": BURST, "eof": False}, done.stdout
+
+
+# Replies that end with the endpoint's FIN, queued with it: one short read, a full read then
+# a short one, and a burst through the splice path. The engine ends a direction on a short
+# read when the event reported the FIN: every byte must still come out first, then the EOF.
+FIN_CASES = {"one-read": (-1, 1000), "full-then-short": (-1, 64 * 1024 + 4321), "splice": (0, BURST)}
+
+
+@pytest.mark.parametrize("case", sorted(FIN_CASES))
+def test_a_reply_queued_with_its_fin_comes_out_whole_then_ends(netns: str, case: str) -> None:
+    splice_after, size = FIN_CASES[case]
+    done = subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-m", "tests.kernel.engine_bursts",
+                           str(splice_after), str(1 << 20), str(size), "fin"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout) == {"up": size, "down": size, "eof": True}, done.stdout

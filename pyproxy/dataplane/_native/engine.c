@@ -791,8 +791,10 @@ static void splice_in(Engine *e, Conn *c, Dir *d) {
     d->reading = 1;
 }
 
-/* Move what src has. A read shorter than the buffer drained the socket, unless the peer's
- * FIN is there too (EPOLLRDHUP): then read on, to see the EOF now. */
+/* Move what src has. A read shorter than the buffer drained the socket. If the event said
+ * the peer's FIN had come (EPOLLRDHUP, without an error or hang-up), that read also reached
+ * the FIN: every byte before a FIN is queued before it is, so the direction has ended, and
+ * no read is spent on seeing the EOF. */
 static void dir_readable(Engine *e, Conn *c, Dir *d, uint32_t bits) {
     if (d->pipe_r >= 0) {
         splice_in(e, c, d);
@@ -843,8 +845,14 @@ static void dir_readable(Engine *e, Conn *c, Dir *d, uint32_t bits) {
             }
             d->streak = streak;
         }
-        if (n < BUFFER_SIZE && !(bits & EPOLLRDHUP))
-            break;
+        if (n < BUFFER_SIZE) {
+            if ((bits & (EPOLLRDHUP | EV_ERR_HUP)) == EPOLLRDHUP) {
+                dir_ended(e, c, d);
+                return;
+            }
+            if (!(bits & EPOLLRDHUP))
+                break;
+        }
     }
     if (i == READ_ROUNDS)
         rearm_src(c, d);
