@@ -90,8 +90,8 @@
 #define EV_IN_RDHUP (EPOLLIN | EPOLLRDHUP)
 #define EV_DIAL (EPOLLIN | EPOLLRDHUP | EPOLLOUT | EPOLLET) /* an upstream's interest from its dial on */
 #define EV_ERR_HUP (EPOLLERR | EPOLLHUP)
-#define PLAN_BUCKETS 1024
-#define PLAN_LIMIT 4096 /* plans held at most: past it they are all dropped and made again */
+#define PLAN_BUCKETS 4096
+#define PLAN_LIMIT 16384 /* plans held at most: past it they are all dropped and made again */
 
 enum { UP = 0, DOWN = 1 };                  /* directions */
 enum { CLIENT = 0, UPSTREAM = 1 };          /* sockets of a pair */
@@ -319,7 +319,7 @@ static unsigned addr_bucket(const Addr *a) {
         h = w[0] ^ (w[1] * 31) ^ a->v6.sin6_port;
     }
     h *= 0x9E3779B97F4A7C15ull;
-    return (unsigned)(h >> 54) % PLAN_BUCKETS; /* the top 10 bits */
+    return (unsigned)(h >> 32) % PLAN_BUCKETS;
 }
 
 static Plan **plan_slot(Engine *e, const Addr *frontend) {
