@@ -55,6 +55,21 @@ def test_iperf3_result_and_its_error() -> None:
         cload.parse_iperf3({"error": "unable to connect to server"})
 
 
+@pytest.fixture(autouse=True)
+def tools(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The argv each tool gets is pure: these tests need no tool installed or built (a CI
+    machine with a cold cache has no fortio until bench/build-tools.sh has run)."""
+    monkeypatch.setattr(cload, "tool_path", lambda name: f"/opt/tools/{name}")
+
+
+def test_a_missing_tool_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cload, "tool_path", lambda name: None)
+    with pytest.raises(FileNotFoundError, match=r"fortio is not built \(bash bench/build-tools.sh\)"):
+        cload.command("fortio-max", ("10.0.0.1", 80), 5, None)
+    with pytest.raises(FileNotFoundError, match=r"wrk is not installed"):
+        cload.command("wrk-crr", ("10.0.0.1", 80), 5, None)
+
+
 def test_commands() -> None:
     assert "Connection: close" in cload.command("wrk-crr", ("10.0.0.1", 80), 5, None)
     assert "Connection: close" not in cload.command("wrk-rr", ("10.0.0.1", 80), 5, None)
