@@ -545,12 +545,18 @@ static void dir_stop(Dir *d) {
     }
 }
 
-/* A plan's pair is gone: what closed() would count, counted here. */
-static void count_closed(Engine *e, Conn *c) {
-    unsigned long long in = c->dir[UP].bytes - c->dir[UP].reported;
-    unsigned long long out = c->dir[DOWN].bytes - c->dir[DOWN].reported;
+/* The bytes each direction moved since they were last reported, marked reported. */
+static void take_unreported(Conn *c, unsigned long long *in, unsigned long long *out) {
+    *in = c->dir[UP].bytes - c->dir[UP].reported;
+    *out = c->dir[DOWN].bytes - c->dir[DOWN].reported;
     c->dir[UP].reported = c->dir[UP].bytes;
     c->dir[DOWN].reported = c->dir[DOWN].bytes;
+}
+
+/* A plan's pair is gone: what closed() would count, counted here. */
+static void count_closed(Engine *e, Conn *c) {
+    unsigned long long in, out;
+    take_unreported(c, &in, &out);
     if (count(c->counters, str_active, 1, 1) < 0 || count(c->counters, str_bytes_in, in, 0) < 0 ||
         count(c->counters, str_bytes_out, out, 0) < 0)
         PyErr_WriteUnraisable(c->counters);
@@ -559,10 +565,8 @@ static void count_closed(Engine *e, Conn *c) {
 static void report(Engine *e, Conn *c, PyObject *cb) {
     if (cb == NULL)
         return;
-    unsigned long long in = c->dir[UP].bytes - c->dir[UP].reported;
-    unsigned long long out = c->dir[DOWN].bytes - c->dir[DOWN].reported;
-    c->dir[UP].reported = c->dir[UP].bytes;
-    c->dir[DOWN].reported = c->dir[DOWN].bytes;
+    unsigned long long in, out;
+    take_unreported(c, &in, &out);
     PyObject *n_in = PyLong_FromUnsignedLongLong(in), *n_out = PyLong_FromUnsignedLongLong(out);
     PyObject *r = NULL;
     if (n_in != NULL && n_out != NULL) {
