@@ -65,8 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pod-interface-name-prefix",
                    help="detect-local-mode InterfaceNamePrefix: the prefix of the pods' interface names")
     p.add_argument("--proxy-port", type=int, help="local port of the transparent listeners (default 15001)")
-    p.add_argument("--relay", choices=("splice", "protocol"),
-                   help="TCP byte path (dataplane.relay; default splice)")
+    p.add_argument("--relay", choices=("splice",),
+                   help="TCP byte path (dataplane.relay): splice, the only one since the Protocol relay was removed")
     p.add_argument("--pure-python", action="store_true",
                    help="run the pure-Python twins of the compiled helpers (as where no compiler built them; "
                         "the same as PYPROXY_PURE_PYTHON=1)")
@@ -169,7 +169,8 @@ def run(config: ProxyConfig) -> int:
 
         early = bind_early(config.dataplane.tcpProxyPort, config.dataplane.udpProxyPort)
     from pyproxy.app import ProxyApp, StartupError
-    from pyproxy.dataplane.workers import WorkerRole, run_workers
+    from pyproxy.dataplane.workers import WorkerRole
+    from pyproxy.lifecycle.workers import predecessor_hands_over, run_workers
     from pyproxy.sources.manifests import ManifestError
 
     async def _main(worker: WorkerRole | None = None) -> int:
@@ -193,28 +194,6 @@ def run(config: ProxyConfig) -> int:
             log.error("cannot start: %s (pyproxy needs root or CAP_NET_ADMIN)", err)
             return 1
     return serve()
-
-
-def predecessor_hands_over(config: ProxyConfig) -> bool:
-    """`--workers N`: does a running group hand over to this one? A group that refuses
-    (another protocol version) is waited for until it has gone (it releases on SIGTERM)."""
-    import time
-
-    from pyproxy.app import node_name_of
-    from pyproxy.lifecycle.channel import Channel
-    from pyproxy.lifecycle.handover import identity_of, socket_path, take_over
-
-    path = socket_path(config.lifecycle.stateDir, 0)
-    mine = identity_of(config, node_name_of(config), 0, config.dataplane.workers, probe=True)
-    outcome = take_over(path, mine, config.lifecycle.handOverTimeout)
-    if outcome.refused is None:
-        return outcome.found
-    while True:  # bounded by the running group's own drain bound
-        try:
-            Channel.connect(path, 1.0).close()
-        except OSError:
-            return False
-        time.sleep(0.2)
 
 
 def _run_loop(coro: Any, event_loop: str = "auto") -> int:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import re
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -53,7 +54,7 @@ class DataplaneConfig:
     drainTimeout: float = 30.0
     affinityCapacity: int = 65536
     consistentAffinitySeed: str = ""
-    relay: str = "splice"  # TCP byte path: "splice" (raw fds, copy or os.splice per direction) or "protocol" (asyncio Protocols)
+    relay: str = "splice"  # TCP byte path: "splice", the only one (the compiled engine, or its pure-Python twin)
     spliceAfter: int = 65536  # relay "splice": bytes of bulk reads in a row before a direction moves to os.splice
     workers: int = 1  # processes sharing the listener (SO_REUSEPORT, steered by client address)
     podBridges: tuple[str, ...] = ("cni0", "cbr0")  # Linux bridges pods hang off (hooked when they appear)
@@ -243,8 +244,11 @@ def validate(config: ProxyConfig) -> None:
     for name in ("maxUDPFlows", "affinityCapacity"):
         if getattr(dp, name) < 1:
             raise ConfigError(f"dataplane.{name}", "must be at least 1")
-    if dp.relay not in ("protocol", "splice"):
-        raise ConfigError("dataplane.relay", f"{dp.relay!r} must be protocol or splice")
+    if dp.relay == "protocol":
+        raise ConfigError("dataplane.relay", "'protocol' (the asyncio Protocol relay) was removed: drop the line; "
+                                             "the relay is splice (the compiled engine or its pure-Python twin)")
+    if dp.relay != "splice":
+        raise ConfigError("dataplane.relay", f"{dp.relay!r} must be splice")
     for i, name in enumerate(dp.podBridges):
         if not re.fullmatch(r"[A-Za-z0-9_.:@-]{1,15}", name):
             raise ConfigError(f"dataplane.podBridges[{i}]", f"{name!r} is not an interface name")
@@ -286,6 +290,11 @@ def _cidr(value: str, path: str, expected: str = "an IPv4 or IPv6 CIDR") -> None
         ipaddress.ip_network(value, strict=False)
     except ValueError:
         raise ConfigError(path, f"{value!r} is not {expected}") from None
+
+
+def node_name_of(config: ProxyConfig) -> str:
+    """The node this proxy serves: `hostnameOverride`, else the host's name (as kube-proxy)."""
+    return config.hostnameOverride or socket.gethostname()
 
 
 def split_host_port(value: str, path: str) -> tuple[str, int]:

@@ -3,7 +3,7 @@
 The compiled helpers are the `pyproxy/dataplane/_<name><EXT_SUFFIX>` libraries that
 `pyproxy/dataplane/_native/build.py` builds; pyproject.toml packages every `_*.so` of this
 directory, so `pip install` (the Dockerfile's) takes them along. Each has a pure-Python twin
-that its wrapper (e.g. fastcopy.py) uses when the import fails, so a library built for
+that its wrapper (engine.py: splice.py's FastRelay) uses when the import fails, so a library built for
 another Python, or against a newer C library than the one it runs on, costs speed, never
 service. That fallback is silent by design; this module makes it visible:
 
@@ -35,7 +35,7 @@ HERE = Path(__file__).resolve().parent
 
 @dataclass(frozen=True)
 class Helper:
-    file: str  # the library's file name, e.g. _fastcopy.cpython-311-x86_64-linux-gnu.so
+    file: str  # the library's file name, e.g. _engine.cpython-311-x86_64-linux-gnu.so
     loaded: bool
     reason: str  # why it did not load ("" when it did)
 

@@ -21,9 +21,9 @@ import logging
 import socket
 from collections.abc import Callable, Collection, Iterator
 
-from pyproxy.dataplane.splice import PairLike, TcpRelay
+from pyproxy.dataplane.relay import PairLike, TcpRelay
 from pyproxy.dataplane.stats import ConnectionInfo
-from pyproxy.lifecycle.connstate import TcpState
+from pyproxy.dataplane.connstate import TcpState
 
 log = logging.getLogger("pyproxy.dualstack")
 

@@ -38,7 +38,7 @@ from a socket whose event reported the peer's FIN (EPOLLRDHUP) ends its directio
 the twin reads once more to see the EOF.
 
 Moving to a successor goes through the same TcpState as the other relays
-(`lifecycle/connstate.py`), so pairs move between this engine and either Python relay.
+(`dataplane/connstate.py`), so pairs move between this engine and its twin.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ from pyproxy.dataplane.errors import ErrorLog, error_name
 from pyproxy.dataplane.relay import RelayConfig
 from pyproxy.dataplane.sockets import transparent_listener
 from pyproxy.dataplane.stats import ConnectionInfo, DataplaneStats, PortStats
-from pyproxy.lifecycle.connstate import DirectionState, TcpState
+from pyproxy.dataplane.connstate import DirectionState, TcpState
 from pyproxy.model.copymode import CopyPolicy
 from pyproxy.model.family import join_host_port
 from pyproxy.model.objects import ServicePortName

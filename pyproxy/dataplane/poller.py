@@ -12,8 +12,7 @@ Rules kept here:
   spinning until the fd is wanted again).
 - `forget(fd)` must be called before the fd is closed: it drops the bookkeeping (no syscall).
 - Handlers tolerate spurious events (an fd number reused within one batch of events).
-- With the compiled helper (fastcopy.dispatch) one C call waits and dispatches; without it,
-  the same loop runs in Python.
+- This is the pure-Python twin's poller; the compiled engine has its own epoll set in C.
 """
 
 from __future__ import annotations
@@ -21,8 +20,6 @@ from __future__ import annotations
 import asyncio
 import select
 from collections.abc import Callable
-
-from pyproxy.dataplane.fastcopy import dispatch as native_dispatch
 
 IN, OUT = select.EPOLLIN, select.EPOLLOUT
 RDHUP = select.EPOLLRDHUP  # the peer's FIN is queued (asked for with IN: see splice.Direction.readable)
@@ -39,10 +36,7 @@ class Poller:
         self._epoll = select.epoll()
         self._masks: dict[int, int] = {}
         self._handlers: dict[int, Handler] = {}
-        if native_dispatch is None:
-            loop.add_reader(self._epoll.fileno(), self._dispatch)
-        else:  # the C function itself is the loop's callback: no Python frame per wake-up
-            loop.add_reader(self._epoll.fileno(), native_dispatch, self._epoll.fileno(), self._handlers)
+        loop.add_reader(self._epoll.fileno(), self._dispatch)
 
     def watch(self, fd: int, mask: int, handler: Handler) -> None:
         old = self._masks.get(fd)

@@ -3,8 +3,8 @@
 This is the `relay: splice` data path (config `dataplane.relay`) where the compiled engine
 (`engine.py`, `_native/engine.c`) is not built or `PYPROXY_PURE_PYTHON=1`: its twin, and
 the engine's theory of operation too (`make_splice_relay`, at the end, picks one).
-`relay.py` is the Protocol-based relay (deprecated). All keep the same rules (SPEC.md §5, §8) and take every *decision*
-from the same pure code: the service port (`ServiceTable.routes`), the endpoint set and
+Both keep the same rules (SPEC.md §5, §8; the contract is `relay.py`) and take every
+*decision* from the same pure code: the service port (`ServiceTable.routes`), the endpoint set and
 source policy (`plan_connection`), the endpoint (`Balancer.pick`, affinity included), and
 which timeout applies (`pair_timeout`). What differs is only how bytes move.
 
@@ -33,7 +33,7 @@ Theory of operation:
   sweep timer per relay checks (not a timer per pair: idle pairs cost no timer).
 - Every socket is forgotten by the poller before it is closed.
 - `connections()` hands out read-only copies (`ConnectionInfo`) of the open pairs for the
-  inspection API, as `relay.Relay` does.
+  inspection API.
 - Moving to a successor (`detach_pairs`, `adopt_pair`): an established pair is taken out
   of the poller's set (unregistered: the kernel sockets live on in the dups, so closing
   this process's fds would not remove them) and handed out with its state: per direction
@@ -62,24 +62,25 @@ import os
 import select
 import socket
 import time
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import ClassVar, Protocol
+from typing import ClassVar
 
 from pyproxy.dataplane.errors import ErrorLog, error_name
-from pyproxy.dataplane.fastcopy import BUFFER_SIZE as COPY_BUFFER
-from pyproxy.dataplane.fastcopy import copy_once, take_rest
+from pyproxy.dataplane.copystep import BUFFER_SIZE as COPY_BUFFER
+from pyproxy.dataplane.copystep import copy_once, take_rest
 from pyproxy.dataplane.poller import ERR_HUP, IN, IN_RDHUP, OUT, RDHUP, Poller
 from pyproxy.dataplane.relay import (
     IP_BIND_ADDRESS_NO_PORT,
     LINGER_RESET,
     RelayConfig,
+    TcpRelay,
     drain_pairs,
     pair_timeout,
 )
 from pyproxy.dataplane.sockets import IP_TRANSPARENT, IPV6_TRANSPARENT, transparent_listener
 from pyproxy.dataplane.stats import ConnectionInfo, DataplaneStats, PortStats
-from pyproxy.lifecycle.connstate import DirectionState, TcpState, movable
+from pyproxy.dataplane.connstate import DirectionState, TcpState, movable
 from pyproxy.model.copymode import SPLICE_NOW, CopyPolicy
 from pyproxy.model.endpoints import Endpoint, EndpointSets
 from pyproxy.model.family import host_port
@@ -108,37 +109,6 @@ DEFAULT_SPLICE_AFTER = 64 * 1024
 IN_ERR_HUP = IN | ERR_HUP
 OUT_ERR_HUP = OUT | ERR_HUP
 ACCEPT_PAUSE = 0.1  # seconds without accepting after EMFILE/ENFILE/ENOBUFS (the listener stays readable)
-
-
-class PairLike(Protocol):
-    def close(self, abort: bool = False) -> None: ...
-
-
-class TcpRelay(Protocol):
-    """What the app needs of a TCP relay: `relay.Relay`, `FastRelay` and `engine.NativeRelay` are one."""
-
-    @property
-    def kind(self) -> str: ...  # which byte path, as the start-up log line names it
-
-    @property
-    def pairs(self) -> Collection[PairLike]: ...
-
-    async def start(self, host: str, port: int, sock: socket.socket | None = None) -> None: ...
-
-    def release_listener(self) -> None: ...
-
-    @property
-    def listener(self) -> socket.socket | None: ...
-
-    def stop_accepting(self) -> None: ...
-
-    async def drain(self, timeout: float) -> int: ...
-
-    def connections(self) -> Iterator[ConnectionInfo]: ...
-
-    async def detach_pairs(self) -> list[tuple[TcpState, list[int]]]: ...
-
-    async def adopt_pair(self, state: TcpState, fds: list[int]) -> None: ...
 
 
 @dataclass

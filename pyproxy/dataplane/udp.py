@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 
 from pyproxy.dataplane.sockets import family_socket, set_transparent, transparent_listener
 from pyproxy.dataplane.stats import ConnectionInfo, DataplaneStats, PortStats
-from pyproxy.lifecycle.connstate import UdpState
+from pyproxy.dataplane.connstate import UdpState
 from pyproxy.model.family import host_port, join_host_port
 from pyproxy.model.flows import Address, Flow, FlowKey, FlowTable, usable_endpoints
 from pyproxy.model.objects import ServicePortName

@@ -1,4 +1,8 @@
-"""Several worker processes serving one transparent TCP listener (`dataplane.workers`).
+"""Several worker processes serving one transparent TCP listener (`dataplane.workers`): the data plane's part.
+
+Here: the worker's role (`WorkerRole`: which worker programs the kernel), the no-op nft
+runner of the others, and the reuseport group of listeners. Forking and supervising the
+workers is the process's life: `pyproxy/lifecycle/workers.py`.
 
 Design (the simplest correct one found; see the notes at the end):
 - The supervisor (the process `pyproxy` was started as) makes N listening sockets on the
@@ -34,13 +38,8 @@ worker is exactly the single-process proxy that the tests already cover.
 from __future__ import annotations
 
 import logging
-import os
-import signal
 import socket
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
-from types import FrameType
 
 from pyproxy.dataplane import steering
 from pyproxy.dataplane.nft import NftRunner
@@ -48,15 +47,13 @@ from pyproxy.dataplane.sockets import IP_TRANSPARENT
 
 log = logging.getLogger("pyproxy.workers")
 
-STOP_GRACE = 60.0  # seconds the supervisor waits for workers after asking them to stop
-
 
 @dataclass(frozen=True)
 class WorkerRole:
     index: int = 0
     count: int = 1
     listener: socket.socket | None = None  # the TCP listener made by the supervisor (None: make one)
-    group: int = 0  # the supervisor's pid: names the workers' sockets (pyproxy/inspect/server.py)
+    group: int = 0  # the supervisor's pid: names the workers' sockets (pyproxy/observe/inspect_api.py)
 
     @property
     def programs_kernel(self) -> bool:
@@ -89,76 +86,3 @@ def reuseport_listeners(host: str, port: int, count: int) -> list[socket.socket]
             sock.close()
         raise
     return socks
-
-
-def run_workers(count: int, host: str, port: int, serve: Callable[[WorkerRole], int],
-                predecessor: Callable[[], bool] = lambda: False) -> int:
-    """Fork `count` workers running `serve(role)`; supervise them; return the exit status.
-    When `predecessor()` says a running group hands over, no socket is made here: each
-    worker takes its listener over from its counterpart (pyproxy/lifecycle)."""
-    socks = [] if predecessor() else reuseport_listeners(host, port, count)
-    children: dict[int, int] = {}
-    group = os.getpid()
-    for index in range(count):
-        pid = os.fork()
-        if pid == 0:  # the worker
-            for j, sock in enumerate(socks):
-                if j != index:
-                    sock.close()
-            status = 1
-            try:
-                status = serve(WorkerRole(index, count, socks[index] if socks else None, group))
-            except BaseException:  # never unwind into the supervisor's code in a worker
-                log.exception("worker %d failed", index)
-            finally:
-                os._exit(status)
-        children[pid] = index
-    for sock in socks:
-        sock.close()
-    log.info("started %d workers: %s", count, ", ".join(str(p) for p in children))
-    return _supervise(children)
-
-
-def _supervise(children: dict[int, int]) -> int:
-    state = {"asked_at": 0.0}  # when the workers were first asked to stop (0: not yet)
-
-    def forward(signum: int, frame: FrameType | None) -> None:
-        state["asked_at"] = state["asked_at"] or time.monotonic()
-        for pid in children:
-            _kill(pid, signum)  # a second signal reaches them too: they stop without draining
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, forward)
-    status = 0
-    while children:
-        try:
-            pid, raw = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            break
-        if pid == 0:
-            if state["asked_at"] and time.monotonic() - state["asked_at"] > STOP_GRACE:
-                for other in children:
-                    _kill(other, signal.SIGKILL)
-            time.sleep(0.1)
-            continue
-        index = children.pop(pid, None)
-        if index is None:
-            continue
-        code = os.waitstatus_to_exitcode(raw)
-        log.info("worker %d (pid %d) exited with %d", index, pid, code)
-        if code != 0 and status == 0:
-            status = code if code > 0 else 1
-        if code == 0 and not state["asked_at"]:  # it handed its socket over: the group is intact
-            continue
-        if not state["asked_at"] and children:  # one gone: the group is renumbered, so stop them all
-            state["asked_at"] = time.monotonic()
-            for other in children:
-                _kill(other, signal.SIGTERM)
-    return status
-
-
-def _kill(pid: int, sig: int) -> None:
-    try:
-        os.kill(pid, sig)
-    except ProcessLookupError:
-        pass

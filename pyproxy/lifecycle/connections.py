@@ -16,13 +16,13 @@ Theory of operation:
   version, a malformed field) or a wrong number of fds costs that one connection: its
   sockets are reset (the peers learn at once, rather than waiting on a dead socket), the
   rest go on, and the reason is logged. Messages of other kinds are left alone.
-- What moves: every established TCP pair of the splice relay (its held bytes and pipes
-  come along), every established pair of the Protocol relay whose write buffers empty
-  within `relay.MOVE_FLUSH_BOUND` (0.2 s), and every UDP flow. What drains in the old process as
-  before: pairs still dialing their endpoint, and Protocol-relay pairs still mid-write
-  (a transport's write buffer cannot be taken out of it). Half-closed pairs move.
-- A pair may change relay on the way (protocol <-> splice): the Protocol relay has no
-  pipes, so a pipe's contents are read out here into the direction's held bytes.
+- What moves: every established TCP pair (its held bytes and pipes come along) and every
+  UDP flow. What drains in the old process as before: pairs still dialing their endpoint.
+  Half-closed pairs move.
+- A pair may change relay on the way (the compiled engine <-> its pure-Python twin): the
+  state is one format. A direction that holds bytes *and* a pipe (a state neither relay
+  writes today, but the format allows) has its pipe read out here into its held bytes.
+- The hooks need nothing of the process but its relays (`Relays`).
 - With `--workers N` each worker is its own process with its own relay: each one exports
   its own connections, and its successor worker (the same index) adopts them.
 """
@@ -33,12 +33,12 @@ import logging
 import os
 import socket
 from dataclasses import replace
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-from pyproxy.dataplane.dualstack import DualStackRelay
-from pyproxy.dataplane.relay import LINGER_RESET, Relay
+from pyproxy.dataplane.relay import LINGER_RESET, TcpRelay
+from pyproxy.dataplane.udp import UdpRelay
 from pyproxy.lifecycle.channel import Message, close_fds
-from pyproxy.lifecycle.connstate import (
+from pyproxy.dataplane.connstate import (
     TCP_KIND,
     UDP_KIND,
     DirectionState,
@@ -50,15 +50,22 @@ from pyproxy.lifecycle.connstate import (
     encode_udp,
 )
 
-if TYPE_CHECKING:
-    from pyproxy.app import ProxyApp
-
 log = logging.getLogger("pyproxy.handover")
 
 KINDS = (TCP_KIND, UDP_KIND)
 
 
-async def export_connections(app: ProxyApp) -> list[Message]:
+class Relays(Protocol):
+    """What the hooks need of a process: its relays."""
+
+    @property
+    def relay(self) -> TcpRelay: ...
+
+    @property
+    def udp(self) -> UdpRelay: ...
+
+
+async def export_connections(app: Relays) -> list[Message]:
     """Take every movable connection out of this process (see the module header)."""
     global _exported
     messages = [Message(TCP_KIND, encode_tcp(state), tuple(fds)) for state, fds in await app.relay.detach_pairs()]
@@ -73,7 +80,7 @@ async def export_connections(app: ProxyApp) -> list[Message]:
 _exported: list[Message] = []  # what this process handed out and still holds the dups of
 
 
-async def export_finished(app: ProxyApp, adopted: bool) -> None:
+async def export_finished(app: Relays, adopted: bool) -> None:
     """The successor has answered: drop our dups, or take the connections back."""
     global _exported
     messages, _exported = _exported, []
@@ -86,7 +93,7 @@ async def export_finished(app: ProxyApp, adopted: bool) -> None:
         await adopt_connections(app, messages)
 
 
-async def adopt_connections(app: ProxyApp, messages: list[Message]) -> None:
+async def adopt_connections(app: Relays, messages: list[Message]) -> None:
     """Go on serving the connections `export_connections` handed over."""
     tcp = udp = 0
     flows = []
@@ -102,8 +109,7 @@ async def adopt_connections(app: ProxyApp, messages: list[Message]) -> None:
                 continue
             state = decode_tcp(message.body)
             _check_fds(message.kind, fds, state.fd_count)
-            relay = app.relay.relay_for(state.client[0]) if isinstance(app.relay, DualStackRelay) else app.relay
-            if isinstance(relay, Relay) or any(d.held and d.pipe for d in (state.up, state.down)):
+            if any(d.held and d.pipe for d in (state.up, state.down)):
                 fds, pipes = fds[:2], fds[2:]
                 state = _absorb_pipes(state, pipes)
         except (StateError, OSError) as err:

@@ -2,7 +2,7 @@
 
 With `--workers N` each worker is a whole proxy with its own counters; worker 0 answers
 /metrics on the metrics address and asks the others for their exposition text over their
-worker sockets (`pyproxy/inspect/server.py`). Rules kept here:
+worker sockets (`pyproxy/observe/inspect_api.py`). Rules kept here:
 - `pyproxy_*` families are per-worker data-plane figures (connections, bytes, dials,
   affinity tables): samples with the same name and labels are summed over the workers, so
   the series are the ones a single-process proxy would show.

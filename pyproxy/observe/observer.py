@@ -6,7 +6,7 @@ Rules kept here:
 - The /healthz+/livez and /metrics listeners are bound at start; an address that cannot be
   bound (an old kube-proxy still holding it, say) is logged and retried every few seconds
   rather than stopping the proxy. An empty bind address turns that server off.
-- The metrics address also serves the debug API (`pyproxy/inspect/server.py`) and, as
+- The metrics address also serves the debug API (`pyproxy/observe/inspect_api.py`) and, as
   kube-proxy's does, `/configz`: the effective configuration as JSON, under its group
   name (`{"pyproxy.io": {"apiVersion": ..., "kind": "PyProxyConfiguration", ...}}`), to
   any method.
@@ -31,7 +31,7 @@ from pyproxy.config import GROUP, ProxyConfig, config_document, split_host_port
 from pyproxy.dataplane.stats import DataplaneStats
 from pyproxy.dataplane.workers import WorkerRole
 from pyproxy.inspect.reader import ProxyReader
-from pyproxy.inspect.server import InspectApi, serve_worker_socket, worker_socket_name
+from pyproxy.observe.inspect_api import InspectApi, serve_worker_socket, worker_socket_name
 from pyproxy.model.table import ServiceTable
 from pyproxy.observe.health import Response
 from pyproxy.observe.http import serve_http, start_http

@@ -4,7 +4,7 @@ One cluster per test module (building it costs a couple of seconds); tests chang
 Services by rewriting the manifest files, exactly as a standalone user would, and wait for
 both proxies to log the sync that follows (pyproxy.demo.cluster). Each module runs twice: the
 default splice relay on its compiled engine on uvloop, and its pure-Python twin on plain
-asyncio. (The deprecated Protocol relay is covered by the hand-over and move tests.)
+asyncio.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """One relay process for the connection-moving tests: relays, hands over, takes over.
 
-Run in a test's namespace: `python -m tests.kernel.move_peer --relay protocol|splice
+Run in a test's namespace: `python -m tests.kernel.move_peer --relay engine|twin
 --loop uvloop|asyncio --listen IP:PORT --endpoint IP:PORT --inbox PATH`. It serves one
 Service whose endpoint is `--endpoint` on `--listen` (no TPROXY needed: the listen address
 itself is routed as a frontend), and accepts hand-overs on the unix socket `--inbox`.
@@ -20,8 +20,9 @@ import socket
 import sys
 from dataclasses import dataclass
 
-from pyproxy.dataplane.relay import Relay, RelayConfig
-from pyproxy.dataplane.splice import FastRelay, TcpRelay
+from pyproxy.dataplane import engine
+from pyproxy.dataplane.relay import RelayConfig, TcpRelay
+from pyproxy.dataplane.splice import FastRelay
 from pyproxy.dataplane.stats import DataplaneStats
 from pyproxy.dataplane.udp import UdpRelay
 from pyproxy.lifecycle.channel import Channel, Message, close_fds
@@ -87,8 +88,8 @@ async def main_async(args: argparse.Namespace) -> None:
     table = table_for(listen, _address(args.endpoint))
     stats = DataplaneStats()
     config = RelayConfig(idle_timeout=args.idle, half_close_timeout=args.idle)
-    relay: TcpRelay = (FastRelay(table, lambda ip: False, stats, config) if args.relay == "splice"
-                       else Relay(table, lambda ip: False, stats, config))
+    relay: TcpRelay = (engine.NativeRelay(table, lambda ip: False, stats, config) if args.relay == "engine"
+                       else FastRelay(table, lambda ip: False, stats, config))
     await relay.start(*listen)
     peer = Peer(relay, UdpRelay(table, lambda ip: False, stats))
     inbox = asyncio.get_running_loop().create_task(serve_inbox(peer, args.inbox, args.refuse))
@@ -117,7 +118,8 @@ def _address(text: str) -> tuple[str, int]:
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--relay", choices=["protocol", "splice"], default="protocol")
+    parser.add_argument("--relay", choices=["engine", "twin"], default="engine",
+                        help="the compiled engine (engine.NativeRelay) or its pure-Python twin (splice.FastRelay)")
     parser.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop")
     parser.add_argument("--listen", required=True)
     parser.add_argument("--endpoint", required=True)

@@ -30,7 +30,8 @@ pytestmark = pytest.mark.privileged
 
 SVC = "10.96.3.1"
 PODS = ("pa", "pb", "pc")
-RELAYS = {"protocol": ("--relay", "protocol"), "splice": ("--relay", "splice"), "workers": ("--workers", "2")}
+RELAYS = {"engine": ("--relay", "splice"), "twin": ("--relay", "splice", "--pure-python"),
+          "workers": ("--workers", "2")}
 
 
 class Node:

@@ -97,7 +97,7 @@ def test_every_workers_pins_connections_and_counters_appear(workers_cluster: Clu
 
 ASK_WORKER = """
 import os, sys
-from pyproxy.inspect.server import fetch_unix, worker_socket_name
+from pyproxy.observe.inspect_api import fetch_unix, worker_socket_name
 if sys.argv[2] == "nobody":
     os.setgid(65534)
     os.setuid(65534)

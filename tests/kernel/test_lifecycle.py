@@ -27,7 +27,7 @@ SVC = "10.96.3.1:80"
 
 
 class Node:
-    def __init__(self, lab: Lab, workdir: Path, relay: str) -> None:
+    def __init__(self, lab: Lab, workdir: Path, relay: tuple[str, ...]) -> None:
         self.lab = lab
         self.workdir = workdir
         self.relay = relay
@@ -40,7 +40,7 @@ class Node:
 
     def start(self, *extra: str) -> subprocess.Popen[str]:
         proc = self.lab.spawn("node1", [sys.executable, "-m", "pyproxy", "--manifests", str(self.manifests),
-                                        "--hostname-override", "node1", "--relay", self.relay,
+                                        "--hostname-override", "node1", *self.relay,
                                         "--state-dir", str(self.workdir / "state"), *extra],
                               log=self.log_path)
         deadline = time.monotonic() + 20
@@ -54,10 +54,14 @@ class Node:
         return self.log_path.read_text() if self.log_path.exists() else ""
 
 
-@pytest.fixture(params=["protocol", "splice"])
+RELAYS = {"engine": ("--relay", "splice"), "twin": ("--relay", "splice", "--pure-python")}
+
+
+@pytest.fixture(params=list(RELAYS))
 def node(request: pytest.FixtureRequest) -> Iterator[Node]:
     """One node, its pod and a client; pyproxy started on it uses the relay named by the
-    parameter, so the drain and exit paths run for both byte paths."""
+    parameter (the compiled engine or its pure-Python twin), so the drain and exit paths
+    run for both."""
     reason = privileged_reason()
     if reason:
         skip_or_fail(reason)
@@ -69,7 +73,7 @@ def node(request: pytest.FixtureRequest) -> Iterator[Node]:
         pod = lab.add_pod("pa", "node1")
         lab.start_echo("pa", tcp=(80,), log=workdir / "pa.log")
         lab.route_client("10.96.0.0/16", "node1")
-        n = Node(lab, workdir, request.param)
+        n = Node(lab, workdir, RELAYS[request.param])
         write_manifest(n.manifests, "svc.yaml", m.dump(
             m.service("life", SVC.split(":")[0], [m.port(80, 80)]),
             m.endpoint_slice("life", [m.Backend(pod.ip, "node1")], [m.slice_port(80)]),

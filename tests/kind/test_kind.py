@@ -248,11 +248,11 @@ def test_the_daemonset_pod_runs_the_compiled_helpers(kind: Cluster) -> None:
     proxy = kind.kubectl("-n", "kube-system", "get", "pod", "-l", "app.kubernetes.io/name=pyproxy",
                          f"--field-selector=spec.nodeName={WORKER}", "-o", "name").stdout.strip()
     python = ("-n", "kube-system", "exec", proxy, "--", "/opt/pyproxy/bin/python")
-    native = kind.kubectl(*python, "-c", "from pyproxy.dataplane import fastcopy; print(fastcopy.NATIVE)")
+    native = kind.kubectl(*python, "-c", "from pyproxy.dataplane import engine; print(engine.AVAILABLE)")
     assert native.stdout.strip() == "True", native.stdout + native.stderr
     report = kind.kubectl(*python, "-m", "pyproxy.dataplane.compiled", "--require", check=False)
     assert report.returncode == 0, report.stdout + report.stderr
-    assert "compiled helper _fastcopy." in report.stdout, report.stdout
+    assert "compiled helper _engine." in report.stdout, report.stdout
 
 
 def _outside_curl(kind: Cluster, url: str, count: int) -> list[sc.Answer]:

@@ -12,7 +12,7 @@ def test_help_shows_defaults_and_the_subcommands(capsys: pytest.CaptureFixture[s
         main(["--help"])
     assert exited.value.code == 0
     out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
-    assert "(dataplane.relay; default splice)" in out
+    assert "(dataplane.relay): splice, the only one" in out
     assert "(dataplane.workers; default 1)" in out
     assert "pyproxy demo [--only" in out and "pyproxy inspect services|endpoints|affinity|connections" in out
 

@@ -1,5 +1,5 @@
 """The compiled helpers' report (dataplane/compiled.py) and the fallback it makes visible:
-a library that does not load leaves its pure-Python twin running (fastcopy.py)."""
+a library that does not load leaves its pure-Python twin running (splice.py's FastRelay)."""
 
 from __future__ import annotations
 
@@ -11,16 +11,16 @@ from pathlib import Path
 
 import pytest
 
-from pyproxy.dataplane import compiled, fastcopy
+from pyproxy.dataplane import compiled, engine
 
 SUFFIX = compiled.ext_suffix()
 PACKAGE = Path(compiled.__file__).resolve().parents[1]
 
 
-def test_the_copy_step_built_by_setup_loads_and_is_the_one_used() -> None:
+def test_the_engine_built_by_setup_loads_and_is_the_one_used() -> None:
     helpers = {h.file: h for h in compiled.scan()}
-    assert helpers[f"_fastcopy{SUFFIX}"] == compiled.Helper(f"_fastcopy{SUFFIX}", True, "")
-    assert fastcopy.NATIVE is (os.environ.get("PYPROXY_PURE_PYTHON") != "1")
+    assert helpers == {f"_engine{SUFFIX}": compiled.Helper(f"_engine{SUFFIX}", True, "")}
+    assert engine.AVAILABLE is (os.environ.get("PYPROXY_PURE_PYTHON") != "1")
 
 
 def test_a_library_that_does_not_load_is_reported_with_the_loaders_reason(tmp_path: Path) -> None:
@@ -37,25 +37,25 @@ def test_require_fails_on_none_or_a_broken_one_and_passes_on_the_built_one(
     assert compiled.main(["--require"], tmp_path) == 1
     assert compiled.main([], tmp_path) == 0
     assert "no compiled helpers in" in capsys.readouterr().out
-    shutil.copy2(PACKAGE / "dataplane" / f"_fastcopy{SUFFIX}", tmp_path)
+    shutil.copy2(PACKAGE / "dataplane" / f"_engine{SUFFIX}", tmp_path)
     assert compiled.main(["--require"], tmp_path) == 0
-    assert capsys.readouterr().out == f"compiled helper _fastcopy{SUFFIX}: loaded\n"
+    assert capsys.readouterr().out == f"compiled helper _engine{SUFFIX}: loaded\n"
     (tmp_path / f"_broken{SUFFIX}").write_bytes(b"\x7fELF truncated")
     assert compiled.main(["--require"], tmp_path) == 1
     assert "_broken" in capsys.readouterr().out
 
 
-def test_fastcopy_falls_back_to_its_twin_when_the_library_does_not_load(tmp_path: Path) -> None:
-    """A tree like an install whose _fastcopy was built for a C library it does not have."""
+def test_the_relay_falls_back_to_its_twin_when_the_engine_does_not_load(tmp_path: Path) -> None:
+    """A tree like an install whose _engine was built for a C library it does not have."""
     pkg = tmp_path / "pyproxy"
-    (pkg / "dataplane").mkdir(parents=True)
-    shutil.copy2(PACKAGE / "__init__.py", pkg)
-    for name in ("__init__.py", "fastcopy.py"):
-        shutil.copy2(PACKAGE / "dataplane" / name, pkg / "dataplane")
-    (pkg / "dataplane" / f"_fastcopy{SUFFIX}").write_bytes(b"\x7fELF truncated")
+    shutil.copytree(PACKAGE, pkg, ignore=shutil.ignore_patterns("_*.so", "__pycache__"))
+    (pkg / "dataplane" / f"_engine{SUFFIX}").write_bytes(b"\x7fELF truncated")
     env = {k: v for k, v in os.environ.items() if k != "PYPROXY_PURE_PYTHON"}
-    out = subprocess.run(
-        [sys.executable, "-c", "from pyproxy.dataplane import fastcopy as f; print(f.__file__, f.NATIVE, f.dispatch)"],
-        env={**env, "PYTHONPATH": str(tmp_path)}, cwd=tmp_path, capture_output=True, text=True, check=True, timeout=60,
-    ).stdout.split()
-    assert out == [str(pkg / "dataplane" / "fastcopy.py"), "False", "None"]
+    script = ("from pyproxy.dataplane import engine, splice\n"
+              "from pyproxy.dataplane.stats import DataplaneStats\n"
+              "from pyproxy.model.table import ServiceTable\n"
+              "relay = splice.make_splice_relay(ServiceTable('n'), lambda ip: False, DataplaneStats())\n"
+              "print(engine.__file__, engine.AVAILABLE, type(relay).__name__)")
+    out = subprocess.run([sys.executable, "-c", script], env={**env, "PYTHONPATH": str(tmp_path)}, cwd=tmp_path,
+                         capture_output=True, text=True, check=True, timeout=60).stdout.split()
+    assert out == [str(pkg / "dataplane" / "engine.py"), "False", "FastRelay"]

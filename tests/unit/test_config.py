@@ -119,6 +119,7 @@ def test_flags_override_the_file(tmp_path: Path) -> None:
     (doc(dataplane={"affinityCapacity": 0}), "dataplane.affinityCapacity"),
     (doc(dataplane={"maxUDPFlows": 0}), "dataplane.maxUDPFlows"),
     (doc(dataplane={"drainTimeout": "1 minute"}), "dataplane.drainTimeout"),
+    (doc(dataplane={"relay": "copy"}), "dataplane.relay"),
     (yaml.safe_dump({"apiVersion": "v1", "kind": KIND}), "apiVersion"),
     (yaml.safe_dump({"apiVersion": API_VERSION, "kind": "KubeProxyConfiguration"}), "kind"),
     ("- a list", "config"),
@@ -129,6 +130,15 @@ def test_every_error_names_its_field_path(text: str, path: str) -> None:
         load_config(text)
     assert err.value.path == path
     assert str(err.value).startswith(f"{path}: ")
+
+
+def test_the_removed_protocol_relay_is_refused_with_what_to_do() -> None:
+    """A config written for a release that had the Protocol relay fails at start, saying why and how to fix it."""
+    with pytest.raises(ConfigError) as err:
+        load_config(doc(dataplane={"relay": "protocol"}))
+    assert err.value.path == "dataplane.relay"
+    assert "was removed: drop the line" in str(err.value)
+    assert load_config(doc(dataplane={"relay": "splice"})).dataplane.relay == "splice"
 
 
 def test_flag_errors_name_the_field_and_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from pyproxy.lifecycle.connections import _absorb_pipes
-from pyproxy.lifecycle.connstate import (
+from pyproxy.dataplane.connstate import (
     STATE_VERSION,
     DirectionState,
     StateError,

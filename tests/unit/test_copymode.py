@@ -1,5 +1,5 @@
-"""The splice relay's copy-or-splice decision (model/copymode.py) and its copy step's two
-implementations (dataplane/fastcopy.py: compiled and pure Python), which must agree."""
+"""The splice relay's copy-or-splice decision (model/copymode.py) and the pure-Python twin's
+copy step (dataplane/copystep.py; the engine's is C, held to the same rules end to end)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from pyproxy.dataplane import fastcopy
+from pyproxy.dataplane import copystep
 from pyproxy.model.copymode import SPLICE_NOW, CopyPolicy
 
 KIB = 1024
@@ -68,14 +68,7 @@ def test_nonsense_policies_are_refused_with_their_field(field: str, value: int) 
 
 
 Impl = tuple[Callable[[int, int], int], Callable[[], bytes]]
-IMPLS: dict[str, Impl] = {"python": (fastcopy.copy_once_py, fastcopy.take_rest_py)}
-if fastcopy.NATIVE:
-    IMPLS["compiled"] = (fastcopy.copy_once, fastcopy.take_rest)
-
-
-def test_the_compiled_step_is_built_here() -> None:
-    """cmd/setup builds it; the pure-Python twin is the fallback, not the default."""
-    assert fastcopy.NATIVE
+IMPLS: dict[str, Impl] = {"python": (copystep.copy_once, copystep.take_rest)}
 
 
 @pytest.fixture

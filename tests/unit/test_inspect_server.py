@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from pyproxy.dataplane.stats import ConnectionInfo
 from pyproxy.inspect import cli
 from pyproxy.inspect.reader import ProxyReader
-from pyproxy.inspect.server import InspectApi, worker_socket_name
+from pyproxy.observe.inspect_api import InspectApi, worker_socket_name
 from pyproxy.inspect.views import parse_query
 from pyproxy.model.objects import ServiceKey, ServicePortName
 from pyproxy.model.store import ClusterStore

@@ -1,9 +1,9 @@
 """Builds the compiled helpers of `pyproxy/dataplane` (run by cmd/setup, with the venv's python).
 
-`python pyproxy/dataplane/_native/build.py` compiles `fastcopy.c` into
-`pyproxy/dataplane/_fastcopy<EXT_SUFFIX>` with gcc (or $CC) when the library is missing or
+`python pyproxy/dataplane/_native/build.py` compiles `engine.c` into
+`pyproxy/dataplane/_engine<EXT_SUFFIX>` with gcc (or $CC) when the library is missing or
 older than its source; prints what it did. Without a compiler it says so and exits 0: the
-relay then uses the pure-Python copy step (fastcopy.py), which is slower, not different.
+relay is then the engine's pure-Python twin (splice.py), which is slower, not different.
 """
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ import sysconfig
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SOURCES = {"_fastcopy": HERE / "fastcopy.c", "_engine": HERE / "engine.c"}
+SOURCES = {"_engine": HERE / "engine.c"}
 
 
 def build(force: bool = False) -> int:
     cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
     if cc is None:
-        print("[native] no C compiler: the relay uses its pure-Python copy step", file=sys.stderr)
+        print("[native] no C compiler: the relay is the engine's pure-Python twin", file=sys.stderr)
         return 0
     include = sysconfig.get_paths()["include"]
     suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"

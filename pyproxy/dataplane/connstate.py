@@ -7,19 +7,17 @@ here touches a socket or reads a clock: times are *durations* (how long ago the 
 started, how long it has been idle), so the receiving process rebuilds its own monotonic
 timestamps and the idle timers go on from where they were.
 
-The TCP state is the same for both relays, so a pair may move between `--relay protocol`
-and `--relay splice` (an upgrade that changes the relay):
+The TCP state is the same for both relays, so a pair may move between the compiled engine
+and its pure-Python twin (an upgrade to a node where the engine was not built, or back):
 - per direction (`up`: client -> endpoint, `down`: endpoint -> client): whether its source
   has sent EOF (`eof`) and whether that EOF was already forwarded as shutdown(SHUT_WR) on
   the destination (`shut`); the bytes read from the source but not yet written to the
-  destination (`held`, base64 in the body), and, for the splice relay, whether the
-  direction's pipe comes along (its two fds) with `in_pipe` bytes in it.
+  destination (`held`, base64 in the body), and whether the direction's pipe comes along (its two fds) with `in_pipe` bytes in it.
 - the fds: always the client socket, then the upstream socket, then the pipes' read and
   write ends, `up` first, for the directions that have one.
 
-Rules (`movable`): only an established pair moves (a pair still dialing, or one whose
-userspace write buffer could not be emptied in time, drains in the old process: the
-Protocol relay cannot take bytes out of a transport's write buffer). The decoder refuses
+Rules (`movable`): only an established pair moves (a pair still dialing drains in the old
+process). The decoder refuses
 another version or a malformed body with `StateError`, naming the field; the receiver then
 resets that connection's sockets (their state is unknown to it) and counts it.
 """

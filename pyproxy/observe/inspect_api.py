@@ -1,5 +1,7 @@
 """The debug API's HTTP edge: `/debug/*` (and, with workers, `/metrics`) for one proxy.
 
+It lives with the other HTTP servers (observe/); the views it serves are inspect/'s.
+
 Theory of operation:
 - The debug API lives on the metrics address (`metricsBindAddress`, loopback by default),
   beside `/metrics`: nothing new is exposed. It answers GET `/debug/services`,
