@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bench import contenders as ct
-from bench import protocol as proto
-from bench.procs import busiest_deltas, parse_machine_busy, parse_pss_kib, parse_stat
-from bench.topology import Topology, commands, source_batch
-from bench.workloads import full, quick, select
+from bench.loadtool import protocol as proto
+from bench.runner import contenders as ct
+from bench.runner.procs import busiest_deltas, parse_machine_busy, parse_pss_kib, parse_stat
+from bench.runner.topology import Topology, commands, source_batch
+from bench.runner.workloads import full, quick, select
 
 BACKENDS = [("10.201.1.2", 8080), ("10.201.2.2", 8080)]
 

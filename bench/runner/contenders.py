@@ -14,7 +14,7 @@ Rules kept here:
   (haproxy, nginx, socat) can stay up across rounds without meeting each other's traffic.
 - `--contenders` takes families (direct, dnat, haproxy, nginx, socat) or ids; `pyproxy` is
   the id of the default variant (list `pyproxy-pure`, `pyproxy-protocol`, `pyproxy-2w` to add the others).
-- The C load generators (bench/cload.py: wrk, fortio, iperf3) talk HTTP to nginx on
+- The C load generators (bench/loadtool/cload.py: wrk, fortio, iperf3) talk HTTP to nginx on
   HTTP_PORT in every backend, and iperf3 to IPERF_PORT on backend 1 only (its control and
   data connections must meet one server). So each contender also serves those two: `ports`
   maps a backend port to the address the client targets for it (socat serves the bench
