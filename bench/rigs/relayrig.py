@@ -22,7 +22,7 @@ import threading
 import time
 from typing import Any
 
-from pyproxy.dataplane.relay import Relay, RelayConfig
+from pyproxy.dataplane.relay import RelayConfig
 from pyproxy.dataplane.splice import DEFAULT_SPLICE_AFTER, TcpRelay, make_splice_relay
 from pyproxy.dataplane.stats import DataplaneStats
 from pyproxy.model.affinity import Balancer
@@ -53,11 +53,8 @@ async def serve(args: argparse.Namespace) -> None:
     listen = _addr(args.listen)
     table = one_service_table(listen, [_addr(b) for b in args.backend], args.affinity)
     config = RelayConfig(idle_timeout=args.idle_timeout, half_close_timeout=args.half_close_timeout)
-    relay: TcpRelay
-    if args.relay == "splice":
-        relay = make_splice_relay(table, lambda ip: False, DataplaneStats(), config, splice_after=args.splice_after)
-    else:
-        relay = Relay(table, lambda ip: False, DataplaneStats(), config)
+    relay: TcpRelay = make_splice_relay(table, lambda ip: False, DataplaneStats(), config,
+                                        splice_after=args.splice_after)
     await relay.start(*listen)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -86,7 +83,8 @@ def _engine_loop(engine: Any, seconds: float) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.relayrig")
-    p.add_argument("--relay", choices=("protocol", "splice"), default="splice")
+    p.add_argument("--relay", choices=("splice",), default="splice",
+                   help="the relay kind: splice is the only one (the option stays, so `--relay splice` parses)")
     p.add_argument("--listen", default="127.0.0.1:15001")
     p.add_argument("--backend", action="append", required=True, help="HOST:PORT (repeatable)")
     p.add_argument("--splice-after", type=int, default=DEFAULT_SPLICE_AFTER)

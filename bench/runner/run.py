@@ -38,7 +38,7 @@ from bench.runner.harness import Harness
 
 REPO = Path(__file__).resolve().parents[2]  # bench/runner/run.py -> the repo root
 TOOLS = {"haproxy": "haproxy", "nginx": "nginx", "socat": "socat", "dnat": "nft"}
-FULL_CONTENDERS = "direct,dnat,haproxy,nginx,socat,pyproxy,pyproxy-pure,pyproxy-protocol,pyproxy-2w"
+FULL_CONTENDERS = "direct,dnat,haproxy,nginx,socat,pyproxy,pyproxy-pure,pyproxy-2w"
 QUICK_CONTENDERS = "direct,dnat,haproxy-1t,nginx-1w,pyproxy,pyproxy-2w"
 
 
