@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable
 from importlib import import_module
 
-from bench.loadargs import MODES
+from bench.loadtool.loadargs import MODES
 
 TOOLS = ("load", "run", "backend", "probe", "controlplane", "relayrig")
 HELP = """usage: pyproxy-bench TOOL [options]

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Where a relay's time goes, per request: the per-connection profile of bench/PROFILE.md.
 #
-#   bash bench/profile.sh [RELAY...]      (RELAY: splice, pure, protocol, haproxy; default splice protocol haproxy;
+#   bash bench/profile.sh [RELAY...]      (RELAY: splice, pure, haproxy; default splice haproxy;
 #                                          pure = the splice relay's pure-Python twin)
 #
 # In a private network namespace (pp-prof-$$, removed on exit, also on failure or Ctrl-C):
@@ -19,7 +19,7 @@ WT="${WT:-$here}"
 PY="${PYTHON:-${PYPROXY_VENV:-/var/cache/pyproxy/venv}/bin/python}"
 NS="pp-prof-$$"
 TMP="$(mktemp -d /tmp/pp-prof.XXXXXX)"
-RELAYS=("${@:-splice protocol haproxy}")
+RELAYS=("${@:-splice haproxy}")
 read -r -a RELAYS <<< "${RELAYS[*]}"
 pids=()
 

@@ -1,10 +1,10 @@
-"""The C load generators' output parsers (bench/cload.py), on real output shapes."""
+"""The C load generators' output parsers (bench/loadtool/cload.py), on real output shapes."""
 
 from __future__ import annotations
 
 import pytest
 
-from bench import cload
+from bench.loadtool import cload
 
 WRK = """Running 5s test @ http://10.96.0.12:80/
   2 threads and 16 connections

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bench import contenders as ct
-from bench import protocol as proto
-from bench.procs import busiest_deltas, parse_machine_busy, parse_pss_kib, parse_stat
-from bench.topology import Topology, commands, source_batch
-from bench.workloads import full, quick, select
+from bench.loadtool import protocol as proto
+from bench.runner import contenders as ct
+from bench.runner.procs import busiest_deltas, parse_machine_busy, parse_pss_kib, parse_stat
+from bench.runner.topology import Topology, commands, source_batch
+from bench.runner.workloads import full, quick, select
 
 BACKENDS = [("10.201.1.2", 8080), ("10.201.2.2", 8080)]
 
@@ -58,13 +58,13 @@ def test_build_and_select() -> None:
     all_ = ct.build(ct.FAMILIES, "10.200.0.1", BACKENDS, Path("/w"))
     ids = [c.id for c in all_]
     assert ids == ["direct", "dnat", "haproxy-1t", "haproxy-2t", "nginx-1w", "nginx-2w", "socat",
-                   "pyproxy", "pyproxy-pure", "pyproxy-protocol", "pyproxy-2w"]
+                   "pyproxy", "pyproxy-pure", "pyproxy-2w"]
     shared = [c for c in all_ if not c.exclusive]
     assert len({c.target for c in shared}) == len(shared)  # the persistent ones never share an address:port
-    for py in all_[-4:]:  # the pyproxy variants run one at a time, on the same ClusterIP
+    for py in all_[-3:]:  # the pyproxy variants run one at a time, on the same ClusterIP
         assert py.exclusive and "--hostname-override" in py.argv and py.cleanup
-    assert all_[-1].argv[-2:] == ("--workers", "2") and all_[-2].argv[-2:] == ("--relay", "protocol")
-    assert all_[-3].argv[-1] == "--pure-python"
+    assert all_[-1].argv[-2:] == ("--workers", "2")
+    assert all_[-2].argv[-1] == "--pure-python"
     # the C tools' ports: every contender but socat serves them, each on its own address:port
     c_targets = [c.target_for(p) for c in shared if c.family != "socat" for p in ct.C_PORTS]
     assert None not in c_targets and len(set(c_targets)) == len(c_targets)
@@ -76,6 +76,16 @@ def test_build_and_select() -> None:
     assert [c.id for c in ct.select(all_, "pyproxy,pyproxy-2w")] == ["pyproxy", "pyproxy-2w"]
     with pytest.raises(ValueError):
         ct.select(all_, "envoy")
+
+
+def test_pyproxy_variants_and_relayrig_use_the_splice_relay_only() -> None:
+    from bench.rigs import relayrig
+
+    assert not any("--relay" in args for _, args in ct.PYPROXY_VARIANTS)  # the Protocol relay is gone
+    assert not hasattr(relayrig, "Relay")
+    with pytest.raises(SystemExit) as exit_:
+        relayrig.main(["--relay", "protocol", "--backend", "127.0.0.1:9"])
+    assert exit_.value.code == 2
 
 
 def test_topology_plan_stays_inside_its_namespaces() -> None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from bench.addrs import parse_source_addrs, share, split_evenly
-from bench.loadargs import SpecError, parse, parse_target
+from bench.loadtool.addrs import parse_source_addrs, share, split_evenly
+from bench.loadtool.loadargs import SpecError, parse, parse_target
 
 
 def test_defaults_per_mode() -> None:

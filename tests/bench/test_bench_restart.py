@@ -1,13 +1,13 @@
-"""The restart workload's figures (bench/restart.py, summary): pure parts, no namespaces."""
+"""The restart workload's figures (bench/loadtool/restart.py, summary): pure parts, no namespaces."""
 
 from __future__ import annotations
 
 import socket
 import threading
 
-from bench import protocol as proto
-from bench.restart import measure
-from bench.summary import Measurement, figures
+from bench.loadtool import protocol as proto
+from bench.loadtool.restart import measure
+from bench.reporting.summary import Measurement, figures
 
 
 def test_restart_figures_per_restart_and_share_of_held() -> None:

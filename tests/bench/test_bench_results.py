@@ -6,8 +6,8 @@ import errno
 
 import pytest
 
-from bench import results as res
-from bench.results import Recorder, Result, merge, percentiles_ms, summarize
+from bench.loadtool import results as res
+from bench.loadtool.results import Recorder, Result, merge, percentiles_ms, summarize
 
 
 def hist_of(*seconds: float) -> str:

@@ -118,7 +118,7 @@ def test_runner_end_to_end_cleans_up(tmp_path: Path) -> None:
 
 
 def test_topology_never_deletes_a_namespace_it_did_not_make() -> None:
-    from bench import topology
+    from bench.runner import topology
 
     t = topology.Topology(f"pbt{os.getpid()}x-", backends=1, sources=1)
     subprocess.run(["ip", "netns", "add", t.client_ns], check=True, timeout=30)

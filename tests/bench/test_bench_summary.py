@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from bench.affinity import analyze, infer_removed, merge_observations
-from bench.summary import Measurement, aggregate, figures, per_core, ratio, reference_rate, spread
+from bench.loadtool.affinity import analyze, infer_removed, merge_observations
+from bench.reporting.summary import Measurement, aggregate, figures, per_core, ratio, reference_rate, spread
 
 
 def m(contender: str, rnd: int, ops: float = 0.0, gbit: float = 0.0, cpu: float | None = None,

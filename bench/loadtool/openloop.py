@@ -1,6 +1,6 @@
 """Open-loop latency at a fixed rate, and idle connection holding.
 
-Rules kept here (see `bench.modes` for the shared ones):
+Rules kept here (see `bench.loadtool.modes` for the shared ones):
 - Schedule: the run has N = rate * duration ops; op i belongs to process i mod procs and is
   due at start_at + i / rate. Latency = completion - due time; lag = actual start - due time.
 - At most `max_inflight` ops per process are in flight; an op due while the bound is reached is
@@ -17,9 +17,9 @@ from __future__ import annotations
 import asyncio
 import socket
 
-from bench import protocol as proto
-from bench.client import Exchange, open_exchange, recv_exactly
-from bench.modes import ERROR_PAUSE, Context, crr_once, now, sleep_until
+from bench.loadtool import protocol as proto
+from bench.loadtool.client import Exchange, open_exchange, recv_exactly
+from bench.loadtool.modes import ERROR_PAUSE, Context, crr_once, now, sleep_until
 
 IDLE_RAMP_CONCURRENCY = 256
 

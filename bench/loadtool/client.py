@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from typing import cast
 
-from bench import results as res
+from bench.loadtool import results as res
 
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 

@@ -13,8 +13,8 @@ Rules kept here:
 - Each contender listens on its own address or port in the node, so the persistent ones
   (haproxy, nginx, socat) can stay up across rounds without meeting each other's traffic.
 - `--contenders` takes families (direct, dnat, haproxy, nginx, socat) or ids; `pyproxy` is
-  the id of the default variant (list `pyproxy-pure`, `pyproxy-protocol`, `pyproxy-2w` to add the others).
-- The C load generators (bench/cload.py: wrk, fortio, iperf3) talk HTTP to nginx on
+  the id of the default variant (list `pyproxy-pure`, `pyproxy-2w` to add the others).
+- The C load generators (bench/loadtool/cload.py: wrk, fortio, iperf3) talk HTTP to nginx on
   HTTP_PORT in every backend, and iperf3 to IPERF_PORT on backend 1 only (its control and
   data connections must meet one server). So each contender also serves those two: `ports`
   maps a backend port to the address the client targets for it (socat serves the bench
@@ -47,7 +47,6 @@ PyproxyVariant = tuple[str, Sequence[str]]
 PYPROXY_VARIANTS: tuple[PyproxyVariant, ...] = (
     ("pyproxy", ()),  # the default: the splice relay on its compiled engine (copy small reads, splice bulk), one process
     ("pyproxy-pure", ("--pure-python",)),  # the same relay's pure-Python twin (no compiled helpers), one process
-    ("pyproxy-protocol", ("--relay", "protocol")),  # the asyncio Protocol relay (deprecated), one process
     ("pyproxy-2w", ("--workers", "2")),  # the default relay, 2 workers (reuseport + cBPF)
 )
 

@@ -1,4 +1,4 @@
-"""The load modes, as coroutines run by one load process (see `bench.load` for the fan-out).
+"""The load modes, as coroutines run by one load process (see `bench.loadtool.load` for the fan-out).
 
 Rules kept here:
 - All processes start together at `ctx.start_at` (a CLOCK_MONOTONIC instant shared by the
@@ -20,11 +20,11 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from bench import protocol as proto
-from bench.addrs import split_evenly
-from bench.client import Exchange, Tally, connect, open_exchange, recv_exactly
-from bench.loadargs import LoadSpec
-from bench.results import EarlyEOF
+from bench.loadtool import protocol as proto
+from bench.loadtool.addrs import split_evenly
+from bench.loadtool.client import Exchange, Tally, connect, open_exchange, recv_exactly
+from bench.loadtool.loadargs import LoadSpec
+from bench.loadtool.results import EarlyEOF
 
 now = time.monotonic
 ERROR_PAUSE = 0.001

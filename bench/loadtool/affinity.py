@@ -19,9 +19,9 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from bench import protocol as proto
-from bench.client import connect, recv_until_eof
-from bench.modes import Context, now
+from bench.loadtool import protocol as proto
+from bench.loadtool.client import connect, recv_until_eof
+from bench.loadtool.modes import Context, now
 
 Observations = dict[str, list[str]]
 

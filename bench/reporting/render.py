@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.summary import Cell, Spread, ratio
+from bench.reporting.summary import Cell, Spread, ratio
 
 Column = tuple[str, str, str]  # (workload, figure key, header)
 

@@ -8,10 +8,10 @@ Rules kept here:
   `crr` workload must come before them.
 - Quick: fewer rounds, shorter, a subset (stream-1, crr, latency@50%, idle), for a CI smoke
   run under 5 minutes with the five non-pyproxy families.
-- `restart` and `crash` (bench/restart.py): one run per contender that can be restarted
+- `restart` and `crash` (bench/loadtool/restart.py): one run per contender that can be restarted
   (pyproxy: a successor started beside it takes over, twice; `crash`: kill -9 and start
   again, twice; dnat: nothing to restart, its state is the kernel's, as kube-proxy's).
-- A workload with a `tool` runs a C/Go load generator (bench/cload.py) against the service on
+- A workload with a `tool` runs a C/Go load generator (bench/loadtool/cload.py) against the service on
   `port` (contenders.HTTP_PORT or IPERF_PORT) instead of the Python load tool; `ref` names
   the crr workload whose HAProxy rate a latency fraction applies to.
 """
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from bench.contenders import BACKEND_PORT, HTTP_PORT, IPERF_PORT
+from bench.runner.contenders import BACKEND_PORT, HTTP_PORT, IPERF_PORT
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ Rules kept here:
   deadline) and by count (`--max-ops`, and `--max-inflight` for the open loop).
 - Sizes, counts and rates are validated here, once, with the flag's name in the message;
   the modes trust the spec.
-- `--target` is HOST:PORT (IPv4). `--source-addrs` is a list and/or CIDRs (`bench.addrs`).
+- `--target` is HOST:PORT (IPv4). `--source-addrs` is a list and/or CIDRs (`bench.loadtool.addrs`).
 - Parsing is pure: argv in, spec out (or `SpecError`).
 """
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-from bench.addrs import parse_source_addrs
+from bench.loadtool.addrs import parse_source_addrs
 
 MODES = ("stream", "rr", "crr", "latency", "idle", "affinity")
 KiB = 1024

@@ -30,11 +30,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench import procs
-from bench.contenders import BACKEND_PORT, HTTP_PORT, IPERF_PORT, Contender, threads_of
-from bench.summary import Measurement
-from bench.topology import NODE_ADDR, Topology, in_ns
-from bench.workloads import Workload
+from bench.reporting.summary import Measurement
+from bench.runner import procs
+from bench.runner.contenders import BACKEND_PORT, HTTP_PORT, IPERF_PORT, Contender, threads_of
+from bench.runner.topology import NODE_ADDR, Topology, in_ns
+from bench.runner.workloads import Workload
 
 CGROUP_ROOT = Path("/sys/fs/cgroup/cpu")
 CFS_PERIOD_US = 100_000
