@@ -22,8 +22,8 @@ import threading
 import time
 from typing import Any
 
-from pyproxy.dataplane.relay import RelayConfig
-from pyproxy.dataplane.splice import DEFAULT_SPLICE_AFTER, TcpRelay, make_splice_relay
+from pyproxy.dataplane.relay import RelayConfig, TcpRelay
+from pyproxy.dataplane.splice import DEFAULT_SPLICE_AFTER, make_splice_relay
 from pyproxy.dataplane.stats import DataplaneStats
 from pyproxy.model.affinity import Balancer
 from pyproxy.model.endpoints import Endpoint, EndpointSets
