@@ -620,6 +620,7 @@ class FastPair:
         self.failed_endpoints: set[tuple[str, int]] = set()
         self.attempt = 0
         self.closed = False
+        self.shared = False  # adopted: the predecessor may still hold dups of its sockets (see close)
         self.last_activity = self.started = relay.clock()
         self.timer: asyncio.TimerHandle | None = None
         relay.pairs.add(self)
@@ -745,6 +746,7 @@ class FastPair:
     def adopt(self, upstream: socket.socket, state: TcpState, pipe_fds: list[int]) -> None:
         """Take up a moved pair: its connected upstream, its directions' state and pipes."""
         self.upstream, self.endpoint = upstream, _moved_endpoint(state.endpoint)
+        self.shared = True
         now = self.relay.clock()
         self.started, self.last_activity = now - state.age, now - state.idle
         self.bytes_in, self.bytes_out = state.bytes_in, state.bytes_out
@@ -773,11 +775,15 @@ class FastPair:
         for direction in (self.up, self.down):
             if direction is not None:
                 direction.stop()
+        # Closing an fd takes it out of the epoll set only with the socket's last reference: an
+        # adopted pair's sockets may live on in the predecessor's dups, so they leave the set
+        # first (else their events would reach the next socket given the same fd number).
         poller = self.relay.poller
+        let_go = poller.park if self.shared else poller.forget
         if self.upstream is not None:
-            poller.forget(self.upstream.fileno())
+            let_go(self.upstream.fileno())
             (_reset if abort else Sock.close)(self.upstream)
-        poller.forget(self.client.fileno())
+        let_go(self.client.fileno())
         (_reset if abort else Sock.close)(self.client)
         self._finish()
         self.up = self.down = None  # no cycle left: the pair is freed by its refcount, not the GC

@@ -133,6 +133,7 @@ typedef struct Conn {
     int state;
     int attempt;
     int transparent;
+    int shared; /* adopted: another process may hold dups of its sockets (see conn_close) */
     Dir dir[2];
     Addr client, frontend, endpoint;
     double started, last, deadline;
@@ -582,11 +583,21 @@ static void report(Engine *e, Conn *c, PyObject *cb) {
 
 /* End the pair: pipes and buffers released, sockets closed (abort: with a reset), the
  * caller told (closed(ctx, bytes not yet reported)). After detach() the kernel sockets live
- * on in the dups handed away, so closing ours here sends nothing. */
+ * on in the dups handed away, so closing ours here sends nothing. An adopted pair's sockets
+ * may live on in the predecessor's dups (until it hears "done", or for good after a refused
+ * hand-over), and closing an fd takes it out of the epoll set only with the last reference to
+ * the socket: so its registrations are deleted first, or a stale event would reach whatever
+ * pair reuses this struct (or freed memory). */
 static void conn_close(Engine *e, Conn *c, int abort) {
     if (c->state == CLOSED)
         return;
     queue_remove(e, c);
+    if (c->shared)
+        for (int i = 0; i < 2; i++)
+            if (c->registered[i] && c->fd[i] >= 0) {
+                epoll_ctl(e->epfd, EPOLL_CTL_DEL, c->fd[i], NULL);
+                c->registered[i] = 0;
+            }
     for (int i = 0; i < 2; i++)
         dir_stop(&c->dir[i]);
     for (int i = 1; i >= 0; i--) {
@@ -1754,6 +1765,7 @@ static PyObject *Engine_adopt(Engine *e, PyObject *args) {
     }
     c->fd[CLIENT] = fd[0];
     c->fd[UPSTREAM] = fd[1];
+    c->shared = 1;
     c->client = a_client;
     c->frontend = a_frontend;
     c->endpoint = a_endpoint;
