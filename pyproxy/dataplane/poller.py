@@ -10,7 +10,10 @@ Rules kept here:
   which gets the event bits. A mask of 0 keeps the fd registered; the kernel still reports errors and
   hang-ups, which the handler must act on (`park` stops a level-triggered hang-up from
   spinning until the fd is wanted again).
-- `forget(fd)` must be called before the fd is closed: it drops the bookkeeping (no syscall).
+- `forget(fd)` must be called before the fd is closed: it drops the bookkeeping (no syscall),
+  since closing the fd takes it out of the set. That holds only when this process has the
+  socket's last reference: a socket that may have dups elsewhere (an adopted pair's, while
+  the predecessor holds its copies) is `park`ed instead, which unregisters it.
 - Handlers tolerate spurious events (an fd number reused within one batch of events).
 - This is the pure-Python twin's poller; the compiled engine has its own epoll set in C.
 """
@@ -57,7 +60,8 @@ class Poller:
                 pass
 
     def forget(self, fd: int) -> None:
-        """The fd is about to be closed (closing removes it from the epoll set)."""
+        """The fd is about to be closed, and with it its socket's last reference (which takes it
+        out of the epoll set)."""
         self._masks.pop(fd, None)
         self._handlers.pop(fd, None)
 
