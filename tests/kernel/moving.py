@@ -98,8 +98,12 @@ def line_of(proc: subprocess.Popen[Any], prefix: str, timeout: float) -> str:
 
 
 def stream_code(host: str, port: int, source: str = "") -> str:
-    """A stream both ways (ECHO), about 8 MB/s, until a line on stdin: prints `flowing` once
-    bytes come back, then one result line."""
+    """A stream both ways (ECHO), about 8 MB/s, until a line on stdin and at least 16 MiB sent
+    (whichever comes last, at most 30 s after the line): prints `flowing` once bytes come
+    back, then one result line, `stream <16 MiB sent> <as many came back> <the same bytes>`.
+    The floor is counted, not timed: a test that stops the stream soon after a hand-over
+    (one second on a loaded machine can carry less than 16 MiB) still gets a stream that
+    kept flowing, and a stall still shows as False."""
     return f"""
 import hashlib, os, socket, sys, threading, time
 s = socket.create_connection(("{host}", {port}), timeout=30, source_address=("{source}", 0))
@@ -116,10 +120,15 @@ def read():
 
 reader = threading.Thread(target=read)
 reader.start()
-threading.Thread(target=lambda: (sys.stdin.readline(), stop.set()), daemon=True).start()
+stopped_at = [0.0]
+threading.Thread(target=lambda: (sys.stdin.readline(), stopped_at.__setitem__(0, time.monotonic()), stop.set()),
+                 daemon=True).start()
 start = time.monotonic()
+FLOOR = 16 << 20
 try:
-    while not stop.is_set():  # about 8 MB/s until the test says stop
+    while not stop.is_set() or counts[0] <= FLOOR:  # about 8 MB/s until the test says stop, and past the floor
+        if stop.is_set() and time.monotonic() - stopped_at[0] > 30:
+            break  # a stream that cannot reach the floor: its result line says so
         chunk = os.urandom(1 << 16)
         sent.update(chunk)
         s.sendall(chunk)
@@ -130,7 +139,7 @@ except OSError as err:
     print("stream error after", counts, "bytes:", repr(err), flush=True)
     raise
 reader.join(30)
-print("stream", counts[0] > (16 << 20), counts[0] == counts[1], sent.digest() == got.digest(), flush=True)
+print("stream", counts[0] > FLOOR, counts[0] == counts[1], sent.digest() == got.digest(), flush=True)
 """
 
 
@@ -155,7 +164,9 @@ s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 s.connect(("{UDP_SVC}", 53))  # a connected socket takes answers from the service address only
 s.settimeout(2)
 stop = threading.Event()
-threading.Thread(target=lambda: (sys.stdin.readline(), stop.set()), daemon=True).start()
+stopped_at = [0.0]
+threading.Thread(target=lambda: (sys.stdin.readline(), stopped_at.__setitem__(0, time.monotonic()), stop.set()),
+                 daemon=True).start()
 pods, sent, got = set(), 0, 0
 end = time.monotonic() + 60
 while not stop.is_set() and time.monotonic() < end:  # until the test says stop
