@@ -79,11 +79,30 @@ class Cluster:
         change nothing, so no sync would come to wait for."""
         text = m.dump(*docs)
         nodes = [n for n in (nodes or self.proxies) if _read(self.manifest_dir(n) / name) != text]
-        before = {n: self.syncs(n) for n in nodes}
+        marks = {n: self.log_mark(n) for n in nodes}
         for node in nodes:
             write_manifest(self.manifest_dir(node), name, text)
-        for node in nodes:  # with --workers N each worker syncs (and logs) on its own: wait for all N
-            self.wait_for_log(node, " synced ", before[node] + self.syncers.get(node, 1) - 1)
+        for node in nodes:
+            self.wait_for_reload_synced(node, marks[node])
+
+    def log_mark(self, node: str) -> int:
+        """Where the node's log ends now: `wait_for_reload_synced` reads what comes after."""
+        return len(self.log(node))
+
+    def wait_for_reload_synced(self, node: str, mark: int, timeout: float = 15) -> None:
+        """Wait until, after `mark`, every process of the node (--workers N: N) has reloaded
+        the manifests and logged a sync after that reload. Any sync will not do: a fresh
+        process syncs again about a second after its first, and that sync, counted before the
+        files were read, once let a test send its first datagram to a Service not yet there."""
+        want = self.syncers.get(node, 1)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if _reloads_synced(self.log(node)[mark:]) >= want:
+                return
+            if self.proxies[node].poll() is not None:
+                raise AssertionError(f"pyproxy on {node} exited: {self.log(node)[-2000:]}")
+            time.sleep(0.05)
+        raise AssertionError(f"pyproxy on {node} did not reload and sync in {timeout}s: {self.log(node)[-2000:]}")
 
     def run(self, ns: str, mode: str, address: str, *args: str, timeout: float = 60) -> list[str]:
         """Run the demo client in namespace `ns`; one line per result."""
@@ -95,6 +114,18 @@ class Cluster:
         """The pods as endpoints, by their IPv4 address (or, with `ipv6`, their IPv6 one)."""
         return [m.Backend(self.lab.pods[p].ip6 if ipv6 else self.lab.pods[p].ip, self.lab.pods[p].node, **kwargs)
                 for p in pods]
+
+
+def _reloads_synced(text: str) -> int:
+    """How many syncs in `text` each follow a manifest reload of their own."""
+    pending = done = 0
+    for line in text.splitlines():
+        if "manifests reloaded" in line:
+            pending += 1
+        elif " synced " in line and pending:
+            pending -= 1
+            done += 1
+    return done
 
 
 def _read(path: Path) -> str | None:

@@ -19,11 +19,11 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 def serve_example(cluster: Cluster, name: str) -> None:
     for path in sorted((EXAMPLES / name).glob("*.yaml")):
-        before = {node: cluster.syncs(node) for node in cluster.proxies}
+        marks = {node: cluster.log_mark(node) for node in cluster.proxies}
         for node in cluster.proxies:
             write_manifest(cluster.manifest_dir(node), f"example-{path.name}", path.read_text())
         for node in cluster.proxies:
-            cluster.wait_for_log(node, " synced ", before[node])
+            cluster.wait_for_reload_synced(node, marks[node])
 
 
 def test_s1_and_s7_examples_serve_as_they_are(cluster: Cluster) -> None:

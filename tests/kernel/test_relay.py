@@ -138,12 +138,12 @@ def test_unparsable_file_at_reload_keeps_the_last_good_state(cluster: Cluster) -
     assert len(cluster.run("client", "who", "10.96.1.7:80", "--count", "3")) == 3, "last good state must serve"
     assert cluster.run("client", "connect", "10.96.1.8:80", "--timeout", "1")[0].split()[0] != "ok"
     # fixed: applied at the next reload
-    before = cluster.syncs("node1")
+    mark = cluster.log_mark("node1")
     write_manifest(directory, "steady.yaml", m.dump(
         m.service("steady", "10.96.1.7", [m.port(80, 80)]),
         m.endpoint_slice("steady", cluster.backends("pa"), [m.slice_port(80)]),
     ))
-    cluster.wait_for_log("node1", " synced ", before)
+    cluster.wait_for_reload_synced("node1", mark)
     deadline = time.monotonic() + 5
     pods: set[str] = set()
     while time.monotonic() < deadline and pods != {"pa"}:
