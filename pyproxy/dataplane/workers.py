@@ -37,15 +37,12 @@ worker is exactly the single-process proxy that the tests already cover.
 
 from __future__ import annotations
 
-import logging
 import socket
 from dataclasses import dataclass
 
 from pyproxy.dataplane import steering
 from pyproxy.dataplane.nft import NftRunner
 from pyproxy.dataplane.sockets import IP_TRANSPARENT
-
-log = logging.getLogger("pyproxy.workers")
 
 
 @dataclass(frozen=True)
