@@ -104,7 +104,8 @@ def recorder(fail_times: int = 0, during: Callable[[], None] = lambda: None
 
 async def test_nudges_coalesce_and_respect_min_interval() -> None:
     """Fifty nudges, each in its own turn of the loop: one sync per min_interval of the time
-    they took (one, unless the loop was starved for longer than that), none before
+    they took (one, unless the loop was starved for longer than that; one more when the
+    first nudge comes min_interval after the first sync, which may run at once), none before
     min_interval, the last nudge applied, and nothing after it without a new nudge. Each
     condition is waited for, bounded; no fixed sleep decides what ran (it made this test
     flaky on a loaded machine)."""
@@ -121,7 +122,10 @@ async def test_nudges_coalesce_and_respect_min_interval() -> None:
     await asyncio.sleep(3 * 0.1)  # three min_intervals with no nudge: no sync may start
     assert len(starts) == settled
     syncs_for_nudges = len(starts) - 1
-    assert 1 <= syncs_for_nudges <= 1 + int((last_nudge - first_nudge) / 0.1), (starts, first_nudge, last_nudge)
+    # a first nudge later than min_interval after the first sync (a starved test) may sync at once
+    immediate = 1 if first_nudge - starts[0] >= 0.1 else 0
+    allowed = immediate + 1 + int((last_nudge - first_nudge) / 0.1)
+    assert 1 <= syncs_for_nudges <= allowed, (starts, first_nudge, last_nudge)
     gaps = [b - a for a, b in zip(starts, starts[1:])]
     assert all(gap >= 0.1 - 0.005 for gap in gaps), gaps  # not before min_interval
     await finish(runner, stop)
