@@ -14,7 +14,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -63,14 +63,18 @@ class Cluster:
 
     def wait_for_log(self, node: str, text: str, seen: int, timeout: float = 15) -> None:
         """Wait until `text` appears in the node's log more than `seen` times."""
+        self._wait_for(node, lambda log: log.count(text) > seen, f"log {text!r}", timeout)
+
+    def _wait_for(self, node: str, done: Callable[[str], bool], what: str, timeout: float) -> None:
+        """Poll the node's log until `done(log)` (bounded); fail at once if its pyproxy exited."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.log(node).count(text) > seen:
+            if done(self.log(node)):
                 return
             if self.proxies[node].poll() is not None:
                 raise AssertionError(f"pyproxy on {node} exited: {self.log(node)[-2000:]}")
             time.sleep(0.05)
-        raise AssertionError(f"pyproxy on {node} did not log {text!r} in {timeout}s: {self.log(node)[-2000:]}")
+        raise AssertionError(f"pyproxy on {node} did not {what} in {timeout}s: {self.log(node)[-2000:]}")
 
     def apply(self, *docs: dict[str, Any], name: str = "services.yaml", nodes: Sequence[str] | None = None) -> None:
         """Write the manifest file on every node and wait until each proxy has synced it.
@@ -95,14 +99,7 @@ class Cluster:
         process syncs again about a second after its first, and that sync, counted before the
         files were read, once let a test send its first datagram to a Service not yet there."""
         want = self.syncers.get(node, 1)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if _reloads_synced(self.log(node)[mark:]) >= want:
-                return
-            if self.proxies[node].poll() is not None:
-                raise AssertionError(f"pyproxy on {node} exited: {self.log(node)[-2000:]}")
-            time.sleep(0.05)
-        raise AssertionError(f"pyproxy on {node} did not reload and sync in {timeout}s: {self.log(node)[-2000:]}")
+        self._wait_for(node, lambda log: _reloads_synced(log[mark:]) >= want, "reload and sync", timeout)
 
     def run(self, ns: str, mode: str, address: str, *args: str, timeout: float = 60) -> list[str]:
         """Run the demo client in namespace `ns`; one line per result."""
