@@ -8,8 +8,8 @@ release notes.)
 
 Rules kept here:
 - `RelayConfig` holds the numbers: dial timeouts (one per attempt, so their count bounds
-  the attempts), the idle bound of a pair and the shorter one once half-closed
-  (`pair_timeout`), and the write buffer marks.
+  the attempts), and the idle bound of a pair and the shorter one once half-closed
+  (`pair_timeout`).
 - `TcpRelay` is what the process needs of a relay: start on a listener, let it go, stop
   accepting, drain, list its connections, and detach/adopt pairs for a hand-over.
 - `drain_pairs` waits for a relay's pairs to close by themselves up to a bound, then cuts
@@ -37,8 +37,6 @@ class RelayConfig:
     dial_timeouts: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0)
     idle_timeout: float = 3600.0
     half_close_timeout: float = 300.0
-    write_buffer_high: int = 256 * 1024
-    write_buffer_low: int = 64 * 1024
 
 
 def pair_timeout(config: RelayConfig, half_closed: bool) -> float:
