@@ -10,8 +10,9 @@ Rules it keeps:
   base files from its pinned module, a debootstrapped Debian, containerd/crictl/kubelet/kubeadm/
   kubectl built from source, and the control-plane images pre-imported into the node's
   containerd (kind's own builder insists on pulling kindnetd, which cannot be built here).
-- pyproxy's image is built from the repository's Dockerfile with `--network=none`, from the
-  local Python base and a wheelhouse made on the host: the same recipe users build online.
+- pyproxy's image is built from the repository's Dockerfile with `--network=none`, its builder
+  stage on a local Python base with gcc and python3-dev, its runtime stage on the local Python
+  base (no compiler), and a wheelhouse made on the host: the same recipe users build online.
 - An image whose inputs (a content key) have not changed is not rebuilt.
 """
 
@@ -44,6 +45,7 @@ PAUSE_TAG = "3.10.2"
 
 NODE_IMAGE = f"pyproxy.local/kind-node:{K8S_VERSION}"
 PYTHON_BASE = "pyproxy.local/python-base:bookworm"
+BUILDER_BASE = "pyproxy.local/python-build:bookworm"  # PYTHON_BASE's Python with gcc and its headers
 PYPROXY_IMAGE = "pyproxy:dev"  # the name daemonset.yaml runs
 
 
@@ -268,33 +270,12 @@ def node_image(daemon: Daemon) -> str:
     return NODE_IMAGE
 
 
-# The files of the repository that go into pyproxy's image (the Dockerfile COPYs `.`;
-# .dockerignore keeps the rest out of an online build's context too). The compiled helpers
-# (pyproxy/dataplane/_*.so) are not copied from the tree as they lie: `native_helpers` builds
-# them for the image's build and only those go in.
-IMAGE_SOURCES = ("Dockerfile", ".dockerignore", "pyproject.toml", "README.md", "pyproxy", "bench")
-NATIVE_BUILD = REPO / "pyproxy" / "dataplane" / "_native" / "build.py"
-
-
-def native_helpers(python: str) -> list[Path]:
-    """Build the compiled helpers with `python` (build.py: each one whose source changed) and
-    return them: one `_<name><EXT_SUFFIX>` per entry of build.py's SOURCES, or BuildError.
-
-    The image's interpreter is Debian bookworm's python3 (3.11) on the same glibc as the host
-    here; the image build checks that each library loads there (REQUIRE_NATIVE=1)."""
-    done = subprocess.run([python, str(NATIVE_BUILD)], capture_output=True, text=True, timeout=300)
-    if done.returncode != 0:
-        raise BuildError(f"compiled helpers: {NATIVE_BUILD.name} failed:\n{done.stderr[-3000:]}")
-    probe = ("import runpy, sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX')); "
-             f"print(' '.join(runpy.run_path({str(NATIVE_BUILD)!r})['SOURCES']))")
-    suffix, names = subprocess.run([python, "-c", probe], capture_output=True, text=True, check=True,
-                                   timeout=60).stdout.splitlines()
-    built = [NATIVE_BUILD.parents[1] / f"{name}{suffix}" for name in names.split()]
-    missing = [p.name for p in built if not p.is_file()]
-    if missing or not built:
-        raise BuildError(f"compiled helpers: {', '.join(missing) or 'none'} not built by {NATIVE_BUILD.name} "
-                         f"with {python} (it needs gcc or $CC):\n{done.stderr[-3000:]}")
-    return built
+# The files of the repository that go into pyproxy's image (the Dockerfile COPYs `.` into its
+# builder stage; .dockerignore keeps the rest out of an online build's context too). Libraries
+# built in the tree (`pyproxy/dataplane/_engine*.so`) stay out: the builder stage compiles the
+# engine from engine.c for the image's own Python.
+IMAGE_SOURCES = ("Dockerfile", ".dockerignore", "pyproject.toml", "setup.py", "MANIFEST.in", "README.md",
+                 "pyproxy", "bench")
 
 
 def wheelhouse(python: str) -> Path:
@@ -304,31 +285,31 @@ def wheelhouse(python: str) -> Path:
     subprocess.run([python, "-m", "pip", "wheel", "-q", "--disable-pip-version-check",
                     "--wheel-dir", str(out), str(REPO)], check=True, timeout=900)
     subprocess.run([python, "-m", "pip", "download", "-q", "--disable-pip-version-check",
-                    "--only-binary=:all:", "-d", str(out), "setuptools>=68", "wheel"], check=True, timeout=900)
+                    "--only-binary=:all:", "-d", str(out), "setuptools>=77", "wheel"], check=True, timeout=900)
     for stale in out.glob("pyproxy-*.whl"):
         stale.unlink()  # pyproxy itself is installed from the copied sources
     return out
 
 
 def pyproxy_image(daemon: Daemon, python: str) -> str:
-    """Build `pyproxy:dev` from the Dockerfile, offline, on the local Python base."""
+    """Build `pyproxy:dev` from the Dockerfile, offline: its builder stage on the local Python
+    base with gcc and python3-dev (rootfs.BUILDER), its runtime stage on the local Python base;
+    the Dockerfile fails the build unless the engine it compiled loads in the runtime stage."""
     base = import_rootfs(daemon, rootfs.PYTHON, PYTHON_BASE)
-    helpers = native_helpers(python)
+    builder = import_rootfs(daemon, rootfs.BUILDER, BUILDER_BASE)
     with tempfile.TemporaryDirectory(prefix="pyproxy-image.") as tmp:
         ctx = Path(tmp)
         for name in IMAGE_SOURCES:
             src = REPO / name
             if src.is_dir():
                 shutil.copytree(src, ctx / name, ignore=shutil.ignore_patterns(
-                    "__pycache__", "*.egg-info", "out", "_*.so", "*.tmp"))
+                    "__pycache__", "*.egg-info", "out", "*.so", "*.tmp"))
             elif src.exists():
                 shutil.copy2(src, ctx / name)
-        for lib in helpers:
-            shutil.copy2(lib, ctx / lib.relative_to(REPO))
         shutil.copytree(wheelhouse(python), ctx / "wheels")
         proc = subprocess.run(
             ["docker", "build", "--network=none", "-q", "--build-arg", f"BASE_IMAGE={base}",
-             "--build-arg", "REQUIRE_NATIVE=1", "-t", PYPROXY_IMAGE, str(ctx)],
+             "--build-arg", f"BUILDER_IMAGE={builder}", "-t", PYPROXY_IMAGE, str(ctx)],
             env={**daemon.env, "DOCKER_BUILDKIT": "0"}, capture_output=True, text=True, timeout=1800,
         )
         if proc.returncode != 0:

@@ -51,6 +51,12 @@ PYTHON = Role("python", (
     "python3", "python3-venv", "nftables", "iproute2", "ca-certificates", "curl", "dnsutils",
     "procps",
 ))
+# The Dockerfile's builder stage, offline (the public one is the same slim Python image plus gcc):
+# Debian's Python 3.11 as in PYTHON, with a C compiler and Python's headers to build the
+# engine's wheel. Only the builder uses it: the runtime image stays without a compiler.
+BUILDER = Role("python-build", (
+    "python3", "python3-venv", "python3-dev", "gcc", "libc6-dev",
+))
 
 
 def debian_mirror(apt_dir: Path = Path("/etc/apt")) -> str:
