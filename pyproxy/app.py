@@ -119,7 +119,7 @@ class ProxyApp:
                              shutting_down=self.stop.is_set, worker=self.worker.index)
         self.observer = Observer(config, self.store, self.table, self.stats, self.runner, reader, self.worker,
                                  down=lambda: self.supervisor.down,
-                                 take_socket=self.life.take_socket)
+                                 take_socket=self.life.take_socket, relay=self.relay.label)
 
     def _node_port_addresses(self) -> list[str]:
         """The local addresses that serve NodePorts (netlink; `primary` reads the Node)."""

@@ -43,6 +43,11 @@ class DualStackRelay:
         return self.ipv4.kind
 
     @property
+    def label(self) -> str:
+        """Which byte path serves, as /metrics labels it ("engine" or "twin")."""
+        return self.ipv4.label
+
+    @property
     def relays(self) -> list[TcpRelay]:
         return self._started or [self.ipv4]
 

@@ -124,6 +124,7 @@ class _Pairs:
 
 class NativeRelay:
     kind = "splice, compiled engine"
+    label = "engine"  # pyproxy_tcp_relay_info{relay="engine"}
 
     def __init__(
         self, table: ServiceTable, is_local_source: Callable[[str], bool], stats: DataplaneStats,

@@ -55,6 +55,9 @@ class TcpRelay(Protocol):
     def kind(self) -> str: ...  # which byte path, as the start-up log line names it
 
     @property
+    def label(self) -> str: ...  # the same, as /metrics names it: "engine" or "twin"
+
+    @property
     def pairs(self) -> Collection[PairLike]: ...
 
     async def start(self, host: str, port: int, sock: socket.socket | None = None) -> None: ...

@@ -114,6 +114,7 @@ ACCEPT_PAUSE = 0.1  # seconds without accepting after EMFILE/ENFILE/ENOBUFS (the
 @dataclass
 class FastRelay:
     kind: ClassVar[str] = "splice, pure Python"
+    label: ClassVar[str] = "twin"  # pyproxy_tcp_relay_info{relay="twin"}
     table: ServiceTable
     is_local_source: Callable[[str], bool]
     stats: DataplaneStats

@@ -2,6 +2,9 @@
 
 Rules kept here:
 - One private `CollectorRegistry` per proxy (tests run several in one process).
+- `pyproxy_tcp_relay_info{relay}` is 1 for the TCP byte path this process runs: "engine"
+  (engine.c) or "twin" (splice.py, where the engine is not built or PYPROXY_PURE_PYTHON=1), so
+  a node that fell back to the slower twin shows in a scrape, not only in its start-up log.
 - Nothing is counted per packet or per connection here: the data plane bumps plain integers
   (`DataplaneStats`, `AffinityStats`) and the collectors read them, with the service table's
   balancers, only when /metrics is scraped. Scrapes run on the event loop, so they see a
@@ -227,6 +230,7 @@ class ProxyMetrics:
         table: ServiceTable,
         stats: DataplaneStats,
         wall_clock: Callable[[], float] = time.time,
+        relay: str = "",
     ) -> None:
         self.store = store
         self.wall_clock = wall_clock
@@ -244,6 +248,9 @@ class ProxyMetrics:
         self.livez = Counter("kubeproxy_proxy_livez_total", "Cumulative proxy livez HTTP status", ["code"], registry=r)
         for collector in (ChangesCollector(store), TableCollector(table), DataplaneCollector(stats)):
             r.register(collector)
+        if relay:  # which TCP byte path serves: "engine", or "twin" where the engine is not built
+            Gauge("pyproxy_tcp_relay_info", "The TCP relay serving (1 per process): the compiled engine or its "
+                  "pure-Python twin", ["relay"], registry=r).labels(relay=relay).set(1)
 
     def synced(self, seconds: float) -> None:
         """A sync succeeded: its duration, its time, and the slice changes it applied."""

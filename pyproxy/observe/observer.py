@@ -49,12 +49,13 @@ class Observer:
         reader: ProxyReader, worker: WorkerRole | None = None,
         down: Callable[[], tuple[str, ...]] = tuple,
         take_socket: Callable[[int], socket.socket | None] = lambda _: None,
+        relay: str = "",
     ) -> None:
         self.config = config
         self.store = store
         self.table = table
         self.worker = worker or WorkerRole()
-        self.metrics = ProxyMetrics(store, table, stats)
+        self.metrics = ProxyMetrics(store, table, stats, relay=relay)
         peers = [worker_socket_name(self.worker.group, i) for i in range(1, self.worker.count)]
         self.api = InspectApi(
             reader,

@@ -206,3 +206,16 @@ def test_metrics_names_and_counters_that_move(cluster: Cluster) -> None:
     # node2 has no local endpoint for this Local Service
     assert sample(metrics(cluster, "node2"), "kubeproxy_sync_proxy_rules_no_local_endpoints_total",
                   traffic_policy="external") >= 1
+
+
+RELAYS = {"splice": "engine", "pure-asyncio": "twin"}  # conftest.VARIANTS -> pyproxy_tcp_relay_info's label
+
+
+def test_metrics_name_the_tcp_relay_serving(cluster: Cluster, request: pytest.FixtureRequest) -> None:
+    """An operator sees from /metrics alone whether a node runs the compiled engine or its
+    slower twin: one info sample, 1, labelled with the relay this process started."""
+    wanted = RELAYS[request.node.callspec.params["cluster"]]
+    for node in ("node1", "node2"):
+        text = metrics(cluster, node)
+        relays = [line for line in text.splitlines() if line.startswith("pyproxy_tcp_relay_info{")]
+        assert relays == [f'pyproxy_tcp_relay_info{{relay="{wanted}"}} 1.0'], relays

@@ -9,6 +9,7 @@ import pytest
 from pyproxy.dataplane.stats import DataplaneStats
 from pyproxy.model.objects import EndpointSlice, ServiceKey, ServicePortName, parse_endpoint_slice, parse_service
 from pyproxy.model.table import ServiceTable
+from pyproxy.observe.aggregate import merge_exposition
 from pyproxy.observe.metrics import CountingStore, ProxyMetrics, parse_trigger_time
 from pyproxy.sync import SyncRunner
 
@@ -189,6 +190,18 @@ def test_dataplane_counters_are_read_at_scrape_time() -> None:
     assert value(metrics, "pyproxy_affinity_evictions_total", **labels) == 0
     port.total += 1  # moves without any call into the metrics
     assert value(metrics, "pyproxy_connections_total", **labels) == 6
+
+
+def test_the_tcp_relay_serving_is_one_info_sample_summed_over_workers() -> None:
+    wall = WallClock()
+    store, table, stats = CountingStore(wall), ServiceTable("node1"), DataplaneStats()
+    twin = ProxyMetrics(store, table, stats, wall_clock=wall, relay="twin")
+    assert value(twin, "pyproxy_tcp_relay_info", relay="twin") == 1
+    assert value(twin, "pyproxy_tcp_relay_info", relay="engine") is None
+    assert value(make(wall)[3], "pyproxy_tcp_relay_info", relay="twin") is None  # no relay named: no sample
+    text = twin.exposition().decode()
+    merged = merge_exposition([text, text]).decode()  # --workers 2: worker 0 sums the pyproxy_* families
+    assert 'pyproxy_tcp_relay_info{relay="twin"} 2.0' in merged.splitlines()
 
 
 def test_registries_are_private() -> None:
