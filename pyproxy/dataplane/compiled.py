@@ -1,20 +1,22 @@
 """Which compiled helpers this install of pyproxy has, and whether each of them loads.
 
-The compiled helpers are the `pyproxy/dataplane/_<name><EXT_SUFFIX>` libraries that
-`pyproxy/dataplane/_native/build.py` builds; pyproject.toml packages every `_*.so` of this
-directory, so `pip install` (the Dockerfile's) takes them along. Each has a pure-Python twin
-that its wrapper (engine.py: splice.py's FastRelay) uses when the import fails, so a library built for
-another Python, or against a newer C library than the one it runs on, costs speed, never
-service. That fallback is silent by design; this module makes it visible:
+The compiled helpers are the `pyproxy/dataplane/_<name><EXT_SUFFIX>` libraries: today one,
+the engine, a C extension that setup.py declares and every install builds (`pip install .`,
+`pip install -e .` in cmd/setup, `pip wheel .`, the Dockerfile's builder stage), or fails
+saying what to install; only PYPROXY_BUILD_ENGINE=0 installs without it. Each has a pure-Python
+twin that its wrapper (engine.py: splice.py's FastRelay) uses when the import fails, so a
+library built for another Python, or against a newer C library than the one it runs on, costs
+speed, never service. That fallback is silent by design; this module makes it visible (and
+/metrics does, as `pyproxy_tcp_relay_info{relay="twin"}`):
 
     python -m pyproxy.dataplane.compiled [--require]
 
 prints one line per library found, "loaded" or why not. A library whose name does not end
 in this interpreter's EXT_SUFFIX was built for another Python and is never imported, so it
 is reported without a try. With `--require` the exit status is 1 when there is no library at
-all or any of them does not load: the kind tier's image build asks for that (Dockerfile,
-REQUIRE_NATIVE=1), so that a mismatch stops the build with its reason instead of a cluster
-quietly running the twins.
+all or any of them does not load: the Dockerfile's runtime stage always asks for that, so
+that a mismatch stops the image build with its reason instead of a cluster quietly running
+the twins; cmd/setup asks too after its editable install.
 
 Loading here is a trial: each library is initialised as a module object of its own, not
 entered in sys.modules, so the wrappers' own imports are unaffected.
@@ -80,7 +82,8 @@ def main(argv: Sequence[str] | None = None, directory: Path | None = None) -> in
     where = directory if directory is not None else HERE
     helpers = scan(where)
     if not helpers:
-        print(f"no compiled helpers in {where} (none were built or packaged): the pure-Python twins run")
+        print(f"no compiled helpers in {where} (installed with PYPROXY_BUILD_ENGINE=0, or not installed): "
+              "the pure-Python twins run")
         return 1 if args.require else 0
     for h in helpers:
         state = "loaded" if h.loaded else f"does not load: {h.reason}; its pure-Python twin runs"

@@ -1,6 +1,6 @@
 """The splice relay on its compiled engine: `NativeRelay`, a TcpRelay like `splice.FastRelay`.
 
-`pyproxy/dataplane/_native/engine.c` (built by `cmd/setup` into `_engine<EXT_SUFFIX>`) runs
+`pyproxy/dataplane/_native/engine.c` (the C extension `_engine<EXT_SUFFIX>`, setup.py) runs
 the whole life of a connection in C: accept, the original destination, dial, copy or splice
 each direction, half-close, close. It asks this module for every decision, once per
 connection, through callbacks:

@@ -244,7 +244,7 @@ def test_inspect_from_the_daemonset_pod_shows_the_pin(kind: Cluster) -> None:
 
 
 def test_the_daemonset_pod_runs_the_compiled_helpers(kind: Cluster) -> None:
-    """The image carries the host-built `_*.so` and its Python loads them: not the twins."""
+    """The image carries the engine its builder stage compiled, and its Python loads it: not the twins."""
     proxy = kind.kubectl("-n", "kube-system", "get", "pod", "-l", "app.kubernetes.io/name=pyproxy",
                          f"--field-selector=spec.nodeName={WORKER}", "-o", "name").stdout.strip()
     python = ("-n", "kube-system", "exec", proxy, "--", "/opt/pyproxy/bin/python")
@@ -253,6 +253,10 @@ def test_the_daemonset_pod_runs_the_compiled_helpers(kind: Cluster) -> None:
     report = kind.kubectl(*python, "-m", "pyproxy.dataplane.compiled", "--require", check=False)
     assert report.returncode == 0, report.stdout + report.stderr
     assert "compiled helper _engine." in report.stdout, report.stdout
+    scrape = kind.kubectl(*python, "-c", "import urllib.request; "
+                          "print(urllib.request.urlopen('http://127.0.0.1:10249/metrics', timeout=5).read().decode())")
+    relays = [line for line in scrape.stdout.splitlines() if line.startswith("pyproxy_tcp_relay_info{")]
+    assert relays == ['pyproxy_tcp_relay_info{relay="engine"} 1.0'], relays
 
 
 def _outside_curl(kind: Cluster, url: str, count: int) -> list[sc.Answer]:
