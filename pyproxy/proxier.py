@@ -134,8 +134,8 @@ class Proxier:
             self.full_sync_needed = True
 
     def _use_source_policy(self) -> bool:
-        """This node's own pods (its Node's podCIDRs, its pod bridges) for the relays' choice of
-        source address; True when that changed."""
+        """This node's own pods (its Node's podCIDRs; its pod bridges for the fallback) for the
+        relays' choice of source address; True when that changed."""
         node = self.store.node
         policy = source_policy(self.addresses, node.pod_cidrs if node else (), self._bridged)
         if policy == self.sources:

@@ -14,11 +14,13 @@ Rules kept here:
     itself; otherwise the node's. Every other plan is `POD`: a pod reaching any Service
     address keeps its IP, as kube-proxy leaves in-cluster pod traffic alone.
   - `NODE`: always the node's address.
-- "A pod of this node" is an address inside this Node's `spec.podCIDRs`, or a pod bridge's
-  subnet here, and not one of the node's own addresses. Not the detect-local networks: with
-  `ClusterCIDR` those hold every node's pods, and the replies to another node's pod go
-  back through that node, never to this proxy. No Node read yet: no pod is known, and
-  every client keeps the node's address (what the proxy did before it knew better).
+- "A pod of this node" is an address inside this Node's `spec.podCIDRs`, and not one of
+  the node's own addresses: the pod network routes those ranges to this node, so replies
+  come back here. Not the detect-local networks: with `ClusterCIDR` those hold every node's
+  pods, whose replies go back through their own node, never to this proxy. Not a pod
+  bridge's subnet alone either: a bridge's subnet outside the podCIDRs may be routed
+  nowhere but here. No Node read yet: no pod is known, and every client gets the node's
+  address (what the proxy did before it knew better).
 - The node itself, and a pod reaching itself through its Service (hairpin: the endpoint's
   address is the client's), get the node's address, as kube-proxy masquerades both.
 - An endpoint on one of this node's pod bridges gets `NODE`: it would answer a pod on the
@@ -47,7 +49,7 @@ class SourcePolicy:
     """What this node knows of its own pods, as of the last sync."""
 
     node_addresses: frozenset[str] = frozenset()
-    pods: tuple[Network, ...] = ()  # this Node's spec.podCIDRs and its pod bridges' subnets
+    pods: tuple[Network, ...] = ()  # this Node's spec.podCIDRs
     bridged: tuple[Network, ...] = ()  # the pod bridges' subnets
 
     def is_pod(self, ip: str) -> bool:
@@ -76,10 +78,9 @@ class SourcePolicy:
 def source_policy(node_addresses: Iterable[str], pod_cidrs: Iterable[str],
                   bridged: Iterable[Network]) -> SourcePolicy:
     """The policy for a node with these addresses, Node podCIDRs and pod bridge subnets."""
-    bridges = tuple(bridged)
-    networks = {ipaddress.ip_network(c, strict=False) for c in pod_cidrs} | set(bridges)
+    networks = {ipaddress.ip_network(c, strict=False) for c in pod_cidrs}
     pods = tuple(sorted((n for n in networks if n.prefixlen > 0), key=lambda n: (n.version, n)))
-    return SourcePolicy(frozenset(node_addresses), pods, bridges)
+    return SourcePolicy(frozenset(node_addresses), pods, tuple(bridged))
 
 
 def _inside(ip: str, networks: Iterable[Network]) -> bool:

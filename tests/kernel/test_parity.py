@@ -130,6 +130,14 @@ def test_configz_on_the_metrics_address(cluster: Cluster) -> None:
     assert config["healthzBindAddress"] == "0.0.0.0:10256"
 
 
+def test_proxy_mode_where_kube_proxy_names_its_mode(cluster: Cluster) -> None:
+    """kube-proxy's /proxyMode (Kubernetes' e2e "should check kube-proxy urls" asks for a 200)."""
+    from tests.kernel.test_health import fetch
+
+    answer = fetch(cluster, "node1", "http://127.0.0.1:10249/proxyMode")
+    assert (answer["status"], answer["body"]) == (200, "userspace"), answer
+
+
 def restart_node1(cluster: Cluster, *args: str) -> None:
     """pyproxy on node1 again, with `args` (these tests come last: the module's cluster ends
     with them, so the last mode is never set back)."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 import pytest
 
 from pyproxy.demo import manifests as m
-from pyproxy.demo.lab import node_ip, pod_cidr
+from pyproxy.demo.lab import node_ip, pod_cidr, pod_cidr6
 from tests.kernel.conftest import Cluster
 from tests.kernel.test_scenarios import client_ips_of, pods_of
 
@@ -24,8 +24,9 @@ pytestmark = pytest.mark.privileged
 
 SVC_IP = "10.96.3.10"  # pa (node1), pb and pc (node2), TCP 80 and UDP 5353 behind port 80
 SELF_IP = "10.96.3.11"  # pa alone
+SVC_IP6 = "fd00:96::3:12"  # pa, pb and pc over IPv6
 NODES = [{"apiVersion": "v1", "kind": "Node", "metadata": {"name": f"node{i}"},
-          "spec": {"podCIDRs": [pod_cidr(i)]},
+          "spec": {"podCIDRs": [pod_cidr(i), pod_cidr6(i)]},
           "status": {"addresses": [{"type": "InternalIP", "address": node_ip(i)}]}} for i in (1, 2)]
 
 
@@ -37,6 +38,9 @@ def services(cluster: Cluster) -> list[dict[str, object]]:
         m.endpoint_slice("src", cluster.backends("pa", "pb", "pc"), slice_ports),
         m.service("self", SELF_IP, [m.port(80, 80)]),
         m.endpoint_slice("self", cluster.backends("pa"), [m.slice_port(80)]),
+        m.service("src6", SVC_IP6, [m.port(80, 80)], cluster_ips=[SVC_IP6]),
+        m.endpoint_slice("src6", cluster.backends("pa", "pb", "pc", ipv6=True), [m.slice_port(80)],
+                         address_type="IPv6"),
     ]
 
 
@@ -71,6 +75,10 @@ def test_a_pod_keeps_its_address_to_endpoints_on_both_nodes_tcp_and_udp(routed: 
     answers = [line for _ in range(8) for line in cluster.run("cl", "udp", f"{SVC_IP}:80", "--count", "2")]
     assert answers and all("whole=True" in line for line in answers), answers
     assert set(client_ips_of(answers)) == {pod_ip}, answers
+    # IPv6: the pod's own IPv6 address (the Node's IPv6 podCIDR)
+    lines6 = cluster.run("cl", "who", f"[{SVC_IP6}]:80", "--count", "30")
+    assert set(pods_of(lines6)) == {"pa", "pb", "pc"}, lines6
+    assert set(client_ips_of(lines6)) == {cluster.lab.pods["cl"].ip6}, lines6
 
 
 def test_the_node_itself_a_hairpin_and_outside_clients_get_the_node_address(routed: Cluster) -> None:

@@ -10,7 +10,7 @@ from pyproxy.model.source import Source, SourcePolicy, source_policy
 
 NODE = "192.168.56.101"
 BRIDGE = ipaddress.ip_network("10.244.9.0/24")
-POLICY = source_policy([NODE, "fd00:56::101"], ["10.244.1.0/24", "fd00:244:1::/64"], [BRIDGE])
+POLICY = source_policy([NODE, "fd00:56::101"], ["10.244.1.0/24", "10.244.9.0/24", "fd00:244:1::/64"], [BRIDGE])
 
 
 @pytest.mark.parametrize(("transparent", "endpoint", "mode"), [
@@ -27,7 +27,8 @@ def test_target_source(transparent: bool, endpoint: str, mode: Source) -> None:
 
 @pytest.mark.parametrize(("mode", "client", "endpoint", "keeps"), [
     (Source.POD, "10.244.1.5", "10.244.2.7", True),  # a pod of this node
-    (Source.POD, "10.244.9.5", "10.244.2.7", True),  # a pod on this node's bridge
+    (Source.POD, "10.244.9.5", "10.244.2.7", True),  # a pod on this node's bridge, inside its podCIDRs
+    (Source.POD, "10.244.11.5", "10.244.2.7", False),  # a bridge's subnet outside the podCIDRs: not a pod
     (Source.POD, "fd00:244:1::5", "fd00:244:2::7", True),
     (Source.POD, "10.244.2.5", "10.244.2.7", False),  # another node's pod: its replies would not come here
     (Source.POD, "192.168.56.100", "10.244.2.7", False),  # outside the cluster
