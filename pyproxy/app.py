@@ -32,6 +32,7 @@ from pyproxy.dataplane.stats import DataplaneStats
 from pyproxy.dataplane.udp import UdpConfig, UdpRelay
 from pyproxy.inspect.reader import ProxyReader
 from pyproxy.lifecycle.process import ProcessLife
+from pyproxy.model.source import SourcePolicy
 from pyproxy.model.family import join_host_port, node_port_candidate
 from pyproxy.model.objects import ServiceKey
 from pyproxy.observe.metrics import CountingStore
@@ -102,12 +103,13 @@ class ProxyApp:
         def make_relay() -> TcpRelay:  # one per address family (dualstack.py)
             # the compiled engine (engine.py), or its pure-Python twin (splice.py)
             return make_splice_relay(self.table, self.proxier.is_local_source, self.stats, relay_config,
-                                     splice_after=dp.spliceAfter)
+                                     splice_after=dp.spliceAfter, sources=self._sources)
 
         self.relay = DualStackRelay(make_relay, serve_ipv6=self.worker.programs_kernel)
         self.udp = UdpRelay(
             table=self.table,
             is_local_source=self.proxier.is_local_source,
+            sources=self._sources,
             stats=self.stats,
             config=UdpConfig(idle_timeout=dp.udpIdleTimeout, max_flows=dp.maxUDPFlows),
         )
@@ -120,6 +122,10 @@ class ProxyApp:
         self.observer = Observer(config, self.store, self.table, self.stats, self.runner, reader, self.worker,
                                  down=lambda: self.supervisor.down,
                                  take_socket=self.life.take_socket, relay=self.relay.label)
+
+    def _sources(self) -> SourcePolicy:
+        """Whose address endpoints see, as of the last sync (the proxier's; model/source.py)."""
+        return self.proxier.sources
 
     def _node_port_addresses(self) -> list[str]:
         """The local addresses that serve NodePorts (netlink; `primary` reads the Node)."""

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field, replace
 from pyproxy.dataplane.nft import NftConfig, NftError, NftRunner, render_ruleset, render_update
 from pyproxy.model.localdetect import NODE_CIDR, LocalDetection, Network, pod_networks
 from pyproxy.model.objects import ServiceKey
+from pyproxy.model.source import SourcePolicy, source_policy
 from pyproxy.model.store import ClusterStore
 from pyproxy.model.table import Element, ServiceTable
 
@@ -69,6 +70,7 @@ class Proxier:
     _bridged: tuple[Network, ...] = ()
     _pods: tuple[Network, ...] = ()
     _warned_no_pod_cidrs: bool = False
+    sources: SourcePolicy = field(default_factory=SourcePolicy)  # whose address endpoints see (model/source.py)
 
     async def sync(self) -> None:
         if not self.store.synced:
@@ -87,6 +89,8 @@ class Proxier:
             self.addresses = addresses
             self._local = frozenset(addresses)
             changed |= set(self.store.services) | self._tabled()
+        if self._use_source_policy():
+            changed |= set(self.store.services) | self._tabled()  # new routes: the relays plan again
         try:
             added, removed = self.table.update(changed, self.store, addresses)
             await self._write(added, removed)
@@ -128,6 +132,18 @@ class Proxier:
         if sources != self.nft_config.local_sources:
             self.nft_config = replace(self.nft_config, local_sources=sources)
             self.full_sync_needed = True
+
+    def _use_source_policy(self) -> bool:
+        """This node's own pods (its Node's podCIDRs; its pod bridges for the fallback) for the
+        relays' choice of source address; True when that changed."""
+        node = self.store.node
+        policy = source_policy(self.addresses, node.pod_cidrs if node else (), self._bridged)
+        if policy == self.sources:
+            return False
+        log.info("pods of this node keep their address to Service endpoints: %s",
+                 ", ".join(map(str, policy.pods)) or "none known (the Node has no podCIDRs yet)")
+        self.sources = policy
+        return True
 
     def _use_pod_bridges(self, bridges: list[tuple[str, str]]) -> None:
         names = tuple(sorted({name for name, _ in bridges}))

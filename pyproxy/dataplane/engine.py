@@ -61,6 +61,7 @@ from pyproxy.model.copymode import CopyPolicy
 from pyproxy.model.family import join_host_port
 from pyproxy.model.objects import ServicePortName
 from pyproxy.model.affinity import Balancer
+from pyproxy.model.source import SourcePolicy
 from pyproxy.model.table import Plan, Route, ServiceTable, plan_connection, source_matters
 
 log = logging.getLogger("pyproxy.splice")
@@ -70,9 +71,10 @@ STATS_CACHE_LIMIT = 65536
 DEFAULT_SPLICE_AFTER = 64 * 1024
 
 Context = tuple[PortStats, ServicePortName]  # what the engine hands back about a pair
-Target = tuple[str, int, bool, Context]  # dial (ip, port), transparently or not
+Target = tuple[str, int, int, Context]  # dial (ip, port) with a model.source.Source mode
 EnginePlan = tuple[tuple[str, str, int], Route, tuple[Target, ...], PortStats]  # engine.c's "Plans"
-Prepared = tuple[Route, Context, "Balancer | None", Plan, "Plan | None", "EnginePlan | None"]  # see _prepared
+Modes = dict[str, int]  # an endpoint's address -> its Source mode under a plan
+Prepared = tuple[Route, Context, "Balancer | None", Plan, "Plan | None", "EnginePlan | None", Modes, Modes]
 
 
 def _load() -> Any:
@@ -129,13 +131,15 @@ class NativeRelay:
     def __init__(
         self, table: ServiceTable, is_local_source: Callable[[str], bool], stats: DataplaneStats,
         config: RelayConfig | None = None, clock: Callable[[], float] = time.monotonic,
-        splice_after: int = DEFAULT_SPLICE_AFTER,
+        splice_after: int = DEFAULT_SPLICE_AFTER, sources: Callable[[], SourcePolicy] = SourcePolicy,
     ) -> None:
         # `clock` must read CLOCK_MONOTONIC (time.monotonic does): the engine stamps pairs with it
         if native is None:
             raise RuntimeError("the compiled engine is not available (cmd/setup builds it)")
         self.table = table
         self.is_local_source = is_local_source
+        self.sources = sources  # whose address endpoints see (model/source.py); read as routes change
+        self._sources: SourcePolicy | None = None  # the policy the engine and _contexts were made with
         self.stats = stats
         self.config = config or RelayConfig()
         self.clock = clock
@@ -180,6 +184,12 @@ class NativeRelay:
         its balancer, and `plan_connection`'s answers (the second only where the source
         matters: an external frontend of a Local port); and the engine's plan where the pick
         needs nothing but the route (engine.c's "Plans")."""
+        sources = self.sources()
+        if sources is not self._sources:
+            self._contexts.clear()
+            if self.engine is not None:
+                self.engine.set_pod_networks(sources.prefixes())
+                self._sources = sources
         cached = self._contexts.get(frontend)
         if cached is not None and cached[0] is route:
             return cached
@@ -188,11 +198,14 @@ class NativeRelay:
         balancer = self.table.balancers.get(port.name)
         plan = plan_connection(route, False)
         local_plan = plan_connection(route, True) if source_matters(route) else None
+        modes = {e.ip: int(sources.target_source(plan.transparent, e.ip)) for e in plan.candidates}
+        local_modes = {} if local_plan is None else {
+            e.ip: int(sources.target_source(local_plan.transparent, e.ip)) for e in local_plan.candidates}
         engine_plan = None
         if local_plan is None and balancer is not None and balancer.uniform and plan.candidates:
-            targets = tuple((e.ip, e.port, plan.transparent, context) for e in plan.candidates)
+            targets = tuple((e.ip, e.port, modes[e.ip], context) for e in plan.candidates)
             engine_plan = (frontend, route, targets, context[0])
-        prepared = (route, context, balancer, plan, local_plan, engine_plan)
+        prepared = (route, context, balancer, plan, local_plan, engine_plan, modes, local_modes)
         if len(self._contexts) >= STATS_CACHE_LIMIT:
             self._contexts.clear()
         self._contexts[frontend] = prepared
@@ -202,15 +215,15 @@ class NativeRelay:
         return self._prepared(frontend, route)[1]
 
     def _decide(self, client_ip: str, client_port: int, dst_ip: str,
-                dst_port: int) -> Target | tuple[str, int, bool, Context, EnginePlan] | None:
+                dst_port: int) -> Target | tuple[str, int, int, Context, EnginePlan] | None:
         frontend = (dst_ip, "TCP", dst_port)
         route = self.table.routes.get(frontend)
         if route is None:
             self.stats.unknown_destination += 1
             return None
-        _, context, balancer, plan, local_plan, engine_plan = self._prepared(frontend, route)
+        _, context, balancer, plan, local_plan, engine_plan, modes, local_modes = self._prepared(frontend, route)
         if local_plan is not None and self.is_local_source(client_ip):
-            plan = local_plan
+            plan, modes = local_plan, local_modes
         stats = context[0]
         if not plan.candidates:
             stats.refused += 1
@@ -223,8 +236,8 @@ class NativeRelay:
             stats.active -= 1
             return None
         if engine_plan is not None:
-            return endpoint.ip, endpoint.port, plan.transparent, context, engine_plan
-        return endpoint.ip, endpoint.port, plan.transparent, context
+            return endpoint.ip, endpoint.port, modes[endpoint.ip], context, engine_plan
+        return endpoint.ip, endpoint.port, modes[endpoint.ip], context
 
     def _redial(self, context: Context, client_ip: str, client_port: int, dst_ip: str, dst_port: int,
                 failed: list[tuple[str, int]], code: int, attempt: int) -> Target | None:
@@ -237,18 +250,17 @@ class NativeRelay:
         frontend = (dst_ip, "TCP", dst_port)
         route = self.table.routes.get(frontend)
         endpoint = None
-        transparent = False
+        modes: Modes = {}
         if attempt < len(self.config.dial_timeouts) and route is not None and route.port.name == name:
-            _, _, balancer, plan, local_plan, _ = self._prepared(frontend, route)
+            _, _, balancer, plan, local_plan, _, modes, local_modes = self._prepared(frontend, route)
             if local_plan is not None and self.is_local_source(client_ip):
-                plan = local_plan
-            transparent = plan.transparent
+                plan, modes = local_plan, local_modes
             if balancer is not None:
                 endpoint = balancer.pick(client_ip, plan.candidates, self.clock(), exclude=set(failed))
         if endpoint is None:
             stats.refused += 1
             return None
-        return endpoint.ip, endpoint.port, transparent, context
+        return endpoint.ip, endpoint.port, modes[endpoint.ip], context
 
     @staticmethod
     def _closed(context: Context, bytes_in: int, bytes_out: int) -> None:

@@ -84,6 +84,7 @@ from pyproxy.dataplane.connstate import DirectionState, TcpState, movable
 from pyproxy.model.copymode import SPLICE_NOW, CopyPolicy
 from pyproxy.model.endpoints import Endpoint, EndpointSets
 from pyproxy.model.family import host_port
+from pyproxy.model.source import SourcePolicy
 from pyproxy.model.table import PortState, Route, ServiceTable, plan_connection, source_matters
 
 log = logging.getLogger("pyproxy.splice")
@@ -129,6 +130,7 @@ class FastRelay:
     _stats_cache: dict[tuple[str, str, int], tuple[Route, PortStats]] = field(default_factory=dict)
     errors: ErrorLog = field(init=False)
     _accept_paused: asyncio.TimerHandle | None = None
+    sources: Callable[[], SourcePolicy] = SourcePolicy  # whose address endpoints see (model/source.py)
 
     def __post_init__(self) -> None:
         self.errors = ErrorLog(self.stats.connection_errors, log)
@@ -652,8 +654,10 @@ class FastPair:
         timeout = timeouts[self.attempt]
         self.attempt += 1
         self.endpoint = endpoint
+        sources, client_ip = self.relay.sources(), self.client_address[0]
+        keep = sources.keeps_client(sources.target_source(self.transparent, endpoint.ip), client_ip, endpoint.ip)
         try:
-            sock = _dial_socket(self.client_address[0] if self.transparent else None, ipv6=":" in endpoint.ip)
+            sock = _dial_socket(client_ip if keep else None, ipv6=":" in endpoint.ip)
         except OSError as err:  # out of file descriptors, say: not the endpoint's fault
             self.relay.errors.note("upstream", err, f"cannot make an upstream socket: {err}")
             self.stats.refused += 1
@@ -879,6 +883,7 @@ class FastPair:
 def make_splice_relay(
     table: ServiceTable, is_local_source: Callable[[str], bool], stats: DataplaneStats,
     config: RelayConfig | None = None, splice_after: int = DEFAULT_SPLICE_AFTER,
+    sources: Callable[[], SourcePolicy] = SourcePolicy,
 ) -> TcpRelay:
     """The `relay: splice` byte path: the compiled engine (engine.py) when it is built and
     PYPROXY_PURE_PYTHON is not 1, else this module's pure-Python FastRelay (same behaviour)."""
@@ -886,5 +891,5 @@ def make_splice_relay(
 
     config = config or RelayConfig()
     if engine.AVAILABLE:
-        return engine.NativeRelay(table, is_local_source, stats, config, splice_after=splice_after)
-    return FastRelay(table, is_local_source, stats, config, splice_after=splice_after)
+        return engine.NativeRelay(table, is_local_source, stats, config, splice_after=splice_after, sources=sources)
+    return FastRelay(table, is_local_source, stats, config, splice_after=splice_after, sources=sources)

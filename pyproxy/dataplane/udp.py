@@ -55,6 +55,7 @@ from pyproxy.dataplane.connstate import UdpState
 from pyproxy.model.family import host_port, join_host_port
 from pyproxy.model.flows import Address, Flow, FlowKey, FlowTable, usable_endpoints
 from pyproxy.model.objects import ServicePortName
+from pyproxy.model.source import SourcePolicy
 from pyproxy.model.table import PortState, ServiceTable, plan_connection, source_matters
 
 log = logging.getLogger("pyproxy.udp")
@@ -151,6 +152,7 @@ class UdpRelay:
     _warned: dict[str, float] = field(default_factory=dict)
     _retired: set[Flow[FlowIO]] = field(default_factory=set)  # replaced by moved flows: answers only
     _held: asyncio.TimerHandle | None = None  # clients unread until the moved flows are here (or it fires)
+    sources: Callable[[], SourcePolicy] = SourcePolicy  # whose address endpoints see (model/source.py)
 
     def __post_init__(self) -> None:
         self.flows = FlowTable(self.config.max_flows, self.config.idle_timeout)
@@ -394,9 +396,11 @@ class UdpRelay:
             port_stats.refused += 1
             self._drop("no_endpoint")
             return None
+        sources = self.sources()
+        keep = sources.keeps_client(sources.target_source(plan.transparent, endpoint.ip), client[0], endpoint.ip)
         try:
             self._reply_socket(destination)
-            upstream = self.open_upstream(client[0] if plan.transparent else None, endpoint.address,
+            upstream = self.open_upstream(client[0] if keep else None, endpoint.address,
                                           self.config.upstream_buffer)
         except OSError as err:
             self._drop("socket_error")

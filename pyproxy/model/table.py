@@ -95,8 +95,8 @@ def plan_connection(route: Route, client_is_local: bool) -> Plan:
     """Choose the endpoint set and source address policy for one new connection.
 
     Traffic from the node itself or its pods to an external address is served from the
-    cluster set with the node's address (kube-proxy's short-circuit; hairpin cannot keep
-    the source).
+    cluster set (kube-proxy's short-circuit). `transparent` is the client's address kept for
+    every client; where it is False, model/source.py still keeps a pod's own address.
     """
     port = route.port
     sets = port.sets(route.family)

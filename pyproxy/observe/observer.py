@@ -9,7 +9,9 @@ Rules kept here:
 - The metrics address also serves the debug API (`pyproxy/observe/inspect_api.py`) and, as
   kube-proxy's does, `/configz`: the effective configuration as JSON, under its group
   name (`{"pyproxy.io": {"apiVersion": ..., "kind": "PyProxyConfiguration", ...}}`), to
-  any method.
+  any method; and `/proxyMode`, where kube-proxy names its mode (`iptables`, `ipvs`,
+  `nftables`): pyproxy answers `userspace`, the name kube-proxy gave its own proxying
+  process before it removed that mode (tools and Kubernetes' e2e read it from here).
 - A successor takes over every listener open here (`listening()`); the servers it opens
   take a handed-over socket for their port when there is one (`take_socket`).
 - With `--workers N`, worker 0 serves all of the above; every other worker serves only its
@@ -102,11 +104,13 @@ class Observer:
     async def _start_metrics(self) -> None:
         host, port = split_host_port(self.config.metricsBindAddress, "metricsBindAddress")
         self.metrics_server = await serve_http(host, port, self.answer_metrics, sock=self.take_socket(port))
-        log.info("serving /metrics, /configz%s on %s:%d", " and /debug" if self.config.debugAPI else "", host, port)
+        log.info("serving /metrics, /configz, /proxyMode%s on %s:%d", " and /debug" if self.config.debugAPI else "", host, port)
 
     async def answer_metrics(self, method: str, path: str, query: Mapping[str, str]) -> Response:
         if path == "/configz":
             return configz(self.config)
+        if path == "/proxyMode":
+            return proxy_mode()
         return await self.api.answer(method, path, query)
 
     async def _serve_worker_socket(self, stop: asyncio.Event) -> None:
@@ -151,6 +155,15 @@ async def _bind_until(stop: asyncio.Event, what: str, start: Callable[[], Awaita
             await asyncio.wait_for(stop.wait(), BIND_RETRY)
         except TimeoutError:
             pass
+
+
+PROXY_MODE = "userspace"
+
+
+def proxy_mode() -> Response:
+    """kube-proxy's /proxyMode: the mode's name, as plain text."""
+    return Response(200, PROXY_MODE.encode(), (("Content-Type", "text/plain; charset=utf-8"),
+                                               ("X-Content-Type-Options", "nosniff")))
 
 
 def configz(config: ProxyConfig) -> Response:

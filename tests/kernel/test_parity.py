@@ -27,13 +27,14 @@ pytestmark = pytest.mark.privileged
 
 OUTSIDE = "192.168.56.150"  # a second address of the LAN client
 ALL = ("pa", "pb", "pc")
+CB_IP = "10.244.1.130"  # `cb`, the pod on brpods
 
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Cluster]:
     for built in _cluster(("--event-loop", "uvloop"), client_addresses=(OUTSIDE,)):
         built.lab.add_pod("cl", "node1")
-        add_bridged_pod(built, "cb", "10.244.1.130")
+        add_bridged_pod(built, "cb", CB_IP)
         yield built
 
 
@@ -129,6 +130,14 @@ def test_configz_on_the_metrics_address(cluster: Cluster) -> None:
     assert config["healthzBindAddress"] == "0.0.0.0:10256"
 
 
+def test_proxy_mode_where_kube_proxy_names_its_mode(cluster: Cluster) -> None:
+    """kube-proxy's /proxyMode (Kubernetes' e2e "should check kube-proxy urls" asks for a 200)."""
+    from tests.kernel.test_health import fetch
+
+    answer = fetch(cluster, "node1", "http://127.0.0.1:10249/proxyMode")
+    assert (answer["status"], answer["body"]) == (200, "userspace"), answer
+
+
 def restart_node1(cluster: Cluster, *args: str) -> None:
     """pyproxy on node1 again, with `args` (these tests come last: the module's cluster ends
     with them, so the last mode is never set back)."""
@@ -154,9 +163,9 @@ NODE1 = {"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node1"},
 def test_detect_local_mode_decides_the_short_circuit(cluster: Cluster, args: tuple[str, ...],
                                                      detected: dict[str, bool]) -> None:
     """A pod of node1 to a Local-policy load-balancer IP whose pods are all on node2: when
-    node1 knows it for its pod, it is served from the cluster set with the node's address
-    (kube-proxy's short-circuit); when not, it is external traffic without a local endpoint,
-    and dropped. Traffic from outside is dropped either way."""
+    node1 knows it for its pod, it is served from the cluster set (kube-proxy's
+    short-circuit), keeping its own address (SPEC.md §5); when not, it is external traffic
+    without a local endpoint, and dropped. Traffic from outside is dropped either way."""
     lb = "10.96.100.4"
     cluster.apply(NODE1, name="node.yaml", nodes=["node1"])
     cluster.apply(lb_service("lt", "10.96.0.82", [{"ip": lb}], 30092, external_policy="Local"),
@@ -167,7 +176,9 @@ def test_detect_local_mode_decides_the_short_circuit(cluster: Cluster, args: tup
         if is_local:
             lines = cluster.run(pod, "http", f"{lb}:80", "--count", "4")
             assert set(pods_of(lines)) <= {"pb", "pc"}, (pod, lines)
-            assert set(client_ips_of(lines)) == {node_ip(1)}, "the short-circuit: the node's address"
+            # served by the short-circuit, and, as a pod of node1 (its Node's podCIDRs), with its own address
+            own = CB_IP if pod == "cb" else cluster.lab.pods[pod].ip
+            assert set(client_ips_of(lines)) == {own}, (pod, lines)
         else:
             assert not reaches(cluster, pod, f"{lb}:80"), f"{pod} is not detected as a pod of node1: dropped"
     assert not reaches(cluster, "client", f"{lb}:80"), "outside traffic has no local endpoint on node1"

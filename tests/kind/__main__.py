@@ -5,6 +5,9 @@
     cmd/kind load                                      rebuild pyproxy:dev and load it
     cmd/kind kubectl ARGS...                           kubectl against the cluster
     cmd/kind demo                                      the scenarios, walked through in the cluster
+    cmd/kind e2e [--select focused|broad|dualstack] [--focus RE] [--skip RE] [--cni C] [--out DIR]
+                                                       Kubernetes' e2e suite against the cluster
+                                                       (brought up first if none is running)
     cmd/kind down                                      delete the cluster, stop the docker daemon
 
 Everything is built from source into /var/cache/pyproxy the first time (about 30 min on 2
@@ -21,7 +24,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from tests.kind import cluster, dockerd, images
+from tests.kind import cluster, dockerd, e2e, images
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -80,6 +83,26 @@ def kubectl(args: Sequence[str]) -> int:
     return subprocess.run(argv).returncode
 
 
+def run_e2e(select: str, focus: str | None, skip: str | None, cni: str, out: Path) -> int:
+    """The e2e specs against the running cluster (or one brought up on `cni`): junit in `out`,
+    a one-line summary, and each failed spec with the start of its reason."""
+    daemon = dockerd.start()
+    if cluster.exists(daemon):
+        c = current()
+    else:
+        c = up(cni, with_pyproxy=True)
+        (dockerd.RUN / "cni").write_text(cni)
+    chosen = e2e.SELECTIONS[select]
+    selection = e2e.Selection(focus or chosen.focus, skip if skip is not None else chosen.skip, chosen.procs)
+    log(f"e2e {select} on the {c.cni} pod network: images, then ginkgo (junit in {out})")
+    e2e.prepare(c, daemon)
+    result = e2e.run(c, daemon, selection, out)
+    for spec, why in result.failed.items():
+        log(f"FAILED {spec}\n    " + why.replace("\n", "\n    "))
+    log(result.summary())
+    return 1 if result.failed or not result.passed else 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cmd/kind", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -91,6 +114,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_kubectl = sub.add_parser("kubectl", help="kubectl against the cluster")
     p_kubectl.add_argument("args", nargs=argparse.REMAINDER)
     sub.add_parser("demo", help="walk through the scenarios in the cluster")
+    p_e2e = sub.add_parser("e2e", help="run Kubernetes' own e2e specs against the cluster")
+    p_e2e.add_argument("--select", choices=sorted(e2e.SELECTIONS), default="focused",
+                       help="a named set of specs (default: focused, the CI set)")
+    p_e2e.add_argument("--focus", help="a ginkgo focus regex instead of the set's")
+    p_e2e.add_argument("--skip", help="a ginkgo skip regex instead of the set's")
+    p_e2e.add_argument("--cni", choices=cluster.CNIS, default="routed",
+                       help="pod network of a cluster brought up for the run (default: routed)")
+    p_e2e.add_argument("--out", type=Path, default=Path("/tmp/pyproxy-e2e"), help="junit and logs (default: %(default)s)")
     sub.add_parser("down", help="delete the cluster and stop the docker daemon")
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["kubectl"]:  # everything after it is kubectl's, flags included
@@ -107,6 +138,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif args.command == "demo":
         from tests.kind import demo
         return demo.main(current())
+    elif args.command == "e2e":
+        return run_e2e(args.select, args.focus, args.skip, args.cni, args.out)
     elif args.command == "down":
         if Path(f"/run/netns/{dockerd.NETNS}").exists() and dockerd.SOCKET.exists():
             cluster.delete(dockerd.start())
@@ -117,6 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except (cluster.ClusterError, images.BuildError, dockerd.DockerError, subprocess.CalledProcessError) as exc:
+    except (cluster.ClusterError, images.BuildError, dockerd.DockerError, e2e.E2EError,
+            subprocess.CalledProcessError) as exc:
         log(f"failed: {exc}")
         sys.exit(1)

@@ -59,6 +59,13 @@ BUILDER = Role("python-build", (
 ))
 
 
+# The e2e suite's agnhost image (tests/kind/e2e.py): the tools its specs exec in it.
+AGNHOST = Role("agnhost", (
+    "bash", "curl", "wget", "netcat-openbsd", "iproute2", "dnsutils", "socat", "ca-certificates",
+    "procps", "iputils-ping", "passwd",
+))
+
+
 def debian_mirror(apt_dir: Path = Path("/etc/apt")) -> str:
     """The first Debian mirror URI apt is configured with (deb822 or one-line sources)."""
     for path in sorted(apt_dir.glob("sources.list.d/*.sources")) + [apt_dir / "sources.list"]:

@@ -8,7 +8,10 @@
  *   decide(client_ip, client_port, dst_ip, dst_port) -> None | (ip, port, transparent, ctx[, plan])
  *       a new connection was accepted (dst: its original destination). None: reset it
  *       (the callback counted why). Else dial (ip, port), from the client's address when
- *       `transparent`; `ctx` is the caller's, handed back with every report on this pair.
+ *       `transparent` is 1 (or True), from the node's when 0, and when 2 (model/source.py's
+ *       Source.POD) from the client's if it is inside the pod networks last given to
+ *       set_pod_networks() and is not the endpoint's own address, else from the node's;
+ *       `ctx` is the caller's, handed back with every report on this pair.
  *       plan = (key, route, targets, counters): "until routes[key] is no longer `route`,
  *       serve this destination by a uniform draw from `targets` (tuples like this one,
  *       without the plan), without asking". `routes` is the dict given at construction.
@@ -100,6 +103,9 @@ enum { REF_CLIENT = 0, REF_UPSTREAM = 1, REF_LISTENER = 2, REF_TIMER = 3 };
 
 static char buffer[BUFFER_SIZE];
 
+#define MAX_POD_NETWORKS 16
+#define SOURCE_POD 2 /* model/source.py's Source.POD */
+
 typedef union {
     struct sockaddr sa;
     struct sockaddr_in v4;
@@ -186,6 +192,12 @@ typedef struct {
     double now;
     int in_run;
     unsigned long long next_id;
+    int npods; /* set_pod_networks(): the pods whose address a Source.POD dial keeps */
+    struct {
+        int family;
+        unsigned char addr[16];
+        int plen;
+    } pods[MAX_POD_NETWORKS];
 } Engine;
 
 static double monotonic(void) {
@@ -905,16 +917,49 @@ static void refuse(Engine *e, Conn *c) {
     conn_close(e, c, 1);
 }
 
+/* Whether `a` lies in the first `plen` bits of `net` (both `len` bytes long). */
+static int prefix_match(const unsigned char *a, const unsigned char *net, int plen) {
+    int whole = plen / 8, rest = plen % 8;
+    if (memcmp(a, net, (size_t)whole) != 0)
+        return 0;
+    return rest == 0 || ((a[whole] ^ net[whole]) & (unsigned char)(0xff << (8 - rest))) == 0;
+}
+
+/* Source.POD: the client is a pod of this node (inside a network of set_pod_networks) and
+ * not the endpoint itself (hairpin keeps the node's address). */
+static int keeps_pod_source(const Engine *e, const Addr *client, const Addr *endpoint) {
+    const unsigned char *a;
+    int family = client->sa.sa_family;
+    if (family == AF_INET6) {
+        a = client->v6.sin6_addr.s6_addr;
+        if (endpoint->sa.sa_family == AF_INET6 && memcmp(a, endpoint->v6.sin6_addr.s6_addr, 16) == 0)
+            return 0;
+    } else if (family == AF_INET) {
+        a = (const unsigned char *)&client->v4.sin_addr.s_addr;
+        if (endpoint->sa.sa_family == AF_INET && client->v4.sin_addr.s_addr == endpoint->v4.sin_addr.s_addr)
+            return 0;
+    } else {
+        return 0;
+    }
+    for (int i = 0; i < e->npods; i++)
+        if (e->pods[i].family == family && prefix_match(a, e->pods[i].addr, e->pods[i].plen))
+            return 1;
+    return 0;
+}
+
 /* Dial what `target` (ip, port, transparent, ctx) names: attempt c->attempt + 1. */
 static void dial(Engine *e, Conn *c, PyObject *target) {
     PyObject *ip = PyTuple_GET_ITEM(target, 0);
     int port = (int)PyLong_AsLong(PyTuple_GET_ITEM(target, 1));
-    int transparent = PyObject_IsTrue(PyTuple_GET_ITEM(target, 2));
-    if (PyErr_Occurred() || parse_addr(ip, port, &c->endpoint) < 0) {
+    long mode = PyLong_AsLong(PyTuple_GET_ITEM(target, 2));
+    if (PyErr_Occurred() || mode < 0 || mode > SOURCE_POD || parse_addr(ip, port, &c->endpoint) < 0) {
+        if (!PyErr_Occurred())
+            PyErr_Format(PyExc_ValueError, "a target's source mode is 0, 1 or 2, not %ld", mode);
         note_exception(e, "internal");
         refuse(e, c);
         return;
     }
+    int transparent = mode == SOURCE_POD ? keeps_pod_source(e, &c->client, &c->endpoint) : mode != 0;
     Py_XSETREF(c->target, Py_NewRef(target));
     c->transparent = transparent;
     c->attempt++;
@@ -1558,6 +1603,48 @@ static PyObject *Engine_close_pair(Engine *e, PyObject *const *args, Py_ssize_t 
     Py_RETURN_NONE;
 }
 
+/* set_pod_networks(((family 4|6, network bytes, prefix length), ...)): Source.POD's pods. */
+static PyObject *Engine_set_pod_networks(Engine *e, PyObject *arg) {
+    PyObject *seq = PySequence_Fast(arg, "set_pod_networks() takes a sequence of (family, bytes, prefixlen)");
+    if (seq == NULL)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    if (n > MAX_POD_NETWORKS) {
+        Py_DECREF(seq);
+        return PyErr_Format(PyExc_ValueError, "at most %d pod networks, not %zd", MAX_POD_NETWORKS, n);
+    }
+    int count = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        int version, plen;
+        const char *bytes;
+        Py_ssize_t len;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "iy#i", &version, &bytes, &len, &plen)) {
+            Py_DECREF(seq);
+            return NULL;
+        }
+        Py_ssize_t want = version == 6 ? 16 : 4;
+        if ((version != 4 && version != 6) || len != want || plen < 0 || plen > want * 8) {
+            Py_DECREF(seq);
+            return PyErr_Format(PyExc_ValueError, "pod network %zd: (%d, %zd bytes, /%d) is not a network", i,
+                                version, len, plen);
+        }
+        count++;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) { /* all valid: take them at once */
+        int version, plen;
+        const char *bytes;
+        Py_ssize_t len;
+        PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "iy#i", &version, &bytes, &len, &plen);
+        e->pods[i].family = version == 6 ? AF_INET6 : AF_INET;
+        memset(e->pods[i].addr, 0, sizeof e->pods[i].addr);
+        memcpy(e->pods[i].addr, bytes, (size_t)len);
+        e->pods[i].plen = plen;
+    }
+    e->npods = count;
+    Py_DECREF(seq);
+    Py_RETURN_NONE;
+}
+
 static PyObject *Engine_set_draining(Engine *e, PyObject *arg) {
     int on = PyObject_IsTrue(arg);
     if (on < 0)
@@ -1834,6 +1921,8 @@ static PyMethodDef engine_methods[] = {
     {"close_all", (PyCFunction)Engine_close_all, METH_O, "close_all(abort): end every pair"},
     {"close_pair", (PyCFunction)(void (*)(void))Engine_close_pair, METH_FASTCALL, "close_pair(id, abort)"},
     {"set_draining", (PyCFunction)Engine_set_draining, METH_O, "reset new connections from now on"},
+    {"set_pod_networks", (PyCFunction)Engine_set_pod_networks, METH_O,
+     "set_pod_networks(((4|6, network bytes, prefixlen), ...)): whose address a mode 2 dial keeps"},
     {"connections", (PyCFunction)Engine_connections, METH_NOARGS, "a tuple per open pair"},
     {"ids", (PyCFunction)Engine_ids, METH_NOARGS, "the ids of the open pairs"},
     {"detach", (PyCFunction)Engine_detach, METH_NOARGS, "hand every established pair out"},

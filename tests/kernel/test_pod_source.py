@@ -1,0 +1,111 @@
+"""Whose address an endpoint sees (SPEC.md §5), on the real kernel, TCP and UDP.
+
+A pod reaching a Service keeps its own IP, to endpoints on its node and on the other, as
+kube-proxy leaves in-cluster pod traffic alone (Kubernetes' e2e "should preserve source pod
+IP for traffic thru service cluster IP"); the node itself, a pod reaching itself through its
+Service (hairpin), and clients outside the cluster under `externalTrafficPolicy: Cluster`
+get the node's address. A node knows its pods from its Node's `spec.podCIDRs` (and its pod
+bridges): before the Node is read, every client gets the node's address.
+
+On a pod bridge, an endpoint on the same bridge would answer the pod frame to frame, past
+the proxy: those endpoints alone see the node's address (model/source.py).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from pyproxy.demo import manifests as m
+from pyproxy.demo.lab import node_ip, pod_cidr, pod_cidr6
+from tests.kernel.conftest import Cluster
+from tests.kernel.test_scenarios import client_ips_of, pods_of
+
+pytestmark = pytest.mark.privileged
+
+SVC_IP = "10.96.3.10"  # pa (node1), pb and pc (node2), TCP 80 and UDP 5353 behind port 80
+SELF_IP = "10.96.3.11"  # pa alone
+SVC_IP6 = "fd00:96::3:12"  # pa, pb and pc over IPv6
+NODES = [{"apiVersion": "v1", "kind": "Node", "metadata": {"name": f"node{i}"},
+          "spec": {"podCIDRs": [pod_cidr(i), pod_cidr6(i)]},
+          "status": {"addresses": [{"type": "InternalIP", "address": node_ip(i)}]}} for i in (1, 2)]
+
+
+def services(cluster: Cluster) -> list[dict[str, object]]:
+    ports = [m.port(80, 80, name="t", node_port=30380), m.port(80, 5353, name="u", protocol="UDP")]
+    slice_ports = [m.slice_port(80, name="t"), m.slice_port(5353, name="u", protocol="UDP")]
+    return [
+        m.service("src", SVC_IP, ports, type="NodePort"),
+        m.endpoint_slice("src", cluster.backends("pa", "pb", "pc"), slice_ports),
+        m.service("self", SELF_IP, [m.port(80, 80)]),
+        m.endpoint_slice("self", cluster.backends("pa"), [m.slice_port(80)]),
+        m.service("src6", SVC_IP6, [m.port(80, 80)], cluster_ips=[SVC_IP6]),
+        m.endpoint_slice("src6", cluster.backends("pa", "pb", "pc", ipv6=True), [m.slice_port(80)],
+                         address_type="IPv6"),
+    ]
+
+
+def addresses_of(cluster: Cluster, ns: str) -> set[str]:
+    out = cluster.lab.exec(ns, "ip", "-o", "-4", "addr", "show").stdout
+    return {line.split()[3].split("/")[0] for line in out.splitlines()}
+
+
+@pytest.fixture(scope="module")
+def routed(cluster: Cluster) -> Cluster:
+    if "cl" not in cluster.lab.pods:
+        cluster.lab.add_pod("cl", "node1")
+    cluster.apply(*services(cluster))
+    return cluster
+
+
+def test_before_the_node_is_known_a_pod_gets_the_node_address(routed: Cluster) -> None:
+    """Standalone without a Node (or before its first read): no client counts as a pod."""
+    cluster = routed  # the module's first test: no Node has been written yet
+    seen = client_ips_of(cluster.run("cl", "who", f"{SVC_IP}:80", "--count", "6"))
+    assert set(seen) <= addresses_of(cluster, "node1"), seen
+
+
+def test_a_pod_keeps_its_address_to_endpoints_on_both_nodes_tcp_and_udp(routed: Cluster) -> None:
+    cluster = routed
+    cluster.apply(*NODES, name="node.yaml")
+    pod_ip = cluster.lab.pods["cl"].ip
+    lines = cluster.run("cl", "who", f"{SVC_IP}:80", "--count", "30")
+    assert set(pods_of(lines)) == {"pa", "pb", "pc"}, lines  # node1's pod and node2's (a miss: 3*(2/3)^30)
+    assert set(client_ips_of(lines)) == {pod_ip}, lines
+    # UDP: every datagram a new flow (a new client port each run), so run several
+    answers = [line for _ in range(8) for line in cluster.run("cl", "udp", f"{SVC_IP}:80", "--count", "2")]
+    assert answers and all("whole=True" in line for line in answers), answers
+    assert set(client_ips_of(answers)) == {pod_ip}, answers
+    # IPv6: the pod's own IPv6 address (the Node's IPv6 podCIDR)
+    lines6 = cluster.run("cl", "who", f"[{SVC_IP6}]:80", "--count", "30")
+    assert set(pods_of(lines6)) == {"pa", "pb", "pc"}, lines6
+    assert set(client_ips_of(lines6)) == {cluster.lab.pods["cl"].ip6}, lines6
+
+
+def test_the_node_itself_a_hairpin_and_outside_clients_get_the_node_address(routed: Cluster) -> None:
+    cluster = routed
+    cluster.apply(*NODES, name="node.yaml")
+    node1 = addresses_of(cluster, "node1")
+    from_node = client_ips_of(cluster.run("node1", "who", f"{SVC_IP}:80", "--count", "6"))
+    assert set(from_node) <= node1, from_node
+    # pa through a Service whose only endpoint is pa: its own address would be answered inside pa
+    hairpin = cluster.run("pa", "who", f"{SELF_IP}:80", "--count", "3")
+    assert pods_of(hairpin) == ["pa"] * 3 and set(client_ips_of(hairpin)) <= node1, hairpin
+    outside = cluster.run("client", "who", f"{node_ip(1)}:30380", "--count", "6")
+    assert set(client_ips_of(outside)) <= node1, outside
+
+
+def test_on_a_pod_bridge_only_the_same_bridge_endpoints_see_the_node(bridged_cluster: Cluster) -> None:
+    """bcl and pa on node1's bridge cni0; pb and pc on node2's: pb and pc see bcl's own
+    address, pa (which would answer bcl directly over the bridge) the node's."""
+    cluster = bridged_cluster
+    if "bcl" not in cluster.lab.pods:
+        cluster.lab.add_pod("bcl", "node1")
+    cluster.apply(*services(cluster), *NODES)
+    pod_ip = cluster.lab.pods["bcl"].ip
+    lines = cluster.run("bcl", "who", f"{SVC_IP}:80", "--count", "30")
+    by_pod: dict[str, set[str]] = {}
+    for pod, client in zip(pods_of(lines), client_ips_of(lines)):
+        by_pod.setdefault(pod, set()).add(client)
+    assert set(by_pod) == {"pa", "pb", "pc"}, lines
+    assert by_pod["pb"] == by_pod["pc"] == {pod_ip}, by_pod
+    assert by_pod["pa"] <= addresses_of(cluster, "node1"), by_pod
