@@ -115,6 +115,9 @@ class PolicyRouting:
                 _ignore(errno.ENODEV, lambda: ipr.link("del", index=index))
 
 
+REENTRY_MTU = 65535  # the veth's maximum: an IP datagram's largest size fits
+
+
 def _install_reentry(ipr: IPRoute) -> None:
     if not ipr.link_lookup(ifname=REENTRY_DEVICE):
         ipr.link("add", ifname=REENTRY_DEVICE, kind="veth", peer={"ifname": REENTRY_PEER})
@@ -122,6 +125,10 @@ def _install_reentry(ipr: IPRoute) -> None:
     ipr.link("set", index=peer, address=REENTRY_MAC)
     _ignore(errno.EEXIST, lambda: ipr.addr("add", index=peer, address=REENTRY_ADDRESS, prefixlen=32))
     for index in (peer, ipr.link_lookup(ifname=REENTRY_DEVICE)[0]):
+        # a bridged pod's datagram larger than the MTU arrives as fragments, reassembled by
+        # the bridge's netfilter pass before the re-entry chain forwards it here: the pair
+        # must carry a whole datagram (a veth drops what exceeds its MTU), so the largest
+        ipr.link("set", index=index, mtu=REENTRY_MTU)
         ipr.link("set", index=index, state="up")
 
 
