@@ -26,7 +26,8 @@ from collections.abc import Callable
 
 IN, OUT = select.EPOLLIN, select.EPOLLOUT
 RDHUP = select.EPOLLRDHUP  # the peer's FIN is queued (asked for with IN: see splice.Direction.readable)
-IN_RDHUP = IN | RDHUP
+PRI = select.EPOLLPRI  # urgent data waits (asked for with IN: see splice.py's "Urgent data")
+IN_RDHUP = IN | RDHUP | PRI
 ERR_HUP = select.EPOLLERR | select.EPOLLHUP
 MAX_EVENTS = 256
 

@@ -31,6 +31,12 @@ Theory of operation:
   everything read has been written; the pair closes when both directions are shut, on any
   socket error, or when idle past `pair_timeout` (shorter once half-closed), which one
   sweep timer per relay checks (not a timer per pair: idle pairs cost no timer).
+- Urgent data (MSG_OOB) is passed in band, as the engine does (engine.c's "Urgent data"):
+  every socket has SO_OOBINLINE (the listener's accepted sockets inherit it; each upstream;
+  each adopted socket). A splice never steps over the urgent mark (EAGAIN there, or 0 once
+  the FIN has come), only a read does: a splicing direction whose source reports EPOLLPRI
+  empties its pipe and copies, and a splice's 0 is the EOF only if the source is not at the
+  mark (SIOCATMARK).
 - Every socket is forgotten by the poller before it is closed.
 - `connections()` hands out read-only copies (`ConnectionInfo`) of the open pairs for the
   inspection API.
@@ -69,7 +75,7 @@ from typing import ClassVar
 from pyproxy.dataplane.errors import ErrorLog, error_name
 from pyproxy.dataplane.copystep import BUFFER_SIZE as COPY_BUFFER
 from pyproxy.dataplane.copystep import copy_once, take_rest
-from pyproxy.dataplane.poller import ERR_HUP, IN, IN_RDHUP, OUT, RDHUP, Poller
+from pyproxy.dataplane.poller import ERR_HUP, IN, IN_RDHUP, OUT, PRI, RDHUP, Poller
 from pyproxy.dataplane.relay import (
     IP_BIND_ADDRESS_NO_PORT,
     LINGER_RESET,
@@ -92,6 +98,7 @@ Sock = _socket.socket  # the C socket type (socket.socket's base): cheaper to ma
 AF_INET, AF_INET6, SOCK_STREAM, IPPROTO_TCP, TCP_NODELAY, SOL_IP, IPPROTO_IPV6, IPV6_V6ONLY = (
     socket.AF_INET, socket.AF_INET6, socket.SOCK_STREAM, socket.IPPROTO_TCP, socket.TCP_NODELAY, socket.SOL_IP,
     socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)
+SOL_SOCKET, SO_OOBINLINE = socket.SOL_SOCKET, socket.SO_OOBINLINE
 SOCK_STREAM_NONBLOCK = socket.SOCK_STREAM | socket.SOCK_NONBLOCK
 
 ACCEPT_BATCH = 64
@@ -108,6 +115,7 @@ SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 DEFAULT_SPLICE_AFTER = 64 * 1024
 IN_ERR_HUP = IN | ERR_HUP
 OUT_ERR_HUP = OUT | ERR_HUP
+SIOCATMARK = 0x8905  # <linux/sockios.h>: is the next byte the urgent one?
 ACCEPT_PAUSE = 0.1  # seconds without accepting after EMFILE/ENFILE/ENOBUFS (the listener stays readable)
 
 
@@ -140,6 +148,7 @@ class FastRelay:
         self.listener = sock if sock is not None else transparent_listener(host, port)
         self.listener.setblocking(False)
         self.listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # accepted sockets inherit it
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, 1)  # urgent data in band: these too
         self.poller = Poller(self._loop)
         self._loop.add_reader(self.listener.fileno(), self._accept)
         self._sweeper = self._loop.call_later(self._sweep_interval(), self._sweep)
@@ -200,8 +209,9 @@ class FastRelay:
         if route is None or route.port.name != state.port:  # gone meanwhile: the pair still lives
             route = Route(PortState(state.port, EndpointSets((), (), ()), None, False, False), external=False)
         client, upstream = socket.socket(fileno=fds[0]), socket.socket(fileno=fds[1])
-        client.setblocking(False)
-        upstream.setblocking(False)
+        for sock in (client, upstream):
+            sock.setblocking(False)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, 1)  # urgent data in band
         pair = FastPair(self, self._loop, client, state.client, route, self.stats.port(state.port), state.frontend)
         pair.adopt(upstream, state, fds[2:])
 
@@ -343,6 +353,7 @@ def _dial_socket(source_ip: str | None, ipv6: bool = False) -> Sock:
         if ipv6:
             sock.setsockopt(IPPROTO_IPV6, IPV6_V6ONLY, 1)
         sock.setsockopt(IPPROTO_TCP, TCP_NODELAY, 1)
+        sock.setsockopt(SOL_SOCKET, SO_OOBINLINE, 1)  # urgent data in band
         if source_ip is not None:
             if ipv6:
                 sock.setsockopt(IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
@@ -354,6 +365,14 @@ def _dial_socket(source_ip: str | None, ipv6: bool = False) -> Sock:
         sock.close()
         raise
     return sock
+
+
+def _at_urgent_mark(fd: int) -> bool:
+    """Whether the next byte to read from fd is the urgent one (a splice stops in front of it)."""
+    try:
+        return fcntl.ioctl(fd, SIOCATMARK, bytes(4)) != bytes(4)  # an int, nonzero at the mark
+    except OSError:
+        return False
 
 
 def _reset(sock: Sock) -> None:
@@ -412,8 +431,15 @@ class Direction:
         """Move what src has. A read shorter than the buffer drained the socket, unless the
         peer's FIN is there too (EPOLLRDHUP): then read on, to see the EOF now."""
         if self.pipe is not None:
-            self._splice_in()
-            return
+            if not bits & PRI:
+                self._splice_in()
+                return
+            if not self._flush_pipe():  # urgent data waits: empty the pipe, then copy over the mark
+                return
+            if self.in_pipe:
+                self._wait_for_dst()
+                return
+            self._to_copy()
         copy = copy_once
         policy = self.policy
         for _ in READ_SLOTS:
@@ -497,6 +523,10 @@ class Direction:
                 self.pair.failed(err)
                 return
             if n == 0:
+                if _at_urgent_mark(self.src_fd):  # not the EOF: a splice stops there; read over it
+                    self._to_copy()
+                    self.readable(PRI)
+                    return
                 self._ended()
                 return
             self.in_pipe += n

@@ -45,6 +45,15 @@
  *   one dict lookup: the route object that routes[key] holds now must be the plan's (a sync
  *   makes a new Route for every change, so a change is seen by the next connection). Then
  *   no Python code runs between accept and the first byte relayed, nor at close.
+ * - Urgent data (MSG_OOB) is passed in band: every socket has SO_OOBINLINE (the listeners,
+ *   so the accepted sockets inherit it; each upstream at its dial; each adopted socket), so the
+ *   urgent byte is read and forwarded as an ordinary byte, in its place. A read still stops at
+ *   the urgent mark, and a splice never steps over it (it answers EAGAIN there, or 0 once the
+ *   FIN has come): only a recv does. So a source whose event says urgent data waits
+ *   (EPOLLPRI, watched with EPOLLIN) takes the slow path: a splicing direction empties its
+ *   pipe and goes back to copying, and a short copy read is not taken for "drained" (nor,
+ *   with EPOLLRDHUP, for the end) while urgent data waits; a splice's 0 is an EOF only if the
+ *   source is not at the mark (SIOCATMARK). The copy policy may splice again afterwards.
  * - Nothing blocks; the GIL is held throughout (every call is a non-blocking syscall).
  */
 #define PY_SSIZE_T_CLEAN
@@ -58,6 +67,7 @@
 #include <stdint.h>
 #include <string.h>
 #include <sys/epoll.h>
+#include <sys/ioctl.h>
 #include <sys/random.h>
 #include <sys/socket.h>
 #include <sys/timerfd.h>
@@ -87,8 +97,8 @@
 #define ACCEPT_PAUSE 0.1 /* seconds without accepting after EMFILE/ENFILE/ENOBUFS/ENOMEM */
 #define SPLICE_NOW (-1)
 #define FALLBACK_PIPE_SIZE (256 * 1024)
-#define EV_IN_RDHUP (EPOLLIN | EPOLLRDHUP)
-#define EV_DIAL (EPOLLIN | EPOLLRDHUP | EPOLLOUT | EPOLLET) /* an upstream's interest from its dial on */
+#define EV_IN_RDHUP (EPOLLIN | EPOLLRDHUP | EPOLLPRI) /* PRI: urgent data (see "Urgent data") */
+#define EV_DIAL (EV_IN_RDHUP | EPOLLOUT | EPOLLET) /* an upstream's interest from its dial on */
 #define EV_ERR_HUP (EPOLLERR | EPOLLHUP)
 #define PLAN_BUCKETS 4096
 #define PLAN_LIMIT 16384 /* plans held at most: past it they are all dropped and made again */
@@ -770,6 +780,14 @@ static void rearm_src(Conn *c, Dir *d) {
     c->rearm[d == &c->dir[UP] ? CLIENT : UPSTREAM] = 1;
 }
 
+/* Whether the next byte to read from fd is the urgent byte (a splice stops in front of it). */
+static int at_urgent_mark(int fd) {
+    int mark = 0;
+    return ioctl(fd, SIOCATMARK, &mark) == 0 && mark;
+}
+
+static void dir_readable(Engine *e, Conn *c, Dir *d, uint32_t bits);
+
 static void splice_in(Engine *e, Conn *c, Dir *d) {
     int src = src_fd(c, d);
     int i;
@@ -782,6 +800,11 @@ static void splice_in(Engine *e, Conn *c, Dir *d) {
             return;
         }
         if (n == 0) {
+            if (at_urgent_mark(src)) { /* not the EOF: a splice stops there; copy over it */
+                to_copy(d);
+                dir_readable(e, c, d, EPOLLPRI);
+                return;
+            }
             dir_ended(e, c, d);
             return;
         }
@@ -812,8 +835,18 @@ static void splice_in(Engine *e, Conn *c, Dir *d) {
  * no read is spent on seeing the EOF. */
 static void dir_readable(Engine *e, Conn *c, Dir *d, uint32_t bits) {
     if (d->pipe_r >= 0) {
-        splice_in(e, c, d);
-        return;
+        if (!(bits & EPOLLPRI)) {
+            splice_in(e, c, d);
+            return;
+        }
+        /* urgent data waits: empty the pipe, then copy (the header's "Urgent data") */
+        if (flush_pipe(e, c, d) < 0)
+            return;
+        if (d->in_pipe) { /* resumed by a MOD, which reports EPOLLPRI again */
+            wait_for_dst(d);
+            return;
+        }
+        to_copy(d);
     }
     int src = src_fd(c, d), dst = dst_fd(c, d);
     int i;
@@ -860,7 +893,7 @@ static void dir_readable(Engine *e, Conn *c, Dir *d, uint32_t bits) {
             }
             d->streak = streak;
         }
-        if (n < BUFFER_SIZE) {
+        if (n < BUFFER_SIZE && !(bits & EPOLLPRI)) { /* with urgent data, a read stops at its mark */
             if ((bits & (EPOLLRDHUP | EV_ERR_HUP)) == EPOLLRDHUP) {
                 dir_ended(e, c, d);
                 return;
@@ -929,6 +962,7 @@ static void dial(Engine *e, Conn *c, PyObject *target) {
     if (family == AF_INET6)
         setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof one);
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    setsockopt(fd, SOL_SOCKET, SO_OOBINLINE, &one, sizeof one); /* urgent data in band */
     if (transparent) {
         Addr source = c->client;
         int ok;
@@ -1475,6 +1509,8 @@ static PyObject *Engine_add_listener(Engine *e, PyObject *arg) {
         slot = e->nlisteners++;
     }
     Listener *l = &e->listeners[slot];
+    int one = 1; /* urgent data in band: the accepted sockets inherit it */
+    setsockopt(fd, SOL_SOCKET, SO_OOBINLINE, &one, sizeof one);
     l->fd = fd;
     l->paused = 0;
     l->ref.kind = REF_LISTENER;
@@ -1765,6 +1801,10 @@ static PyObject *Engine_adopt(Engine *e, PyObject *args) {
     }
     c->fd[CLIENT] = fd[0];
     c->fd[UPSTREAM] = fd[1];
+    for (int i = 0; i < 2; i++) { /* urgent data in band (a predecessor may not have set it) */
+        int one = 1;
+        setsockopt(fd[i], SOL_SOCKET, SO_OOBINLINE, &one, sizeof one);
+    }
     c->shared = 1;
     c->client = a_client;
     c->frontend = a_frontend;
