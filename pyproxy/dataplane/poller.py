@@ -14,7 +14,9 @@ Rules kept here:
   since closing the fd takes it out of the set. That holds only when this process has the
   socket's last reference: a socket that may have dups elsewhere (an adopted pair's, while
   the predecessor holds its copies) is `park`ed instead, which unregisters it.
-- Handlers tolerate spurious events (an fd number reused within one batch of events).
+- An event reaches only the socket it was reported for: an fd forgotten or parked while a
+  batch is handled gets no more of that batch's events, even if a new socket got its number
+  meanwhile (a dialing pair would take the old socket's event for its connect's completion).
 - This is the pure-Python twin's poller; the compiled engine has its own epoll set in C.
 """
 
@@ -40,6 +42,7 @@ class Poller:
         self._epoll = select.epoll()
         self._masks: dict[int, int] = {}
         self._handlers: dict[int, Handler] = {}
+        self._gone: set[int] | None = None  # while a batch is handled: the fds let go meanwhile
         loop.add_reader(self._epoll.fileno(), self._dispatch)
 
     def watch(self, fd: int, mask: int, handler: Handler) -> None:
@@ -55,6 +58,8 @@ class Poller:
         """Take a hung-up fd out of the set until it is watched again."""
         if self._masks.pop(fd, None) is not None:
             self._handlers.pop(fd, None)
+            if self._gone is not None:
+                self._gone.add(fd)
             try:
                 self._epoll.unregister(fd)
             except OSError:
@@ -65,6 +70,8 @@ class Poller:
         out of the epoll set)."""
         self._masks.pop(fd, None)
         self._handlers.pop(fd, None)
+        if self._gone is not None:
+            self._gone.add(fd)
 
     def _dispatch(self) -> None:
         try:
@@ -72,10 +79,14 @@ class Poller:
         except InterruptedError:
             return
         handlers = self._handlers
-        for fd, bits in events:
-            handler = handlers.get(fd)
-            if handler is not None:
-                handler(bits)
+        self._gone = gone = set()
+        try:
+            for fd, bits in events:
+                handler = handlers.get(fd)
+                if handler is not None and fd not in gone:
+                    handler(bits)
+        finally:
+            self._gone = None
 
     def close(self) -> None:
         self._loop.remove_reader(self._epoll.fileno())

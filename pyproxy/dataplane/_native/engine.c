@@ -39,6 +39,10 @@
  *   copy mode (one recv into the shared buffer, one send) or splice mode (its own pipe).
  * - A closed Conn is freed only when run() ends (a later event of the same batch may name
  *   it), into a free list that new pairs reuse.
+ * - An event belongs to the socket it was reported for. A redial closes the upstream socket
+ *   and registers a new one under the same Ref; an event of the old socket still waiting in
+ *   the current batch (its connect completed as its deadline passed) is dropped then
+ *   (forget_batched), so it never reaches the new socket.
  * - Plans: a destination whose endpoint choice depends on nothing but its endpoint set (no
  *   affinity, no client-dependent set: the caller decides that) is served from a plan
  *   decide() handed over, keyed by the destination's address, checked at each connection by
@@ -195,6 +199,8 @@ typedef struct {
     double armed; /* the timerfd's deadline, 0: none */
     double now;
     int in_run;
+    struct epoll_event *batch; /* run(): the events of this batch, those from batch_next on still to come */
+    int batch_next, batch_end;
     unsigned long long next_id;
 } Engine;
 
@@ -1014,8 +1020,19 @@ static void dial(Engine *e, Conn *c, PyObject *target) {
     }
 }
 
+/* `ref`'s socket is closed and `ref` may name another from now on: its events still waiting
+ * in this batch are dropped. */
+static void forget_batched(Engine *e, Ref *ref) {
+    if (!e->in_run)
+        return;
+    for (int i = e->batch_next; i < e->batch_end; i++)
+        if (e->batch[i].data.ptr == ref)
+            e->batch[i].data.ptr = NULL;
+}
+
 static void dial_failed(Engine *e, Conn *c, int err) {
     queue_remove(e, c);
+    forget_batched(e, &c->ref[UPSTREAM]);
     if (c->fd[UPSTREAM] >= 0) {
         close(c->fd[UPSTREAM]);
         c->fd[UPSTREAM] = -1;
@@ -1311,8 +1328,13 @@ static PyObject *Engine_run(Engine *e, PyObject *const *args, Py_ssize_t nargs) 
     }
     e->now = monotonic();
     e->in_run = 1;
+    e->batch = events;
+    e->batch_end = n;
     for (int i = 0; i < n; i++) {
         Ref *ref = events[i].data.ptr;
+        e->batch_next = i + 1;
+        if (ref == NULL) /* forget_batched */
+            continue;
         switch (ref->kind) {
         case REF_CLIENT:
             on_conn_event(e, ref->conn, CLIENT, events[i].events);
@@ -1330,6 +1352,8 @@ static PyObject *Engine_run(Engine *e, PyObject *const *args, Py_ssize_t nargs) 
         }
     }
     e->in_run = 0;
+    e->batch = NULL;
+    e->batch_end = 0;
     while (e->zombies) {
         Conn *c = e->zombies;
         e->zombies = c->next;

@@ -1,0 +1,167 @@
+"""Driver of test_engine_edges.py: the compiled engine at the edges a review found.
+
+Run in a namespace of the test's own: `python -m tests.kernel.engine_edges CASE`, on the
+namespace's loopback; prints one JSON object, what the case saw. The engine is driven by
+hand (its run() called when the case says), as tests/kernel/engine_bursts.py does, so that
+events land in the batches the case needs. Cases:
+
+- `stale-redial`: a dial's deadline and the completion of that dial's connect land in one
+  batch. The deadline comes first: the pair redials a dead endpoint; the old socket's event
+  must not be applied to the new socket (which would make the pair OPEN on a socket still
+  connecting, with no deadline and no redial after it).
+- `stale-poller`: the same rule in the pure-Python twin's poller: a socket closed while a
+  batch is handled, and a new one given its fd number in that batch, must not get the old
+  socket's event (a dialing pair would take it for its connect's completion).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from pyproxy.dataplane import engine
+from pyproxy.dataplane.poller import IN, Poller
+
+LISTEN = ("127.0.0.1", 7000)
+LIVE = ("127.0.0.1", 9000)  # an echo backend
+DEAD = ("127.0.0.1", 9001)  # a backend whose accept queue stays full: its SYNs are dropped
+
+
+def full_listener(address: tuple[str, int]) -> tuple[socket.socket, socket.socket]:
+    """A listener with a backlog of 0 and one connection waiting in it: the kernel drops the
+    SYNs that come next (the connecting side retransmits after 1 s). Returns both."""
+    server = socket.create_server(address, backlog=0)
+    filler = socket.create_connection(address, timeout=2)
+    return server, filler
+
+
+def echo(server: socket.socket) -> None:
+    """Accept and echo, a thread per connection, until the process ends."""
+    while True:
+        conn, _ = server.accept()
+
+        def serve(c: socket.socket) -> None:
+            with c:
+                try:
+                    while data := c.recv(65536):
+                        c.sendall(data)
+                except OSError:
+                    pass
+        threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+
+def make_engine(decide: Callable[..., Any], redial: Callable[..., Any], dial_timeouts: tuple[float, ...],
+                **callbacks: Callable[..., Any]) -> Any:
+    nothing: Callable[..., None] = lambda *a: None  # noqa: E731
+    eng = engine.native.Engine(decide, redial, callbacks.get("closed", nothing), callbacks.get("moved", nothing),
+                               callbacks.get("note", nothing), dial_timeouts=dial_timeouts, splice_after=-1,
+                               bulk_read=16 * 1024, copy_after=4, pipe_size=1 << 16)
+    return eng
+
+
+def run_until(eng: Any, done: Callable[[], bool], seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while not done() and time.monotonic() < deadline:
+        eng.run(20)
+    return done()
+
+
+def stale_redial() -> dict[str, object]:
+    live, live_filler = full_listener(LIVE)
+    dead, dead_filler = full_listener(DEAD)
+    listener = socket.create_server(LISTEN)
+    listener.setblocking(False)
+    decided: list[tuple[object, ...]] = []
+    redials: list[int] = []
+
+    def decide(*args: object) -> tuple[str, int, bool, None]:
+        decided.append(args)
+        return LIVE[0], LIVE[1], False, None
+
+    def redial(ctx: object, cip: str, cport: int, dip: str, dport: int, failed: list[tuple[str, int]],
+               err: int, attempt: int) -> tuple[str, int, bool, None]:
+        redials.append(attempt)
+        return (DEAD if attempt == 1 else LIVE)[0], (DEAD if attempt == 1 else LIVE)[1], False, None
+
+    # attempt 1 (LIVE, its SYN dropped) has 50 ms; attempt 2 (DEAD) 300 ms; attempt 3 (LIVE) 2 s
+    eng = make_engine(decide, redial, (0.05, 0.3, 2.0))
+    eng.add_listener(listener.fileno())
+    client = socket.create_connection(LISTEN, timeout=5)
+    if not run_until(eng, lambda: bool(decided), 2.0):
+        return {"error": "never accepted"}
+    # LIVE's first SYN was dropped; make room for its retransmission (1 s later), and let it
+    # complete while the engine does not run: its deadline (50 ms) and its connect's
+    # completion are then both waiting, the deadline first
+    live_filler.close()
+    live.accept()[0].close()
+    time.sleep(1.5)
+    eng.run(0)
+    threading.Thread(target=echo, args=(live,), daemon=True).start()
+    client.sendall(b"hello")
+    client.setblocking(False)
+    got = bytearray()
+
+    def echoed() -> bool:
+        try:
+            got.extend(client.recv(100))
+        except BlockingIOError:
+            pass
+        return bytes(got) == b"hello"
+
+    run_until(eng, echoed, 4.0)
+    eng.close()
+    for sock in (client, listener, dead, dead_filler):
+        sock.close()
+    return {"redials": redials, "echo": bytes(got).decode()}
+
+
+async def stale_poller_async() -> dict[str, object]:
+    poller = Poller(asyncio.get_running_loop())
+    first, first_peer = socket.socketpair()
+    second, second_peer = socket.socketpair()
+    calls: list[str] = []
+    fresh: list[socket.socket] = []
+    reused = second.fileno()
+
+    def on_first(bits: int) -> None:  # closes `second`; its fd number goes to a new, idle socket
+        first.recv(1)
+        calls.append("first")
+        if fresh:
+            return
+        poller.forget(second.fileno())
+        second.close()
+        new, new_peer = socket.socketpair()
+        fresh.extend((new, new_peer))
+        calls.append(f"reused {new.fileno() == reused}")
+        if new.fileno() == reused:
+            poller.watch(new.fileno(), IN, lambda bits: calls.append(f"new {bits}"))
+
+    poller.watch(first.fileno(), IN, on_first)
+    poller.watch(second.fileno(), IN, lambda bits: calls.append("second"))
+    first_peer.send(b"x")
+    second_peer.send(b"x")  # both readable, `first` first: one batch
+    await asyncio.sleep(0.2)
+    poller.close()
+    for sock in (first, first_peer, second_peer, *fresh):
+        sock.close()
+    return {"calls": calls}
+
+
+def stale_poller() -> dict[str, object]:
+    return asyncio.run(stale_poller_async())
+
+
+CASES: dict[str, Callable[[], dict[str, object]]] = {"stale-redial": stale_redial, "stale-poller": stale_poller}
+
+
+if __name__ == "__main__":
+    if not engine.AVAILABLE:
+        print(json.dumps({"error": "the compiled engine is not built"}))
+        sys.exit(1)
+    print(json.dumps(CASES[sys.argv[1]]()), flush=True)

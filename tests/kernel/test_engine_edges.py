@@ -1,0 +1,43 @@
+"""The compiled engine (and, where it shares the flaw, its pure-Python twin) at the edges an
+outside review of engine.c found: each case is played by tests/kernel/engine_edges.py in a
+namespace of this test's own, removed afterwards, and failed before its fix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import private_netns, privileged_reason, skip_or_fail
+
+pytestmark = pytest.mark.privileged
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def play(case: str, *args: str) -> Any:
+    reason = privileged_reason()
+    if reason:
+        skip_or_fail(reason)
+    with private_netns(f"pyproxy-edges-{os.getpid()}-{uuid.uuid4().hex[:8]}") as name:
+        done = subprocess.run(["ip", "netns", "exec", name, sys.executable, "-m", "tests.kernel.engine_edges", case,
+                               *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, f"rc={done.returncode} " + done.stdout[-1000:] + done.stderr[-2000:]
+    return json.loads(done.stdout)
+
+
+def test_an_event_of_the_old_socket_never_reaches_the_redialed_one() -> None:
+    """Before the fix the pair went OPEN on the second attempt's socket, still connecting:
+    redials [1], and the client's bytes went nowhere."""
+    assert play("stale-redial") == {"redials": [1, 2], "echo": "hello"}
+
+
+def test_the_twins_poller_never_hands_an_old_sockets_event_to_a_new_one() -> None:
+    assert play("stale-poller") == {"calls": ["first", "reused True"]}
