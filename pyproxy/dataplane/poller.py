@@ -79,7 +79,8 @@ class Poller:
         except InterruptedError:
             return
         handlers = self._handlers
-        self._gone = gone = set()
+        gone: set[int] = set()
+        self._gone = gone
         try:
             for fd, bits in events:
                 handler = handlers.get(fd)
