@@ -194,10 +194,18 @@ class FastRelay:
     async def detach_pairs(self) -> list[tuple[TcpState, list[int]]]:
         """Take every established pair out of this process: its state and its fds (dups
         the caller sends and closes). Pairs still dialing stay and drain here."""
-        moved = []
-        for pair in list(self.pairs):
-            if movable(pair.up is not None and pair.down is not None, pair.closed, 0) is None:
-                moved.append(pair.detach())
+        leaving = [p for p in self.pairs if movable(p.up is not None and p.down is not None, p.closed, 0) is None]
+        moved: list[tuple[TcpState, list[int]]] = []
+        try:  # all or nothing: every pair's dups first (EMFILE, say, leaves every pair here)
+            for pair in leaving:
+                moved.append(pair.export())
+        except BaseException:
+            for _, fds in moved:
+                for fd in fds:
+                    os.close(fd)
+            raise
+        for pair in leaving:  # then they leave, which cannot fail
+            pair.leave()
         return moved
 
     async def adopt_pair(self, state: TcpState, fds: list[int]) -> None:
@@ -747,9 +755,9 @@ class FastPair:
 
     # moving to a successor
 
-    def detach(self) -> tuple[TcpState, list[int]]:
-        """This pair's state and dups of its sockets and pipes; then it ends here without a
-        FIN or RST (the kernel objects live on in the dups)."""
+    def export(self) -> tuple[TcpState, list[int]]:
+        """This pair's state and dups of its sockets and pipes (the pair is not touched: it
+        ends here only with `leave`)."""
         up, down, upstream, endpoint = self.up, self.down, self.upstream, self.endpoint
         assert up is not None and down is not None and upstream is not None and endpoint is not None
         owned = [self.client.fileno(), upstream.fileno()]
@@ -768,10 +776,15 @@ class FastPair:
         state = TcpState(self.route.port.name, self.client_address, self.frontend, endpoint.address,
                          now - self.started, now - self.last_activity, self.bytes_in, self.bytes_out,
                          _snapshot(up), _snapshot(down))
-        for fd in owned[:2]:  # out of the epoll set: closing our fd would not take it out
-            self.relay.poller.park(fd)
-        self.close()
         return state, fds
+
+    def leave(self) -> None:
+        """End here without a FIN or RST, once `export` made the dups (the kernel objects live
+        on in them)."""
+        assert self.upstream is not None
+        for fd in (self.client.fileno(), self.upstream.fileno()):  # out of the epoll set: closing
+            self.relay.poller.park(fd)  # our fd would not take it out
+        self.close()
 
     def adopt(self, upstream: socket.socket, state: TcpState, pipe_fds: list[int]) -> None:
         """Take up a moved pair: its connected upstream, its directions' state and pipes."""

@@ -12,12 +12,20 @@ events land in the batches the case needs. Cases:
 - `stale-poller`: the same rule in the pure-Python twin's poller: a socket closed while a
   batch is handled, and a new one given its fd number in that batch, must not get the old
   socket's event (a dialing pair would take it for its connect's completion).
+- `detach-emfile engine|twin`: detach_pairs() of the real relay (NativeRelay, FastRelay) with
+  8 established pairs (one of them splicing: 6 fds to hand out) and room for 5 more fds
+  (RLIMIT_NOFILE): it fails with EMFILE part-way,
+  and must leave every pair as it was (still relayed, no fd more or less); with the limit
+  restored it hands all 8 out.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
+import os
+import resource
 import socket
 import sys
 import threading
@@ -27,6 +35,10 @@ from typing import Any
 
 from pyproxy.dataplane import engine
 from pyproxy.dataplane.poller import IN, Poller
+from pyproxy.dataplane.relay import RelayConfig, TcpRelay
+from pyproxy.dataplane.splice import FastRelay
+from pyproxy.dataplane.stats import DataplaneStats
+from tests.kernel.move_peer import table_for
 
 LISTEN = ("127.0.0.1", 7000)
 LIVE = ("127.0.0.1", 9000)  # an echo backend
@@ -157,11 +169,92 @@ def stale_poller() -> dict[str, object]:
     return asyncio.run(stale_poller_async())
 
 
-CASES: dict[str, Callable[[], dict[str, object]]] = {"stale-redial": stale_redial, "stale-poller": stale_poller}
+def open_fds() -> set[int]:
+    return {int(name) for name in os.listdir("/proc/self/fd")}
+
+
+def limit_leaving(room: int) -> int:
+    """The lowest RLIMIT_NOFILE under which exactly `room` fd numbers are free."""
+    taken = open_fds()
+    free, limit = 0, 0
+    while free < room:
+        free += limit not in taken
+        limit += 1
+    return limit
+
+
+def relay_for(kind: str, listen: tuple[str, int], splice_after: int = 64 * 1024) -> TcpRelay:
+    table = table_for(listen, LIVE)
+    if kind == "engine":
+        return engine.NativeRelay(table, lambda ip: False, DataplaneStats(), RelayConfig(), splice_after=splice_after)
+    return FastRelay(table, lambda ip: False, DataplaneStats(), RelayConfig(), splice_after=splice_after)
+
+
+def exchange(sock: socket.socket, data: bytes) -> str:
+    try:
+        sock.sendall(data)
+        return sock.recv(100).decode()
+    except OSError as err:
+        return type(err).__name__
+
+
+def bulk_echo(sock: socket.socket, size: int) -> None:
+    sender = threading.Thread(target=sock.sendall, args=(b"x" * size,), daemon=True)
+    sender.start()
+    got = 0
+    while got < size:
+        got += len(sock.recv(1 << 20))
+    sender.join(5)
+
+
+async def exchange_all(clients: list[socket.socket], data: bytes) -> list[str]:
+    return list(await asyncio.gather(*(asyncio.to_thread(exchange, c, data) for c in clients)))
+
+
+async def detach_emfile_async(kind: str) -> dict[str, object]:
+    backend = socket.create_server(LIVE)
+    threading.Thread(target=echo, args=(backend,), daemon=True).start()
+    relay = relay_for(kind, LISTEN)
+    await relay.start(*LISTEN)
+    # the first pair splices both ways (6 fds to hand out), the 7 after it copy (2 fds): the
+    # engine hands out the newest first, so a copying pair has left when the splicing one fails
+    clients = [await asyncio.to_thread(socket.create_connection, LISTEN, 5)]
+    await asyncio.to_thread(bulk_echo, clients[0], 1 << 20)
+    clients += [await asyncio.to_thread(socket.create_connection, LISTEN, 5) for _ in range(7)]
+    before = await exchange_all(clients, b"before")
+    fds = len(open_fds())
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit_leaving(5), hard))
+    try:
+        await relay.detach_pairs()
+        failed = "no error"
+    except OSError as err:
+        failed = errno.errorcode.get(err.errno or 0, str(err))
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    fds_after = len(open_fds())
+    after = await exchange_all(clients, b"after")
+    moved = await relay.detach_pairs()
+    for _, dups in moved:
+        for fd in dups:
+            os.close(fd)
+    for client in clients:
+        client.close()
+    await relay.drain(0.5)
+    return {"before": before, "failed": failed, "fd_change": fds_after - fds, "after": after, "moved": len(moved)}
+
+
+def detach_emfile(kind: str) -> dict[str, object]:
+    return asyncio.run(detach_emfile_async(kind))
+
+
+CASES: dict[str, Callable[..., dict[str, object]]] = {
+    "stale-redial": stale_redial, "stale-poller": stale_poller, "detach-emfile": detach_emfile,
+}
 
 
 if __name__ == "__main__":
     if not engine.AVAILABLE:
         print(json.dumps({"error": "the compiled engine is not built"}))
         sys.exit(1)
-    print(json.dumps(CASES[sys.argv[1]]()), flush=True)
+    print(json.dumps(CASES[sys.argv[1]](*sys.argv[2:])), flush=True)

@@ -41,3 +41,12 @@ def test_an_event_of_the_old_socket_never_reaches_the_redialed_one() -> None:
 
 def test_the_twins_poller_never_hands_an_old_sockets_event_to_a_new_one() -> None:
     assert play("stale-poller") == {"calls": ["first", "reused True"]}
+
+
+@pytest.mark.parametrize("relay", ["engine", "twin"])
+def test_a_detach_that_fails_part_way_leaves_every_pair_relayed(relay: str) -> None:
+    """Before the fix the pairs handed out before the failure were lost: closed here, their
+    dups dropped unclosed, so their peers saw neither data nor an end (engine: 7 of 8)."""
+    seen = play("detach-emfile", relay)
+    assert seen == {"before": ["before"] * 8, "failed": "EMFILE", "fd_change": 0, "after": ["after"] * 8,
+                    "moved": 8}, seen

@@ -1668,6 +1668,15 @@ static PyObject *each_pair(Engine *e, PyObject *(*item)(Conn *)) {
     return out;
 }
 
+/* Close every fd a list of fd numbers holds (dups made for a hand-out that did not happen). */
+static void close_listed(PyObject *fds) {
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(fds); i++) {
+        long fd = PyLong_AsLong(PyList_GET_ITEM(fds, i));
+        if (fd >= 0)
+            close((int)fd);
+    }
+}
+
 static PyObject *conn_id(Conn *c) {
     return PyLong_FromUnsignedLongLong(c->id);
 }
@@ -1680,65 +1689,77 @@ static PyObject *Engine_ids(Engine *e, PyObject *unused) {
     return each_pair(e, conn_id);
 }
 
-/* Every established pair leaves: [(info, up_state, down_state, [fds])] with dups of its sockets
- * and pipes (client, upstream, then each direction's pipe read and write ends, up first). The
- * pairs end here without a FIN or reset: the kernel objects live on in the dups. */
+/* One established pair's hand-out item (info, up_state, down_state, [fds]) with dups of its
+ * sockets and pipes (client, upstream, then each direction's pipe read and write ends, up
+ * first), or NULL with an exception set and no dup left open. The pair is not touched. */
+static PyObject *detach_item(Conn *c) {
+    int owned[6], n = 0;
+    owned[n++] = c->fd[CLIENT];
+    owned[n++] = c->fd[UPSTREAM];
+    for (int i = 0; i < 2; i++)
+        if (c->dir[i].pipe_r >= 0) {
+            owned[n++] = c->dir[i].pipe_r;
+            owned[n++] = c->dir[i].pipe_w;
+        }
+    PyObject *fds = PyList_New(0);
+    int ok = fds != NULL;
+    for (int i = 0; ok && i < n; i++) {
+        int dup_fd = fcntl(owned[i], F_DUPFD_CLOEXEC, 0);
+        PyObject *num = dup_fd < 0 ? NULL : PyLong_FromLong(dup_fd);
+        if (dup_fd < 0)
+            PyErr_SetFromErrno(PyExc_OSError);
+        if (num == NULL || PyList_Append(fds, num) < 0) {
+            if (dup_fd >= 0)
+                close(dup_fd);
+            ok = 0;
+        }
+        Py_XDECREF(num);
+    }
+    PyObject *info = ok ? conn_info(c) : NULL;
+    PyObject *up = info ? dir_state(&c->dir[UP]) : NULL;
+    PyObject *down = up ? dir_state(&c->dir[DOWN]) : NULL;
+    PyObject *item = down ? PyTuple_Pack(4, info, up, down, fds) : NULL;
+    Py_XDECREF(info);
+    Py_XDECREF(up);
+    Py_XDECREF(down);
+    if (item == NULL && fds != NULL)
+        close_listed(fds);
+    Py_XDECREF(fds);
+    return item;
+}
+
+/* Every established pair leaves: [(info, up_state, down_state, [fds])] (detach_item). All or
+ * nothing: the dups of every pair are made first, and if any fails (EMFILE, say) those made
+ * are closed and every pair stays as it was, relayed here; only then do the pairs end here,
+ * without a FIN or reset (the kernel objects live on in the dups), which cannot fail. */
 static PyObject *Engine_detach(Engine *e, PyObject *unused) {
     PyObject *out = PyList_New(0);
     if (out == NULL)
         return NULL;
     e->now = monotonic();
     Conn *c = e->all;
-    for (Py_ssize_t bound = e->count + 1; c != NULL && bound > 0; bound--) {
-        Conn *next = c->next;
-        if (c->state != OPEN) {
-            c = next;
+    for (Py_ssize_t bound = e->count + 1; c != NULL && bound > 0; bound--, c = c->next) {
+        if (c->state != OPEN)
             continue;
-        }
-        int owned[6], n = 0;
-        owned[n++] = c->fd[CLIENT];
-        owned[n++] = c->fd[UPSTREAM];
-        for (int i = 0; i < 2; i++)
-            if (c->dir[i].pipe_r >= 0) {
-                owned[n++] = c->dir[i].pipe_r;
-                owned[n++] = c->dir[i].pipe_w;
-            }
-        PyObject *fds = PyList_New(0);
-        int ok = fds != NULL;
-        for (int i = 0; ok && i < n; i++) {
-            int dup_fd = fcntl(owned[i], F_DUPFD_CLOEXEC, 0);
-            PyObject *num = dup_fd < 0 ? NULL : PyLong_FromLong(dup_fd);
-            if (dup_fd < 0)
-                PyErr_SetFromErrno(PyExc_OSError);
-            if (num == NULL || PyList_Append(fds, num) < 0) {
-                if (dup_fd >= 0)
-                    close(dup_fd);
-                ok = 0;
-            }
-            Py_XDECREF(num);
-        }
-        PyObject *info = ok ? conn_info(c) : NULL;
-        PyObject *up = info ? dir_state(&c->dir[UP]) : NULL;
-        PyObject *down = up ? dir_state(&c->dir[DOWN]) : NULL;
-        PyObject *item = down ? PyTuple_Pack(4, info, up, down, fds) : NULL;
-        Py_XDECREF(info);
-        Py_XDECREF(up);
-        Py_XDECREF(down);
+        PyObject *item = detach_item(c);
         if (item == NULL || PyList_Append(out, item) < 0) {
             Py_XDECREF(item);
-            if (fds != NULL)
-                for (Py_ssize_t i = 0; i < PyList_GET_SIZE(fds); i++)
-                    close((int)PyLong_AsLong(PyList_GET_ITEM(fds, i)));
-            Py_XDECREF(fds);
+            for (Py_ssize_t i = 0; i < PyList_GET_SIZE(out); i++)
+                close_listed(PyTuple_GET_ITEM(PyList_GET_ITEM(out, i), 3));
             Py_DECREF(out);
             return NULL;
         }
         Py_DECREF(item);
-        Py_DECREF(fds);
-        for (int i = 0; i < 2; i++) /* out of the epoll set: closing our fd would not take it out */
-            if (c->registered[i])
-                epoll_ctl(e->epfd, EPOLL_CTL_DEL, c->fd[i], NULL);
-        conn_close(e, c, 0);
+    }
+    c = e->all;
+    for (Py_ssize_t bound = e->count + 1; c != NULL && bound > 0; bound--) {
+        Conn *next = c->next;
+        if (c->state == OPEN) {
+            for (int i = 0; i < 2; i++) /* out of the epoll set: closing our fd would not take it out */
+                if (c->registered[i])
+                    epoll_ctl(e->epfd, EPOLL_CTL_DEL, c->fd[i], NULL);
+            conn_close(e, c, 0);
+        }
         c = next;
     }
     return out;
