@@ -17,6 +17,8 @@ events land in the batches the case needs. Cases:
   (RLIMIT_NOFILE): it fails with EMFILE part-way,
   and must leave every pair as it was (still relayed, no fd more or less); with the limit
   restored it hands all 8 out.
+- `dial-bound`: redial() keeps answering with an endpoint that refuses; the engine must stop
+  at its last dial attempt (len(dial_timeouts)) by itself and reset the client.
 """
 
 from __future__ import annotations
@@ -248,7 +250,44 @@ def detach_emfile(kind: str) -> dict[str, object]:
     return asyncio.run(detach_emfile_async(kind))
 
 
+def dial_bound() -> dict[str, object]:
+    listener = socket.create_server(LISTEN)
+    listener.setblocking(False)
+    redials: list[int] = []
+
+    def decide(*args: object) -> tuple[str, int, bool, None]:
+        return DEAD[0], DEAD[1], False, None  # nothing listens there: refused
+
+    def redial(*args: Any) -> tuple[str, int, bool, None] | None:
+        redials.append(args[-1])
+        return None if len(redials) >= 100 else (DEAD[0], DEAD[1], False, None)  # keeps asking, up to 100
+
+    eng = make_engine(decide, redial, (1.0, 1.0))
+    eng.add_listener(listener.fileno())
+    client = socket.create_connection(LISTEN, timeout=5)
+    client.setblocking(False)
+    end = ["none"]
+
+    def ended() -> bool:
+        if end[0] != "none":
+            return True
+        try:
+            end[0] = "eof" if client.recv(100) == b"" else "data"
+        except BlockingIOError:
+            return False
+        except OSError as err:
+            end[0] = type(err).__name__
+        return True
+
+    run_until(eng, ended, 5.0)
+    eng.close()
+    client.close()
+    listener.close()
+    return {"redials": redials, "client": end[0]}
+
+
 CASES: dict[str, Callable[..., dict[str, object]]] = {
+    "dial-bound": dial_bound,
     "stale-redial": stale_redial, "stale-poller": stale_poller, "detach-emfile": detach_emfile,
 }
 

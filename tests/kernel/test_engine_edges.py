@@ -50,3 +50,9 @@ def test_a_detach_that_fails_part_way_leaves_every_pair_relayed(relay: str) -> N
     seen = play("detach-emfile", relay)
     assert seen == {"before": ["before"] * 8, "failed": "EMFILE", "fd_change": 0, "after": ["after"] * 8,
                     "moved": 8}, seen
+
+
+def test_the_engine_stops_at_its_last_dial_attempt_whatever_redial_answers() -> None:
+    """Before the fix the attempt counter indexed the dial queues past their end: the
+    engine crashed (SIGSEGV) once a redial() kept answering."""
+    assert play("dial-bound") == {"redials": [1, 2], "client": "ConnectionResetError"}

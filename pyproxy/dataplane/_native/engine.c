@@ -944,7 +944,9 @@ static void refuse(Engine *e, Conn *c) {
     conn_close(e, c, 1);
 }
 
-/* Dial what `target` (ip, port, transparent, ctx) names: attempt c->attempt + 1. */
+/* Dial what `target` (ip, port, transparent, ctx) names: attempt c->attempt + 1, at most
+ * ntimeouts (dial_failed refuses a redial past the last attempt, whatever redial() answers:
+ * the attempt indexes the dial queues, so the bound is the engine's, not its caller's). */
 static void dial(Engine *e, Conn *c, PyObject *target) {
     PyObject *ip = PyTuple_GET_ITEM(target, 0);
     int port = (int)PyLong_AsLong(PyTuple_GET_ITEM(target, 1));
@@ -1067,6 +1069,14 @@ static void dial_failed(Engine *e, Conn *c, int err) {
     }
     if (next == Py_None || !PyTuple_Check(next) || PyTuple_GET_SIZE(next) < 3) {
         Py_DECREF(next);
+        refuse(e, c);
+        return;
+    }
+    if (c->attempt >= e->ntimeouts) { /* the last attempt failed: the engine's own bound */
+        Py_DECREF(next);
+        PyErr_Format(PyExc_RuntimeError, "redial() answered an endpoint after the last of %d dial attempts",
+                     e->ntimeouts);
+        note_exception(e, "internal");
         refuse(e, c);
         return;
     }
