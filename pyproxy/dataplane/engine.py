@@ -22,6 +22,9 @@ connection, through callbacks:
   the metrics are read (`DataplaneStats.refreshers`), so a long stream shows in /metrics.
 - `_note`: errors, counted and logged at a bounded rate (errors.py).
 
+The callbacks only decide and count: the engine refuses (RuntimeError) any of its methods that
+change its state (run, sweep, close, detach, ...) called from within one of them.
+
 The copy/splice policy's numbers come from `model/copymode.py`'s CopyPolicy (the engine's
 `policy()` is held to the model's answers by a unit test). `splice.FastRelay` is the
 pure-Python twin with the same behaviour; `make_splice_relay` picks this one when the

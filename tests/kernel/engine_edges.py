@@ -19,6 +19,8 @@ events land in the batches the case needs. Cases:
   restored it hands all 8 out.
 - `dial-bound`: redial() keeps answering with an endpoint that refuses; the engine must stop
   at its last dial attempt (len(dial_timeouts)) by itself and reset the client.
+- `reenter`: decide() and closed() call the engine's methods back; those that change its
+  state must raise RuntimeError (reading ones work), and the engine must serve on.
 """
 
 from __future__ import annotations
@@ -286,7 +288,72 @@ def dial_bound() -> dict[str, object]:
     return {"redials": redials, "client": end[0]}
 
 
+REENTRY: dict[str, Callable[[Any], object]] = {  # harmless calls first: close() last
+    "ids": lambda eng: eng.ids(),
+    "connections": lambda eng: eng.connections(),
+    "sweep": lambda eng: eng.sweep(1e9, 1e9),
+    "flush": lambda eng: eng.flush(),
+    "run": lambda eng: eng.run(0),
+    "detach": lambda eng: eng.detach(),
+    "close_pair": lambda eng: eng.close_pair(0, True),
+    "close_all": lambda eng: eng.close_all(True),
+    "close": lambda eng: eng.close(),
+}
+
+
+def reenter() -> dict[str, object]:
+    backend = socket.create_server(LIVE)
+    threading.Thread(target=echo, args=(backend,), daemon=True).start()
+    listener = socket.create_server(LISTEN)
+    listener.setblocking(False)
+    seen: dict[str, dict[str, str]] = {"decide": {}, "closed": {}}
+    box: list[Any] = []
+
+    def try_all(where: str) -> None:
+        if seen[where]:
+            return
+        for name, call in REENTRY.items():
+            try:
+                call(box[0])
+                seen[where][name] = "ok"
+            except RuntimeError:
+                seen[where][name] = "RuntimeError"
+
+    def decide(*args: object) -> tuple[str, int, bool, None]:
+        try_all("decide")
+        return LIVE[0], LIVE[1], False, None
+
+    def closed(*args: object) -> None:
+        try_all("closed")
+
+    box.append(make_engine(decide, lambda *a: None, (2.0,), closed=closed))
+    eng = box[0]
+    eng.add_listener(listener.fileno())
+    echoes = []
+    for _ in range(2):  # the second connection: the engine still serves
+        client = socket.create_connection(LISTEN, timeout=5)
+        client.sendall(b"hello")
+        client.setblocking(False)
+        got = bytearray()
+
+        def echoed() -> bool:
+            try:
+                got.extend(client.recv(100))
+            except BlockingIOError:
+                pass
+            return bytes(got) == b"hello"
+
+        run_until(eng, echoed, 3.0)
+        echoes.append(bytes(got).decode())
+        client.close()
+        run_until(eng, lambda: eng.count == 0, 3.0)
+    eng.close()
+    listener.close()
+    return {"echoes": echoes, **seen}
+
+
 CASES: dict[str, Callable[..., dict[str, object]]] = {
+    "reenter": reenter,
     "dial-bound": dial_bound,
     "stale-redial": stale_redial, "stale-poller": stale_poller, "detach-emfile": detach_emfile,
 }

@@ -56,3 +56,13 @@ def test_the_engine_stops_at_its_last_dial_attempt_whatever_redial_answers() -> 
     """Before the fix the attempt counter indexed the dial queues past their end: the
     engine crashed (SIGSEGV) once a redial() kept answering."""
     assert play("dial-bound") == {"redials": [1, 2], "client": "ConnectionResetError"}
+
+
+def test_a_callback_cannot_reenter_the_engine() -> None:
+    """Before the fix nothing stopped it: close() from closed() closed the epoll set in the
+    middle of a batch (and run() from decide() handled events inside a batch)."""
+    refused = {"sweep", "flush", "run", "detach", "close_pair", "close_all", "close"}
+    expected = {name: "RuntimeError" if name in refused else "ok"
+                for name in ("ids", "connections", *sorted(refused))}
+    seen = play("reenter")
+    assert seen == {"echoes": ["hello", "hello"], "decide": expected, "closed": expected}, seen

@@ -58,6 +58,7 @@
  *   pipe and goes back to copying, and a short copy read is not taken for "drained" (nor,
  *   with EPOLLRDHUP, for the end) while urgent data waits; a splice's 0 is an EOF only if the
  *   source is not at the mark (SIOCATMARK). The copy policy may splice again afterwards.
+ * - Re-entrancy: a callback cannot call a method that changes the engine's state (enter()).
  * - Nothing blocks; the GIL is held throughout (every call is a non-blocking syscall).
  */
 #define PY_SSIZE_T_CLEAN
@@ -199,6 +200,7 @@ typedef struct {
     double armed; /* the timerfd's deadline, 0: none */
     double now;
     int in_run;
+    int busy; /* a state-changing method runs (enter()) */
     struct epoll_event *batch; /* run(): the events of this batch, those from batch_next on still to come */
     int batch_next, batch_end;
     unsigned long long next_id;
@@ -208,6 +210,26 @@ static double monotonic(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+/* ---- re-entrancy ---- */
+
+/* The engine calls Python in the middle of its own work (decide, redial, closed, moved, note,
+ * and whatever a counter's attribute or the garbage collector runs). A method that changes
+ * the engine's state, called from there, would run on half-done bookkeeping: the pairs of a
+ * batch freed under it, the epoll set closed mid-batch, a sweep's next pair released. So
+ * every such method (run, sweep, flush, close_all, close_pair, detach, adopt, close,
+ * add_listener, remove_listener) runs inside enter(), and one called while another runs
+ * raises RuntimeError. Reading methods (fileno, count, connections, ids) and set_draining
+ * (a flag) may be called from a callback. */
+static int enter(Engine *e, const char *method) {
+    if (e->busy) {
+        PyErr_Format(PyExc_RuntimeError, "Engine.%s() called from within one of the engine's own callbacks",
+                     method);
+        return -1;
+    }
+    e->busy = 1;
+    return 0;
 }
 
 /* ---- the copy policy: pyproxy/model/copymode.py's CopyPolicy ---- */
@@ -1312,7 +1334,7 @@ static void on_conn_event(Engine *e, Conn *c, int side, uint32_t bits) {
 
 static int check_open(Engine *e);
 
-static PyObject *Engine_run(Engine *e, PyObject *const *args, Py_ssize_t nargs) {
+static PyObject *run_body(Engine *e, PyObject *const *args, Py_ssize_t nargs) {
     /* run() handles what is ready now (the event loop's reader callback); run(ms) first waits
      * up to ms for something, with the GIL released (for a loop of its own: bench.relayrig). */
     int timeout = 0;
@@ -1527,7 +1549,7 @@ static PyObject *Engine_fileno(Engine *e, PyObject *unused) {
     return PyLong_FromLong(e->epfd);
 }
 
-static PyObject *Engine_add_listener(Engine *e, PyObject *arg) {
+static PyObject *add_listener_body(Engine *e, PyObject *arg) {
     int fd = (int)PyLong_AsLong(arg);
     if (PyErr_Occurred() || check_open(e) < 0)
         return NULL;
@@ -1557,7 +1579,7 @@ static PyObject *Engine_add_listener(Engine *e, PyObject *arg) {
     Py_RETURN_NONE;
 }
 
-static PyObject *Engine_remove_listener(Engine *e, PyObject *arg) {
+static PyObject *remove_listener_body(Engine *e, PyObject *arg) {
     int fd = (int)PyLong_AsLong(arg);
     if (PyErr_Occurred())
         return NULL;
@@ -1571,7 +1593,7 @@ static PyObject *Engine_remove_listener(Engine *e, PyObject *arg) {
     Py_RETURN_NONE;
 }
 
-static PyObject *Engine_sweep(Engine *e, PyObject *const *args, Py_ssize_t nargs) {
+static PyObject *sweep_body(Engine *e, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 2) {
         PyErr_SetString(PyExc_TypeError, "sweep(idle_timeout, half_close_timeout)");
         return NULL;
@@ -1596,14 +1618,14 @@ static PyObject *Engine_sweep(Engine *e, PyObject *const *args, Py_ssize_t nargs
     return PyLong_FromLong(closed);
 }
 
-static PyObject *Engine_flush(Engine *e, PyObject *unused) {
+static PyObject *flush_body(Engine *e, PyObject *unused) {
     for (Conn *c = e->all; c != NULL; c = c->next)
         if (c->dir[UP].bytes != c->dir[UP].reported || c->dir[DOWN].bytes != c->dir[DOWN].reported)
             report(e, c, e->moved_cb);
     Py_RETURN_NONE;
 }
 
-static PyObject *Engine_close_all(Engine *e, PyObject *arg) {
+static PyObject *close_all_body(Engine *e, PyObject *arg) {
     int abort = PyObject_IsTrue(arg);
     if (abort < 0)
         return NULL;
@@ -1611,7 +1633,7 @@ static PyObject *Engine_close_all(Engine *e, PyObject *arg) {
     Py_RETURN_NONE;
 }
 
-static PyObject *Engine_close_pair(Engine *e, PyObject *const *args, Py_ssize_t nargs) {
+static PyObject *close_pair_body(Engine *e, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 2) {
         PyErr_SetString(PyExc_TypeError, "close_pair(id, abort)");
         return NULL;
@@ -1742,7 +1764,7 @@ static PyObject *detach_item(Conn *c) {
  * nothing: the dups of every pair are made first, and if any fails (EMFILE, say) those made
  * are closed and every pair stays as it was, relayed here; only then do the pairs end here,
  * without a FIN or reset (the kernel objects live on in the dups), which cannot fail. */
-static PyObject *Engine_detach(Engine *e, PyObject *unused) {
+static PyObject *detach_body(Engine *e, PyObject *unused) {
     PyObject *out = PyList_New(0);
     if (out == NULL)
         return NULL;
@@ -1806,7 +1828,7 @@ static int restore_dir(Dir *d, PyObject *state, int pipe_r, int pipe_w) {
 
 /* adopt(ctx, fds, client, frontend, endpoint, age, idle, bytes_in, bytes_out, up, down):
  * go on relaying a pair another process detached; the engine owns `fds` from here on. */
-static PyObject *Engine_adopt(Engine *e, PyObject *args) {
+static PyObject *adopt_body(Engine *e, PyObject *args) {
     PyObject *ctx, *fds, *client, *frontend, *endpoint, *up, *down;
     double age, idle;
     unsigned long long bin, bout;
@@ -1901,7 +1923,7 @@ static PyObject *Engine_adopt(Engine *e, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-static PyObject *Engine_close(Engine *e, PyObject *unused) {
+static PyObject *close_body(Engine *e, PyObject *unused) {
     close_all(e, 1);
     plans_clear(e);
     if (e->tfd >= 0)
@@ -1915,6 +1937,87 @@ static PyObject *Engine_close(Engine *e, PyObject *unused) {
 
 static PyObject *Engine_get_count(Engine *e, void *unused) {
     return PyLong_FromSsize_t(e->count);
+}
+
+/* The methods that change the engine's state, each inside enter() (see "Re-entrancy"). */
+static PyObject *Engine_run(Engine *e, PyObject *const *args, Py_ssize_t nargs) {
+    if (enter(e, "run") < 0)
+        return NULL;
+    PyObject *r = run_body(e, args, nargs);
+    e->busy = 0;
+    return r;
+}
+
+static PyObject *Engine_sweep(Engine *e, PyObject *const *args, Py_ssize_t nargs) {
+    if (enter(e, "sweep") < 0)
+        return NULL;
+    PyObject *r = sweep_body(e, args, nargs);
+    e->busy = 0;
+    return r;
+}
+
+static PyObject *Engine_close_pair(Engine *e, PyObject *const *args, Py_ssize_t nargs) {
+    if (enter(e, "close_pair") < 0)
+        return NULL;
+    PyObject *r = close_pair_body(e, args, nargs);
+    e->busy = 0;
+    return r;
+}
+
+static PyObject *Engine_flush(Engine *e, PyObject *unused) {
+    if (enter(e, "flush") < 0)
+        return NULL;
+    PyObject *r = flush_body(e, unused);
+    e->busy = 0;
+    return r;
+}
+
+static PyObject *Engine_detach(Engine *e, PyObject *unused) {
+    if (enter(e, "detach") < 0)
+        return NULL;
+    PyObject *r = detach_body(e, unused);
+    e->busy = 0;
+    return r;
+}
+
+static PyObject *Engine_close(Engine *e, PyObject *unused) {
+    if (enter(e, "close") < 0)
+        return NULL;
+    PyObject *r = close_body(e, unused);
+    e->busy = 0;
+    return r;
+}
+
+static PyObject *Engine_close_all(Engine *e, PyObject *arg) {
+    if (enter(e, "close_all") < 0)
+        return NULL;
+    PyObject *r = close_all_body(e, arg);
+    e->busy = 0;
+    return r;
+}
+
+static PyObject *Engine_add_listener(Engine *e, PyObject *arg) {
+    if (enter(e, "add_listener") < 0)
+        return NULL;
+    PyObject *r = add_listener_body(e, arg);
+    e->busy = 0;
+    return r;
+}
+
+static PyObject *Engine_remove_listener(Engine *e, PyObject *arg) {
+    if (enter(e, "remove_listener") < 0)
+        return NULL;
+    PyObject *r = remove_listener_body(e, arg);
+    e->busy = 0;
+    return r;
+}
+
+static PyObject *Engine_adopt(Engine *e, PyObject *args) {
+    if (enter(e, "adopt") < 0)
+        return NULL;
+    PyObject *r = adopt_body(e, args);
+    e->busy = 0;
+    return r;
 }
 
 static PyMethodDef engine_methods[] = {
