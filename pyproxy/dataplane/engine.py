@@ -56,7 +56,7 @@ from dataclasses import astuple
 from typing import Any
 
 from pyproxy.dataplane.errors import ErrorLog, error_name
-from pyproxy.dataplane.relay import RelayConfig
+from pyproxy.dataplane.relay import RelayConfig, reset_fds
 from pyproxy.dataplane.sockets import transparent_listener
 from pyproxy.dataplane.stats import ConnectionInfo, DataplaneStats, PortStats
 from pyproxy.dataplane.connstate import DirectionState, TcpState
@@ -343,27 +343,29 @@ class NativeRelay:
 
     async def adopt_pair(self, state: TcpState, fds: list[int]) -> None:
         """Go on relaying a pair another process detached (`fds`: client, upstream, then
-        the read and write ends of each direction's pipe that came along, up first)."""
-        assert self.engine is not None, "adopt_pair before start"
+        the read and write ends of each direction's pipe that came along, up first). The
+        relay owns `fds` from the call on: on any failure they are closed (the sockets with a
+        reset, so their peers learn at once) and the error raised."""
+        engine = self.engine
         try:
+            if engine is None:
+                raise RuntimeError("adopt_pair before start")
             for fd in fds[:2]:  # the two sockets must be what they claim: sockets
                 socket.socket(fileno=fd).detach()
             for fd in fds:
                 os.set_blocking(fd, False)
-        except OSError:
-            for fd in fds:
-                os.close(fd)
+            frontend = (state.frontend[0], "TCP", state.frontend[1])
+            route = self.table.routes.get(frontend)
+            context = self._context(frontend, route) if route is not None and route.port.name == state.port \
+                else (self.stats.port(state.port), state.port)
+        except BaseException:
+            reset_fds(fds)
             raise
-        frontend = (state.frontend[0], "TCP", state.frontend[1])
-        route = self.table.routes.get(frontend)
-        stats = self.stats.port(state.port)
-        context = self._context(frontend, route) if route is not None and route.port.name == state.port \
-            else (stats, state.port)
         context[0].active += 1
         context[0].total += 1
         try:
-            self.engine.adopt(context, list(fds), state.client, state.frontend, state.endpoint, state.age, state.idle,
-                              state.bytes_in, state.bytes_out, astuple(state.up), astuple(state.down))
+            engine.adopt(context, list(fds), state.client, state.frontend, state.endpoint, state.age, state.idle,
+                         state.bytes_in, state.bytes_out, astuple(state.up), astuple(state.down))
         except BaseException:  # the engine closed the fds
             context[0].active -= 1
             raise
@@ -387,3 +389,4 @@ class NativeRelay:
             engine.close()
         self.errors.close()
         return cut
+

@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import _socket
 import asyncio
+import contextlib
 import errno
 import fcntl
 import logging
@@ -83,6 +84,7 @@ from pyproxy.dataplane.relay import (
     TcpRelay,
     drain_pairs,
     pair_timeout,
+    reset_fds,
 )
 from pyproxy.dataplane.sockets import IP_TRANSPARENT, IPV6_TRANSPARENT, transparent_listener
 from pyproxy.dataplane.stats import ConnectionInfo, DataplaneStats, PortStats
@@ -210,19 +212,41 @@ class FastRelay:
 
     async def adopt_pair(self, state: TcpState, fds: list[int]) -> None:
         """Go on relaying a pair another process detached (`fds`: client, upstream, then
-        the read and write ends of each direction's pipe that came along, up first)."""
-        assert self._loop is not None, "adopt_pair before start"
+        the read and write ends of each direction's pipe that came along, up first). The
+        relay owns `fds` from the call on: on any failure they are closed (the sockets with a
+        reset) and the error raised."""
+        sockets: list[socket.socket] = []
+        try:
+            if self._loop is None:
+                raise RuntimeError("adopt_pair before start")
+            if len(fds) != state.fd_count:
+                raise ValueError(f"{len(fds)} fds for a pair whose state needs {state.fd_count}")
+            for fd in fds[:2]:  # the two sockets must be what they claim: sockets
+                sockets.append(socket.socket(fileno=fd))
+            for sock in sockets:
+                sock.setblocking(False)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, 1)  # urgent data in band
+        except BaseException:
+            for sock in sockets:
+                _reset(sock)
+            reset_fds(fds[len(sockets):])
+            raise
         frontend = (state.frontend[0], "TCP", state.frontend[1])
         route = self.table.routes.get(frontend)
         if route is None or route.port.name != state.port:  # gone meanwhile: the pair still lives
             route = Route(PortState(state.port, EndpointSets((), (), ()), None, False, False), external=False)
-        client, upstream = socket.socket(fileno=fds[0]), socket.socket(fileno=fds[1])
-        for sock in (client, upstream):
-            sock.setblocking(False)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, 1)  # urgent data in band
+        client, upstream = sockets
         pair = FastPair(self, self._loop, client, state.client, route, self.stats.port(state.port), state.frontend)
-        pair.adopt(upstream, state, fds[2:])
-
+        try:
+            pair.adopt(upstream, state, fds[2:])
+        except BaseException:  # its directions took none of the pipes, or closed them with the pair
+            taken = {fd for d in (pair.up, pair.down) if d is not None and d.pipe is not None for fd in d.pipe}
+            pair.close(abort=True)
+            for fd in fds[2:]:
+                if fd not in taken:
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+            raise
 
     async def drain(self, timeout: float) -> int:
         """Wait for open connections to finish, up to `timeout`; abort the rest. Returns how many were cut."""

@@ -21,6 +21,10 @@ events land in the batches the case needs. Cases:
   at its last dial attempt (len(dial_timeouts)) by itself and reset the client.
 - `reenter`: decide() and closed() call the engine's methods back; those that change its
   state must raise RuntimeError (reading ones work), and the engine must serve on.
+- `adopt-errors engine|twin`: adopt_pair() of the real relay given states it must refuse (a
+  pipe the fds do not bring, a pipe where a socket should be, a relay not started, and for
+  the engine a malformed direction given to Engine.adopt): each raises, closes every fd it
+  was given (it owns them from the call on) and resets the two peers.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from pyproxy.dataplane import engine
@@ -352,7 +357,82 @@ def reenter() -> dict[str, object]:
     return {"echoes": echoes, **seen}
 
 
+def tcp_pair(server: socket.socket) -> tuple[socket.socket, int]:
+    """A connected peer and the fd of its accepted end (the relay's to own)."""
+    peer = socket.create_connection(server.getsockname(), timeout=2)
+    accepted, _ = server.accept()
+    return peer, accepted.detach()
+
+
+def peer_end(peer: socket.socket) -> str:
+    try:
+        return "eof" if peer.recv(10) == b"" else "data"
+    except OSError as err:
+        return type(err).__name__
+    finally:
+        peer.close()
+
+
+async def adopt_errors_async(kind: str) -> dict[str, object]:
+    from pyproxy.dataplane.connstate import DirectionState, TcpState
+    server = socket.create_server(("127.0.0.1", 0))
+    started = relay_for(kind, LISTEN)
+    await started.start(*LISTEN)
+    port = table_for(LISTEN, LIVE).routes[(LISTEN[0], "TCP", LISTEN[1])].port.name
+    state = TcpState(port, ("127.0.0.1", 40000), LISTEN, LIVE, age=0.0, idle=0.0)
+    seen: dict[str, object] = {}
+
+    async def provoke(name: str, relay: TcpRelay, bad: TcpState, first_is_pipe: bool = False) -> None:
+        peers, fds = [], []
+        spare = None
+        if first_is_pipe:
+            read_end, spare = os.pipe()
+            fds.append(read_end)
+        for _ in range(2 - len(fds)):
+            peer, fd = tcp_pair(server)
+            peers.append(peer)
+            fds.append(fd)
+        before = len(open_fds())
+        try:
+            await relay.adopt_pair(bad, fds)
+            error = "none"
+        except Exception as err:
+            error = type(err).__name__
+        closed = before - len(open_fds())
+        if spare is not None:
+            os.close(spare)
+        seen[name] = {"error": error, "closed": closed, "peers": [peer_end(p) for p in peers]}
+
+    await provoke("pipe-not-brought", started, replace(state, up=DirectionState(pipe=True, in_pipe=0)))
+    await provoke("pipe-as-socket", started, state, first_is_pipe=True)
+    await provoke("not-started", relay_for(kind, ("127.0.0.1", 7999)), state)
+    if kind == "engine":
+        assert isinstance(started, engine.NativeRelay)
+        peers, fds = [], []
+        for _ in range(2):
+            peer, fd = tcp_pair(server)
+            peers.append(peer)
+            fds.append(fd)
+        before = len(open_fds())
+        try:
+            started.engine.adopt(None, fds, state.client, state.frontend, state.endpoint, 0.0, 0.0, 0, 0,
+                                 (False, False, b"", False), (False, False, b"", False, 0))
+            error = "none"
+        except Exception as err:
+            error = type(err).__name__
+        seen["malformed-direction"] = {"error": error, "closed": before - len(open_fds()),
+                                       "peers": [peer_end(p) for p in peers]}
+    await started.drain(0.5)
+    server.close()
+    return seen
+
+
+def adopt_errors(kind: str) -> dict[str, object]:
+    return asyncio.run(adopt_errors_async(kind))
+
+
 CASES: dict[str, Callable[..., dict[str, object]]] = {
+    "adopt-errors": adopt_errors,
     "reenter": reenter,
     "dial-bound": dial_bound,
     "stale-redial": stale_redial, "stale-poller": stale_poller, "detach-emfile": detach_emfile,

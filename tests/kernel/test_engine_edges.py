@@ -66,3 +66,18 @@ def test_a_callback_cannot_reenter_the_engine() -> None:
                 for name in ("ids", "connections", *sorted(refused))}
     seen = play("reenter")
     assert seen == {"echoes": ["hello", "hello"], "decide": expected, "closed": expected}, seen
+
+
+@pytest.mark.parametrize("relay", ["engine", "twin"])
+def test_a_refused_adoption_closes_every_fd_it_was_given_and_resets_the_peers(relay: str) -> None:
+    """Before the fix both relays leaked the fds on these errors (closed 0, the peers left
+    waiting), although their caller counts on the relay closing them."""
+    reset = "ConnectionResetError"
+    expected: dict[str, object] = {
+        "pipe-not-brought": {"error": "ValueError", "closed": 2, "peers": [reset, reset]},
+        "pipe-as-socket": {"error": "OSError", "closed": 2, "peers": [reset]},
+        "not-started": {"error": "RuntimeError", "closed": 2, "peers": [reset, reset]},
+    }
+    if relay == "engine":
+        expected["malformed-direction"] = {"error": "ValueError", "closed": 2, "peers": [reset, reset]}
+    assert play("adopt-errors", relay) == expected

@@ -1826,33 +1826,57 @@ static int restore_dir(Dir *d, PyObject *state, int pipe_r, int pipe_w) {
     return 0;
 }
 
+/* adopt()'s failure before the fds were sorted out: close every fd number the list `fds`
+ * (args[1]) holds, sockets (the first two) with a reset; the exception set stays. NULL. */
+static PyObject *close_given(PyObject *args) {
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyObject *fds = PyTuple_Check(args) && PyTuple_GET_SIZE(args) > 1 ? PyTuple_GET_ITEM(args, 1) : NULL;
+    if (fds != NULL && PyList_Check(fds)) {
+        for (Py_ssize_t i = 0; i < PyList_GET_SIZE(fds); i++) {
+            long fd = PyLong_Check(PyList_GET_ITEM(fds, i)) ? PyLong_AsLong(PyList_GET_ITEM(fds, i)) : -1;
+            PyErr_Clear();
+            if (fd >= 0 && fd <= INT32_MAX) {
+                if (i < 2)
+                    reset_close((int)fd);
+                else
+                    close((int)fd);
+            }
+        }
+    }
+    PyErr_Restore(type, value, tb);
+    return NULL;
+}
+
 /* adopt(ctx, fds, client, frontend, endpoint, age, idle, bytes_in, bytes_out, up, down):
- * go on relaying a pair another process detached; the engine owns `fds` from here on. */
+ * go on relaying a pair another process detached. The engine owns `fds` from the call on: on
+ * every failure they are closed (sockets with a reset), so the caller never closes them. */
 static PyObject *adopt_body(Engine *e, PyObject *args) {
+    /* the fds are the engine's from the call on: closed (sockets reset) on any failure */
     PyObject *ctx, *fds, *client, *frontend, *endpoint, *up, *down;
     double age, idle;
     unsigned long long bin, bout;
     if (!PyArg_ParseTuple(args, "OO!O!O!O!ddKKO!O!", &ctx, &PyList_Type, &fds, &PyTuple_Type, &client,
                           &PyTuple_Type, &frontend, &PyTuple_Type, &endpoint, &age, &idle, &bin, &bout,
                           &PyTuple_Type, &up, &PyTuple_Type, &down))
-        return NULL;
+        return close_given(args);
     if (PyTuple_GET_SIZE(up) != 5 || PyTuple_GET_SIZE(down) != 5) {
         PyErr_SetString(PyExc_ValueError, "direction states are 5-tuples");
-        return NULL;
+        return close_given(args);
     }
     int up_pipe = PyObject_IsTrue(PyTuple_GET_ITEM(up, 3)), down_pipe = PyObject_IsTrue(PyTuple_GET_ITEM(down, 3));
     Py_ssize_t nfds = PyList_GET_SIZE(fds);
     if (up_pipe < 0 || down_pipe < 0 || nfds != 2 + 2 * up_pipe + 2 * down_pipe) {
-        PyErr_SetString(PyExc_ValueError, "fd count does not match the pipes");
-        return NULL;
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_ValueError, "fd count does not match the pipes");
+        return close_given(args);
     }
     int fd[6];
     for (Py_ssize_t i = 0; i < nfds; i++) {
         fd[i] = (int)PyLong_AsLong(PyList_GET_ITEM(fds, i));
         if (PyErr_Occurred())
-            return NULL;
+            return close_given(args);
     }
-    /* from here on the fds are the engine's: closed (sockets reset) on any failure */
     Addr a_client, a_frontend, a_endpoint;
     Conn *c = NULL;
     if (PyTuple_GET_SIZE(client) != 2 || PyTuple_GET_SIZE(frontend) != 2 || PyTuple_GET_SIZE(endpoint) != 2) {
@@ -2014,7 +2038,7 @@ static PyObject *Engine_remove_listener(Engine *e, PyObject *arg) {
 
 static PyObject *Engine_adopt(Engine *e, PyObject *args) {
     if (enter(e, "adopt") < 0)
-        return NULL;
+        return close_given(args); /* its fds are the engine's from the call on */
     PyObject *r = adopt_body(e, args);
     e->busy = 0;
     return r;
