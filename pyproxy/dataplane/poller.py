@@ -17,6 +17,11 @@ Rules kept here:
 - An event reaches only the socket it was reported for: an fd forgotten or parked while a
   batch is handled gets no more of that batch's events, even if a new socket got its number
   meanwhile (a dialing pair would take the old socket's event for its connect's completion).
+- SIGPIPE: every write of the twin happens in a handler, and neither `os.write`, `send` nor
+  `os.splice` into a socket the peer reset after its FIN asks for MSG_NOSIGNAL. CPython
+  ignores SIGPIPE; where the process does not (Python's record of it is not SIG_IGN), a batch
+  runs with SIGPIPE blocked, and a SIGPIPE its writes raised is taken before the mask is put
+  back (the write itself fails with EPIPE, which ends that pair).
 - This is the pure-Python twin's poller; the compiled engine has its own epoll set in C.
 """
 
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import select
+import signal
 from collections.abc import Callable
 
 IN, OUT = select.EPOLLIN, select.EPOLLOUT
@@ -32,6 +38,7 @@ PRI = select.EPOLLPRI  # urgent data waits (asked for with IN: see splice.py's "
 IN_RDHUP = IN | RDHUP | PRI
 ERR_HUP = select.EPOLLERR | select.EPOLLHUP
 MAX_EVENTS = 256
+SIGPIPE_ONLY = {signal.SIGPIPE}
 
 Handler = Callable[[int], None]
 
@@ -81,6 +88,8 @@ class Poller:
         handlers = self._handlers
         gone: set[int] = set()
         self._gone = gone
+        before = None if signal.getsignal(signal.SIGPIPE) == signal.SIG_IGN else \
+            signal.pthread_sigmask(signal.SIG_BLOCK, SIGPIPE_ONLY)
         try:
             for fd, bits in events:
                 handler = handlers.get(fd)
@@ -88,7 +97,17 @@ class Poller:
                     handler(bits)
         finally:
             self._gone = None
+            if before is not None:
+                _release_sigpipe(before)
 
     def close(self) -> None:
         self._loop.remove_reader(self._epoll.fileno())
         self._epoll.close()
+
+
+def _release_sigpipe(before: set[int | signal.Signals]) -> None:
+    """Take a SIGPIPE the batch's writes raised (if it was not blocked before: one pending
+    then is not ours), and put the mask back."""
+    if signal.SIGPIPE not in before and signal.SIGPIPE in signal.sigpending():
+        signal.sigtimedwait(SIGPIPE_ONLY, 0)
+    signal.pthread_sigmask(signal.SIG_SETMASK, before)

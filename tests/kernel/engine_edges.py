@@ -25,6 +25,10 @@ events land in the batches the case needs. Cases:
   pipe the fds do not bring, a pipe where a socket should be, a relay not started, and for
   the engine a malformed direction given to Engine.adopt): each raises, closes every fd it
   was given (it owns them from the call on) and resets the two peers.
+- `sigpipe engine|twin`: with SIGPIPE at its default (the process dies of it), the real relay
+  splices a client's stream into an upstream that half-closed and then reset (so the socket
+  answers EPIPE, which raises SIGPIPE where a send has no MSG_NOSIGNAL: splice has none).
+  The process must live on, and the relay serve the next connection.
 """
 
 from __future__ import annotations
@@ -431,7 +435,47 @@ def adopt_errors(kind: str) -> dict[str, object]:
     return asyncio.run(adopt_errors_async(kind))
 
 
+def half_close_then_reset(server: socket.socket, rounds: int) -> None:
+    """Each connection: FIN at once, read a little, then a reset (unread data left)."""
+    for _ in range(rounds):
+        conn, _ = server.accept()
+        conn.shutdown(socket.SHUT_WR)
+        conn.recv(1000)
+        time.sleep(0.2)
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+        conn.close()
+
+
+def stream_until_cut(seconds: float) -> str:
+    try:
+        with socket.create_connection(LISTEN, timeout=seconds) as client:
+            deadline = time.monotonic() + seconds
+            while time.monotonic() < deadline:  # MSG_NOSIGNAL: this process has SIGPIPE at its default
+                client.send(b"x" * 65536, socket.MSG_NOSIGNAL)
+    except OSError as err:
+        return type(err).__name__
+    return "not cut"
+
+
+async def sigpipe_async(kind: str) -> dict[str, object]:
+    import signal
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    backend = socket.create_server(LIVE)
+    rounds = 5
+    threading.Thread(target=half_close_then_reset, args=(backend, rounds), daemon=True).start()
+    relay = relay_for(kind, LISTEN, splice_after=0)  # splice from the first byte
+    await relay.start(*LISTEN)
+    cuts = [await asyncio.to_thread(stream_until_cut, 3.0) for _ in range(rounds)]
+    await relay.drain(0.5)
+    return {"alive": True, "cuts": cuts}
+
+
+def sigpipe(kind: str) -> dict[str, object]:
+    return asyncio.run(sigpipe_async(kind))
+
+
 CASES: dict[str, Callable[..., dict[str, object]]] = {
+    "sigpipe": sigpipe,
     "adopt-errors": adopt_errors,
     "reenter": reenter,
     "dial-bound": dial_bound,

@@ -81,3 +81,12 @@ def test_a_refused_adoption_closes_every_fd_it_was_given_and_resets_the_peers(re
     if relay == "engine":
         expected["malformed-direction"] = {"error": "ValueError", "closed": 2, "peers": [reset, reset]}
     assert play("adopt-errors", relay) == expected
+
+
+@pytest.mark.parametrize("relay", ["engine", "twin"])
+def test_sigpipe_at_its_default_does_not_kill_the_relay(relay: str) -> None:
+    """Before the fix both died of SIGPIPE (rc 141) at the first splice into the reset
+    upstream: they lived only because CPython ignores it."""
+    seen = play("sigpipe", relay)
+    assert seen["alive"] is True and len(seen["cuts"]) == 5, seen
+    assert set(seen["cuts"]) <= {"BrokenPipeError", "ConnectionResetError"}, seen  # each stream was cut

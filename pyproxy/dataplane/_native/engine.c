@@ -59,6 +59,11 @@
  *   with EPOLLRDHUP, for the end) while urgent data waits; a splice's 0 is an EOF only if the
  *   source is not at the mark (SIOCATMARK). The copy policy may splice again afterwards.
  * - Re-entrancy: a callback cannot call a method that changes the engine's state (enter()).
+ * - SIGPIPE: the engine never depends on the process ignoring it (CPython does; a program
+ *   that embeds the engine need not). Sends carry MSG_NOSIGNAL; a splice into a socket has no
+ *   such flag, so the first one of each method call blocks SIGPIPE for the thread, and when
+ *   the method ends a SIGPIPE its splices raised is taken (sigtimedwait) and the mask put back
+ *   (sigpipe_hold, sigpipe_release: two syscalls per call that splices, none otherwise).
  * - Nothing blocks; the GIL is held throughout (every call is a non-blocking syscall).
  */
 #define PY_SSIZE_T_CLEAN
@@ -69,6 +74,7 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
+#include <signal.h>
 #include <stdint.h>
 #include <string.h>
 #include <sys/epoll.h>
@@ -201,6 +207,8 @@ typedef struct {
     double now;
     int in_run;
     int busy; /* a state-changing method runs (enter()) */
+    int sigpipe_held, epipe; /* SIGPIPE blocked by sigpipe_hold; a splice met EPIPE meanwhile */
+    sigset_t mask_before;     /* the thread's signal mask before sigpipe_hold */
     struct epoll_event *batch; /* run(): the events of this batch, those from batch_next on still to come */
     int batch_next, batch_end;
     unsigned long long next_id;
@@ -786,14 +794,46 @@ static void to_copy(Dir *d) {
     d->streak = 0;
 }
 
+/* Before a splice into a socket (it raises SIGPIPE on EPIPE: see the header). */
+static void sigpipe_hold(Engine *e) {
+    if (e->sigpipe_held)
+        return;
+    sigset_t pipe_only;
+    sigemptyset(&pipe_only);
+    sigaddset(&pipe_only, SIGPIPE);
+    if (pthread_sigmask(SIG_BLOCK, &pipe_only, &e->mask_before) == 0)
+        e->sigpipe_held = 1;
+}
+
+/* At the end of each state-changing method (enter()): take the SIGPIPE our splices raised
+ * (only if it was not blocked before: a SIGPIPE pending then is not ours), restore the mask. */
+static void sigpipe_release(Engine *e) {
+    if (!e->sigpipe_held)
+        return;
+    if (e->epipe && !sigismember(&e->mask_before, SIGPIPE)) {
+        sigset_t pipe_only;
+        sigemptyset(&pipe_only);
+        sigaddset(&pipe_only, SIGPIPE);
+        struct timespec now = {0, 0};
+        sigtimedwait(&pipe_only, NULL, &now); /* one pending at most: SIGPIPE does not queue */
+    }
+    e->epipe = 0;
+    e->sigpipe_held = 0;
+    pthread_sigmask(SIG_SETMASK, &e->mask_before, NULL);
+}
+
 /* Move what the pipe holds to dst. -1: the pair failed (and is closed). */
 static int flush_pipe(Engine *e, Conn *c, Dir *d) {
     int dst = dst_fd(c, d);
+    if (d->in_pipe)
+        sigpipe_hold(e);
     while (d->in_pipe) {
         ssize_t n = splice(d->pipe_r, NULL, dst, NULL, d->in_pipe, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
         if (n < 0) {
             if (errno == EAGAIN || errno == EINTR)
                 return 0;
+            if (errno == EPIPE)
+                e->epipe = 1;
             conn_fail(e, c, errno);
             return -1;
         }
@@ -1968,6 +2008,7 @@ static PyObject *Engine_run(Engine *e, PyObject *const *args, Py_ssize_t nargs) 
     if (enter(e, "run") < 0)
         return NULL;
     PyObject *r = run_body(e, args, nargs);
+    sigpipe_release(e);
     e->busy = 0;
     return r;
 }
@@ -1976,6 +2017,7 @@ static PyObject *Engine_sweep(Engine *e, PyObject *const *args, Py_ssize_t nargs
     if (enter(e, "sweep") < 0)
         return NULL;
     PyObject *r = sweep_body(e, args, nargs);
+    sigpipe_release(e);
     e->busy = 0;
     return r;
 }
@@ -1984,6 +2026,7 @@ static PyObject *Engine_close_pair(Engine *e, PyObject *const *args, Py_ssize_t 
     if (enter(e, "close_pair") < 0)
         return NULL;
     PyObject *r = close_pair_body(e, args, nargs);
+    sigpipe_release(e);
     e->busy = 0;
     return r;
 }
@@ -1992,6 +2035,7 @@ static PyObject *Engine_flush(Engine *e, PyObject *unused) {
     if (enter(e, "flush") < 0)
         return NULL;
     PyObject *r = flush_body(e, unused);
+    sigpipe_release(e);
     e->busy = 0;
     return r;
 }
@@ -2000,6 +2044,7 @@ static PyObject *Engine_detach(Engine *e, PyObject *unused) {
     if (enter(e, "detach") < 0)
         return NULL;
     PyObject *r = detach_body(e, unused);
+    sigpipe_release(e);
     e->busy = 0;
     return r;
 }
@@ -2008,6 +2053,7 @@ static PyObject *Engine_close(Engine *e, PyObject *unused) {
     if (enter(e, "close") < 0)
         return NULL;
     PyObject *r = close_body(e, unused);
+    sigpipe_release(e);
     e->busy = 0;
     return r;
 }
@@ -2016,6 +2062,7 @@ static PyObject *Engine_close_all(Engine *e, PyObject *arg) {
     if (enter(e, "close_all") < 0)
         return NULL;
     PyObject *r = close_all_body(e, arg);
+    sigpipe_release(e);
     e->busy = 0;
     return r;
 }
@@ -2024,6 +2071,7 @@ static PyObject *Engine_add_listener(Engine *e, PyObject *arg) {
     if (enter(e, "add_listener") < 0)
         return NULL;
     PyObject *r = add_listener_body(e, arg);
+    sigpipe_release(e);
     e->busy = 0;
     return r;
 }
@@ -2032,6 +2080,7 @@ static PyObject *Engine_remove_listener(Engine *e, PyObject *arg) {
     if (enter(e, "remove_listener") < 0)
         return NULL;
     PyObject *r = remove_listener_body(e, arg);
+    sigpipe_release(e);
     e->busy = 0;
     return r;
 }
@@ -2040,6 +2089,7 @@ static PyObject *Engine_adopt(Engine *e, PyObject *args) {
     if (enter(e, "adopt") < 0)
         return close_given(args); /* its fds are the engine's from the call on */
     PyObject *r = adopt_body(e, args);
+    sigpipe_release(e);
     e->busy = 0;
     return r;
 }
