@@ -68,7 +68,8 @@ from pyproxy.model.table import Plan, Route, ServiceTable, plan_connection, sour
 
 log = logging.getLogger("pyproxy.splice")
 
-PIPE_SIZE = 1024 * 1024  # splice pipes (the engine falls back to 256 KiB, then the default): splice.PIPE_SIZES
+PIPE_SIZE = 1024 * 1024  # what a splice pipe grows to (engine.c's "Pipes"; else 256 KiB): splice.PIPE_SIZES
+PIPE_BUDGET = 32 * 1024 * 1024  # bytes of pipe above 64 KiB the engine holds at most: splice.PIPE_BUDGET
 STATS_CACHE_LIMIT = 65536
 DEFAULT_SPLICE_AFTER = 64 * 1024
 
@@ -165,7 +166,7 @@ class NativeRelay:
             self._decide, self._redial, self._closed, self._moved, self._note,
             dial_timeouts=tuple(self.config.dial_timeouts), splice_after=policy.splice_after,
             bulk_read=policy.bulk_read, copy_after=policy.copy_after, pipe_size=PIPE_SIZE,
-            routes=self.table.routes)
+            routes=self.table.routes, pipe_budget=PIPE_BUDGET)
         if self.draining:
             self.engine.set_draining(True)
         self.engine.add_listener(self.listener.fileno())

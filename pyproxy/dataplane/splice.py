@@ -26,7 +26,9 @@ Theory of operation:
   userspace). `splice_after = 0` splices from the first byte; a negative value never does.
 - Backpressure: when the destination cannot take everything (a partial send, or bytes
   left in the pipe), the direction stops reading its source and waits for the destination
-  to be writable; at most one buffer (or one pipe) per direction is ever held.
+  to be writable; at most one buffer (or one pipe) per direction is ever held. A pipe starts
+  at 64 KiB and grows only while its destination keeps up, within a budget per relay
+  (PIPE_BUDGET): a slow reader pins 64 KiB of pipe, not 1 MiB.
 - Half-close: EOF from a source becomes `shutdown(SHUT_WR)` on its destination once
   everything read has been written; the pair closes when both directions are shut, on any
   socket error, or when idle past `pair_timeout` (shorter once half-closed), which one
@@ -104,11 +106,16 @@ SOL_SOCKET, SO_OOBINLINE = socket.SOL_SOCKET, socket.SO_OOBINLINE
 SOCK_STREAM_NONBLOCK = socket.SOCK_STREAM | socket.SOCK_NONBLOCK
 
 ACCEPT_BATCH = 64
-# Pipe sizes tried in order (F_SETPIPE_SZ): 1 MiB is the default fs.pipe-max-size and moved a stream
-# with ~16 % less proxy CPU per Gbit/s than 256 KiB (about half the splices and wake-ups per GB);
-# 256 KiB where 1 MiB is refused (a lower pipe-max-size, or the user's pipe pages used up).
+# Pipes (engine.c's "Pipes" too): a new pipe is the kernel's default, PIPE_BASE; once a splice
+# round filled it and its destination took it all, it grows to the first of PIPE_SIZES the
+# kernel grants (1 MiB is the default fs.pipe-max-size and moved a stream with ~16 % less proxy
+# CPU per Gbit/s than 256 KiB: about half the splices and wake-ups per GB; 256 KiB where 1 MiB is
+# refused), while the relay's pipes hold at most PIPE_BUDGET bytes above PIPE_BASE together.
+PIPE_BASE = 64 * 1024
 PIPE_SIZES = (1024 * 1024, 256 * 1024)
 PIPE_SIZE = PIPE_SIZES[0]  # bytes asked of each splice (a smaller pipe simply takes less)
+PIPE_BUDGET = 32 * 1024 * 1024
+F_GETPIPE_SZ = 1032
 SPLICE_SLOTS = (0,) * 4  # splice rounds per readable event before yielding to the loop
 STATS_CACHE_LIMIT = 65536
 READ_SLOTS = (0,) * 4  # copy-mode reads per readable event (a tuple: no range() per event)
@@ -138,6 +145,7 @@ class FastRelay:
     _stats_cache: dict[tuple[str, str, int], tuple[Route, PortStats]] = field(default_factory=dict)
     errors: ErrorLog = field(init=False)
     _accept_paused: asyncio.TimerHandle | None = None
+    pipe_grown: int = 0  # bytes of pipe above PIPE_BASE the directions hold (at most PIPE_BUDGET)
 
     def __post_init__(self) -> None:
         self.errors = ErrorLog(self.stats.connection_errors, log)
@@ -359,6 +367,10 @@ def _restore(direction: Direction, state: DirectionState, pipe: tuple[int, int] 
     direction.pending = state.held or None
     if pipe is not None:
         direction.pipe, direction.in_pipe = pipe, state.in_pipe
+        size = fcntl.fcntl(pipe[1], F_GETPIPE_SZ)  # as it is: it may have grown in the predecessor
+        direction.pipe_cap = PIPE_BASE if size <= PIPE_BASE else 0
+        direction.pipe_extra = max(0, size - PIPE_BASE)
+        direction.pair.relay.pipe_grown += direction.pipe_extra
 
 
 def _restart(direction: Direction) -> None:
@@ -418,7 +430,7 @@ def _reset(sock: Sock) -> None:
 class Direction:
     """One direction of a pair: bytes from `src` to `dst`, copied or spliced (model/copymode.py)."""
 
-    __slots__ = ("pair", "src", "dst", "src_fd", "dst_fd", "pending", "pipe", "in_pipe",
+    __slots__ = ("pair", "src", "dst", "src_fd", "dst_fd", "pending", "pipe", "in_pipe", "pipe_cap", "pipe_extra",
                  "eof", "shut", "streak", "small", "policy", "count_in", "reading", "writing")
 
     def __init__(self, pair: FastPair, src: Sock, dst: Sock, count_in: bool) -> None:
@@ -428,6 +440,8 @@ class Direction:
         self.pending: bytes | None = None  # copy mode: bytes read but not yet written
         self.pipe: tuple[int, int] | None = None  # splice mode: (read end, write end)
         self.in_pipe = 0
+        self.pipe_cap = 0  # the pipe's capacity (PIPE_BASE until it grows; 0: it will not grow)
+        self.pipe_extra = 0  # its bytes above PIPE_BASE, counted in the relay's pipe_grown
         self.eof = False
         self.shut = False
         self.policy = pair.relay.policy
@@ -526,21 +540,38 @@ class Direction:
             r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError:
             return  # out of fds: keep copying (the next bulk streak tries again)
-        for size in PIPE_SIZES:
-            try:
-                fcntl.fcntl(w, F_SETPIPE_SZ, size)
-                break
-            except OSError:
-                continue  # refused: a smaller size, else the default 64 KiB pipe (it still works)
         self.pipe = (r, w)
+        self.pipe_cap = PIPE_BASE  # grown by _grow_pipe
         self.small = 0
+
+    def _grow_pipe(self) -> None:
+        """A round filled the pipe and dst took it all: grow it, within the relay's budget (once)."""
+        assert self.pipe is not None
+        relay = self.pair.relay
+        cap, self.pipe_cap = self.pipe_cap, 0
+        for size in PIPE_SIZES:
+            if size <= cap or relay.pipe_grown + size - PIPE_BASE > PIPE_BUDGET:
+                continue
+            try:
+                got = fcntl.fcntl(self.pipe[1], F_SETPIPE_SZ, size)
+            except OSError:
+                continue  # refused: a smaller size, else the pipe stays as it is (it still works)
+            self.pipe_extra = max(0, got - PIPE_BASE)
+            relay.pipe_grown += self.pipe_extra
+            return
+
+    def _close_pipe(self) -> None:
+        assert self.pipe is not None
+        os.close(self.pipe[0])
+        os.close(self.pipe[1])
+        self.pipe = None
+        self.pair.relay.pipe_grown -= self.pipe_extra
+        self.pipe_extra = 0
 
     def _to_copy(self) -> None:
         """Back to copying (the pipe is empty): small messages again."""
         assert self.pipe is not None and not self.in_pipe
-        os.close(self.pipe[0])
-        os.close(self.pipe[1])
-        self.pipe = None
+        self._close_pipe()
         self.streak = 0
 
     def _splice_in(self) -> None:
@@ -568,6 +599,8 @@ class Direction:
             if self.in_pipe:
                 self._wait_for_dst()
                 return
+            if self.pipe_cap and n >= self.pipe_cap:
+                self._grow_pipe()
             self.small = policy.splice_round(self.small, n)
             if policy.back_to_copy(self.small):
                 self._to_copy()
@@ -652,9 +685,7 @@ class Direction:
         """Release the pipe (the pair forgets and closes the sockets)."""
         self.reading = self.writing = False
         if self.pipe is not None:
-            os.close(self.pipe[0])
-            os.close(self.pipe[1])
-            self.pipe = None
+            self._close_pipe()
 
 
 class FastPair:

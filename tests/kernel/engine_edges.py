@@ -29,6 +29,10 @@ events land in the batches the case needs. Cases:
   splices a client's stream into an upstream that half-closed and then reset (so the socket
   answers EPIPE, which raises SIGPIPE where a send has no MSG_NOSIGNAL: splice has none).
   The process must live on, and the relay serve the next connection.
+- `pipes engine|twin`: 6 streams from the backend to clients that do not read, through the
+  real relay with a pipe budget of 2 MiB: the relay's pipes (each stream's splicing
+  direction has one) hold at most the budget plus 64 KiB each, and the budget is given
+  back when the pairs end.
 """
 
 from __future__ import annotations
@@ -474,7 +478,78 @@ def sigpipe(kind: str) -> dict[str, object]:
     return asyncio.run(sigpipe_async(kind))
 
 
+def send_quietly(sock: socket.socket, data: bytes) -> None:
+    try:
+        sock.sendall(data)
+    except OSError:
+        pass  # the reset that ends the case
+
+
+def pour(server: socket.socket, count: int, size: int) -> None:
+    """Send `size` bytes down each of `count` connections, a thread each (they block: nobody reads)."""
+    for _ in range(count):
+        conn, _ = server.accept()
+        threading.Thread(target=send_quietly, args=(conn, b"x" * size), daemon=True).start()
+
+
+def pipes_held() -> dict[str, int]:
+    """The pipes of this process (read ends): how many, their capacity, the bytes in them."""
+    import fcntl
+    import termios
+    count = capacity = held = 0
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        try:
+            if not os.readlink(f"/proc/self/fd/{fd}").startswith("pipe:"):
+                continue
+            if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDONLY:
+                continue
+            capacity += fcntl.fcntl(fd, 1032)  # F_GETPIPE_SZ
+            held += int.from_bytes(fcntl.ioctl(fd, termios.FIONREAD, bytes(4)), sys.byteorder)
+            count += 1
+        except OSError:
+            continue
+    return {"pipes": count, "capacity": capacity, "held": held}
+
+
+async def pipes_async(kind: str) -> dict[str, object]:
+    from pyproxy.dataplane import splice
+    budget = 2 << 20
+    engine.PIPE_BUDGET = splice.PIPE_BUDGET = budget
+    streams = 6
+    backend = socket.create_server(LIVE)
+    threading.Thread(target=pour, args=(backend, streams, 32 << 20), daemon=True).start()
+    relay = relay_for(kind, LISTEN)
+    await relay.start(*LISTEN)
+    clients = [await asyncio.to_thread(socket.create_connection, LISTEN, 5) for _ in range(streams)]
+    await asyncio.sleep(2.0)  # every stream's pipe fills behind its client's full buffers
+    held = pipes_held()
+
+    def grown() -> int:
+        holder = relay.engine if isinstance(relay, engine.NativeRelay) else relay
+        return int(getattr(holder, "pipe_grown", -1))
+
+    grown_while_open = grown()
+    for client in clients:
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+        client.close()
+    for _ in range(100):
+        if not relay.pairs:
+            break
+        await asyncio.sleep(0.02)
+    left = grown()
+    await relay.drain(0.5)
+    bound = budget + streams * 64 * 1024
+    return {**held, "bound": bound, "within": held["capacity"] <= bound and held["held"] <= bound,
+            "grown_within_budget": 0 < grown_while_open <= budget, "grown_after": left}
+
+
+def pipes(kind: str) -> dict[str, object]:
+    return asyncio.run(pipes_async(kind))
+
+
 CASES: dict[str, Callable[..., dict[str, object]]] = {
+    "pipes": pipes,
     "sigpipe": sigpipe,
     "adopt-errors": adopt_errors,
     "reenter": reenter,

@@ -90,3 +90,11 @@ def test_sigpipe_at_its_default_does_not_kill_the_relay(relay: str) -> None:
     seen = play("sigpipe", relay)
     assert seen["alive"] is True and len(seen["cuts"]) == 5, seen
     assert set(seen["cuts"]) <= {"BrokenPipeError", "ConnectionResetError"}, seen  # each stream was cut
+
+
+@pytest.mark.parametrize("relay", ["engine", "twin"])
+def test_pipes_of_stalled_streams_stay_within_the_budget(relay: str) -> None:
+    """Before the fix every splicing direction had a 1 MiB pipe: 6 stalled streams held
+    6 MiB of pipe (2.6 to 4.4 MiB filled) where the bound is 2 MiB + 6 x 64 KiB."""
+    seen = play("pipes", relay)
+    assert seen["pipes"] == 6 and seen["within"] and seen["grown_within_budget"] and seen["grown_after"] == 0, seen

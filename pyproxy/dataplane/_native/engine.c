@@ -58,6 +58,13 @@
  *   pipe and goes back to copying, and a short copy read is not taken for "drained" (nor,
  *   with EPOLLRDHUP, for the end) while urgent data waits; a splice's 0 is an EOF only if the
  *   source is not at the mark (SIOCATMARK). The copy policy may splice again afterwards.
+ * - Pipes: a direction that starts splicing gets a pipe of the kernel's default size
+ *   (PIPE_BASE, 64 KiB: what a copying direction holds in its buffer too). Once a splice round
+ *   filled it and its destination took it all (a bulk direction whose reader keeps up), it
+ *   grows to pipe_size (1 MiB: about half the splices and wake-ups per GB) if the engine's
+ *   pipe budget allows: at most pipe_budget bytes above PIPE_BASE in all pipes together. A
+ *   pipe's bytes are kernel memory outside tcp_mem that a slow reader pins: so that is at most
+ *   64 KiB per splicing direction plus pipe_budget per engine (one per worker process).
  * - Re-entrancy: a callback cannot call a method that changes the engine's state (enter()).
  * - SIGPIPE: the engine never depends on the process ignoring it (CPython does; a program
  *   that embeds the engine need not). Sends carry MSG_NOSIGNAL; a splice into a socket has no
@@ -108,6 +115,11 @@
 #define ACCEPT_PAUSE 0.1 /* seconds without accepting after EMFILE/ENFILE/ENOBUFS/ENOMEM */
 #define SPLICE_NOW (-1)
 #define FALLBACK_PIPE_SIZE (256 * 1024)
+#define PIPE_BASE (64 * 1024)            /* a new pipe: the kernel's default (16 pages) */
+#define DEFAULT_PIPE_BUDGET (32L << 20) /* bytes of pipe above PIPE_BASE, all pairs together */
+#ifndef F_GETPIPE_SZ
+#define F_GETPIPE_SZ 1032
+#endif
 #define EV_IN_RDHUP (EPOLLIN | EPOLLRDHUP | EPOLLPRI) /* PRI: urgent data (see "Urgent data") */
 #define EV_DIAL (EV_IN_RDHUP | EPOLLOUT | EPOLLET) /* an upstream's interest from its dial on */
 #define EV_ERR_HUP (EPOLLERR | EPOLLHUP)
@@ -140,8 +152,10 @@ typedef struct {
     size_t pending_len, pending_off;
     int pipe_r, pipe_w; /* splice mode: -1 when copying */
     size_t in_pipe;
+    size_t pipe_cap;   /* the pipe's capacity: PIPE_BASE until it grows (see "Pipes") */
+    long pipe_extra;   /* its bytes above PIPE_BASE, counted in the engine's pipe_grown */
     long streak, small;
-    unsigned eof : 1, shut : 1, reading : 1, writing : 1;
+    unsigned eof : 1, shut : 1, reading : 1, writing : 1, no_grow : 1;
     unsigned long long bytes, reported;
 } Dir;
 
@@ -193,7 +207,9 @@ typedef struct {
     double timeouts[MAX_TIMEOUTS];
     int ntimeouts;
     long splice_after, bulk_read, copy_after;
-    int pipe_size;
+    int pipe_size;   /* what a pipe may grow to */
+    long pipe_budget; /* bytes of pipe above PIPE_BASE the engine may hold, all pairs together */
+    long pipe_grown;  /* bytes of pipe above PIPE_BASE it holds now */
     int draining;
     Conn *all;
     Py_ssize_t count;
@@ -579,13 +595,19 @@ static void reset_close(int fd) {
     close(fd);
 }
 
-static void dir_stop(Dir *d) {
+/* Close d's pipe, its growth given back to the budget. */
+static void pipe_close(Engine *e, Dir *d) {
+    close(d->pipe_r);
+    close(d->pipe_w);
+    d->pipe_r = d->pipe_w = -1;
+    e->pipe_grown -= d->pipe_extra;
+    d->pipe_extra = 0;
+}
+
+static void dir_stop(Engine *e, Dir *d) {
     d->reading = d->writing = 0;
-    if (d->pipe_r >= 0) {
-        close(d->pipe_r);
-        close(d->pipe_w);
-        d->pipe_r = d->pipe_w = -1;
-    }
+    if (d->pipe_r >= 0)
+        pipe_close(e, d);
     if (d->pending) {
         PyMem_RawFree(d->pending);
         d->pending = NULL;
@@ -645,7 +667,7 @@ static void conn_close(Engine *e, Conn *c, int abort) {
                 c->registered[i] = 0;
             }
     for (int i = 0; i < 2; i++)
-        dir_stop(&c->dir[i]);
+        dir_stop(e, &c->dir[i]);
     for (int i = 1; i >= 0; i--) {
         if (c->fd[i] >= 0) {
             if (abort)
@@ -778,19 +800,36 @@ static void to_splice(Engine *e, Dir *d) {
     int p[2];
     if (pipe2(p, O_NONBLOCK | O_CLOEXEC) < 0)
         return; /* out of fds: keep copying (the next bulk streak tries again) */
-    /* the size asked for, else 256 KiB (past the user's pipe-user-pages-soft an unprivileged
-     * process is refused big pipes), else the default pipe: each still works */
-    if (fcntl(p[1], F_SETPIPE_SZ, e->pipe_size) < 0 && e->pipe_size > FALLBACK_PIPE_SIZE)
-        fcntl(p[1], F_SETPIPE_SZ, FALLBACK_PIPE_SIZE);
     d->pipe_r = p[0];
     d->pipe_w = p[1];
+    d->pipe_cap = PIPE_BASE; /* grown by grow_pipe (the header's "Pipes") */
+    d->pipe_extra = 0;
+    d->no_grow = 0;
     d->small = 0;
 }
 
-static void to_copy(Dir *d) {
-    close(d->pipe_r);
-    close(d->pipe_w);
-    d->pipe_r = d->pipe_w = -1;
+/* A round filled d's pipe and the destination took it all: grow it to pipe_size, else to
+ * 256 KiB (past the user's pipe-user-pages-soft an unprivileged process is refused big pipes),
+ * while the engine's pipe budget allows; tried once per pipe. */
+static void grow_pipe(Engine *e, Dir *d) {
+    d->no_grow = 1;
+    long sizes[2] = {e->pipe_size, FALLBACK_PIPE_SIZE};
+    for (int i = 0; i < 2; i++) {
+        long extra = sizes[i] - PIPE_BASE;
+        if (sizes[i] <= (long)d->pipe_cap || e->pipe_grown + extra > e->pipe_budget)
+            continue;
+        int got = fcntl(d->pipe_w, F_SETPIPE_SZ, (int)sizes[i]);
+        if (got > (int)d->pipe_cap) {
+            d->pipe_cap = (size_t)got;
+            d->pipe_extra = got - PIPE_BASE;
+            e->pipe_grown += d->pipe_extra;
+            return;
+        }
+    }
+}
+
+static void to_copy(Engine *e, Dir *d) {
+    pipe_close(e, d);
     d->streak = 0;
 }
 
@@ -869,7 +908,7 @@ static void splice_in(Engine *e, Conn *c, Dir *d) {
         }
         if (n == 0) {
             if (at_urgent_mark(src)) { /* not the EOF: a splice stops there; copy over it */
-                to_copy(d);
+                to_copy(e, d);
                 dir_readable(e, c, d, EPOLLPRI);
                 return;
             }
@@ -885,9 +924,11 @@ static void splice_in(Engine *e, Conn *c, Dir *d) {
             wait_for_dst(d);
             return;
         }
+        if ((size_t)n >= d->pipe_cap && !d->no_grow)
+            grow_pipe(e, d);
         d->small = splice_round(e, d->small, n);
         if (d->small >= e->copy_after) {
-            to_copy(d);
+            to_copy(e, d);
             rearm_src(c, d);
             break;
         }
@@ -914,7 +955,7 @@ static void dir_readable(Engine *e, Conn *c, Dir *d, uint32_t bits) {
             wait_for_dst(d);
             return;
         }
-        to_copy(d);
+        to_copy(e, d);
     }
     int src = src_fd(c, d), dst = dst_fd(c, d);
     int i;
@@ -1437,13 +1478,15 @@ static PyObject *run_body(Engine *e, PyObject *const *args, Py_ssize_t nargs) {
 /* ---- the Python face ---- */
 
 static int Engine_init(Engine *e, PyObject *args, PyObject *kwds) {
-    static char *kwlist[] = {"decide", "redial", "closed", "moved", "note", "dial_timeouts",
-                             "splice_after", "bulk_read", "copy_after", "pipe_size", "routes", NULL};
+    static char *kwlist[] = {"decide",      "redial",       "closed",    "moved",     "note",
+                             "dial_timeouts", "splice_after", "bulk_read", "copy_after", "pipe_size",
+                             "routes",      "pipe_budget",  NULL};
     PyObject *decide, *redial, *closed, *moved, *note, *timeouts, *routes = Py_None;
-    long splice_after, bulk_read, copy_after;
+    long splice_after, bulk_read, copy_after, pipe_budget = DEFAULT_PIPE_BUDGET;
     int pipe_size;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOOOllli|O", kwlist, &decide, &redial, &closed, &moved, &note,
-                                     &timeouts, &splice_after, &bulk_read, &copy_after, &pipe_size, &routes))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOOOllli|Ol", kwlist, &decide, &redial, &closed, &moved, &note,
+                                     &timeouts, &splice_after, &bulk_read, &copy_after, &pipe_size, &routes,
+                                     &pipe_budget))
         return -1;
     if (routes != Py_None && !PyDict_Check(routes)) {
         PyErr_SetString(PyExc_TypeError, "routes must be a dict or None");
@@ -1466,8 +1509,8 @@ static int Engine_init(Engine *e, PyObject *args, PyObject *kwds) {
         }
     }
     Py_DECREF(seq);
-    if (bulk_read <= 0 || copy_after <= 0 || pipe_size <= 0) {
-        PyErr_SetString(PyExc_ValueError, "bulk_read, copy_after and pipe_size must be positive");
+    if (bulk_read <= 0 || copy_after <= 0 || pipe_size <= 0 || pipe_budget < 0) {
+        PyErr_SetString(PyExc_ValueError, "bulk_read, copy_after and pipe_size must be positive, pipe_budget not negative");
         return -1;
     }
     if (e->epfd >= 0) {
@@ -1479,6 +1522,7 @@ static int Engine_init(Engine *e, PyObject *args, PyObject *kwds) {
     e->bulk_read = bulk_read;
     e->copy_after = copy_after;
     e->pipe_size = pipe_size;
+    e->pipe_budget = pipe_budget;
     Py_XSETREF(e->decide, Py_NewRef(decide));
     Py_XSETREF(e->redial, Py_NewRef(redial));
     Py_XSETREF(e->closed_cb, Py_NewRef(closed));
@@ -1837,7 +1881,7 @@ static PyObject *detach_body(Engine *e, PyObject *unused) {
     return out;
 }
 
-static int restore_dir(Dir *d, PyObject *state, int pipe_r, int pipe_w) {
+static int restore_dir(Engine *e, Dir *d, PyObject *state, int pipe_r, int pipe_w) {
     /* state: (eof, shut, held: bytes, pipe: bool, in_pipe: int) */
     int eof = PyObject_IsTrue(PyTuple_GET_ITEM(state, 0));
     int shut = PyObject_IsTrue(PyTuple_GET_ITEM(state, 1));
@@ -1863,6 +1907,13 @@ static int restore_dir(Dir *d, PyObject *state, int pipe_r, int pipe_w) {
     d->pipe_r = pipe_r;
     d->pipe_w = pipe_w;
     d->in_pipe = pipe_r >= 0 ? (size_t)in_pipe : 0;
+    if (pipe_w >= 0) { /* a moved pipe counts as it is (it may have grown in the predecessor) */
+        int cap = fcntl(pipe_w, F_GETPIPE_SZ);
+        d->pipe_cap = cap > 0 ? (size_t)cap : PIPE_BASE;
+        d->pipe_extra = cap > PIPE_BASE ? cap - PIPE_BASE : 0;
+        d->no_grow = d->pipe_extra > 0;
+        e->pipe_grown += d->pipe_extra;
+    }
     return 0;
 }
 
@@ -1960,7 +2011,7 @@ static PyObject *adopt_body(Engine *e, PyObject *args) {
     int up_r = up_pipe ? fd[next] : -1, up_w = up_pipe ? fd[next + 1] : -1;
     next += 2 * up_pipe;
     int down_r = down_pipe ? fd[next] : -1, down_w = down_pipe ? fd[next + 1] : -1;
-    if (restore_dir(&c->dir[UP], up, up_r, up_w) < 0 || restore_dir(&c->dir[DOWN], down, down_r, down_w) < 0) {
+    if (restore_dir(e, &c->dir[UP], up, up_r, up_w) < 0 || restore_dir(e, &c->dir[DOWN], down, down_r, down_w) < 0) {
         if (c->dir[UP].pipe_r < 0 && up_r >= 0) { /* not taken up by its direction: close it here */
             close(up_r);
             close(up_w);
@@ -1997,6 +2048,10 @@ static PyObject *close_body(Engine *e, PyObject *unused) {
     e->tfd = e->epfd = -1;
     e->nlisteners = 0;
     Py_RETURN_NONE;
+}
+
+static PyObject *Engine_get_pipe_grown(Engine *e, void *unused) {
+    return PyLong_FromLong(e->pipe_grown);
 }
 
 static PyObject *Engine_get_count(Engine *e, void *unused) {
@@ -2116,6 +2171,7 @@ static PyMethodDef engine_methods[] = {
 
 static PyGetSetDef engine_getset[] = {
     {"count", (getter)Engine_get_count, NULL, "open pairs (dialing or established)", NULL},
+    {"pipe_grown", (getter)Engine_get_pipe_grown, NULL, "bytes of pipe above 64 KiB held now (see \"Pipes\")", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
