@@ -1431,8 +1431,17 @@ static PyObject *run_body(Engine *e, PyObject *const *args, Py_ssize_t nargs) {
     if (timeout == 0) {
         n = epoll_wait(e->epfd, events, MAX_EVENTS, 0);
     } else {
-        Py_BEGIN_ALLOW_THREADS n = epoll_wait(e->epfd, events, MAX_EVENTS, timeout);
+        /* the wait is no work of the engine's: another thread may call it meanwhile (a sweep,
+         * bench.relayrig --engine-thread), so enter()'s guard is lifted until it ends */
+        int epfd = e->epfd;
+        e->busy = 0;
+        Py_BEGIN_ALLOW_THREADS n = epoll_wait(epfd, events, MAX_EVENTS, timeout);
         Py_END_ALLOW_THREADS
+        e->busy = 1;
+        if (e->epfd != epfd) {
+            PyErr_SetString(PyExc_ValueError, "the engine was closed while run() waited");
+            return NULL;
+        }
     }
     if (n < 0) {
         if (errno == EINTR)
