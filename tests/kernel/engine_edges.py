@@ -33,6 +33,9 @@ events land in the batches the case needs. Cases:
   real relay with a pipe budget of 2 MiB: the relay's pipes (each stream's splicing
   direction has one) hold at most the budget plus 64 KiB each, and the budget is given
   back when the pairs end.
+- `urgent-queued SPLICE_AFTER`: "AAAA", an urgent byte, "CCCC" and the FIN all queued on the
+  client's socket before the engine reads it (the engine driven by hand): the first read
+  stops at the urgent mark with the FIN already reported, which must not end the direction.
 """
 
 from __future__ import annotations
@@ -548,7 +551,60 @@ def pipes(kind: str) -> dict[str, object]:
     return asyncio.run(pipes_async(kind))
 
 
+def urgent_queued(splice_after: str) -> dict[str, object]:
+    backend = socket.create_server(LIVE)
+    listener = socket.create_server(LISTEN)
+    listener.setblocking(False)
+    eng = engine.native.Engine(lambda *a: (LIVE[0], LIVE[1], False, None), lambda *a: None, lambda *a: None,
+                               lambda *a: None, lambda *a: None, dial_timeouts=(2.0,),
+                               splice_after=int(splice_after), bulk_read=16 * 1024, copy_after=4, pipe_size=1 << 16)
+    eng.add_listener(listener.fileno())
+    client = socket.create_connection(LISTEN, timeout=5)
+    backend.settimeout(0.02)
+    upstream = None
+    for _ in range(100):  # accept and dial
+        eng.run(20)
+        try:
+            upstream, _ = backend.accept()
+            break
+        except TimeoutError:
+            continue
+    if upstream is None:
+        return {"error": "never dialed"}
+    for _ in range(5):
+        eng.run(10)  # the connect's completion
+    client.sendall(b"AAAA")
+    client.send(b"!", socket.MSG_OOB)
+    client.sendall(b"CCCC")
+    client.shutdown(socket.SHUT_WR)
+    time.sleep(0.2)  # all of it has landed before the engine looks
+    upstream.setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, 1)
+    upstream.setblocking(False)
+    got = bytearray()
+    end = ["none"]
+
+    def ended() -> bool:
+        try:
+            chunk = upstream.recv(100)
+        except BlockingIOError:
+            return False
+        except OSError as err:
+            end[0] = type(err).__name__
+            return True
+        got.extend(chunk)
+        if not chunk:
+            end[0] = "eof"
+        return not chunk
+
+    run_until(eng, ended, 3.0)
+    eng.close()
+    for sock in (client, upstream, listener, backend):
+        sock.close()
+    return {"got": bytes(got).decode(), "end": end[0]}
+
+
 CASES: dict[str, Callable[..., dict[str, object]]] = {
+    "urgent-queued": urgent_queued,
     "pipes": pipes,
     "sigpipe": sigpipe,
     "adopt-errors": adopt_errors,

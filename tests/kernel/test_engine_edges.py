@@ -98,3 +98,10 @@ def test_pipes_of_stalled_streams_stay_within_the_budget(relay: str) -> None:
     6 MiB of pipe (2.6 to 4.4 MiB filled) where the bound is 2 MiB + 6 x 64 KiB."""
     seen = play("pipes", relay)
     assert seen["pipes"] == 6 and seen["within"] and seen["grown_within_budget"] and seen["grown_after"] == 0, seen
+
+
+@pytest.mark.parametrize("splice_after", ["-1", "0"])
+def test_urgent_data_queued_with_the_fin_is_read_over(splice_after: str) -> None:
+    """The review's case, queued whole before the engine reads: before the fix only "AAAA"
+    came out (the short read at the urgent mark, with the FIN reported, ended the direction)."""
+    assert play("urgent-queued", splice_after) == {"got": "AAAA!CCCC", "end": "eof"}

@@ -38,7 +38,7 @@ def test_urgent_data_arrives_in_band_in_order_with_a_clean_end(relay: str) -> No
                               cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-1000:] + done.stderr[-2000:]
     cases = json.loads(done.stdout)
-    assert len(cases) == 12
+    assert len(cases) == 18
     wrong = {}
     for case, seen in cases.items():
         end = "eof" if case.endswith("-fin") else "none"

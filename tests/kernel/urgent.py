@@ -7,7 +7,8 @@ relay (engine.NativeRelay or splice.FastRelay) to a backend on the namespace's l
 Each side sends PART, one urgent byte (`MSG_OOB`), PART, then (with FIN) shuts its sending
 side; each side reads with SO_OOBINLINE. The relay passes the urgent byte in band
 (docs/behaviour.md), so each side must receive exactly PART + b"!" + PART, then (with FIN)
-a clean EOF. Prints one JSON object: case name -> what the client and the backend saw.
+a clean EOF. Each side pauses before the urgent byte, so the first part is read alone, except
+in the `burst` cases (the urgent byte, the rest and the FIN may land with the first part). Prints one JSON object: case name -> what the client and the backend saw.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from tests.kernel.move_peer import table_for
 
 BACKEND = ("127.0.0.1", 9000)
 MODES = {"copy": -1, "default": 64 * 1024, "splice": 0}  # splice_after of each relay
-SIZES = {"small": 4, "big": 1 << 20}
+SIZES = {"small": 4, "burst": 4, "big": 1 << 20}  # burst: no pause before the urgent byte
 URGENT = b"!"
 DEADLINE = 6.0  # seconds a side waits for what it expects
 
@@ -36,7 +37,7 @@ def expected(size: int) -> bytes:
     return b"A" * size + URGENT + b"C" * size
 
 
-def talk(sock: socket.socket, size: int, fin: bool, seen: dict[str, object], who: str) -> None:
+def talk(sock: socket.socket, size: int, fin: bool, seen: dict[str, object], who: str, pause: float = 0.05) -> None:
     """Send PART, the urgent byte, PART (and a FIN) while reading what comes, in two threads."""
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, 1)
     sock.settimeout(DEADLINE)
@@ -44,7 +45,7 @@ def talk(sock: socket.socket, size: int, fin: bool, seen: dict[str, object], who
     def send() -> None:
         try:
             sock.sendall(b"A" * size)
-            time.sleep(0.05)  # the first part is read before the urgent byte lands (a separate read)
+            time.sleep(pause)  # the first part is read before the urgent byte lands (0: they may land together) (a separate read)
             sock.send(URGENT, socket.MSG_OOB)
             sock.sendall(b"C" * size)
             if fin:
@@ -75,14 +76,17 @@ def talk(sock: socket.socket, size: int, fin: bool, seen: dict[str, object], who
     seen[f"{who}_end"] = end
 
 
-def backend(server: socket.socket, jobs: dict[int, tuple[int, bool, dict[str, object]]]) -> None:
+Job = tuple[int, bool, float, dict[str, object]]  # size, fin, pause, what was seen
+
+
+def backend(server: socket.socket, jobs: dict[int, Job]) -> None:
     """Each accepted connection plays its case (found by the client's port)."""
     while True:
         conn, _ = server.accept()
         threading.Thread(target=serve, args=(conn, jobs), daemon=True).start()
 
 
-def serve(conn: socket.socket, jobs: dict[int, tuple[int, bool, dict[str, object]]]) -> None:
+def serve(conn: socket.socket, jobs: dict[int, Job]) -> None:
     with conn:
         conn.settimeout(DEADLINE)
         header = b""
@@ -91,17 +95,17 @@ def serve(conn: socket.socket, jobs: dict[int, tuple[int, bool, dict[str, object
             if not part:
                 return
             header += part
-        size, fin, seen = jobs[int(header)]
-        talk(conn, size, fin, seen, "backend")
+        size, fin, pause, seen = jobs[int(header)]
+        talk(conn, size, fin, seen, "backend", pause)
 
 
-def run_case(listen: tuple[str, int], number: int, size: int, fin: bool,
-             jobs: dict[int, tuple[int, bool, dict[str, object]]]) -> dict[str, object]:
+def run_case(listen: tuple[str, int], number: int, size: int, fin: bool, pause: float,
+             jobs: dict[int, Job]) -> dict[str, object]:
     seen: dict[str, object] = {}
-    jobs[number] = (size, fin, seen)
+    jobs[number] = (size, fin, pause, seen)
     with socket.create_connection(listen, timeout=DEADLINE) as client:
         client.sendall(b"%08d" % number)
-        talk(client, size, fin, seen, "client")
+        talk(client, size, fin, seen, "client", pause)
     for _ in range(100):  # the backend's verdict
         if "backend_end" in seen:
             break
@@ -112,7 +116,7 @@ def run_case(listen: tuple[str, int], number: int, size: int, fin: bool,
 async def main_async(kind: str) -> dict[str, object]:
     server = socket.create_server(BACKEND)
     server.setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, 1)
-    jobs: dict[int, tuple[int, bool, dict[str, object]]] = {}
+    jobs: dict[int, Job] = {}
     threading.Thread(target=backend, args=(server, jobs), daemon=True).start()
     results: dict[str, object] = {}
     number = 0
@@ -127,7 +131,8 @@ async def main_async(kind: str) -> dict[str, object]:
         for size_name, size in SIZES.items():
             for fin in (True, False):
                 number += 1
-                seen = await asyncio.to_thread(run_case, listen, number, size, fin, jobs)
+                pause = 0.0 if size_name == "burst" else 0.05
+                seen = await asyncio.to_thread(run_case, listen, number, size, fin, pause, jobs)
                 results[f"{mode}-{size_name}-{'fin' if fin else 'open'}"] = seen
         await relay.drain(1.0)
     return results
