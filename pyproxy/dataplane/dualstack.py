@@ -100,8 +100,17 @@ class DualStackRelay:
             yield from relay.connections()
 
     async def detach_pairs(self) -> list[tuple[TcpState, list[int]]]:
-        parts = await asyncio.gather(*(relay.detach_pairs() for relay in self.relays))
-        return [moved for part in parts for moved in part]
+        """All or nothing, as each relay's: if one fails, the pairs the others handed out are
+        taken back (adopted from their dups, as after a refused hand-over)."""
+        moved: list[tuple[TcpState, list[int]]] = []
+        for relay in self.relays:
+            try:
+                moved += await relay.detach_pairs()
+            except BaseException:
+                for state, fds in moved:
+                    await self.adopt_pair(state, fds)
+                raise
+        return moved
 
     def relay_for(self, client_ip: str) -> TcpRelay:
         """The relay that takes up a moved pair of this client."""

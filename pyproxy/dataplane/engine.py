@@ -22,6 +22,9 @@ connection, through callbacks:
   the metrics are read (`DataplaneStats.refreshers`), so a long stream shows in /metrics.
 - `_note`: errors, counted and logged at a bounded rate (errors.py).
 
+The callbacks only decide and count: the engine refuses (RuntimeError) any of its methods that
+change its state (run, sweep, close, detach, ...) called from within one of them.
+
 The copy/splice policy's numbers come from `model/copymode.py`'s CopyPolicy (the engine's
 `policy()` is held to the model's answers by a unit test). `splice.FastRelay` is the
 pure-Python twin with the same behaviour; `make_splice_relay` picks this one when the
@@ -53,7 +56,7 @@ from dataclasses import astuple
 from typing import Any
 
 from pyproxy.dataplane.errors import ErrorLog, error_name
-from pyproxy.dataplane.relay import RelayConfig
+from pyproxy.dataplane.relay import RelayConfig, reset_fds
 from pyproxy.dataplane.sockets import transparent_listener
 from pyproxy.dataplane.stats import ConnectionInfo, DataplaneStats, PortStats
 from pyproxy.dataplane.connstate import DirectionState, TcpState
@@ -66,7 +69,8 @@ from pyproxy.model.table import Plan, Route, ServiceTable, plan_connection, sour
 
 log = logging.getLogger("pyproxy.splice")
 
-PIPE_SIZE = 1024 * 1024  # splice pipes (the engine falls back to 256 KiB, then the default): splice.PIPE_SIZES
+PIPE_SIZE = 1024 * 1024  # what a splice pipe grows to (engine.c's "Pipes"; else 256 KiB): splice.PIPE_SIZES
+PIPE_BUDGET = 32 * 1024 * 1024  # bytes of pipe above 64 KiB the engine holds at most: splice.PIPE_BUDGET
 STATS_CACHE_LIMIT = 65536
 DEFAULT_SPLICE_AFTER = 64 * 1024
 
@@ -167,7 +171,7 @@ class NativeRelay:
             self._decide, self._redial, self._closed, self._moved, self._note,
             dial_timeouts=tuple(self.config.dial_timeouts), splice_after=policy.splice_after,
             bulk_read=policy.bulk_read, copy_after=policy.copy_after, pipe_size=PIPE_SIZE,
-            routes=self.table.routes)
+            routes=self.table.routes, pipe_budget=PIPE_BUDGET)
         if self.draining:
             self.engine.set_draining(True)
         self.engine.add_listener(self.listener.fileno())
@@ -353,27 +357,29 @@ class NativeRelay:
 
     async def adopt_pair(self, state: TcpState, fds: list[int]) -> None:
         """Go on relaying a pair another process detached (`fds`: client, upstream, then
-        the read and write ends of each direction's pipe that came along, up first)."""
-        assert self.engine is not None, "adopt_pair before start"
+        the read and write ends of each direction's pipe that came along, up first). The
+        relay owns `fds` from the call on: on any failure they are closed (the sockets with a
+        reset, so their peers learn at once) and the error raised."""
+        engine = self.engine
         try:
+            if engine is None:
+                raise RuntimeError("adopt_pair before start")
             for fd in fds[:2]:  # the two sockets must be what they claim: sockets
                 socket.socket(fileno=fd).detach()
             for fd in fds:
                 os.set_blocking(fd, False)
-        except OSError:
-            for fd in fds:
-                os.close(fd)
+            frontend = (state.frontend[0], "TCP", state.frontend[1])
+            route = self.table.routes.get(frontend)
+            context = self._context(frontend, route) if route is not None and route.port.name == state.port \
+                else (self.stats.port(state.port), state.port)
+        except BaseException:
+            reset_fds(fds)
             raise
-        frontend = (state.frontend[0], "TCP", state.frontend[1])
-        route = self.table.routes.get(frontend)
-        stats = self.stats.port(state.port)
-        context = self._context(frontend, route) if route is not None and route.port.name == state.port \
-            else (stats, state.port)
         context[0].active += 1
         context[0].total += 1
         try:
-            self.engine.adopt(context, list(fds), state.client, state.frontend, state.endpoint, state.age, state.idle,
-                              state.bytes_in, state.bytes_out, astuple(state.up), astuple(state.down))
+            engine.adopt(context, list(fds), state.client, state.frontend, state.endpoint, state.age, state.idle,
+                         state.bytes_in, state.bytes_out, astuple(state.up), astuple(state.down))
         except BaseException:  # the engine closed the fds
             context[0].active -= 1
             raise
@@ -397,3 +403,4 @@ class NativeRelay:
             engine.close()
         self.errors.close()
         return cut
+

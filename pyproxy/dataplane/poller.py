@@ -14,7 +14,14 @@ Rules kept here:
   since closing the fd takes it out of the set. That holds only when this process has the
   socket's last reference: a socket that may have dups elsewhere (an adopted pair's, while
   the predecessor holds its copies) is `park`ed instead, which unregisters it.
-- Handlers tolerate spurious events (an fd number reused within one batch of events).
+- An event reaches only the socket it was reported for: an fd forgotten or parked while a
+  batch is handled gets no more of that batch's events, even if a new socket got its number
+  meanwhile (a dialing pair would take the old socket's event for its connect's completion).
+- SIGPIPE: every write of the twin happens in a handler, and neither `os.write`, `send` nor
+  `os.splice` into a socket the peer reset after its FIN asks for MSG_NOSIGNAL. CPython
+  ignores SIGPIPE; where the process does not (Python's record of it is not SIG_IGN), a batch
+  runs with SIGPIPE blocked, and a SIGPIPE its writes raised is taken before the mask is put
+  back (the write itself fails with EPIPE, which ends that pair).
 - This is the pure-Python twin's poller; the compiled engine has its own epoll set in C.
 """
 
@@ -22,13 +29,16 @@ from __future__ import annotations
 
 import asyncio
 import select
+import signal
 from collections.abc import Callable
 
 IN, OUT = select.EPOLLIN, select.EPOLLOUT
 RDHUP = select.EPOLLRDHUP  # the peer's FIN is queued (asked for with IN: see splice.Direction.readable)
-IN_RDHUP = IN | RDHUP
+PRI = select.EPOLLPRI  # urgent data waits (asked for with IN: see splice.py's "Urgent data")
+IN_RDHUP = IN | RDHUP | PRI
 ERR_HUP = select.EPOLLERR | select.EPOLLHUP
 MAX_EVENTS = 256
+SIGPIPE_ONLY = {signal.SIGPIPE}
 
 Handler = Callable[[int], None]
 
@@ -39,6 +49,7 @@ class Poller:
         self._epoll = select.epoll()
         self._masks: dict[int, int] = {}
         self._handlers: dict[int, Handler] = {}
+        self._gone: set[int] | None = None  # while a batch is handled: the fds let go meanwhile
         loop.add_reader(self._epoll.fileno(), self._dispatch)
 
     def watch(self, fd: int, mask: int, handler: Handler) -> None:
@@ -54,6 +65,8 @@ class Poller:
         """Take a hung-up fd out of the set until it is watched again."""
         if self._masks.pop(fd, None) is not None:
             self._handlers.pop(fd, None)
+            if self._gone is not None:
+                self._gone.add(fd)
             try:
                 self._epoll.unregister(fd)
             except OSError:
@@ -64,6 +77,8 @@ class Poller:
         out of the epoll set)."""
         self._masks.pop(fd, None)
         self._handlers.pop(fd, None)
+        if self._gone is not None:
+            self._gone.add(fd)
 
     def _dispatch(self) -> None:
         try:
@@ -71,11 +86,28 @@ class Poller:
         except InterruptedError:
             return
         handlers = self._handlers
-        for fd, bits in events:
-            handler = handlers.get(fd)
-            if handler is not None:
-                handler(bits)
+        gone: set[int] = set()
+        self._gone = gone
+        before = None if signal.getsignal(signal.SIGPIPE) == signal.SIG_IGN else \
+            signal.pthread_sigmask(signal.SIG_BLOCK, SIGPIPE_ONLY)
+        try:
+            for fd, bits in events:
+                handler = handlers.get(fd)
+                if handler is not None and fd not in gone:
+                    handler(bits)
+        finally:
+            self._gone = None
+            if before is not None:
+                _release_sigpipe(before)
 
     def close(self) -> None:
         self._loop.remove_reader(self._epoll.fileno())
         self._epoll.close()
+
+
+def _release_sigpipe(before: set[int | signal.Signals]) -> None:
+    """Take a SIGPIPE the batch's writes raised (if it was not blocked before: one pending
+    then is not ours), and put the mask back."""
+    if signal.SIGPIPE not in before and signal.SIGPIPE in signal.sigpending():
+        signal.sigtimedwait(SIGPIPE_ONLY, 0)
+    signal.pthread_sigmask(signal.SIG_SETMASK, before)

@@ -14,11 +14,15 @@ Rules kept here:
   accepting, drain, list its connections, and detach/adopt pairs for a hand-over.
 - `drain_pairs` waits for a relay's pairs to close by themselves up to a bound, then cuts
   the rest: the drain of every relay.
+- `adopt_pair` owns the fds it is given from the call on: on any failure it closes them
+  (`reset_fds`: sockets with a reset, so their peers learn at once) before raising.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import socket
 import struct
 from collections.abc import Callable, Collection, Iterator, Set
@@ -88,3 +92,19 @@ async def drain_pairs(pairs: Set[PairLike], timeout: float, clock: Callable[[], 
     for pair in list(pairs):
         pair.close(abort=True)
     return cut
+
+
+def reset_fds(fds: list[int]) -> None:
+    """Close fds handed over and not taken up: sockets with a reset, so their peers do not
+    wait on them; anything else (a pipe end, an fd already gone) simply closed."""
+    for fd in fds:
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError:  # not a socket (a pipe end)
+            with contextlib.suppress(OSError):
+                os.close(fd)
+            continue
+        with contextlib.suppress(OSError):
+            if sock.type == socket.SOCK_STREAM:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+        sock.close()

@@ -26,11 +26,19 @@ Theory of operation:
   userspace). `splice_after = 0` splices from the first byte; a negative value never does.
 - Backpressure: when the destination cannot take everything (a partial send, or bytes
   left in the pipe), the direction stops reading its source and waits for the destination
-  to be writable; at most one buffer (or one pipe) per direction is ever held.
+  to be writable; at most one buffer (or one pipe) per direction is ever held. A pipe starts
+  at 64 KiB and grows only while its destination keeps up, within a budget per relay
+  (PIPE_BUDGET): a slow reader pins 64 KiB of pipe, not 1 MiB.
 - Half-close: EOF from a source becomes `shutdown(SHUT_WR)` on its destination once
   everything read has been written; the pair closes when both directions are shut, on any
   socket error, or when idle past `pair_timeout` (shorter once half-closed), which one
   sweep timer per relay checks (not a timer per pair: idle pairs cost no timer).
+- Urgent data (MSG_OOB) is passed in band, as the engine does (engine.c's "Urgent data"):
+  every socket has SO_OOBINLINE (the listener's accepted sockets inherit it; each upstream;
+  each adopted socket). A splice never steps over the urgent mark (EAGAIN there, or 0 once
+  the FIN has come), only a read does: a splicing direction whose source reports EPOLLPRI
+  empties its pipe and copies, and a splice's 0 is the EOF only if the source is not at the
+  mark (SIOCATMARK).
 - Every socket is forgotten by the poller before it is closed.
 - `connections()` hands out read-only copies (`ConnectionInfo`) of the open pairs for the
   inspection API.
@@ -55,6 +63,7 @@ from __future__ import annotations
 
 import _socket
 import asyncio
+import contextlib
 import errno
 import fcntl
 import logging
@@ -69,7 +78,7 @@ from typing import ClassVar
 from pyproxy.dataplane.errors import ErrorLog, error_name
 from pyproxy.dataplane.copystep import BUFFER_SIZE as COPY_BUFFER
 from pyproxy.dataplane.copystep import copy_once, take_rest
-from pyproxy.dataplane.poller import ERR_HUP, IN, IN_RDHUP, OUT, RDHUP, Poller
+from pyproxy.dataplane.poller import ERR_HUP, IN, IN_RDHUP, OUT, PRI, RDHUP, Poller
 from pyproxy.dataplane.relay import (
     IP_BIND_ADDRESS_NO_PORT,
     LINGER_RESET,
@@ -77,6 +86,7 @@ from pyproxy.dataplane.relay import (
     TcpRelay,
     drain_pairs,
     pair_timeout,
+    reset_fds,
 )
 from pyproxy.dataplane.sockets import IP_TRANSPARENT, IPV6_TRANSPARENT, transparent_listener
 from pyproxy.dataplane.stats import ConnectionInfo, DataplaneStats, PortStats
@@ -93,14 +103,20 @@ Sock = _socket.socket  # the C socket type (socket.socket's base): cheaper to ma
 AF_INET, AF_INET6, SOCK_STREAM, IPPROTO_TCP, TCP_NODELAY, SOL_IP, IPPROTO_IPV6, IPV6_V6ONLY = (
     socket.AF_INET, socket.AF_INET6, socket.SOCK_STREAM, socket.IPPROTO_TCP, socket.TCP_NODELAY, socket.SOL_IP,
     socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)
+SOL_SOCKET, SO_OOBINLINE = socket.SOL_SOCKET, socket.SO_OOBINLINE
 SOCK_STREAM_NONBLOCK = socket.SOCK_STREAM | socket.SOCK_NONBLOCK
 
 ACCEPT_BATCH = 64
-# Pipe sizes tried in order (F_SETPIPE_SZ): 1 MiB is the default fs.pipe-max-size and moved a stream
-# with ~16 % less proxy CPU per Gbit/s than 256 KiB (about half the splices and wake-ups per GB);
-# 256 KiB where 1 MiB is refused (a lower pipe-max-size, or the user's pipe pages used up).
+# Pipes (engine.c's "Pipes" too): a new pipe is the kernel's default, PIPE_BASE; once a splice
+# round filled it and its destination took it all, it grows to the first of PIPE_SIZES the
+# kernel grants (1 MiB is the default fs.pipe-max-size and moved a stream with ~16 % less proxy
+# CPU per Gbit/s than 256 KiB: about half the splices and wake-ups per GB; 256 KiB where 1 MiB is
+# refused), while the relay's pipes hold at most PIPE_BUDGET bytes above PIPE_BASE together.
+PIPE_BASE = 64 * 1024
 PIPE_SIZES = (1024 * 1024, 256 * 1024)
 PIPE_SIZE = PIPE_SIZES[0]  # bytes asked of each splice (a smaller pipe simply takes less)
+PIPE_BUDGET = 32 * 1024 * 1024
+F_GETPIPE_SZ = 1032
 SPLICE_SLOTS = (0,) * 4  # splice rounds per readable event before yielding to the loop
 STATS_CACHE_LIMIT = 65536
 READ_SLOTS = (0,) * 4  # copy-mode reads per readable event (a tuple: no range() per event)
@@ -109,6 +125,7 @@ SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 DEFAULT_SPLICE_AFTER = 64 * 1024
 IN_ERR_HUP = IN | ERR_HUP
 OUT_ERR_HUP = OUT | ERR_HUP
+SIOCATMARK = 0x8905  # <linux/sockios.h>: is the next byte the urgent one?
 ACCEPT_PAUSE = 0.1  # seconds without accepting after EMFILE/ENFILE/ENOBUFS (the listener stays readable)
 
 
@@ -131,6 +148,7 @@ class FastRelay:
     errors: ErrorLog = field(init=False)
     _accept_paused: asyncio.TimerHandle | None = None
     sources: Callable[[], SourcePolicy] = SourcePolicy  # whose address endpoints see (model/source.py)
+    pipe_grown: int = 0  # bytes of pipe above PIPE_BASE the directions hold (at most PIPE_BUDGET)
 
     def __post_init__(self) -> None:
         self.errors = ErrorLog(self.stats.connection_errors, log)
@@ -143,6 +161,7 @@ class FastRelay:
         self.listener = sock if sock is not None else transparent_listener(host, port)
         self.listener.setblocking(False)
         self.listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # accepted sockets inherit it
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, 1)  # urgent data in band: these too
         self.poller = Poller(self._loop)
         self._loop.add_reader(self.listener.fileno(), self._accept)
         self._sweeper = self._loop.call_later(self._sweep_interval(), self._sweep)
@@ -188,26 +207,57 @@ class FastRelay:
     async def detach_pairs(self) -> list[tuple[TcpState, list[int]]]:
         """Take every established pair out of this process: its state and its fds (dups
         the caller sends and closes). Pairs still dialing stay and drain here."""
-        moved = []
-        for pair in list(self.pairs):
-            if movable(pair.up is not None and pair.down is not None, pair.closed, 0) is None:
-                moved.append(pair.detach())
+        leaving = [p for p in self.pairs if movable(p.up is not None and p.down is not None, p.closed, 0) is None]
+        moved: list[tuple[TcpState, list[int]]] = []
+        try:  # all or nothing: every pair's dups first (EMFILE, say, leaves every pair here)
+            for pair in leaving:
+                moved.append(pair.export())
+        except BaseException:
+            for _, fds in moved:
+                for fd in fds:
+                    os.close(fd)
+            raise
+        for pair in leaving:  # then they leave, which cannot fail
+            pair.leave()
         return moved
 
     async def adopt_pair(self, state: TcpState, fds: list[int]) -> None:
         """Go on relaying a pair another process detached (`fds`: client, upstream, then
-        the read and write ends of each direction's pipe that came along, up first)."""
-        assert self._loop is not None, "adopt_pair before start"
+        the read and write ends of each direction's pipe that came along, up first). The
+        relay owns `fds` from the call on: on any failure they are closed (the sockets with a
+        reset) and the error raised."""
+        sockets: list[socket.socket] = []
+        try:
+            if self._loop is None:
+                raise RuntimeError("adopt_pair before start")
+            if len(fds) != state.fd_count:
+                raise ValueError(f"{len(fds)} fds for a pair whose state needs {state.fd_count}")
+            for fd in fds[:2]:  # the two sockets must be what they claim: sockets
+                sockets.append(socket.socket(fileno=fd))
+            for sock in sockets:
+                sock.setblocking(False)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, 1)  # urgent data in band
+        except BaseException:
+            for sock in sockets:
+                _reset(sock)
+            reset_fds(fds[len(sockets):])
+            raise
         frontend = (state.frontend[0], "TCP", state.frontend[1])
         route = self.table.routes.get(frontend)
         if route is None or route.port.name != state.port:  # gone meanwhile: the pair still lives
             route = Route(PortState(state.port, EndpointSets((), (), ()), None, False, False), external=False)
-        client, upstream = socket.socket(fileno=fds[0]), socket.socket(fileno=fds[1])
-        client.setblocking(False)
-        upstream.setblocking(False)
+        client, upstream = sockets
         pair = FastPair(self, self._loop, client, state.client, route, self.stats.port(state.port), state.frontend)
-        pair.adopt(upstream, state, fds[2:])
-
+        try:
+            pair.adopt(upstream, state, fds[2:])
+        except BaseException:  # its directions took none of the pipes, or closed them with the pair
+            taken = {fd for d in (pair.up, pair.down) if d is not None and d.pipe is not None for fd in d.pipe}
+            pair.close(abort=True)
+            for fd in fds[2:]:
+                if fd not in taken:
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+            raise
 
     async def drain(self, timeout: float) -> int:
         """Wait for open connections to finish, up to `timeout`; abort the rest. Returns how many were cut."""
@@ -320,6 +370,10 @@ def _restore(direction: Direction, state: DirectionState, pipe: tuple[int, int] 
     direction.pending = state.held or None
     if pipe is not None:
         direction.pipe, direction.in_pipe = pipe, state.in_pipe
+        size = fcntl.fcntl(pipe[1], F_GETPIPE_SZ)  # as it is: it may have grown in the predecessor
+        direction.pipe_cap = PIPE_BASE if size <= PIPE_BASE else 0
+        direction.pipe_extra = max(0, size - PIPE_BASE)
+        direction.pair.relay.pipe_grown += direction.pipe_extra
 
 
 def _restart(direction: Direction) -> None:
@@ -346,6 +400,7 @@ def _dial_socket(source_ip: str | None, ipv6: bool = False) -> Sock:
         if ipv6:
             sock.setsockopt(IPPROTO_IPV6, IPV6_V6ONLY, 1)
         sock.setsockopt(IPPROTO_TCP, TCP_NODELAY, 1)
+        sock.setsockopt(SOL_SOCKET, SO_OOBINLINE, 1)  # urgent data in band
         if source_ip is not None:
             if ipv6:
                 sock.setsockopt(IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
@@ -359,6 +414,14 @@ def _dial_socket(source_ip: str | None, ipv6: bool = False) -> Sock:
     return sock
 
 
+def _at_urgent_mark(fd: int) -> bool:
+    """Whether the next byte to read from fd is the urgent one (a splice stops in front of it)."""
+    try:
+        return fcntl.ioctl(fd, SIOCATMARK, bytes(4)) != bytes(4)  # an int, nonzero at the mark
+    except OSError:
+        return False
+
+
 def _reset(sock: Sock) -> None:
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
@@ -370,7 +433,7 @@ def _reset(sock: Sock) -> None:
 class Direction:
     """One direction of a pair: bytes from `src` to `dst`, copied or spliced (model/copymode.py)."""
 
-    __slots__ = ("pair", "src", "dst", "src_fd", "dst_fd", "pending", "pipe", "in_pipe",
+    __slots__ = ("pair", "src", "dst", "src_fd", "dst_fd", "pending", "pipe", "in_pipe", "pipe_cap", "pipe_extra",
                  "eof", "shut", "streak", "small", "policy", "count_in", "reading", "writing")
 
     def __init__(self, pair: FastPair, src: Sock, dst: Sock, count_in: bool) -> None:
@@ -380,6 +443,8 @@ class Direction:
         self.pending: bytes | None = None  # copy mode: bytes read but not yet written
         self.pipe: tuple[int, int] | None = None  # splice mode: (read end, write end)
         self.in_pipe = 0
+        self.pipe_cap = 0  # the pipe's capacity (PIPE_BASE until it grows; 0: it will not grow)
+        self.pipe_extra = 0  # its bytes above PIPE_BASE, counted in the relay's pipe_grown
         self.eof = False
         self.shut = False
         self.policy = pair.relay.policy
@@ -415,8 +480,15 @@ class Direction:
         """Move what src has. A read shorter than the buffer drained the socket, unless the
         peer's FIN is there too (EPOLLRDHUP): then read on, to see the EOF now."""
         if self.pipe is not None:
-            self._splice_in()
-            return
+            if not bits & PRI:
+                self._splice_in()
+                return
+            if not self._flush_pipe():  # urgent data waits: empty the pipe, then copy over the mark
+                return
+            if self.in_pipe:
+                self._wait_for_dst()
+                return
+            self._to_copy()
         copy = copy_once
         policy = self.policy
         for _ in READ_SLOTS:
@@ -471,21 +543,38 @@ class Direction:
             r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError:
             return  # out of fds: keep copying (the next bulk streak tries again)
-        for size in PIPE_SIZES:
-            try:
-                fcntl.fcntl(w, F_SETPIPE_SZ, size)
-                break
-            except OSError:
-                continue  # refused: a smaller size, else the default 64 KiB pipe (it still works)
         self.pipe = (r, w)
+        self.pipe_cap = PIPE_BASE  # grown by _grow_pipe
         self.small = 0
+
+    def _grow_pipe(self) -> None:
+        """A round filled the pipe and dst took it all: grow it, within the relay's budget (once)."""
+        assert self.pipe is not None
+        relay = self.pair.relay
+        cap, self.pipe_cap = self.pipe_cap, 0
+        for size in PIPE_SIZES:
+            if size <= cap or relay.pipe_grown + size - PIPE_BASE > PIPE_BUDGET:
+                continue
+            try:
+                got = fcntl.fcntl(self.pipe[1], F_SETPIPE_SZ, size)
+            except OSError:
+                continue  # refused: a smaller size, else the pipe stays as it is (it still works)
+            self.pipe_extra = max(0, got - PIPE_BASE)
+            relay.pipe_grown += self.pipe_extra
+            return
+
+    def _close_pipe(self) -> None:
+        assert self.pipe is not None
+        os.close(self.pipe[0])
+        os.close(self.pipe[1])
+        self.pipe = None
+        self.pair.relay.pipe_grown -= self.pipe_extra
+        self.pipe_extra = 0
 
     def _to_copy(self) -> None:
         """Back to copying (the pipe is empty): small messages again."""
         assert self.pipe is not None and not self.in_pipe
-        os.close(self.pipe[0])
-        os.close(self.pipe[1])
-        self.pipe = None
+        self._close_pipe()
         self.streak = 0
 
     def _splice_in(self) -> None:
@@ -500,6 +589,10 @@ class Direction:
                 self.pair.failed(err)
                 return
             if n == 0:
+                if _at_urgent_mark(self.src_fd):  # not the EOF: a splice stops there; read over it
+                    self._to_copy()
+                    self.readable(PRI)
+                    return
                 self._ended()
                 return
             self.in_pipe += n
@@ -509,6 +602,8 @@ class Direction:
             if self.in_pipe:
                 self._wait_for_dst()
                 return
+            if self.pipe_cap and n >= self.pipe_cap:
+                self._grow_pipe()
             self.small = policy.splice_round(self.small, n)
             if policy.back_to_copy(self.small):
                 self._to_copy()
@@ -593,9 +688,7 @@ class Direction:
         """Release the pipe (the pair forgets and closes the sockets)."""
         self.reading = self.writing = False
         if self.pipe is not None:
-            os.close(self.pipe[0])
-            os.close(self.pipe[1])
-            self.pipe = None
+            self._close_pipe()
 
 
 class FastPair:
@@ -722,9 +815,9 @@ class FastPair:
 
     # moving to a successor
 
-    def detach(self) -> tuple[TcpState, list[int]]:
-        """This pair's state and dups of its sockets and pipes; then it ends here without a
-        FIN or RST (the kernel objects live on in the dups)."""
+    def export(self) -> tuple[TcpState, list[int]]:
+        """This pair's state and dups of its sockets and pipes (the pair is not touched: it
+        ends here only with `leave`)."""
         up, down, upstream, endpoint = self.up, self.down, self.upstream, self.endpoint
         assert up is not None and down is not None and upstream is not None and endpoint is not None
         owned = [self.client.fileno(), upstream.fileno()]
@@ -743,10 +836,15 @@ class FastPair:
         state = TcpState(self.route.port.name, self.client_address, self.frontend, endpoint.address,
                          now - self.started, now - self.last_activity, self.bytes_in, self.bytes_out,
                          _snapshot(up), _snapshot(down))
-        for fd in owned[:2]:  # out of the epoll set: closing our fd would not take it out
-            self.relay.poller.park(fd)
-        self.close()
         return state, fds
+
+    def leave(self) -> None:
+        """End here without a FIN or RST, once `export` made the dups (the kernel objects live
+        on in them)."""
+        assert self.upstream is not None
+        for fd in (self.client.fileno(), self.upstream.fileno()):  # out of the epoll set: closing
+            self.relay.poller.park(fd)  # our fd would not take it out
+        self.close()
 
     def adopt(self, upstream: socket.socket, state: TcpState, pipe_fds: list[int]) -> None:
         """Take up a moved pair: its connected upstream, its directions' state and pipes."""

@@ -11,6 +11,10 @@ Each subcommand prints one line per result, so callers can count and compare:
 - `turns ADDR --bytes N --count K`: ECHO in K turns of N bytes each, a turn's bytes all sent
   before its echo is read whole, with no EOF between turns; print `turns=D/K` (D: the turns
   that came back whole). A relay that leaves a burst's last bytes unread stalls here;
+- `urgent ADDR --bytes N`: ECHO with N bytes, one urgent byte (`MSG_OOB`), N bytes, then a
+  half-close; read back to the EOF (SO_OOBINLINE) and print `received=M whole=True|False
+  urgent=inband|dropped end=eof|<error>` (whole: every byte but the urgent one came back in
+  order; a relay may pass the urgent byte in band or drop it);
 
 - `connect ADDR`: print `ok|refused|timeout|reset <ms>`;
 - `stall ADDR --bytes N --timeout S`: ECHO without ever reading; print how much got out
@@ -121,6 +125,37 @@ def echo(address: tuple[str, int], size: int, timeout: float, bind: str | None, 
         thread.join(timeout)
     match = received == size and sent_digest.digest() == received_digest.digest()
     return f"sent={size} received={received} match={match}"
+
+
+def urgent(address: tuple[str, int], size: int, timeout: float, bind: str | None) -> str:
+    part_a, part_c = os.urandom(size), os.urandom(size)
+    got = bytearray()
+    end = "timeout"
+    with _connect(address, timeout, bind) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, 1)
+        sock.sendall(b"ECHO\n")
+
+        def send() -> None:
+            sock.sendall(part_a)  # no pause: the urgent byte, the rest and the FIN may land together
+            sock.send(b"!", socket.MSG_OOB)
+            sock.sendall(part_c)
+            sock.shutdown(socket.SHUT_WR)
+
+        sender = threading.Thread(target=send, daemon=True)
+        sender.start()
+        try:
+            for _ in range(1 << 16):
+                chunk = sock.recv(CHUNK)
+                if not chunk:
+                    end = "eof"
+                    break
+                got += chunk
+        except OSError as err:
+            end = type(err).__name__
+        sender.join(timeout)
+    inband = bytes(got) == part_a + b"!" + part_c
+    whole = inband or bytes(got) == part_a + part_c
+    return f"received={len(got)} whole={whole} urgent={'inband' if inband else 'dropped'} end={end}"
 
 
 def turns(address: tuple[str, int], size: int, count: int, timeout: float, bind: str | None) -> str:
@@ -375,7 +410,7 @@ def loop(address: tuple[str, int], duration: float, interval: float, timeout: fl
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pyproxy-client")
     parser.add_argument("mode", choices=["http", "who", "echo", "sink", "turns", "connect", "udp", "hold", "stall",
-                                           "storm", "silent", "loop"])
+                                           "storm", "silent", "loop", "urgent"])
     parser.add_argument("address")
     parser.add_argument("--count", type=int, default=1)
     parser.add_argument("--interval", type=float, default=0.0)
@@ -421,6 +456,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 line = echo(address, args.bytes, args.timeout, args.bind, args.rate)
             elif args.mode == "sink":
                 line = sink(address, args.bytes, args.timeout, args.bind)
+            elif args.mode == "urgent":
+                line = urgent(address, args.bytes, args.timeout, args.bind)
             elif args.mode == "stall":
                 line = stall(address, args.bytes, args.timeout, args.bind)
             elif args.mode == "hold":

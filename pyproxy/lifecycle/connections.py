@@ -35,7 +35,7 @@ import socket
 from dataclasses import replace
 from typing import Protocol
 
-from pyproxy.dataplane.relay import LINGER_RESET, TcpRelay
+from pyproxy.dataplane.relay import TcpRelay, reset_fds
 from pyproxy.dataplane.udp import UdpRelay
 from pyproxy.lifecycle.channel import Message, close_fds
 from pyproxy.dataplane.connstate import (
@@ -167,18 +167,4 @@ def _read_pipe(fd: int, size: int) -> bytes:
 
 def _reset_fds(fds: list[int]) -> None:
     """Close received fds; sockets with a reset, so their peers do not wait on them."""
-    for fd in fds:
-        try:
-            sock = socket.socket(fileno=fd)
-        except OSError:  # not a socket (a pipe end)
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-            continue
-        try:
-            if sock.type == socket.SOCK_STREAM:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
-        except OSError:
-            pass
-        sock.close()
+    reset_fds(fds)

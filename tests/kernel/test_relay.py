@@ -84,6 +84,17 @@ def test_bursts_in_turns_arrive_whole(cluster: Cluster) -> None:
     assert line == "turns=30/30", line
 
 
+@pytest.mark.parametrize("size", [4, MB])
+def test_urgent_data_costs_no_other_byte_and_ends_cleanly(cluster: Cluster, size: int) -> None:
+    """The cases measured through `pyproxy --manifests` (issue 23): N bytes, one urgent byte
+    (MSG_OOB), N bytes, FIN, to the echo pod. Before the fix only the first part came back,
+    then a reset. The relays pass the urgent byte in band (docs/behaviour.md), so the pod
+    echoes it too; tests/kernel/test_urgent.py covers each copy mode and both directions."""
+    plain_service(cluster, "urgent", "10.96.1.12")
+    line = cluster.run("client", "urgent", "10.96.1.12:80", "--bytes", str(size), "--timeout", "10", timeout=60)[0]
+    assert line == f"received={2 * size + 1} whole=True urgent=inband end=eof", line
+
+
 @pytest.fixture
 def held(cluster: Cluster) -> Iterator[subprocess.Popen[str]]:
     """A client connection kept open (HOLD), that echoes each line we send through it."""

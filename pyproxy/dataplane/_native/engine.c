@@ -42,12 +42,38 @@
  *   copy mode (one recv into the shared buffer, one send) or splice mode (its own pipe).
  * - A closed Conn is freed only when run() ends (a later event of the same batch may name
  *   it), into a free list that new pairs reuse.
+ * - An event belongs to the socket it was reported for. A redial closes the upstream socket
+ *   and registers a new one under the same Ref; an event of the old socket still waiting in
+ *   the current batch (its connect completed as its deadline passed) is dropped then
+ *   (forget_batched), so it never reaches the new socket.
  * - Plans: a destination whose endpoint choice depends on nothing but its endpoint set (no
  *   affinity, no client-dependent set: the caller decides that) is served from a plan
  *   decide() handed over, keyed by the destination's address, checked at each connection by
  *   one dict lookup: the route object that routes[key] holds now must be the plan's (a sync
  *   makes a new Route for every change, so a change is seen by the next connection). Then
  *   no Python code runs between accept and the first byte relayed, nor at close.
+ * - Urgent data (MSG_OOB) is passed in band: every socket has SO_OOBINLINE (the listeners,
+ *   so the accepted sockets inherit it; each upstream at its dial; each adopted socket), so the
+ *   urgent byte is read and forwarded as an ordinary byte, in its place. A read still stops at
+ *   the urgent mark, and a splice never steps over it (it answers EAGAIN there, or 0 once the
+ *   FIN has come): only a recv does. So a source whose event says urgent data waits
+ *   (EPOLLPRI, watched with EPOLLIN) takes the slow path: a splicing direction empties its
+ *   pipe and goes back to copying, and a short copy read is not taken for "drained" (nor,
+ *   with EPOLLRDHUP, for the end) while urgent data waits; a splice's 0 is an EOF only if the
+ *   source is not at the mark (SIOCATMARK). The copy policy may splice again afterwards.
+ * - Pipes: a direction that starts splicing gets a pipe of the kernel's default size
+ *   (PIPE_BASE, 64 KiB: what a copying direction holds in its buffer too). Once a splice round
+ *   filled it and its destination took it all (a bulk direction whose reader keeps up), it
+ *   grows to pipe_size (1 MiB: about half the splices and wake-ups per GB) if the engine's
+ *   pipe budget allows: at most pipe_budget bytes above PIPE_BASE in all pipes together. A
+ *   pipe's bytes are kernel memory outside tcp_mem that a slow reader pins: so that is at most
+ *   64 KiB per splicing direction plus pipe_budget per engine (one per worker process).
+ * - Re-entrancy: a callback cannot call a method that changes the engine's state (enter()).
+ * - SIGPIPE: the engine never depends on the process ignoring it (CPython does; a program
+ *   that embeds the engine need not). Sends carry MSG_NOSIGNAL; a splice into a socket has no
+ *   such flag, so the first one of each method call blocks SIGPIPE for the thread, and when
+ *   the method ends a SIGPIPE its splices raised is taken (sigtimedwait) and the mask put back
+ *   (sigpipe_hold, sigpipe_release: two syscalls per call that splices, none otherwise).
  * - Nothing blocks; the GIL is held throughout (every call is a non-blocking syscall).
  */
 #define PY_SSIZE_T_CLEAN
@@ -58,9 +84,11 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
+#include <signal.h>
 #include <stdint.h>
 #include <string.h>
 #include <sys/epoll.h>
+#include <sys/ioctl.h>
 #include <sys/random.h>
 #include <sys/socket.h>
 #include <sys/timerfd.h>
@@ -90,8 +118,13 @@
 #define ACCEPT_PAUSE 0.1 /* seconds without accepting after EMFILE/ENFILE/ENOBUFS/ENOMEM */
 #define SPLICE_NOW (-1)
 #define FALLBACK_PIPE_SIZE (256 * 1024)
-#define EV_IN_RDHUP (EPOLLIN | EPOLLRDHUP)
-#define EV_DIAL (EPOLLIN | EPOLLRDHUP | EPOLLOUT | EPOLLET) /* an upstream's interest from its dial on */
+#define PIPE_BASE (64 * 1024)            /* a new pipe: the kernel's default (16 pages) */
+#define DEFAULT_PIPE_BUDGET (32L << 20) /* bytes of pipe above PIPE_BASE, all pairs together */
+#ifndef F_GETPIPE_SZ
+#define F_GETPIPE_SZ 1032
+#endif
+#define EV_IN_RDHUP (EPOLLIN | EPOLLRDHUP | EPOLLPRI) /* PRI: urgent data (see "Urgent data") */
+#define EV_DIAL (EV_IN_RDHUP | EPOLLOUT | EPOLLET) /* an upstream's interest from its dial on */
 #define EV_ERR_HUP (EPOLLERR | EPOLLHUP)
 #define PLAN_BUCKETS 4096
 #define PLAN_LIMIT 16384 /* plans held at most: past it they are all dropped and made again */
@@ -125,8 +158,10 @@ typedef struct {
     size_t pending_len, pending_off;
     int pipe_r, pipe_w; /* splice mode: -1 when copying */
     size_t in_pipe;
+    size_t pipe_cap;   /* the pipe's capacity: PIPE_BASE until it grows (see "Pipes") */
+    long pipe_extra;   /* its bytes above PIPE_BASE, counted in the engine's pipe_grown */
     long streak, small;
-    unsigned eof : 1, shut : 1, reading : 1, writing : 1;
+    unsigned eof : 1, shut : 1, reading : 1, writing : 1, no_grow : 1;
     unsigned long long bytes, reported;
 } Dir;
 
@@ -178,7 +213,9 @@ typedef struct {
     double timeouts[MAX_TIMEOUTS];
     int ntimeouts;
     long splice_after, bulk_read, copy_after;
-    int pipe_size;
+    int pipe_size;   /* what a pipe may grow to */
+    long pipe_budget; /* bytes of pipe above PIPE_BASE the engine may hold, all pairs together */
+    long pipe_grown;  /* bytes of pipe above PIPE_BASE it holds now */
     int draining;
     Conn *all;
     Py_ssize_t count;
@@ -191,6 +228,11 @@ typedef struct {
     double armed; /* the timerfd's deadline, 0: none */
     double now;
     int in_run;
+    int busy; /* a state-changing method runs (enter()) */
+    int sigpipe_held, epipe; /* SIGPIPE blocked by sigpipe_hold; a splice met EPIPE meanwhile */
+    sigset_t mask_before;     /* the thread's signal mask before sigpipe_hold */
+    struct epoll_event *batch; /* run(): the events of this batch, those from batch_next on still to come */
+    int batch_next, batch_end;
     unsigned long long next_id;
     int npods; /* set_pod_networks(): the pods whose address a Source.POD dial keeps */
     struct {
@@ -204,6 +246,26 @@ static double monotonic(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+/* ---- re-entrancy ---- */
+
+/* The engine calls Python in the middle of its own work (decide, redial, closed, moved, note,
+ * and whatever a counter's attribute or the garbage collector runs). A method that changes
+ * the engine's state, called from there, would run on half-done bookkeeping: the pairs of a
+ * batch freed under it, the epoll set closed mid-batch, a sweep's next pair released. So
+ * every such method (run, sweep, flush, close_all, close_pair, detach, adopt, close,
+ * add_listener, remove_listener) runs inside enter(), and one called while another runs
+ * raises RuntimeError. Reading methods (fileno, count, connections, ids) and set_draining
+ * (a flag) may be called from a callback. */
+static int enter(Engine *e, const char *method) {
+    if (e->busy) {
+        PyErr_Format(PyExc_RuntimeError, "Engine.%s() called from within one of the engine's own callbacks",
+                     method);
+        return -1;
+    }
+    e->busy = 1;
+    return 0;
 }
 
 /* ---- the copy policy: pyproxy/model/copymode.py's CopyPolicy ---- */
@@ -545,13 +607,19 @@ static void reset_close(int fd) {
     close(fd);
 }
 
-static void dir_stop(Dir *d) {
+/* Close d's pipe, its growth given back to the budget. */
+static void pipe_close(Engine *e, Dir *d) {
+    close(d->pipe_r);
+    close(d->pipe_w);
+    d->pipe_r = d->pipe_w = -1;
+    e->pipe_grown -= d->pipe_extra;
+    d->pipe_extra = 0;
+}
+
+static void dir_stop(Engine *e, Dir *d) {
     d->reading = d->writing = 0;
-    if (d->pipe_r >= 0) {
-        close(d->pipe_r);
-        close(d->pipe_w);
-        d->pipe_r = d->pipe_w = -1;
-    }
+    if (d->pipe_r >= 0)
+        pipe_close(e, d);
     if (d->pending) {
         PyMem_RawFree(d->pending);
         d->pending = NULL;
@@ -611,7 +679,7 @@ static void conn_close(Engine *e, Conn *c, int abort) {
                 c->registered[i] = 0;
             }
     for (int i = 0; i < 2; i++)
-        dir_stop(&c->dir[i]);
+        dir_stop(e, &c->dir[i]);
     for (int i = 1; i >= 0; i--) {
         if (c->fd[i] >= 0) {
             if (abort)
@@ -744,30 +812,79 @@ static void to_splice(Engine *e, Dir *d) {
     int p[2];
     if (pipe2(p, O_NONBLOCK | O_CLOEXEC) < 0)
         return; /* out of fds: keep copying (the next bulk streak tries again) */
-    /* the size asked for, else 256 KiB (past the user's pipe-user-pages-soft an unprivileged
-     * process is refused big pipes), else the default pipe: each still works */
-    if (fcntl(p[1], F_SETPIPE_SZ, e->pipe_size) < 0 && e->pipe_size > FALLBACK_PIPE_SIZE)
-        fcntl(p[1], F_SETPIPE_SZ, FALLBACK_PIPE_SIZE);
     d->pipe_r = p[0];
     d->pipe_w = p[1];
+    d->pipe_cap = PIPE_BASE; /* grown by grow_pipe (the header's "Pipes") */
+    d->pipe_extra = 0;
+    d->no_grow = 0;
     d->small = 0;
 }
 
-static void to_copy(Dir *d) {
-    close(d->pipe_r);
-    close(d->pipe_w);
-    d->pipe_r = d->pipe_w = -1;
+/* A round filled d's pipe and the destination took it all: grow it to pipe_size, else to
+ * 256 KiB (past the user's pipe-user-pages-soft an unprivileged process is refused big pipes),
+ * while the engine's pipe budget allows; tried once per pipe. */
+static void grow_pipe(Engine *e, Dir *d) {
+    d->no_grow = 1;
+    long sizes[2] = {e->pipe_size, FALLBACK_PIPE_SIZE};
+    for (int i = 0; i < 2; i++) {
+        long extra = sizes[i] - PIPE_BASE;
+        if (sizes[i] <= (long)d->pipe_cap || e->pipe_grown + extra > e->pipe_budget)
+            continue;
+        int got = fcntl(d->pipe_w, F_SETPIPE_SZ, (int)sizes[i]);
+        if (got > (int)d->pipe_cap) {
+            d->pipe_cap = (size_t)got;
+            d->pipe_extra = got - PIPE_BASE;
+            e->pipe_grown += d->pipe_extra;
+            return;
+        }
+    }
+}
+
+static void to_copy(Engine *e, Dir *d) {
+    pipe_close(e, d);
     d->streak = 0;
+}
+
+/* Before a splice into a socket (it raises SIGPIPE on EPIPE: see the header). */
+static void sigpipe_hold(Engine *e) {
+    if (e->sigpipe_held)
+        return;
+    sigset_t pipe_only;
+    sigemptyset(&pipe_only);
+    sigaddset(&pipe_only, SIGPIPE);
+    if (pthread_sigmask(SIG_BLOCK, &pipe_only, &e->mask_before) == 0)
+        e->sigpipe_held = 1;
+}
+
+/* At the end of each state-changing method (enter()): take the SIGPIPE our splices raised
+ * (only if it was not blocked before: a SIGPIPE pending then is not ours), restore the mask. */
+static void sigpipe_release(Engine *e) {
+    if (!e->sigpipe_held)
+        return;
+    if (e->epipe && !sigismember(&e->mask_before, SIGPIPE)) {
+        sigset_t pipe_only;
+        sigemptyset(&pipe_only);
+        sigaddset(&pipe_only, SIGPIPE);
+        struct timespec now = {0, 0};
+        sigtimedwait(&pipe_only, NULL, &now); /* one pending at most: SIGPIPE does not queue */
+    }
+    e->epipe = 0;
+    e->sigpipe_held = 0;
+    pthread_sigmask(SIG_SETMASK, &e->mask_before, NULL);
 }
 
 /* Move what the pipe holds to dst. -1: the pair failed (and is closed). */
 static int flush_pipe(Engine *e, Conn *c, Dir *d) {
     int dst = dst_fd(c, d);
+    if (d->in_pipe)
+        sigpipe_hold(e);
     while (d->in_pipe) {
         ssize_t n = splice(d->pipe_r, NULL, dst, NULL, d->in_pipe, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
         if (n < 0) {
             if (errno == EAGAIN || errno == EINTR)
                 return 0;
+            if (errno == EPIPE)
+                e->epipe = 1;
             conn_fail(e, c, errno);
             return -1;
         }
@@ -782,6 +899,14 @@ static void rearm_src(Conn *c, Dir *d) {
     c->rearm[d == &c->dir[UP] ? CLIENT : UPSTREAM] = 1;
 }
 
+/* Whether the next byte to read from fd is the urgent byte (a splice stops in front of it). */
+static int at_urgent_mark(int fd) {
+    int mark = 0;
+    return ioctl(fd, SIOCATMARK, &mark) == 0 && mark;
+}
+
+static void dir_readable(Engine *e, Conn *c, Dir *d, uint32_t bits);
+
 static void splice_in(Engine *e, Conn *c, Dir *d) {
     int src = src_fd(c, d);
     int i;
@@ -794,6 +919,11 @@ static void splice_in(Engine *e, Conn *c, Dir *d) {
             return;
         }
         if (n == 0) {
+            if (at_urgent_mark(src)) { /* not the EOF: a splice stops there; copy over it */
+                to_copy(e, d);
+                dir_readable(e, c, d, EPOLLPRI);
+                return;
+            }
             dir_ended(e, c, d);
             return;
         }
@@ -806,9 +936,11 @@ static void splice_in(Engine *e, Conn *c, Dir *d) {
             wait_for_dst(d);
             return;
         }
+        if ((size_t)n >= d->pipe_cap && !d->no_grow)
+            grow_pipe(e, d);
         d->small = splice_round(e, d->small, n);
         if (d->small >= e->copy_after) {
-            to_copy(d);
+            to_copy(e, d);
             rearm_src(c, d);
             break;
         }
@@ -824,8 +956,18 @@ static void splice_in(Engine *e, Conn *c, Dir *d) {
  * no read is spent on seeing the EOF. */
 static void dir_readable(Engine *e, Conn *c, Dir *d, uint32_t bits) {
     if (d->pipe_r >= 0) {
-        splice_in(e, c, d);
-        return;
+        if (!(bits & EPOLLPRI)) {
+            splice_in(e, c, d);
+            return;
+        }
+        /* urgent data waits: empty the pipe, then copy (the header's "Urgent data") */
+        if (flush_pipe(e, c, d) < 0)
+            return;
+        if (d->in_pipe) { /* resumed by a MOD, which reports EPOLLPRI again */
+            wait_for_dst(d);
+            return;
+        }
+        to_copy(e, d);
     }
     int src = src_fd(c, d), dst = dst_fd(c, d);
     int i;
@@ -872,7 +1014,7 @@ static void dir_readable(Engine *e, Conn *c, Dir *d, uint32_t bits) {
             }
             d->streak = streak;
         }
-        if (n < BUFFER_SIZE) {
+        if (n < BUFFER_SIZE && !(bits & EPOLLPRI)) { /* with urgent data, a read stops at its mark */
             if ((bits & (EPOLLRDHUP | EV_ERR_HUP)) == EPOLLRDHUP) {
                 dir_ended(e, c, d);
                 return;
@@ -947,7 +1089,9 @@ static int keeps_pod_source(const Engine *e, const Addr *client, const Addr *end
     return 0;
 }
 
-/* Dial what `target` (ip, port, transparent, ctx) names: attempt c->attempt + 1. */
+/* Dial what `target` (ip, port, transparent, ctx) names: attempt c->attempt + 1, at most
+ * ntimeouts (dial_failed refuses a redial past the last attempt, whatever redial() answers:
+ * the attempt indexes the dial queues, so the bound is the engine's, not its caller's). */
 static void dial(Engine *e, Conn *c, PyObject *target) {
     PyObject *ip = PyTuple_GET_ITEM(target, 0);
     int port = (int)PyLong_AsLong(PyTuple_GET_ITEM(target, 1));
@@ -974,6 +1118,7 @@ static void dial(Engine *e, Conn *c, PyObject *target) {
     if (family == AF_INET6)
         setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof one);
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    setsockopt(fd, SOL_SOCKET, SO_OOBINLINE, &one, sizeof one); /* urgent data in band */
     if (transparent) {
         Addr source = c->client;
         int ok;
@@ -1025,8 +1170,19 @@ static void dial(Engine *e, Conn *c, PyObject *target) {
     }
 }
 
+/* `ref`'s socket is closed and `ref` may name another from now on: its events still waiting
+ * in this batch are dropped. */
+static void forget_batched(Engine *e, Ref *ref) {
+    if (!e->in_run)
+        return;
+    for (int i = e->batch_next; i < e->batch_end; i++)
+        if (e->batch[i].data.ptr == ref)
+            e->batch[i].data.ptr = NULL;
+}
+
 static void dial_failed(Engine *e, Conn *c, int err) {
     queue_remove(e, c);
+    forget_batched(e, &c->ref[UPSTREAM]);
     if (c->fd[UPSTREAM] >= 0) {
         close(c->fd[UPSTREAM]);
         c->fd[UPSTREAM] = -1;
@@ -1061,6 +1217,14 @@ static void dial_failed(Engine *e, Conn *c, int err) {
     }
     if (next == Py_None || !PyTuple_Check(next) || PyTuple_GET_SIZE(next) < 3) {
         Py_DECREF(next);
+        refuse(e, c);
+        return;
+    }
+    if (c->attempt >= e->ntimeouts) { /* the last attempt failed: the engine's own bound */
+        Py_DECREF(next);
+        PyErr_Format(PyExc_RuntimeError, "redial() answered an endpoint after the last of %d dial attempts",
+                     e->ntimeouts);
+        note_exception(e, "internal");
         refuse(e, c);
         return;
     }
@@ -1296,7 +1460,7 @@ static void on_conn_event(Engine *e, Conn *c, int side, uint32_t bits) {
 
 static int check_open(Engine *e);
 
-static PyObject *Engine_run(Engine *e, PyObject *const *args, Py_ssize_t nargs) {
+static PyObject *run_body(Engine *e, PyObject *const *args, Py_ssize_t nargs) {
     /* run() handles what is ready now (the event loop's reader callback); run(ms) first waits
      * up to ms for something, with the GIL released (for a loop of its own: bench.relayrig). */
     int timeout = 0;
@@ -1312,8 +1476,17 @@ static PyObject *Engine_run(Engine *e, PyObject *const *args, Py_ssize_t nargs) 
     if (timeout == 0) {
         n = epoll_wait(e->epfd, events, MAX_EVENTS, 0);
     } else {
-        Py_BEGIN_ALLOW_THREADS n = epoll_wait(e->epfd, events, MAX_EVENTS, timeout);
+        /* the wait is no work of the engine's: another thread may call it meanwhile (a sweep,
+         * bench.relayrig --engine-thread), so enter()'s guard is lifted until it ends */
+        int epfd = e->epfd;
+        e->busy = 0;
+        Py_BEGIN_ALLOW_THREADS n = epoll_wait(epfd, events, MAX_EVENTS, timeout);
         Py_END_ALLOW_THREADS
+        e->busy = 1;
+        if (e->epfd != epfd) {
+            PyErr_SetString(PyExc_ValueError, "the engine was closed while run() waited");
+            return NULL;
+        }
     }
     if (n < 0) {
         if (errno == EINTR)
@@ -1322,8 +1495,13 @@ static PyObject *Engine_run(Engine *e, PyObject *const *args, Py_ssize_t nargs) 
     }
     e->now = monotonic();
     e->in_run = 1;
+    e->batch = events;
+    e->batch_end = n;
     for (int i = 0; i < n; i++) {
         Ref *ref = events[i].data.ptr;
+        e->batch_next = i + 1;
+        if (ref == NULL) /* forget_batched */
+            continue;
         switch (ref->kind) {
         case REF_CLIENT:
             on_conn_event(e, ref->conn, CLIENT, events[i].events);
@@ -1341,6 +1519,8 @@ static PyObject *Engine_run(Engine *e, PyObject *const *args, Py_ssize_t nargs) 
         }
     }
     e->in_run = 0;
+    e->batch = NULL;
+    e->batch_end = 0;
     while (e->zombies) {
         Conn *c = e->zombies;
         e->zombies = c->next;
@@ -1352,13 +1532,15 @@ static PyObject *Engine_run(Engine *e, PyObject *const *args, Py_ssize_t nargs) 
 /* ---- the Python face ---- */
 
 static int Engine_init(Engine *e, PyObject *args, PyObject *kwds) {
-    static char *kwlist[] = {"decide", "redial", "closed", "moved", "note", "dial_timeouts",
-                             "splice_after", "bulk_read", "copy_after", "pipe_size", "routes", NULL};
+    static char *kwlist[] = {"decide",      "redial",       "closed",    "moved",     "note",
+                             "dial_timeouts", "splice_after", "bulk_read", "copy_after", "pipe_size",
+                             "routes",      "pipe_budget",  NULL};
     PyObject *decide, *redial, *closed, *moved, *note, *timeouts, *routes = Py_None;
-    long splice_after, bulk_read, copy_after;
+    long splice_after, bulk_read, copy_after, pipe_budget = DEFAULT_PIPE_BUDGET;
     int pipe_size;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOOOllli|O", kwlist, &decide, &redial, &closed, &moved, &note,
-                                     &timeouts, &splice_after, &bulk_read, &copy_after, &pipe_size, &routes))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOOOllli|Ol", kwlist, &decide, &redial, &closed, &moved, &note,
+                                     &timeouts, &splice_after, &bulk_read, &copy_after, &pipe_size, &routes,
+                                     &pipe_budget))
         return -1;
     if (routes != Py_None && !PyDict_Check(routes)) {
         PyErr_SetString(PyExc_TypeError, "routes must be a dict or None");
@@ -1381,8 +1563,8 @@ static int Engine_init(Engine *e, PyObject *args, PyObject *kwds) {
         }
     }
     Py_DECREF(seq);
-    if (bulk_read <= 0 || copy_after <= 0 || pipe_size <= 0) {
-        PyErr_SetString(PyExc_ValueError, "bulk_read, copy_after and pipe_size must be positive");
+    if (bulk_read <= 0 || copy_after <= 0 || pipe_size <= 0 || pipe_budget < 0) {
+        PyErr_SetString(PyExc_ValueError, "bulk_read, copy_after and pipe_size must be positive, pipe_budget not negative");
         return -1;
     }
     if (e->epfd >= 0) {
@@ -1394,6 +1576,7 @@ static int Engine_init(Engine *e, PyObject *args, PyObject *kwds) {
     e->bulk_read = bulk_read;
     e->copy_after = copy_after;
     e->pipe_size = pipe_size;
+    e->pipe_budget = pipe_budget;
     Py_XSETREF(e->decide, Py_NewRef(decide));
     Py_XSETREF(e->redial, Py_NewRef(redial));
     Py_XSETREF(e->closed_cb, Py_NewRef(closed));
@@ -1504,7 +1687,7 @@ static PyObject *Engine_fileno(Engine *e, PyObject *unused) {
     return PyLong_FromLong(e->epfd);
 }
 
-static PyObject *Engine_add_listener(Engine *e, PyObject *arg) {
+static PyObject *add_listener_body(Engine *e, PyObject *arg) {
     int fd = (int)PyLong_AsLong(arg);
     if (PyErr_Occurred() || check_open(e) < 0)
         return NULL;
@@ -1520,6 +1703,8 @@ static PyObject *Engine_add_listener(Engine *e, PyObject *arg) {
         slot = e->nlisteners++;
     }
     Listener *l = &e->listeners[slot];
+    int one = 1; /* urgent data in band: the accepted sockets inherit it */
+    setsockopt(fd, SOL_SOCKET, SO_OOBINLINE, &one, sizeof one);
     l->fd = fd;
     l->paused = 0;
     l->ref.kind = REF_LISTENER;
@@ -1532,7 +1717,7 @@ static PyObject *Engine_add_listener(Engine *e, PyObject *arg) {
     Py_RETURN_NONE;
 }
 
-static PyObject *Engine_remove_listener(Engine *e, PyObject *arg) {
+static PyObject *remove_listener_body(Engine *e, PyObject *arg) {
     int fd = (int)PyLong_AsLong(arg);
     if (PyErr_Occurred())
         return NULL;
@@ -1546,7 +1731,7 @@ static PyObject *Engine_remove_listener(Engine *e, PyObject *arg) {
     Py_RETURN_NONE;
 }
 
-static PyObject *Engine_sweep(Engine *e, PyObject *const *args, Py_ssize_t nargs) {
+static PyObject *sweep_body(Engine *e, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 2) {
         PyErr_SetString(PyExc_TypeError, "sweep(idle_timeout, half_close_timeout)");
         return NULL;
@@ -1571,14 +1756,14 @@ static PyObject *Engine_sweep(Engine *e, PyObject *const *args, Py_ssize_t nargs
     return PyLong_FromLong(closed);
 }
 
-static PyObject *Engine_flush(Engine *e, PyObject *unused) {
+static PyObject *flush_body(Engine *e, PyObject *unused) {
     for (Conn *c = e->all; c != NULL; c = c->next)
         if (c->dir[UP].bytes != c->dir[UP].reported || c->dir[DOWN].bytes != c->dir[DOWN].reported)
             report(e, c, e->moved_cb);
     Py_RETURN_NONE;
 }
 
-static PyObject *Engine_close_all(Engine *e, PyObject *arg) {
+static PyObject *close_all_body(Engine *e, PyObject *arg) {
     int abort = PyObject_IsTrue(arg);
     if (abort < 0)
         return NULL;
@@ -1586,7 +1771,7 @@ static PyObject *Engine_close_all(Engine *e, PyObject *arg) {
     Py_RETURN_NONE;
 }
 
-static PyObject *Engine_close_pair(Engine *e, PyObject *const *args, Py_ssize_t nargs) {
+static PyObject *close_pair_body(Engine *e, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 2) {
         PyErr_SetString(PyExc_TypeError, "close_pair(id, abort)");
         return NULL;
@@ -1695,6 +1880,15 @@ static PyObject *each_pair(Engine *e, PyObject *(*item)(Conn *)) {
     return out;
 }
 
+/* Close every fd a list of fd numbers holds (dups made for a hand-out that did not happen). */
+static void close_listed(PyObject *fds) {
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(fds); i++) {
+        long fd = PyLong_AsLong(PyList_GET_ITEM(fds, i));
+        if (fd >= 0)
+            close((int)fd);
+    }
+}
+
 static PyObject *conn_id(Conn *c) {
     return PyLong_FromUnsignedLongLong(c->id);
 }
@@ -1707,71 +1901,83 @@ static PyObject *Engine_ids(Engine *e, PyObject *unused) {
     return each_pair(e, conn_id);
 }
 
-/* Every established pair leaves: [(info, up_state, down_state, [fds])] with dups of its sockets
- * and pipes (client, upstream, then each direction's pipe read and write ends, up first). The
- * pairs end here without a FIN or reset: the kernel objects live on in the dups. */
-static PyObject *Engine_detach(Engine *e, PyObject *unused) {
+/* One established pair's hand-out item (info, up_state, down_state, [fds]) with dups of its
+ * sockets and pipes (client, upstream, then each direction's pipe read and write ends, up
+ * first), or NULL with an exception set and no dup left open. The pair is not touched. */
+static PyObject *detach_item(Conn *c) {
+    int owned[6], n = 0;
+    owned[n++] = c->fd[CLIENT];
+    owned[n++] = c->fd[UPSTREAM];
+    for (int i = 0; i < 2; i++)
+        if (c->dir[i].pipe_r >= 0) {
+            owned[n++] = c->dir[i].pipe_r;
+            owned[n++] = c->dir[i].pipe_w;
+        }
+    PyObject *fds = PyList_New(0);
+    int ok = fds != NULL;
+    for (int i = 0; ok && i < n; i++) {
+        int dup_fd = fcntl(owned[i], F_DUPFD_CLOEXEC, 0);
+        PyObject *num = dup_fd < 0 ? NULL : PyLong_FromLong(dup_fd);
+        if (dup_fd < 0)
+            PyErr_SetFromErrno(PyExc_OSError);
+        if (num == NULL || PyList_Append(fds, num) < 0) {
+            if (dup_fd >= 0)
+                close(dup_fd);
+            ok = 0;
+        }
+        Py_XDECREF(num);
+    }
+    PyObject *info = ok ? conn_info(c) : NULL;
+    PyObject *up = info ? dir_state(&c->dir[UP]) : NULL;
+    PyObject *down = up ? dir_state(&c->dir[DOWN]) : NULL;
+    PyObject *item = down ? PyTuple_Pack(4, info, up, down, fds) : NULL;
+    Py_XDECREF(info);
+    Py_XDECREF(up);
+    Py_XDECREF(down);
+    if (item == NULL && fds != NULL)
+        close_listed(fds);
+    Py_XDECREF(fds);
+    return item;
+}
+
+/* Every established pair leaves: [(info, up_state, down_state, [fds])] (detach_item). All or
+ * nothing: the dups of every pair are made first, and if any fails (EMFILE, say) those made
+ * are closed and every pair stays as it was, relayed here; only then do the pairs end here,
+ * without a FIN or reset (the kernel objects live on in the dups), which cannot fail. */
+static PyObject *detach_body(Engine *e, PyObject *unused) {
     PyObject *out = PyList_New(0);
     if (out == NULL)
         return NULL;
     e->now = monotonic();
     Conn *c = e->all;
-    for (Py_ssize_t bound = e->count + 1; c != NULL && bound > 0; bound--) {
-        Conn *next = c->next;
-        if (c->state != OPEN) {
-            c = next;
+    for (Py_ssize_t bound = e->count + 1; c != NULL && bound > 0; bound--, c = c->next) {
+        if (c->state != OPEN)
             continue;
-        }
-        int owned[6], n = 0;
-        owned[n++] = c->fd[CLIENT];
-        owned[n++] = c->fd[UPSTREAM];
-        for (int i = 0; i < 2; i++)
-            if (c->dir[i].pipe_r >= 0) {
-                owned[n++] = c->dir[i].pipe_r;
-                owned[n++] = c->dir[i].pipe_w;
-            }
-        PyObject *fds = PyList_New(0);
-        int ok = fds != NULL;
-        for (int i = 0; ok && i < n; i++) {
-            int dup_fd = fcntl(owned[i], F_DUPFD_CLOEXEC, 0);
-            PyObject *num = dup_fd < 0 ? NULL : PyLong_FromLong(dup_fd);
-            if (dup_fd < 0)
-                PyErr_SetFromErrno(PyExc_OSError);
-            if (num == NULL || PyList_Append(fds, num) < 0) {
-                if (dup_fd >= 0)
-                    close(dup_fd);
-                ok = 0;
-            }
-            Py_XDECREF(num);
-        }
-        PyObject *info = ok ? conn_info(c) : NULL;
-        PyObject *up = info ? dir_state(&c->dir[UP]) : NULL;
-        PyObject *down = up ? dir_state(&c->dir[DOWN]) : NULL;
-        PyObject *item = down ? PyTuple_Pack(4, info, up, down, fds) : NULL;
-        Py_XDECREF(info);
-        Py_XDECREF(up);
-        Py_XDECREF(down);
+        PyObject *item = detach_item(c);
         if (item == NULL || PyList_Append(out, item) < 0) {
             Py_XDECREF(item);
-            if (fds != NULL)
-                for (Py_ssize_t i = 0; i < PyList_GET_SIZE(fds); i++)
-                    close((int)PyLong_AsLong(PyList_GET_ITEM(fds, i)));
-            Py_XDECREF(fds);
+            for (Py_ssize_t i = 0; i < PyList_GET_SIZE(out); i++)
+                close_listed(PyTuple_GET_ITEM(PyList_GET_ITEM(out, i), 3));
             Py_DECREF(out);
             return NULL;
         }
         Py_DECREF(item);
-        Py_DECREF(fds);
-        for (int i = 0; i < 2; i++) /* out of the epoll set: closing our fd would not take it out */
-            if (c->registered[i])
-                epoll_ctl(e->epfd, EPOLL_CTL_DEL, c->fd[i], NULL);
-        conn_close(e, c, 0);
+    }
+    c = e->all;
+    for (Py_ssize_t bound = e->count + 1; c != NULL && bound > 0; bound--) {
+        Conn *next = c->next;
+        if (c->state == OPEN) {
+            for (int i = 0; i < 2; i++) /* out of the epoll set: closing our fd would not take it out */
+                if (c->registered[i])
+                    epoll_ctl(e->epfd, EPOLL_CTL_DEL, c->fd[i], NULL);
+            conn_close(e, c, 0);
+        }
         c = next;
     }
     return out;
 }
 
-static int restore_dir(Dir *d, PyObject *state, int pipe_r, int pipe_w) {
+static int restore_dir(Engine *e, Dir *d, PyObject *state, int pipe_r, int pipe_w) {
     /* state: (eof, shut, held: bytes, pipe: bool, in_pipe: int) */
     int eof = PyObject_IsTrue(PyTuple_GET_ITEM(state, 0));
     int shut = PyObject_IsTrue(PyTuple_GET_ITEM(state, 1));
@@ -1797,36 +2003,67 @@ static int restore_dir(Dir *d, PyObject *state, int pipe_r, int pipe_w) {
     d->pipe_r = pipe_r;
     d->pipe_w = pipe_w;
     d->in_pipe = pipe_r >= 0 ? (size_t)in_pipe : 0;
+    if (pipe_w >= 0) { /* a moved pipe counts as it is (it may have grown in the predecessor) */
+        int cap = fcntl(pipe_w, F_GETPIPE_SZ);
+        d->pipe_cap = cap > 0 ? (size_t)cap : PIPE_BASE;
+        d->pipe_extra = cap > PIPE_BASE ? cap - PIPE_BASE : 0;
+        d->no_grow = d->pipe_extra > 0;
+        e->pipe_grown += d->pipe_extra;
+    }
     return 0;
 }
 
+/* adopt()'s failure before the fds were sorted out: close every fd number the list `fds`
+ * (args[1]) holds, sockets (the first two) with a reset; the exception set stays. NULL. */
+static PyObject *close_given(PyObject *args) {
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyObject *fds = PyTuple_Check(args) && PyTuple_GET_SIZE(args) > 1 ? PyTuple_GET_ITEM(args, 1) : NULL;
+    if (fds != NULL && PyList_Check(fds)) {
+        for (Py_ssize_t i = 0; i < PyList_GET_SIZE(fds); i++) {
+            long fd = PyLong_Check(PyList_GET_ITEM(fds, i)) ? PyLong_AsLong(PyList_GET_ITEM(fds, i)) : -1;
+            PyErr_Clear();
+            if (fd >= 0 && fd <= INT32_MAX) {
+                if (i < 2)
+                    reset_close((int)fd);
+                else
+                    close((int)fd);
+            }
+        }
+    }
+    PyErr_Restore(type, value, tb);
+    return NULL;
+}
+
 /* adopt(ctx, fds, client, frontend, endpoint, age, idle, bytes_in, bytes_out, up, down):
- * go on relaying a pair another process detached; the engine owns `fds` from here on. */
-static PyObject *Engine_adopt(Engine *e, PyObject *args) {
+ * go on relaying a pair another process detached. The engine owns `fds` from the call on: on
+ * every failure they are closed (sockets with a reset), so the caller never closes them. */
+static PyObject *adopt_body(Engine *e, PyObject *args) {
+    /* the fds are the engine's from the call on: closed (sockets reset) on any failure */
     PyObject *ctx, *fds, *client, *frontend, *endpoint, *up, *down;
     double age, idle;
     unsigned long long bin, bout;
     if (!PyArg_ParseTuple(args, "OO!O!O!O!ddKKO!O!", &ctx, &PyList_Type, &fds, &PyTuple_Type, &client,
                           &PyTuple_Type, &frontend, &PyTuple_Type, &endpoint, &age, &idle, &bin, &bout,
                           &PyTuple_Type, &up, &PyTuple_Type, &down))
-        return NULL;
+        return close_given(args);
     if (PyTuple_GET_SIZE(up) != 5 || PyTuple_GET_SIZE(down) != 5) {
         PyErr_SetString(PyExc_ValueError, "direction states are 5-tuples");
-        return NULL;
+        return close_given(args);
     }
     int up_pipe = PyObject_IsTrue(PyTuple_GET_ITEM(up, 3)), down_pipe = PyObject_IsTrue(PyTuple_GET_ITEM(down, 3));
     Py_ssize_t nfds = PyList_GET_SIZE(fds);
     if (up_pipe < 0 || down_pipe < 0 || nfds != 2 + 2 * up_pipe + 2 * down_pipe) {
-        PyErr_SetString(PyExc_ValueError, "fd count does not match the pipes");
-        return NULL;
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_ValueError, "fd count does not match the pipes");
+        return close_given(args);
     }
     int fd[6];
     for (Py_ssize_t i = 0; i < nfds; i++) {
         fd[i] = (int)PyLong_AsLong(PyList_GET_ITEM(fds, i));
         if (PyErr_Occurred())
-            return NULL;
+            return close_given(args);
     }
-    /* from here on the fds are the engine's: closed (sockets reset) on any failure */
     Addr a_client, a_frontend, a_endpoint;
     Conn *c = NULL;
     if (PyTuple_GET_SIZE(client) != 2 || PyTuple_GET_SIZE(frontend) != 2 || PyTuple_GET_SIZE(endpoint) != 2) {
@@ -1852,6 +2089,10 @@ static PyObject *Engine_adopt(Engine *e, PyObject *args) {
     }
     c->fd[CLIENT] = fd[0];
     c->fd[UPSTREAM] = fd[1];
+    for (int i = 0; i < 2; i++) { /* urgent data in band (a predecessor may not have set it) */
+        int one = 1;
+        setsockopt(fd[i], SOL_SOCKET, SO_OOBINLINE, &one, sizeof one);
+    }
     c->shared = 1;
     c->client = a_client;
     c->frontend = a_frontend;
@@ -1866,7 +2107,7 @@ static PyObject *Engine_adopt(Engine *e, PyObject *args) {
     int up_r = up_pipe ? fd[next] : -1, up_w = up_pipe ? fd[next + 1] : -1;
     next += 2 * up_pipe;
     int down_r = down_pipe ? fd[next] : -1, down_w = down_pipe ? fd[next + 1] : -1;
-    if (restore_dir(&c->dir[UP], up, up_r, up_w) < 0 || restore_dir(&c->dir[DOWN], down, down_r, down_w) < 0) {
+    if (restore_dir(e, &c->dir[UP], up, up_r, up_w) < 0 || restore_dir(e, &c->dir[DOWN], down, down_r, down_w) < 0) {
         if (c->dir[UP].pipe_r < 0 && up_r >= 0) { /* not taken up by its direction: close it here */
             close(up_r);
             close(up_w);
@@ -1893,7 +2134,7 @@ static PyObject *Engine_adopt(Engine *e, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-static PyObject *Engine_close(Engine *e, PyObject *unused) {
+static PyObject *close_body(Engine *e, PyObject *unused) {
     close_all(e, 1);
     plans_clear(e);
     if (e->tfd >= 0)
@@ -1905,8 +2146,103 @@ static PyObject *Engine_close(Engine *e, PyObject *unused) {
     Py_RETURN_NONE;
 }
 
+static PyObject *Engine_get_pipe_grown(Engine *e, void *unused) {
+    return PyLong_FromLong(e->pipe_grown);
+}
+
 static PyObject *Engine_get_count(Engine *e, void *unused) {
     return PyLong_FromSsize_t(e->count);
+}
+
+/* The methods that change the engine's state, each inside enter() (see "Re-entrancy"). */
+static PyObject *Engine_run(Engine *e, PyObject *const *args, Py_ssize_t nargs) {
+    if (enter(e, "run") < 0)
+        return NULL;
+    PyObject *r = run_body(e, args, nargs);
+    sigpipe_release(e);
+    e->busy = 0;
+    return r;
+}
+
+static PyObject *Engine_sweep(Engine *e, PyObject *const *args, Py_ssize_t nargs) {
+    if (enter(e, "sweep") < 0)
+        return NULL;
+    PyObject *r = sweep_body(e, args, nargs);
+    sigpipe_release(e);
+    e->busy = 0;
+    return r;
+}
+
+static PyObject *Engine_close_pair(Engine *e, PyObject *const *args, Py_ssize_t nargs) {
+    if (enter(e, "close_pair") < 0)
+        return NULL;
+    PyObject *r = close_pair_body(e, args, nargs);
+    sigpipe_release(e);
+    e->busy = 0;
+    return r;
+}
+
+static PyObject *Engine_flush(Engine *e, PyObject *unused) {
+    if (enter(e, "flush") < 0)
+        return NULL;
+    PyObject *r = flush_body(e, unused);
+    sigpipe_release(e);
+    e->busy = 0;
+    return r;
+}
+
+static PyObject *Engine_detach(Engine *e, PyObject *unused) {
+    if (enter(e, "detach") < 0)
+        return NULL;
+    PyObject *r = detach_body(e, unused);
+    sigpipe_release(e);
+    e->busy = 0;
+    return r;
+}
+
+static PyObject *Engine_close(Engine *e, PyObject *unused) {
+    if (enter(e, "close") < 0)
+        return NULL;
+    PyObject *r = close_body(e, unused);
+    sigpipe_release(e);
+    e->busy = 0;
+    return r;
+}
+
+static PyObject *Engine_close_all(Engine *e, PyObject *arg) {
+    if (enter(e, "close_all") < 0)
+        return NULL;
+    PyObject *r = close_all_body(e, arg);
+    sigpipe_release(e);
+    e->busy = 0;
+    return r;
+}
+
+static PyObject *Engine_add_listener(Engine *e, PyObject *arg) {
+    if (enter(e, "add_listener") < 0)
+        return NULL;
+    PyObject *r = add_listener_body(e, arg);
+    sigpipe_release(e);
+    e->busy = 0;
+    return r;
+}
+
+static PyObject *Engine_remove_listener(Engine *e, PyObject *arg) {
+    if (enter(e, "remove_listener") < 0)
+        return NULL;
+    PyObject *r = remove_listener_body(e, arg);
+    sigpipe_release(e);
+    e->busy = 0;
+    return r;
+}
+
+static PyObject *Engine_adopt(Engine *e, PyObject *args) {
+    if (enter(e, "adopt") < 0)
+        return close_given(args); /* its fds are the engine's from the call on */
+    PyObject *r = adopt_body(e, args);
+    sigpipe_release(e);
+    e->busy = 0;
+    return r;
 }
 
 static PyMethodDef engine_methods[] = {
@@ -1933,6 +2269,7 @@ static PyMethodDef engine_methods[] = {
 
 static PyGetSetDef engine_getset[] = {
     {"count", (getter)Engine_get_count, NULL, "open pairs (dialing or established)", NULL},
+    {"pipe_grown", (getter)Engine_get_pipe_grown, NULL, "bytes of pipe above 64 KiB held now (see \"Pipes\")", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
