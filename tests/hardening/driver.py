@@ -282,7 +282,7 @@ def handover(run: Run, rng: random.Random) -> None:
     new = RelayProcess(run.args, old.generation + 1, run.workdir)
     run.relays.append(new)  # new cases go to the successor from now on
     time.sleep(0.05)
-    squeeze = rng.randint(0, 40) if rng.random() < 0.7 else -1
+    squeeze = rng.randint(0, 6) if rng.random() < 0.7 else -1  # a pair needs 2 to 6 (its closing frees its own)
     old.squeezed = squeeze >= 0
     old.handover_at = time.monotonic()
     old.say(f"handover {new.inbox} {squeeze} {rng.randrange(1 << 30)}")

@@ -10,7 +10,7 @@ Commands on stdin, one JSON line answered on stdout per command (`tag {...}`):
 - `probe`: open pairs, fds (all, TCP sockets not listening, pipes past stdio), RSS,
   Python's allocated blocks (after a full collection);
 - `handover PATH SQUEEZE SEED`: stop accepting; with SQUEEZE >= 0 lower the soft fd limit
-  to (fds open + SQUEEZE) while the pairs are detached (the dups need fds: EMFILE may hit
+  so that only SQUEEZE new fds fit while the pairs are detached (the dups need fds: EMFILE may hit
   part-way), then restore it; send the pairs to PATH and finish as pyproxy's hand-over does;
   answer, drain what is left (pairs still dialing), answer again;
 - `garbage N SEED`: N adopts of bad states on fresh sockets; every fd handed to adopt must
@@ -98,6 +98,17 @@ def fd_picture() -> dict[str, int]:
     return {"fds": total, "tcp": tcp, "pipes": pipes}
 
 
+def limit_leaving(free: int) -> int:
+    """The fd limit under which exactly `free` fd numbers are free (the limit bounds the
+    numbers, not the count: fds open above it stay open, and new ones fill the holes)."""
+    taken = {int(entry) for entry in os.listdir("/proc/self/fd")}
+    fd = found = 0
+    while fd in taken or found < free:
+        found += fd not in taken
+        fd += 1
+    return fd
+
+
 def probe(relay: TcpRelay) -> dict[str, Any]:
     gc.collect()
     with open("/proc/self/statm") as f:
@@ -128,7 +139,7 @@ async def serve_inbox(peer: Peer, path: str) -> None:
         say("adopted", {"messages": len(messages), "pairs": len(peer.relay.pairs)})
 
 
-async def handover(peer: Peer, path: str, squeeze: int, seed: int) -> None:
+async def handover(peer: Peer, path: str, squeeze: int, seed: int) -> bool:
     relay = peer.relay
     relay.stop_accepting()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -136,7 +147,7 @@ async def handover(peer: Peer, path: str, squeeze: int, seed: int) -> None:
     messages: list[Message] = []
     try:
         if squeeze >= 0:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (fd_picture()["fds"] + squeeze, hard))
+            resource.setrlimit(resource.RLIMIT_NOFILE, (limit_leaving(squeeze), hard))
         messages = await export_connections(peer)  # type: ignore[arg-type]
     except OSError as err:
         error = f"{type(err).__name__}: {err}"
@@ -151,6 +162,7 @@ async def handover(peer: Peer, path: str, squeeze: int, seed: int) -> None:
     say("handed", {"moved": len(messages), "left": len(relay.pairs), "error": error})
     cut = await relay.drain(60.0)
     say("drained", {"cut": cut, **probe(relay)})
+    return True
 
 
 def _garbage_state(kind: str, fds: list[int], port: int, port_name: ServicePortName) -> TcpState:
@@ -221,15 +233,16 @@ async def main_async(args: argparse.Namespace) -> None:
     if args.stall is not None:
         loop.call_later(0.05, stall, loop, random.Random(args.stall))
     say("ready", {"kind": relay.kind, **probe(relay)})
+    drained = False
     while line := (await asyncio.to_thread(sys.stdin.readline)).split():
         if line[0] == "probe":
             say("probe", probe(relay))
         elif line[0] == "handover":
-            await handover(peer, line[1], int(line[2]), int(line[3]))
+            drained = await handover(peer, line[1], int(line[2]), int(line[3]))
         elif line[0] == "garbage":
             say("garbage", await garbage(relay, int(line[1]), int(line[2]), args.port, port_name))
         elif line[0] == "exit":
-            cut = await relay.drain(10.0)
+            cut = 0 if drained else await relay.drain(10.0)
             say("exit", {"cut": cut, **probe(relay)})
             break
     inbox.cancel()

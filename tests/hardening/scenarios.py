@@ -146,6 +146,30 @@ def _slow_backend(c: Case, rng: random.Random) -> None:
     c.backend_read = _slow(rng, 1.0)
 
 
+def _paced(rng: random.Random, data: bytes) -> list[Step]:
+    """`data` in pieces of up to 64 KiB over about 0.3 to 2 s: a stream still open when a
+    hand-over comes."""
+    steps: list[Step] = []
+    pieces = max(1, len(data) // 65536)
+    pause = rng.uniform(0.3, 2.0) / pieces
+    for start in range(0, len(data), 65536):
+        steps += [("send", data[start:start + 65536]), ("pause", pause)]
+    return steps
+
+
+def _paced_echo(c: Case, rng: random.Random) -> None:
+    c.up = c.down = rng.randbytes(rng.randint(10_000, 2_000_000))
+    c.client += [*_paced(rng, c.up), ("shut", None)]
+    c.backend += [("echo", True), ("until_eof", None), ("shut", None)]
+
+
+def _paced_download(c: Case, rng: random.Random) -> None:
+    """The client half-closes at once: the pair streams towards it half-closed."""
+    c.down = rng.randbytes(rng.randint(10_000, 2_000_000))
+    c.client += [("shut", None), ("until_eof", None)]
+    c.backend += [("until_eof", None), *_paced(rng, c.down), ("shut", None)]
+
+
 def _urgent_parts(rng: random.Random) -> tuple[bytes, bytes, bytes]:
     big = rng.random() < 0.4  # past splice_after: the spliced path meets the mark
     first = rng.randbytes(rng.randint(100_000, 1_200_000) if big else rng.randint(0, 5_000))
@@ -232,6 +256,8 @@ SCENARIOS: dict[str, tuple[str, tuple[str, ...], Builder]] = {
     "server-first": ("full", LIVE, _server_first),
     "turns": ("full", LIVE, _turns),
     "slow-reader": ("full", LIVE, _slow_reader),
+    "paced-echo": ("full", LIVE, _paced_echo),
+    "paced-download": ("full", LIVE, _paced_download),
     "slow-backend": ("full", LIVE, _slow_backend),
     "urgent-up": ("urgent", LIVE, _urgent_up),
     "urgent-down": ("urgent", LIVE, _urgent_down),
