@@ -90,20 +90,23 @@ class Actor:
     def _step(self, kind: str, arg: object, now: float) -> tuple[bool, float]:
         o = self.outcome
         if kind == "send":
+            assert isinstance(arg, bytes)
             if not o.send_error:
-                self.out += arg  # type: ignore[operator]
+                self.out += arg
             return True, 0.0
         if kind == "urgent":
+            assert isinstance(arg, bytes)
             if not o.send_error:
                 try:
-                    self.sock.send(arg, socket.MSG_OOB)  # type: ignore[call-overload]
+                    self.sock.send(arg, socket.MSG_OOB)
                 except BlockingIOError:
                     return False, now + 0.002
                 except OSError as err:
                     o.send_error = errno.errorcode.get(err.errno or 0, str(err))
             return True, 0.0
         if kind == "pause":
-            return True, now + float(arg)  # type: ignore[arg-type]
+            assert isinstance(arg, float)
+            return True, now + arg
         if kind == "shut":
             if not o.send_error:
                 try:
@@ -115,7 +118,8 @@ class Actor:
             self._close(kind == "reset")
             return True, 0.0
         if kind == "until_got":
-            return len(o.got) >= int(arg) or o.eof or o.reset, 0.0  # type: ignore[call-overload]
+            assert isinstance(arg, int)
+            return len(o.got) >= arg or o.eof or o.reset, 0.0
         if kind == "until_eof":
             return o.eof or o.reset, 0.0
         if kind == "echo":

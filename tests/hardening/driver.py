@@ -112,8 +112,8 @@ class Backends:
             return
         with self.lock:
             self.seen[case.id] = None
-        chunk, pause = case.backend_read
-        outcome = Actor(conn, list(case.backend), time.monotonic() + CASE_DEADLINE, chunk, pause).run()
+        size, pause = case.backend_read
+        outcome = Actor(conn, list(case.backend), time.monotonic() + CASE_DEADLINE, size, pause).run()
         with self.lock:
             self.seen[case.id] = outcome
 

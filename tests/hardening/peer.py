@@ -133,7 +133,7 @@ async def serve_inbox(peer: Peer, path: str) -> None:
         messages = []
         while (message := await asyncio.to_thread(channel.receive)).kind != "end":
             messages.append(message)
-        await adopt_connections(peer, messages)  # type: ignore[arg-type]
+        await adopt_connections(peer, messages)
         await asyncio.to_thread(channel.send, Message("done", {"adopted": True}))
         channel.close()
         say("adopted", {"messages": len(messages), "pairs": len(peer.relay.pairs)})
@@ -148,7 +148,7 @@ async def handover(peer: Peer, path: str, squeeze: int, seed: int) -> bool:
     try:
         if squeeze >= 0:
             resource.setrlimit(resource.RLIMIT_NOFILE, (limit_leaving(squeeze), hard))
-        messages = await export_connections(peer)  # type: ignore[arg-type]
+        messages = await export_connections(peer)
     except OSError as err:
         error = f"{type(err).__name__}: {err}"
     finally:
@@ -158,7 +158,7 @@ async def handover(peer: Peer, path: str, squeeze: int, seed: int) -> bool:
         await asyncio.to_thread(channel.send_all, [*messages, Message("end")])
         done = await asyncio.to_thread(channel.receive, False)
         channel.close()
-        await export_finished(peer, bool(done.body.get("adopted")))  # type: ignore[arg-type]
+        await export_finished(peer, bool(done.body.get("adopted")))
     say("handed", {"moved": len(messages), "left": len(relay.pairs), "error": error})
     cut = await relay.drain(60.0)
     say("drained", {"cut": cut, **probe(relay)})

@@ -329,6 +329,7 @@ def judge(case: Case, client: Outcome, backend: Outcome | None, refusal_allowed:
         if not _prefix_of(got_up, case.up):
             return f"backend got bytes that were not sent: {_describe(got_up, case.up)}"
         return None
+    assert backend is not None
     for side, got, want, alternatives, outcome in (("client", got_down, case.down, case.down_alternatives, client),
                                                     ("backend", got_up, case.up, case.up_alternatives, backend)):
         if got != want and got not in alternatives:
