@@ -48,7 +48,7 @@ from typing import IO, Any
 
 from tests.hardening.actor import Actor, Outcome
 from tests.hardening.scenarios import (
-    BACKEND_PORT, BACKENDS, CONDITIONS, HEADER, MAGIC, SCENARIOS, SERVICES, SERVING, Case, judge, make_case,
+    BACKEND_PORT, BACKENDS, CONDITIONS, HEADER, LIVE, MAGIC, SCENARIOS, SERVICES, SERVING, Case, judge, make_case,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -356,7 +356,7 @@ def drive(run: Run) -> None:
                     case_id, next_id = next_id, next_id + 1
                     if wanted is not None and case_id not in wanted:
                         continue
-                    case = make_case(args.seed, case_id, args.scenarios, DIAL_TIMEOUTS)
+                    case = make_case(args.seed, case_id, args.scenarios, DIAL_TIMEOUTS, args.services)
                     run.cases[case.id] = case
                     futures.append(pool.submit(run_case, run, backends, case))
                     if i == hand_at:
@@ -402,6 +402,8 @@ def summary(run: Run) -> dict[str, Any]:
 def replay_command(args: argparse.Namespace, failed: list[int]) -> str:
     parts = ["python -m tests.hardening.driver", "--relay", args.relay, "--loop", args.loop, "--seed", str(args.seed),
              "--scenarios", ",".join(args.scenarios + args.conditions)]
+    if args.services:
+        parts += ["--services", ",".join(args.services)]
     if failed:
         parts += ["--cases", ",".join(str(i) for i in failed[:20])]
     return " ".join(parts)
@@ -451,6 +453,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--scenarios", default="", help=f"only these (comma-separated) of: {', '.join(names)}")
     parser.add_argument("--exclude", default="", help="all but these")
     parser.add_argument("--cases", default="", help="only these case numbers (as a failure names them)")
+    parser.add_argument("--services", default="", help=f"live Services to use only (of {', '.join(LIVE)})")
     parser.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     chosen = [n for n in args.scenarios.split(",") if n] or names
@@ -460,6 +463,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
         parser.error(f"unknown scenarios: {', '.join(sorted(unknown))}")
     args.scenarios = tuple(n for n in chosen if n in SCENARIOS and n not in excluded)
     args.conditions = tuple(n for n in chosen if n in CONDITIONS and n not in excluded)
+    args.services = tuple(n for n in args.services.split(",") if n)
+    if set(args.services) - set(LIVE):
+        parser.error(f"unknown services: {args.services}")
     if not args.scenarios:
         parser.error("no scenario left to run")
     return args

@@ -280,12 +280,19 @@ WEIGHTS = {"echo": 4, "reply-after-eof": 2, "server-first": 2, "turns": 2, "dial
            "client-reset-dialing": 0.5}
 
 
-def make_case(seed: int, case_id: int, scenarios: tuple[str, ...], dial_timeouts: tuple[float, ...]) -> Case:
+def make_case(seed: int, case_id: int, scenarios: tuple[str, ...], dial_timeouts: tuple[float, ...],
+              only_services: tuple[str, ...] = ()) -> Case:
+    """Case `case_id` of the run with `seed`; `only_services` narrows the live Services a
+    scenario may use (the draws stay the same, so case numbers keep their scenario)."""
     rng = random.Random(f"{seed}:{case_id}")
     weights = [WEIGHTS.get(name, 1.0) for name in scenarios]
     name = rng.choices(scenarios, weights)[0]
     kind, services, build = SCENARIOS[name]
-    case = Case(case_id, name, rng.choice(services), kind, [("send", header(case_id))], [])
+    service = rng.choice(services)
+    narrowed = [s for s in services if s in only_services]
+    if narrowed and service not in narrowed:
+        service = narrowed[case_id % len(narrowed)]
+    case = Case(case_id, name, service, kind, [("send", header(case_id))], [])
     build(case, rng)
     if kind == "refused":  # every endpoint fails: one attempt per endpoint, each up to its timeout
         attempts = len(ENDPOINTS[case.service])
@@ -306,7 +313,9 @@ def judge(case: Case, client: Outcome, backend: Outcome | None, refusal_allowed:
     """None if the case delivered what its kind promises (see the header), else why not."""
     got_down, got_up = bytes(client.got), bytes(backend.got) if backend is not None else b""
     if client.timed_out:
-        return f"client stuck: no end of stream before the deadline ({_describe(got_down, case.down)})"
+        where = "never saw the case" if backend is None else f"got {_describe(got_up, case.up)}, ended by {backend.ending()}"
+        return (f"client stuck: no end of stream before the deadline ({_describe(got_down, case.down)}; "
+                f"the backend {where})")
     if backend is not None and backend.timed_out:
         return f"backend stuck: its stream never ended ({_describe(got_up, case.up)})"
     if case.kind in ("refused", "dialing"):
