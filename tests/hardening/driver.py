@@ -22,7 +22,8 @@ Conditions (scenarios.CONDITIONS, selected like the scenarios):
 After every round (a quiet point: no case open) and at the end, the relay in service must
 hold no pair, no TCP socket but its listener, no pipe, and as many fds as at its first quiet
 point; RSS and Python's allocated blocks may not grow past a bound from there; a relay
-that handed over must end with no pair cut, no socket and no pipe. Every failure names
+that handed over must end with no pair cut, no socket and no pipe; no relay may print a
+traceback or an exception it could not raise. Every failure names
 the case, its scenario, and the command that replays it (the same seed, `--cases`).
 Exit status 0 only if nothing failed.
 """
@@ -195,9 +196,16 @@ class RelayProcess:
 
     def stderr_tail(self) -> str:
         try:
-            return self.stderr_path.read_text(errors="replace")[-3000:]
+            return self.stderr_path.read_text(errors="replace")[-6000:]
         except OSError:
             return ""
+
+    def complaints(self) -> str:
+        """What the relay printed that only a bug prints: a traceback, an exception the
+        engine could not raise (PyErr_WriteUnraisable), a sanitizer's line."""
+        text = self.stderr_tail() if self.stderr_path.exists() else ""
+        marks = ("Traceback", "Exception ignored", "ERROR:", "runtime error")
+        return text if any(mark in text for mark in marks) else ""
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -384,6 +392,8 @@ def drive(run: Run) -> None:
     finally:
         for relay in run.relays:
             relay.stop()
+            if relay.complaints():
+                run.fail(f"relay {relay.generation} printed: {relay.complaints()}")
         backends.close()
 
 
