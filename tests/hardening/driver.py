@@ -13,9 +13,10 @@ run `--concurrency` at a time in rounds; the run ends after `--seconds` or `--co
 Conditions (scenarios.CONDITIONS, selected like the scenarios):
 - `handover`: in about half the rounds, mid-round, a new relay process starts, new cases go
   to it, and the old one hands its pairs over (pyproxy's hand-over code, fds over a unix
-  socket) with its fd limit squeezed to a random few fds above what it holds, so detach
-  may meet EMFILE part-way; it then drains what is left and reports; a case on it may be
-  refused only if it connected after the hand-over began, or the squeeze could have hit it.
+  socket) with its fd limit squeezed to a random few free fds, so detach may meet EMFILE
+  part-way; it then drains what is left and reports. It hands over once every case sent
+  to it has been accepted. A case on it may be refused only if the squeeze could have hit
+  it (a redial finding no fd).
 - `garbage-adopt`: at each quiet point the relay is asked to adopt bad states (peer.py).
 - `stall`: the relay's event loop stalls a few ms now and then.
 - `sigpipe`: the engine's process runs with SIGPIPE at its default action (engine only).
@@ -144,7 +145,7 @@ class RelayProcess:
         self.port = 7000 + generation
         self.inbox = str(workdir / f"inbox{generation}.sock")
         self.lines: queue.Queue[str] = queue.Queue()
-        self.handover_at = float("inf")  # when it began handing over (new cases may be refused then)
+        self.connecting = 0  # cases that chose this relay and have not connected yet
         self.squeezed = False
         self.quiet: list[dict[str, Any]] = []
         self.served = 0
@@ -263,17 +264,23 @@ class Run:
 
 
 def run_case(run: Run, backends: Backends, case: Case) -> None:
-    relay = run.current
+    with run.lock:
+        relay = run.current
+        relay.connecting += 1
     connected_at = time.monotonic()
     chunk, pause = case.client_read
     try:
-        sock = socket.create_connection((SERVICES[case.service], relay.port), timeout=5)
+        try:
+            sock = socket.create_connection((SERVICES[case.service], relay.port), timeout=5)
+        finally:
+            with run.lock:
+                relay.connecting -= 1
         outcome = Actor(sock, list(case.client), time.monotonic() + CASE_DEADLINE, chunk, pause).run()
     except OSError as err:
         outcome = Outcome(reset=True, send_error=f"connect: {err}", ended_at=time.monotonic())
     seen, backend = backends.outcome(case.id, 10.0)
     result = Result(case, relay.generation, connected_at, outcome, seen, backend)
-    allowed = relay.squeezed or connected_at >= relay.handover_at - 0.05
+    allowed = relay.squeezed
     if seen and backend is None:
         result.failure = "backend end still open 10 s after the client's end"
     else:
@@ -287,14 +294,38 @@ def run_case(run: Run, backends: Backends, case: Case) -> None:
         run.fail(f"case {case.id} [{case.scenario} via {case.service}, relay {relay.generation}]: {result.failure}")
 
 
+def accept_queue(port: int) -> int:
+    """Connections waiting in the accept queue of this namespace's listener on `port`."""
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and int(fields[1].split(":")[1], 16) == port:
+                return int(fields[4].split(":")[1], 16)
+    return 0
+
+
+def settled(run: Run, old: RelayProcess) -> None:
+    """Wait (bounded) until every case that chose `old` has connected and `old` has accepted
+    them all: from then on none can meet its listener closing (this driver's relays have
+    a listener each; pyproxy's hand-over passes its listener on instead)."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with run.lock:
+            connecting = old.connecting
+        if not connecting and not accept_queue(old.port):
+            return
+        time.sleep(0.01)
+    run.fail(f"relay {old.generation} still had connections to accept 10 s after the switch")
+
+
 def handover(run: Run, rng: random.Random) -> None:
     old = run.current
     new = RelayProcess(run.args, old.generation + 1, run.workdir)
-    run.relays.append(new)  # new cases go to the successor from now on
-    time.sleep(0.05)
+    with run.lock:
+        run.relays.append(new)  # new cases go to the successor from now on
+    settled(run, old)
     squeeze = rng.randint(0, 6) if rng.random() < 0.7 else -1  # a pair needs 2 to 6 (its closing frees its own)
     old.squeezed = squeeze >= 0
-    old.handover_at = time.monotonic()
     old.say(f"handover {new.inbox} {squeeze} {rng.randrange(1 << 30)}")
     handed = old.expect("handed", 90)
     drained = old.expect("drained", 120)

@@ -20,8 +20,8 @@ What a case must deliver (`judge`):
 - `dialing`: the client resets while the relay still dials: it got no byte and the backend
   never saw the case (what the relay must not leak is checked after the run).
 A `full` or `urgent` case may instead end as a refusal (no byte, never seen by the
-backend, reset or EOF) only where a refusal is the relay's rule: on a relay that was
-draining when the client connected, or whose fd limit the driver squeezed (see driver.py).
+backend, reset or EOF) only where a refusal is the relay's rule: on a relay whose fd limit
+the driver squeezed for a hand-over (a dial that finds no fd is refused: see driver.py).
 """
 
 from __future__ import annotations
