@@ -120,11 +120,16 @@ def say(tag: str, body: dict[str, Any]) -> None:
     print(f"{tag} {json.dumps(body)}", flush=True)
 
 
-async def serve_inbox(peer: Peer, path: str) -> None:
+def inbox_listener(path: str) -> socket.socket:
+    """Bound before "ready" is said: a predecessor may connect at once."""
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
     listener.listen(4)
     listener.setblocking(False)
+    return listener
+
+
+async def serve_inbox(peer: Peer, listener: socket.socket) -> None:
     loop = asyncio.get_running_loop()
     while True:
         conn, _ = await loop.sock_accept(listener)
@@ -229,7 +234,7 @@ async def main_async(args: argparse.Namespace) -> None:
     await relay.start("0.0.0.0", args.port, listener)
     peer = Peer(relay, UdpRelay(table, lambda ip: False, stats))
     loop = asyncio.get_running_loop()
-    inbox = loop.create_task(serve_inbox(peer, args.inbox))
+    inbox = loop.create_task(serve_inbox(peer, inbox_listener(args.inbox)))
     if args.stall is not None:
         loop.call_later(0.05, stall, loop, random.Random(args.stall))
     say("ready", {"kind": relay.kind, **probe(relay)})
