@@ -31,6 +31,7 @@ from pyproxy.dataplane.routing import PolicyRouting, interface_routes, local_add
 from pyproxy.dataplane.stats import DataplaneStats
 from pyproxy.dataplane.udp import UdpConfig, UdpRelay
 from pyproxy.inspect.reader import ProxyReader
+from pyproxy.lifecycle.link import SupervisorLink
 from pyproxy.lifecycle.process import ProcessLife
 from pyproxy.model.family import join_host_port, node_port_candidate
 from pyproxy.model.objects import ServiceKey
@@ -59,7 +60,7 @@ def policy_routing(config: ProxyConfig) -> PolicyRouting:
 
 class ProxyApp:
     def __init__(self, config: ProxyConfig, worker: WorkerRole | None = None,
-                 early: dict[str, socket.socket] | None = None) -> None:
+                 early: dict[str, socket.socket] | None = None, link: SupervisorLink | None = None) -> None:
         self.config = config
         self.worker = worker or WorkerRole()  # one of dataplane.workers; only worker 0 programs the kernel
         self.node_name = node_name_of(config)
@@ -113,7 +114,7 @@ class ProxyApp:
         )
         self.stop = asyncio.Event()  # set: every supervised task ends (the process is leaving)
         self.supervisor = Supervisor(self.stop)  # every long-lived task runs under it
-        self.life = ProcessLife(config, self.worker, self.node_name, self, early)
+        self.life = ProcessLife(config, self.worker, self.node_name, self, early, link)
         reader = ProxyReader(self.store, self.table, lambda: itertools.chain(self.relay.connections(),
                                                                              self.udp.connections()),
                              shutting_down=self.stop.is_set, worker=self.worker.index)

@@ -45,6 +45,7 @@ from pyproxy.lifecycle.handover import (
     socket_path,
     take_over,
 )
+from pyproxy.lifecycle.link import SupervisorLink
 from pyproxy.lifecycle.listeners import listener_names, serve_listeners
 from pyproxy.lifecycle.snapshot import SnapshotWriter, read_snapshot, snapshot_path
 from pyproxy.lifecycle.state import StateError, affinity_state, restore_affinity, restore_store, store_state
@@ -78,8 +79,9 @@ class Process(Protocol):
 
 class ProcessLife:
     def __init__(self, config: ProxyConfig, worker: WorkerRole, node_name: str, process: Process,
-                 early: dict[str, socket.socket] | None = None) -> None:
+                 early: dict[str, socket.socket] | None = None, link: SupervisorLink | None = None) -> None:
         self.config, self.worker, self.node_name, self.process = config, worker, node_name, process
+        self.link = link or SupervisorLink(None)  # the supervisor that holds the listeners (master.py)
         self.inherited: dict[str, socket.socket] = dict(early or {})  # until a server takes them
         self.terminating = asyncio.Event()  # SIGTERM/SIGINT: serve on until a successor or the drain bound
         self.forced = asyncio.Event()  # a second signal: leave now
@@ -130,6 +132,10 @@ class ProcessLife:
                               worker_listener=self.worker.listener)
         if self.handed is not None:
             self.process.udp.hold_listener()  # until the predecessor's UDP flows are here (dataplane/udp.py)
+        # the supervisor keeps copies before a predecessor is told we serve (it then lets go of its own)
+        http = [(name, sock.fileno()) for name, sock in self.inherited.items() if name.startswith("http:")]
+        self.link.listeners(listener_names(self.process.relay, self.process.udp, []) + http)
+        self.link.send("serving")
 
     def abort(self) -> None:
         """Starting failed: close what was received; a predecessor keeps serving."""
@@ -234,12 +240,18 @@ class ProcessLife:
     async def _serve_handover(self) -> None:
         life = self.config.lifecycle
         server = HandOverServer(socket_path(life.stateDir, self.worker.index), self, self.process,
-                                life.handOverTimeout)
-        try:
-            await asyncio.to_thread(server.bind)
-        except OSError as err:
-            log.error("cannot listen for a successor on %s: %s; a restart will not hand over", server.path, err)
-            return
+                                life.handOverTimeout, lambda what: self.link.send(what, {"why": "a successor serves"}))
+        kept = self.inherited.pop("handover", None)  # bound by an earlier process of our supervisor
+        if kept is not None:
+            server.adopt(kept)
+        else:
+            try:
+                await asyncio.to_thread(server.bind)
+            except OSError as err:
+                log.error("cannot listen for a successor on %s: %s; a restart will not hand over", server.path, err)
+                return
+            if server.sock is not None:
+                self.link.listeners([("handover", server.sock.fileno())], server.inode)
         self.handover = server
         await server.serve()
 
@@ -255,6 +267,7 @@ class ProcessLife:
                     log.info("stopping after refusing a successor (%s): releasing the listeners and draining",
                              server.refused)
                     await self._stop_handover()  # a waiting supervisor of workers sees nobody here any more
+                    self.link.send("gone", {"why": f"released for a refused successor: {server.refused}"})
                     self.process.relay.release_listener()
                     self.process.udp.release_listener()
                     return
