@@ -326,6 +326,7 @@ class Outcome:
     inherited: Inherited | None = None
     refused: str | None = None  # a predecessor runs but refused: bind once it lets go
     found: bool = False  # a predecessor answered at all
+    failed: bool = False  # it answered, then the attempt broke (it may have died: its supervisor respawns it)
 
 
 def take_over(path: str, mine: Identity, timeout: float) -> Outcome:
@@ -372,9 +373,9 @@ def take_over(path: str, mine: Identity, timeout: float) -> Outcome:
                  ", ".join(sockets) or "no listeners")
         return Outcome(Inherited(channel, theirs, state, sockets), found=True)
     except ChannelError as err:
-        log.error("hand-over from %s failed before anything was taken: %s; starting without it", path, err)
+        log.error("hand-over from %s failed before anything was taken: %s", path, err)
         channel.close()
-        return Outcome(refused=str(err), found=True)
+        return Outcome(refused=str(err), found=True, failed=True)
 
 
 class Taker(Protocol):

@@ -289,6 +289,7 @@ class Master:
             child.channel.send(Message("go", body, tuple(s.fileno() for _, s in named)))
         except ChannelError as err:  # it died while waiting: reaped as any death
             log.error("cannot start serving process %d: %s", child.pid, err)
+        self._write_status()
         log.info("serving process %d serves slot %d%s", child.pid, slot.index,
                  "" if slot.sockets else " (taking its listeners over from the running pyproxy)")
 
@@ -324,8 +325,10 @@ class Master:
             self._write_status()
         elif message.kind == "giving":
             slot.state = "giving"
+            self._write_status()
         elif message.kind == "kept":
             slot.state = "serving"
+            self._write_status()
         elif message.kind == "gone":
             log.info("serving process %d handed slot %d over (%s): this supervisor lets its listeners go",
                      child.pid, slot.index, message.body.get("why"))
@@ -343,13 +346,15 @@ class Master:
         child.channel.close()
 
     def _reap(self) -> None:
+        reaped = False
         while self.children:
             try:
                 pid, raw = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
-                return
+                break
             if pid == 0:
-                return
+                break
+            reaped = True
             child = self.children.pop(pid, None)
             if child is None:
                 continue
@@ -366,7 +371,8 @@ class Master:
                 continue
             slot.child = None
             self._died(slot, child, code, how)
-        self._write_status()
+        if reaped:
+            self._write_status()
 
     def _died(self, slot: Slot, child: Child, code: int, how: str) -> None:
         now = self.clock()
@@ -493,8 +499,11 @@ class Master:
     # --- the status file and the end
 
     def _write_status(self) -> None:
+        if all(slot.state == "gone" for slot in self.slots):
+            return  # the file is a successor's now
         status = {"pid": self.pid,
-                  "serving": {str(s.index): s.child.pid for s in self.slots if s.child is not None},
+                  "slots": {str(s.index): {"pid": s.child.pid if s.child is not None else None, "state": s.state}
+                            for s in self.slots},
                   "standby": self.standby.pid if self.standby is not None else None,
                   "restarts": sum(s.policy.restarts for s in self.slots),
                   "crashLoop": any(s.policy.in_loop() for s in self.slots)}

@@ -54,6 +54,9 @@ from pyproxy.model.table import ServiceTable
 
 log = logging.getLogger("pyproxy")
 
+TAKE_OVER_ATTEMPTS = 3
+TAKE_OVER_PAUSE = 0.5  # seconds between attempts at a hand-over that broke off
+
 
 class Process(Protocol):
     """What a serving process offers its life: listeners, state and connections."""
@@ -104,8 +107,15 @@ class ProcessLife:
         life = self.config.lifecycle
         outcome = Outcome()
         if self.worker.listener is None and not self.inherited:  # bound here: nobody else holds them
-            outcome = await asyncio.to_thread(take_over, socket_path(life.stateDir, self.worker.index),
-                                              self.identity(), life.handOverTimeout)
+            path = socket_path(life.stateDir, self.worker.index)
+            for attempt in range(TAKE_OVER_ATTEMPTS):
+                outcome = await asyncio.to_thread(take_over, path, self.identity(), life.handOverTimeout)
+                if not outcome.failed:
+                    break
+                # the predecessor broke off (it may have crashed: its supervisor starts another, which
+                # answers on the same socket); else bind once it lets go, as for a refusal
+                log.info("asking for the hand-over again (%d of %d)", attempt + 2, TAKE_OVER_ATTEMPTS)
+                await asyncio.sleep(TAKE_OVER_PAUSE)
         self.handed = outcome.inherited
         self._affinity = self._restore(outcome)
 

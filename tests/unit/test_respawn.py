@@ -1,0 +1,57 @@
+"""The supervisor's respawn decisions (pyproxy/lifecycle/respawn.py), on a fake clock."""
+
+from __future__ import annotations
+
+from pyproxy.lifecycle.respawn import LOOP_WINDOW, MAX_BACKOFF, STABLE_AFTER, RespawnPolicy
+
+
+def test_a_death_is_respawned_at_once_and_only_a_loop_backs_off() -> None:
+    policy = RespawnPolicy()
+    policy.served(0.0)
+    delays = []
+    for i in range(7):
+        delays.append(policy.died(1.0 + i))
+        policy.served(1.0 + i + 0.5)
+    assert delays == [0.0, 0.0, 0.5, 1.0, 2.0, 4.0, 8.0]
+    assert policy.in_loop() and policy.restarts == 7
+
+
+def test_the_back_off_is_bounded() -> None:
+    policy = RespawnPolicy(served_once=True)
+    delay = 0.0
+    for i in range(30):
+        delay = policy.died(float(i))  # never served in between: each start died young
+    assert delay == MAX_BACKOFF
+
+
+def test_deaths_far_apart_are_no_loop() -> None:
+    policy = RespawnPolicy()
+    policy.served(0.0)
+    now = 0.0
+    for _ in range(10):
+        now += LOOP_WINDOW + 1
+        assert policy.died(now) == 0.0
+        assert not policy.in_loop()
+        policy.served(now + 0.1)
+
+
+def test_serving_for_a_while_forgets_the_loop() -> None:
+    policy = RespawnPolicy()
+    policy.served(0.0)
+    for i in range(4):
+        policy.died(float(i))
+    assert policy.in_loop()
+    policy.served(10.0)
+    policy.stable(10.0 + STABLE_AFTER - 1)
+    assert policy.in_loop()
+    policy.stable(10.0 + STABLE_AFTER)
+    assert not policy.in_loop()
+    assert policy.died(10.0 + STABLE_AFTER + 1) == 0.0
+
+
+def test_a_first_process_that_never_served_is_a_start_up_error() -> None:
+    policy = RespawnPolicy()
+    assert policy.give_up()
+    policy.served(0.0)
+    policy.died(1.0)
+    assert not policy.give_up()  # once one served, a death before serving is a crash, respawned
