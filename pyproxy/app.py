@@ -194,9 +194,19 @@ class ProxyApp:
         await life.begin()  # the predecessor's state and listeners, or a crashed one's snapshot
         try:
             source_name, follow_source = await self._load_source()
-            if self.worker.programs_kernel:
-                await asyncio.to_thread(policy_routing(self.config).install)  # pyroute2 runs its own loop
-            if self.store.synced:  # handed over, restored, or the manifests: the table before the listener
+            routing = asyncio.to_thread(policy_routing(self.config).install)  # pyroute2 runs its own loop
+            if self.worker.programs_kernel and not self.life.link.respawned:
+                await routing
+            elif self.worker.programs_kernel:  # a crashed predecessor installed it: rewrite it beside the sync
+                routing_task = asyncio.ensure_future(routing)
+                try:
+                    if self.store.synced:
+                        await self.runner.run_now()
+                finally:
+                    await routing_task
+            else:
+                routing.close()
+            if self.store.synced and not self.runner.last_success:  # the table before the listener
                 await self.runner.run_now()
             life.restore_affinity()
             await life.listen()

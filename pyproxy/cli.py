@@ -170,6 +170,9 @@ def run(config: ProxyConfig) -> int:
     def prepare() -> None:  # a warm standby imports everything before it is needed
         import pyproxy.app  # noqa: F401
         import pyproxy.sources.manifests  # noqa: F401
+        from pyproxy.dataplane.routing import warm_up
+
+        warm_up()  # pyroute2 loads most of itself at the first netlink socket
         if config.eventLoop != "asyncio":
             try:
                 import uvloop  # noqa: F401

@@ -35,8 +35,9 @@ log = logging.getLogger("pyproxy.lifecycle")
 class SupervisorLink:
     """The child's end of its control channel."""
 
-    def __init__(self, sock: socket.socket | None) -> None:
+    def __init__(self, sock: socket.socket | None, respawned: bool = False) -> None:
         self.channel = Channel(sock, 5.0) if sock is not None else None
+        self.respawned = respawned  # started after a death: the predecessor installed the kernel's parts
         self._broken = False
 
     @property

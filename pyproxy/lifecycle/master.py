@@ -242,6 +242,7 @@ class Master:
     def _child(self, sock: socket.socket) -> int:
         """In the forked child: drop the supervisor's things, import, wait for `go`, serve."""
         _die_with_parent(self.pid)
+        os.setpgid(0, 0)  # a signal to the supervisor's group (Ctrl-C, the bench) reaches it alone: it forwards
         signal.set_wakeup_fd(-1)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
             signal.signal(sig, signal.SIG_DFL)
@@ -270,7 +271,7 @@ class Master:
         if go.body.get("restarts"):
             log.warning("serving process %d started after %d death(s) of its predecessors%s", os.getpid(),
                         go.body["restarts"], " (crash loop)" if go.body.get("crashLoop") else "")
-        return self.serve(role, got, SupervisorLink(sock))
+        return self.serve(role, got, SupervisorLink(sock, respawned=bool(go.body.get("restarts"))))
 
     def _start(self, slot: Slot) -> None:
         """Give the slot's listeners to the standby (or a new child) and make it serve."""
@@ -428,7 +429,9 @@ class Master:
                     self._start(slot)
             elif slot.respawn_at is not None and now >= slot.respawn_at and slot.child is None:
                 self._start(slot)
-        if self.standby is None and now >= self.standby_after and any(s.state != "gone" for s in self.slots):
+        starting = any(s.state == "starting" for s in self.slots)  # its CPU first: it is the one awaited
+        if self.standby is None and now >= self.standby_after and not starting and any(
+                s.state != "gone" for s in self.slots):
             self.standby = self._fork()
             self._write_status()
         if all(slot.state == "gone" for slot in self.slots):
