@@ -81,6 +81,7 @@ class Child:
     pid: int
     channel: Channel
     slot: int | None = None  # None: the warm standby
+    killed: bool = False  # by this supervisor (a standby no longer needed)
 
 
 @dataclass
@@ -362,10 +363,12 @@ class Master:
             self._forget_channel(child)
             code = os.waitstatus_to_exitcode(raw)
             how = f"signal {signal.Signals(-code).name}" if code < 0 else f"status {code}"
-            if child is self.standby:
-                self.standby = None
-                self.standby_after = self.clock() + 5.0
-                log.error("the standby serving process %d died (%s); the next one in 5s", pid, how)
+            if child.slot is None:  # the standby
+                if child is self.standby:
+                    self.standby = None
+                if not child.killed:
+                    self.standby_after = self.clock() + 5.0
+                    log.error("the standby serving process %d died (%s); the next one in 5s", pid, how)
                 continue
             slot = self.slots[child.slot] if child.slot is not None else None
             if slot is None or slot.child is not child:
@@ -454,7 +457,9 @@ class Master:
 
     def _kill_standby(self) -> None:
         if self.standby is not None:
+            self.standby.killed = True
             _kill(self.standby.pid, signal.SIGKILL)
+            self.standby = None
 
     # --- /healthz while no child serves
 
