@@ -488,17 +488,10 @@ class Master:
             conn, _ = sock.accept()
         except (BlockingIOError, InterruptedError, ConnectionAbortedError):
             return
-        slot = self.slots[0]
-        wait = max(0.0, (slot.respawn_at or self.clock()) - self.clock())
-        body = json.dumps({"healthy": False, "reason": "no serving process: restarting after a crash",
-                           "crashLoop": slot.policy.in_loop(), "restarts": slot.policy.restarts,
-                           "nextStartSeconds": round(wait, 3)}).encode()
-        answer = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-                  b"Connection: close\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
         try:
             conn.settimeout(0.2)
-            conn.recv(16384)  # the request: whatever it asked, the answer is the same
-            conn.sendall(answer)
+            request = conn.recv(16384)
+            conn.sendall(health_answer(request, self.slots[0].policy, self.slots[0].respawn_at, self.clock()))
         except OSError:
             pass
         finally:
@@ -534,6 +527,20 @@ class Master:
         self.selector.close()
         self.wake_r.close()
         self.wake_w.close()
+
+
+def health_answer(request: bytes, policy: RespawnPolicy, respawn_at: float | None, now: float) -> bytes:
+    """The supervisor's answer on the /healthz port while no child serves: /healthz (and
+    anything else) 503 with why; /livez 200, since this process is alive and restarting its
+    child (a liveness probe restarting the container would only add the kubelet's back-off)."""
+    path = request.split(b" ", 2)[1] if request.count(b" ") >= 2 else b"/"
+    live = path.split(b"?", 1)[0] == b"/livez"
+    body = json.dumps({"healthy": False, "reason": "no serving process: restarting it after a crash",
+                       "crashLoop": policy.in_loop(), "restarts": policy.restarts,
+                       "nextStartSeconds": round(max(0.0, (respawn_at or now) - now), 3)}).encode()
+    status = b"200 OK" if live else b"503 Service Unavailable"
+    return (b"HTTP/1.1 " + status + b"\r\nContent-Type: application/json\r\nConnection: close\r\n"
+            b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
 
 
 def http_listener(host: str, port: int) -> socket.socket:

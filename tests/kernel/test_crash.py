@@ -143,22 +143,25 @@ def test_kill_9_of_the_serving_process_fails_no_new_connection_and_keeps_pins(no
 
 def test_a_crash_loop_backs_off_and_healthz_says_so(node: Node) -> None:
     """Deaths in a row: the first two are restarted at once, later ones after a growing
-    back-off; meanwhile the supervisor answers /healthz itself (503, crashLoop). The next
-    process serves again and /healthz is 200."""
+    back-off; meanwhile the supervisor answers /healthz itself (503, crashLoop) and /livez
+    (200). The next process serves again and /healthz is 200."""
     supervisor, log = node.start()
     pid = wait_serving(node, None)
-    for _ in range(3):
+    for _ in range(4):
         os.kill(pid, signal.SIGKILL)
         pid = wait_serving(node, pid)
-    os.kill(pid, signal.SIGKILL)  # the 4th death within a minute: 1 s of back-off
-    wait_for(lambda: "crash loop (4 deaths within a minute)" in read(log), 5, lambda: read(log))
+    os.kill(pid, signal.SIGKILL)  # the 5th death within a minute: 2 s of back-off
+    wait_for(lambda: "crash loop (5 deaths within a minute)" in read(log), 5, lambda: read(log))
     answer = node.lab.exec("node1", "curl", "-s", "-m", "2", "-w", " %{http_code}",
                            "http://127.0.0.1:10256/healthz", check=False).stdout
     body, code = answer.rsplit(" ", 1)
     assert code == "503", answer
     doc = json.loads(body)
-    assert doc["crashLoop"] is True and doc["restarts"] == 4 and doc["nextStartSeconds"] > 0, doc
-    assert "starting another in 1.0s" in read(log), read(log)
+    assert doc["crashLoop"] is True and doc["restarts"] == 5 and doc["nextStartSeconds"] > 0, doc
+    live = node.lab.exec("node1", "curl", "-s", "-o", "/dev/null", "-m", "2", "-w", "%{http_code}",
+                         "http://127.0.0.1:10256/livez", check=False).stdout
+    assert live == "200", live  # the supervisor is alive: a liveness probe must not restart the container
+    assert "starting another in 2.0s" in read(log), read(log)
     wait_serving(node, pid)
     wait_for(lambda: node.healthz() == "200", 10, lambda: read(log))
     assert status(node)["crashLoop"] is True  # until a process has served for a while

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from pyproxy.lifecycle.respawn import LOOP_WINDOW, MAX_BACKOFF, STABLE_AFTER, RespawnPolicy
 
 
@@ -55,3 +57,19 @@ def test_a_first_process_that_never_served_is_a_start_up_error() -> None:
     policy.served(0.0)
     policy.died(1.0)
     assert not policy.give_up()  # once one served, a death before serving is a crash, respawned
+
+
+def test_the_supervisors_health_answer_while_no_process_serves() -> None:
+    from pyproxy.lifecycle.master import health_answer
+
+    policy = RespawnPolicy()
+    policy.served(0.0)
+    for i in range(4):
+        policy.died(float(i))
+    answer = health_answer(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", policy, 5.0, 4.0)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503 ") and b"Content-Length: %d" % len(body) in head
+    doc = json.loads(body)
+    assert doc["crashLoop"] is True and doc["restarts"] == 4 and doc["nextStartSeconds"] == 1.0
+    assert health_answer(b"GET /livez HTTP/1.1\r\n\r\n", policy, 5.0, 4.0).startswith(b"HTTP/1.1 200 ")
+    assert health_answer(b"", policy, None, 4.0).startswith(b"HTTP/1.1 503 ")
