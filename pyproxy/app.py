@@ -12,6 +12,7 @@ them. How a process ends (hand-over, SIGTERM, drain) is lifecycle/process.py's.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import itertools
 import logging
 import random
@@ -112,6 +113,8 @@ class ProxyApp:
             stats=self.stats,
             config=UdpConfig(idle_timeout=dp.udpIdleTimeout, max_flows=dp.maxUDPFlows),
         )
+        self._transport: Any = None  # the API client (cluster mode), for the restart Event
+        self._restart_event: asyncio.Future[None] | None = None
         self.stop = asyncio.Event()  # set: every supervised task ends (the process is leaving)
         self.supervisor = Supervisor(self.stop)  # every long-lived task runs under it
         self.life = ProcessLife(config, self.worker, self.node_name, self, early, link)
@@ -161,6 +164,7 @@ class ProxyApp:
             except SourceError as err:
                 raise StartupError(f"{err} (give --manifests DIR, --kubeconfig or --master)") from None
             kube = KubeSource(self.store, self.runner.request, transport, self.node_name, self.config.proxyName or None)
+            self._transport = transport
 
             async def follow_kube(job: Job) -> None:
                 job.probe = lambda: bool(kube.broken)  # a watch thread failing unexpectedly
@@ -215,6 +219,8 @@ class ProxyApp:
             raise
         life.install_signals()
         log.info("pyproxy serving on node %s (TCP relay: %s)", self.node_name, self.relay.describe())
+        if self.life.link.restarts and self._transport is not None and self.worker.programs_kernel:
+            self._restart_event = asyncio.ensure_future(asyncio.to_thread(self._post_restart_event))
         self.runner.request()
         self.supervisor.start("sync-runner", self._run_sync)
         self.supervisor.start("health-metrics-debug", self._run_observer)  # workers: debug only
@@ -223,6 +229,17 @@ class ProxyApp:
             self.supervisor.start("state-snapshot", self._run_snapshots)
         await life.live()
         return 0
+
+    def _post_restart_event(self) -> None:
+        """Best effort, after serving (the log line of the supervisor is the record)."""
+        from pyproxy.sources.kube_events import restart_event
+
+        link = self.life.link
+        body = restart_event(self.node_name, link.restarts, link.crash_loop, datetime.datetime.now(datetime.timezone.utc))
+        try:
+            self._transport.post_event("default", body)
+        except Exception as err:  # noqa: BLE001 - an Event is a courtesy
+            log.warning("cannot post the %s Event: %s", body["reason"], err)
 
     # --- what the process offers its life (lifecycle.process.Process)
 

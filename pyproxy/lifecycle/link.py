@@ -35,9 +35,11 @@ log = logging.getLogger("pyproxy.lifecycle")
 class SupervisorLink:
     """The child's end of its control channel."""
 
-    def __init__(self, sock: socket.socket | None, respawned: bool = False) -> None:
+    def __init__(self, sock: socket.socket | None, restarts: int = 0, crash_loop: bool = False) -> None:
         self.channel = Channel(sock, 5.0) if sock is not None else None
-        self.respawned = respawned  # started after a death: the predecessor installed the kernel's parts
+        self.restarts = restarts  # deaths of this slot's processes before this one was started
+        self.crash_loop = crash_loop
+        self.respawned = restarts > 0  # started after a death: the predecessor installed the kernel's parts
         self._broken = False
 
     @property

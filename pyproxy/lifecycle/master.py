@@ -272,7 +272,8 @@ class Master:
         if go.body.get("restarts"):
             log.warning("serving process %d started after %d death(s) of its predecessors%s", os.getpid(),
                         go.body["restarts"], " (crash loop)" if go.body.get("crashLoop") else "")
-        return self.serve(role, got, SupervisorLink(sock, respawned=bool(go.body.get("restarts"))))
+        link = SupervisorLink(sock, int(go.body.get("restarts") or 0), bool(go.body.get("crashLoop")))
+        return self.serve(role, got, link)
 
     def _start(self, slot: Slot) -> None:
         """Give the slot's listeners to the standby (or a new child) and make it serve."""
