@@ -31,7 +31,7 @@ import socket
 import time
 from typing import Any, Protocol
 
-from pyproxy.config import ProxyConfig
+from pyproxy.config import ProxyConfig, split_host_port
 from pyproxy.dataplane.dualstack import DualStackRelay
 from pyproxy.dataplane.udp import UdpRelay
 from pyproxy.dataplane.workers import WorkerRole
@@ -143,7 +143,7 @@ class ProcessLife:
         if self.handed is not None:
             self.process.udp.hold_listener()  # until the predecessor's UDP flows are here (dataplane/udp.py)
         # the supervisor keeps copies before a predecessor is told we serve (it then lets go of its own)
-        http = [(name, sock.fileno()) for name, sock in self.inherited.items() if name.startswith("http:")]
+        http = [(name, sock.fileno()) for name, sock in self.inherited.items() if name in self._held_http()]
         self.link.listeners(listener_names(self.process.relay, self.process.udp, []) + http)
         self.link.send("serving")
 
@@ -157,8 +157,28 @@ class ProcessLife:
             self.handed.close_unused()
 
     def take_socket(self, port: int) -> socket.socket | None:
-        """An HTTP listener handed over or bound early, for the observer."""
-        return self.inherited.pop(f"http:{port}", None)
+        """An HTTP listener handed over or bound early, for the observer. Under a supervisor
+        (which holds a copy, so the port cannot be bound again) a copy is given and the
+        original kept: an HTTP server started again after a failure takes another."""
+        name = f"http:{port}"
+        if not self.link.supervised or name not in self._held_http():
+            return self.inherited.pop(name, None)
+        sock = self.inherited.get(name)
+        return sock.dup() if sock is not None else None
+
+    def _held_http(self) -> set[str]:
+        """The HTTP listeners a supervisor holds: /healthz and /metrics (health check node
+        ports come and go with Services: they stay this process's)."""
+        held = set()
+        for address in (self.config.healthzBindAddress, self.config.metricsBindAddress):
+            if address:
+                held.add(f"http:{split_host_port(address, 'bind address')[1]}")
+        return held
+
+    def _close_http(self) -> None:
+        """This process serves HTTP no more: its kept originals go (a successor has its own)."""
+        for name in [n for n in self.inherited if n.startswith("http:")]:
+            self.inherited.pop(name).close()
 
     def install_signals(self) -> None:
         loop = asyncio.get_running_loop()
@@ -211,6 +231,7 @@ class ProcessLife:
         self.process.relay.release_listener()
         self.process.udp.release_listener()
         await self.process.stop_work()  # the servers close their copies of the HTTP listeners
+        self._close_http()
 
     # --- internals
 
@@ -344,6 +365,7 @@ class ProcessLife:
     async def _shutdown(self) -> None:
         self.process.relay.stop_accepting()  # reset from now on (a listener still held is closed by drain)
         await self.process.stop_work()
+        self._close_http()
         if not self.drained:
             if self.stop_now:
                 self.force = True  # serving went on to the drain bound: what is left is cut
