@@ -58,14 +58,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pyproxy.config import ProxyConfig, split_host_port
-from pyproxy.dataplane.workers import WorkerRole
 from pyproxy.lifecycle.channel import Channel, ChannelError, Message, close_fds
 from pyproxy.lifecycle.handover import socket_path
 from pyproxy.lifecycle.link import SupervisorLink
 from pyproxy.lifecycle.respawn import RespawnPolicy
+
+if TYPE_CHECKING:
+    from pyproxy.dataplane.workers import WorkerRole
 
 log = logging.getLogger("pyproxy.supervisor")
 
@@ -73,7 +75,7 @@ STOP_GRACE = 60.0  # seconds the children get after the first request to stop
 TICK = 0.1  # the loop's longest sleep
 PR_SET_PDEATHSIG = 1
 
-Serve = Callable[[WorkerRole, dict[str, socket.socket], SupervisorLink], int]
+Serve = Callable[["WorkerRole", dict[str, socket.socket], SupervisorLink], int]
 
 
 @dataclass
@@ -267,6 +269,8 @@ class Master:
             return 1
         got = {str(n): socket.socket(fileno=fd) for n, fd in zip(names, go.fds)}
         sock.settimeout(5.0)
+        from pyproxy.dataplane.workers import WorkerRole  # the child's imports, not the supervisor's
+
         count = int(go.body["count"])
         role = WorkerRole(int(go.body["index"]), count, None, int(go.body["group"]) if count > 1 else 0)
         if go.body.get("restarts"):
