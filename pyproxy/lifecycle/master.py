@@ -19,7 +19,7 @@ Design (HAProxy's master-worker, for a proxy whose kernel rules stay when it die
 - A crash loop (respawn.py: the 3rd death within a minute on) is slowed down with
   back-off, logged, and reported: while no child serves, this parent answers /healthz
   itself on the listener it holds, 503 with why; otherwise requests wait in the queue for
-  the next child. A child that dies at the very first start before any served is a
+  the next child. A child that exits with a failure status before any served is a
   start-up error (bad manifests, bad config): the parent exits with its status.
 - Planned restarts stay the children's business (handover.py): the new supervisor cannot
   bind the ports, starts its children without listeners, and each takes over from its
@@ -398,7 +398,7 @@ class Master:
             slot.state = "down"
             slot.superseded_by = now + self.config.lifecycle.handOverTimeout
             return
-        if slot.policy.give_up():
+        if slot.policy.give_up(code):
             log.error("serving process %d (slot %d) exited with %s before serving: not restarting "
                       "(a start-up error)", child.pid, slot.index, how)
             self.status = code if code > 0 else 1

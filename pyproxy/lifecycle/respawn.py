@@ -7,9 +7,10 @@ Rules kept here (no I/O, no clock of its own: every call is given `now`):
   seconds on, each further start waits `FIRST_BACKOFF` doubling up to `MAX_BACKOFF`. A
   process that served for `STABLE_AFTER` seconds before dying resets the count: a crash a
   day is never a loop.
-- A process that never served and died at the very first start (no process has served
-  since the supervisor started) is a start-up error (bad input, bad config): a restart
-  cannot fix it, so the supervisor exits with its status instead of looping (`give_up`).
+- A process that exited with a failure status before any process served since the
+  supervisor started is a start-up error (bad input, bad config): a restart cannot fix
+  it, so the supervisor exits with its status instead of looping (`give_up`). One killed
+  by a signal then (kill -9, the OOM killer, a segfault) is a crash like any other.
 - `in_loop` is what /healthz and the logs report: true from the loop's first back-off until
   a process has served for `STABLE_AFTER` seconds again.
 """
@@ -57,9 +58,10 @@ class RespawnPolicy:
             return 0.0
         return float(min(MAX_BACKOFF, FIRST_BACKOFF * 2.0 ** beyond))
 
-    def give_up(self) -> bool:
-        """The first process died before any served: a start-up error, not a crash."""
-        return not self.served_once
+    def give_up(self, code: int) -> bool:
+        """Exit status `code` (negative: killed by that signal) of a process that never
+        served, before any served: a start-up error, not a crash."""
+        return not self.served_once and code > 0
 
     def in_loop(self) -> bool:
         return len(self.deaths) >= LOOP_DEATHS

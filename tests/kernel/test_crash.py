@@ -193,3 +193,31 @@ def test_a_crash_of_the_old_process_in_the_middle_of_a_hand_over(node: Node) -> 
     assert all(in_flight(f) for f in tcp["failures"]), json.dumps(tcp)
     assert tcp["ok"] > 50 and udp["ok"] > 50, (tcp, udp)
     assert node.healthz() == "200"
+
+
+def test_a_crash_of_the_successor_in_the_middle_of_a_hand_over(node: Node) -> None:
+    """The successor's serving process dies (kill -9) after it received the listeners, while it
+    syncs: the old process keeps serving (the successor never said it serves) or, had it
+    said so, the successor's supervisor holds the listeners; either way the successor's
+    supervisor starts another, which takes over, and no new connection fails."""
+    old, old_log = node.start("--config", str(node.workdir / "config.yaml"))
+    stop = node.workdir / "stop"
+    loops = node.loops(stop, timeout=1.0, interval=0.01, reply_timeout=1.0)
+    try:
+        time.sleep(0.5)
+        new, new_log = node.start("--config", str(node.workdir / "config.yaml"), wait="handed over tcp")
+        first = int(read(new_log).split("serving process ", 1)[1].split()[0])
+        os.kill(first, signal.SIGKILL)
+        wait_for(lambda: "died (signal SIGKILL); starting another now" in read(new_log), 10,
+                 lambda: read(new_log), new)
+        assert old.wait(20) == 0, read(old_log)  # it handed over to the second one, then left
+        wait_for(lambda: "hand-over complete" in read(new_log), 10, lambda: read(new_log), new)
+        time.sleep(1.0)
+    finally:
+        tcp, udp = results(loops, stop)
+    assert new.poll() is None, read(new_log)
+    assert tcp["failed"] <= 1 and udp["failed"] <= 1, json.dumps([tcp, udp])
+    assert all(in_flight(f) for f in tcp["failures"]), json.dumps(tcp)
+    assert tcp["ok"] > 50 and udp["ok"] > 50, (tcp, udp)
+    assert len(tcp["pods"]) == 1 and len(udp["pods"]) == 1, (tcp, udp)
+    assert node.healthz() == "200"

@@ -51,12 +51,13 @@ def test_serving_for_a_while_forgets_the_loop() -> None:
     assert policy.died(10.0 + STABLE_AFTER + 1) == 0.0
 
 
-def test_a_first_process_that_never_served_is_a_start_up_error() -> None:
+def test_a_first_process_that_failed_before_serving_is_a_start_up_error() -> None:
     policy = RespawnPolicy()
-    assert policy.give_up()
+    assert policy.give_up(1) and policy.give_up(2)
+    assert not policy.give_up(-9)  # killed before serving (mid hand-over, say): a crash, respawned
     policy.served(0.0)
     policy.died(1.0)
-    assert not policy.give_up()  # once one served, a death before serving is a crash, respawned
+    assert not policy.give_up(1)  # once one served, a death before serving is a crash, respawned
 
 
 def test_the_supervisors_health_answer_while_no_process_serves() -> None:
