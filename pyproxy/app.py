@@ -4,7 +4,9 @@ Start-up order keeps the kernel untouched until the input is known good: the pro
 life (pyproxy/lifecycle/process.py) first takes a running predecessor's listeners and state,
 or the snapshot a crashed one left; then the input is loaded (and validated), policy
 routing installed, one sync run if the store is already complete (handed over, restored,
-or the manifests), affinity restored, and only then does it serve on the listeners. The
+or the manifests; a process its supervisor started after a crash does both at once, the
+crashed one having installed the routing), affinity restored, and only then does it serve
+on the listeners (the supervisor's, lifecycle/master.py, when it has them). The
 rules are rewritten in one transaction, never flushed, so a restart never opens a hole in
 them. How a process ends (hand-over, SIGTERM, drain) is lifecycle/process.py's.
 """
@@ -198,19 +200,13 @@ class ProxyApp:
         await life.begin()  # the predecessor's state and listeners, or a crashed one's snapshot
         try:
             source_name, follow_source = await self._load_source()
-            routing = asyncio.to_thread(policy_routing(self.config).install)  # pyroute2 runs its own loop
-            if self.worker.programs_kernel and not self.life.link.respawned:
-                await routing
-            elif self.worker.programs_kernel:  # a crashed predecessor installed it: rewrite it beside the sync
-                routing_task = asyncio.ensure_future(routing)
-                try:
-                    if self.store.synced:
-                        await self.runner.run_now()
-                finally:
-                    await routing_task
-            else:
-                routing.close()
-            if self.store.synced and not self.runner.last_success:  # the table before the listener
+            if self.worker.programs_kernel:
+                install = asyncio.to_thread(policy_routing(self.config).install)  # pyroute2 runs its own loop
+                if self.life.link.respawned and self.store.synced:  # a crashed predecessor installed it
+                    await asyncio.gather(install, self.runner.run_now())  # so rewrite it beside the sync
+                else:
+                    await install
+            if self.store.synced and self.runner.last_success is None:  # the table before the listener
                 await self.runner.run_now()
             life.restore_affinity()
             await life.listen()

@@ -12,6 +12,10 @@ socket and take its listeners and state, or else read the state snapshot a crash
 refused predecessor still holds them). A failure before serving closes what was received,
 and a predecessor keeps serving (`abort`).
 
+Under a supervisor (master.py, through `link`): the listeners the process serves on are
+sent to it before a predecessor is told we serve, the hand-over socket once bound, and
+`serving`; a hand-over's `giving`, `kept` and `gone` are told to it too (link.py).
+
 Ends of a process (`live`): (1) a successor takes over (handover.py): this one stops
 accepting, hands over the rest, drains what it still holds, then exits (or waits for
 SIGTERM: `lifecycle.afterHandOver: wait`); (2) SIGTERM with no successor: it serves on --
