@@ -16,6 +16,8 @@ Design (HAProxy's master-worker, for a proxy whose kernel rules stay when it die
   standby*: forked and fully imported beforehand, blocked on its control channel; it is
   sent `go` with the listeners, restores the state snapshot (affinity pins with their
   ages), programs the kernel in one transaction and serves. Then a new standby is forked.
+  There is one standby per slot (`--workers N`: N), so that a crash of every worker at
+  once (the same bad input reaching each) is served as fast as a crash of one.
 - A crash loop (respawn.py: the 3rd death within a minute on) is slowed down with
   back-off, logged, and reported: while no child serves, this parent answers /healthz
   itself on the listener it holds, 503 with why; otherwise requests wait in the queue for
@@ -112,7 +114,7 @@ class Master:
         self.count = config.dataplane.workers
         self.slots = [Slot(i) for i in range(self.count)]
         self.children: dict[int, Child] = {}
-        self.standby: Child | None = None
+        self.standbys: list[Child] = []  # warm, waiting for `go`: one per slot
         self.pid = os.getpid()
         self.selector = selectors.DefaultSelector()
         self.wake_r, self.wake_w = socket.socketpair()
@@ -135,7 +137,8 @@ class Master:
         if self.count == 1:
             got = bind_early(dp.tcpProxyPort, dp.udpProxyPort)
             if not got:
-                log.info("the proxy port is held (a running pyproxy: its children hand over to ours)")
+                log.info("the proxy port cannot be bound now (a running pyproxy holds it, or no permission): "
+                         "the serving process takes it over or binds it itself")
                 return
             self.slots[0].sockets.update(got)
         else:
@@ -171,7 +174,6 @@ class Master:
         self.selector.register(self.wake_r, selectors.EVENT_READ, "wake")
         for slot in self.slots:
             self._start(slot)
-        self.standby = self._fork()
         self._write_status()
         try:
             while self._busy():
@@ -217,7 +219,7 @@ class Master:
                 log.info("%s: stopping the serving processes (each drains as it always did)",
                          signal.Signals(signum).name)
                 self.stopping_since = self.clock()
-                self._kill_standby()
+                self._kill_standbys()
             for slot in self.slots:
                 if slot.child is not None:
                     _kill(slot.child.pid, signum)
@@ -282,8 +284,7 @@ class Master:
     def _start(self, slot: Slot) -> None:
         """Give the slot's listeners to the standby (or a new child) and make it serve."""
         slot.respawn_at = slot.superseded_by = None
-        child = self.standby or self._fork()
-        self.standby = None
+        child = self.standbys.pop(0) if self.standbys else self._fork()
         child.slot = slot.index
         slot.child = child
         slot.state = "starting"
@@ -368,9 +369,9 @@ class Master:
             self._forget_channel(child)
             code = os.waitstatus_to_exitcode(raw)
             how = f"signal {signal.Signals(-code).name}" if code < 0 else f"status {code}"
-            if child.slot is None:  # the standby
-                if child is self.standby:
-                    self.standby = None
+            if child.slot is None:  # a standby
+                if child in self.standbys:
+                    self.standbys.remove(child)
                 if not child.killed:
                     self.standby_after = self.clock() + 5.0
                     log.error("the standby serving process %d died (%s); the next one in 5s", pid, how)
@@ -438,12 +439,12 @@ class Master:
             elif slot.respawn_at is not None and now >= slot.respawn_at and slot.child is None:
                 self._start(slot)
         starting = any(s.state == "starting" for s in self.slots)  # its CPU first: it is the one awaited
-        if self.standby is None and now >= self.standby_after and not starting and any(
+        if len(self.standbys) < self.count and now >= self.standby_after and not starting and any(
                 s.state != "gone" for s in self.slots):
-            self.standby = self._fork()
+            self.standbys.append(self._fork())  # one per tick: their imports do not all compete at once
             self._write_status()
         if all(slot.state == "gone" for slot in self.slots):
-            self._kill_standby()
+            self._kill_standbys()
 
     def _superseded(self, slot: Slot) -> bool:
         try:
@@ -454,17 +455,17 @@ class Master:
 
     def _stop_all(self) -> None:
         self.stopping_since = self.clock()
-        self._kill_standby()
+        self._kill_standbys()
         for slot in self.slots:
             slot.respawn_at = None
             if slot.child is not None:
                 _kill(slot.child.pid, signal.SIGTERM)
 
-    def _kill_standby(self) -> None:
-        if self.standby is not None:
-            self.standby.killed = True
-            _kill(self.standby.pid, signal.SIGKILL)
-            self.standby = None
+    def _kill_standbys(self) -> None:
+        for child in self.standbys:
+            child.killed = True
+            _kill(child.pid, signal.SIGKILL)
+        self.standbys.clear()
 
     # --- /healthz while no child serves
 
@@ -510,7 +511,7 @@ class Master:
         status = {"pid": self.pid,
                   "slots": {str(s.index): {"pid": s.child.pid if s.child is not None else None, "state": s.state}
                             for s in self.slots},
-                  "standby": self.standby.pid if self.standby is not None else None,
+                  "standby": [child.pid for child in self.standbys],
                   "restarts": sum(s.policy.restarts for s in self.slots),
                   "crashLoop": any(s.policy.in_loop() for s in self.slots)}
         path = Path(self.config.lifecycle.stateDir) / "supervisor.json"
@@ -523,7 +524,7 @@ class Master:
             log.debug("cannot write %s: %s", path, err)
 
     def _close(self) -> None:
-        self._kill_standby()
+        self._kill_standbys()
         for slot in self.slots:
             slot.close_sockets()
         for child in list(self.children.values()):

@@ -80,9 +80,9 @@ def serving_pid(node: Node, slot: str = "0") -> int | None:
     return int(entry["pid"]) if entry.get("state") == "serving" and entry.get("pid") else None
 
 
-def wait_serving(node: Node, other_than: int | None, timeout: float = 20) -> int:
-    wait_for(lambda: serving_pid(node) not in (None, other_than), timeout, lambda: json.dumps(status(node)))
-    pid = serving_pid(node)
+def wait_serving(node: Node, other_than: int | None, timeout: float = 20, slot: str = "0") -> int:
+    wait_for(lambda: serving_pid(node, slot) not in (None, other_than), timeout, lambda: json.dumps(status(node)))
+    pid = serving_pid(node, slot)
     assert pid is not None
     return pid
 
@@ -109,23 +109,24 @@ def test_kill_9_of_the_serving_process_fails_no_new_connection_and_keeps_pins(no
     1 s client timeout; every client stays on its pod (the pins come back from the
     snapshot). Twice, under TCP and UDP loops."""
     supervisor, log = node.start("--config", str(node.workdir / "config.yaml"), "--workers", str(workers))
-    first = wait_serving(node, None)
+    slots = [str(i) for i in range(workers)]
+    serving = {slot: wait_serving(node, None, slot=slot) for slot in slots}
     stop = node.workdir / "stop"
     loops = node.loops(stop, timeout=1.0, interval=0.01, reply_timeout=1.0)
     try:
         time.sleep(0.5)
         wait_for(lambda: pins_written(node), 10, lambda: read(node.state / "state.json"))
         time.sleep(0.7)  # both pins written at least once more
-        killed = first
         for _ in range(2):
-            os.kill(killed, signal.SIGKILL)
-            killed = wait_serving(node, killed)
+            for pid in serving.values():  # every worker: each is started again alone, on its own socket
+                os.kill(pid, signal.SIGKILL)
+            serving = {slot: wait_serving(node, serving[slot], slot=slot) for slot in slots}
             time.sleep(1.5)
         assert supervisor.poll() is None, read(log)
     finally:
         tcp, udp = results(loops, stop)
     text = read(log)
-    assert text.count("died (signal SIGKILL); starting another now") == 2, text
+    assert text.count("died (signal SIGKILL); starting another now") == 2 * workers, text
     assert "restored 2 affinity pins" in text, text
     assert tcp["ok"] > 50 and udp["ok"] > 50, (tcp, udp)
     # a request the killed process was in the middle of (an accepted connection, a datagram it
