@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import tempfile
@@ -209,7 +210,7 @@ def test_a_crash_of_the_successor_in_the_middle_of_a_hand_over(node: Node) -> No
     try:
         time.sleep(0.5)
         new, new_log = node.start("--config", str(node.workdir / "config.yaml"), wait="handed over tcp")
-        first = int(read(new_log).split("serving process ", 1)[1].split()[0])
+        first = int(re.findall(r"serving process (\d+) serves slot 0", read(new_log))[0])
         os.kill(first, signal.SIGKILL)
         wait_for(lambda: "died (signal SIGKILL); starting another now" in read(new_log), 10,
                  lambda: read(new_log), new)
