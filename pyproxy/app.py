@@ -4,7 +4,9 @@ Start-up order keeps the kernel untouched until the input is known good: the pro
 life (pyproxy/lifecycle/process.py) first takes a running predecessor's listeners and state,
 or the snapshot a crashed one left; then the input is loaded (and validated), policy
 routing installed, one sync run if the store is already complete (handed over, restored,
-or the manifests), affinity restored, and only then does it serve on the listeners. The
+or the manifests; a process its supervisor started after a crash does both at once, the
+crashed one having installed the routing), affinity restored, and only then does it serve
+on the listeners (the supervisor's, lifecycle/master.py, when it has them). The
 rules are rewritten in one transaction, never flushed, so a restart never opens a hole in
 them. How a process ends (hand-over, SIGTERM, drain) is lifecycle/process.py's.
 """
@@ -12,6 +14,7 @@ them. How a process ends (hand-over, SIGTERM, drain) is lifecycle/process.py's.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import itertools
 import logging
 import random
@@ -31,6 +34,7 @@ from pyproxy.dataplane.routing import PolicyRouting, interface_routes, local_add
 from pyproxy.dataplane.stats import DataplaneStats
 from pyproxy.dataplane.udp import UdpConfig, UdpRelay
 from pyproxy.inspect.reader import ProxyReader
+from pyproxy.lifecycle.link import SupervisorLink
 from pyproxy.lifecycle.process import ProcessLife
 from pyproxy.model.source import SourcePolicy
 from pyproxy.model.family import join_host_port, node_port_candidate
@@ -60,7 +64,7 @@ def policy_routing(config: ProxyConfig) -> PolicyRouting:
 
 class ProxyApp:
     def __init__(self, config: ProxyConfig, worker: WorkerRole | None = None,
-                 early: dict[str, socket.socket] | None = None) -> None:
+                 early: dict[str, socket.socket] | None = None, link: SupervisorLink | None = None) -> None:
         self.config = config
         self.worker = worker or WorkerRole()  # one of dataplane.workers; only worker 0 programs the kernel
         self.node_name = node_name_of(config)
@@ -113,9 +117,11 @@ class ProxyApp:
             stats=self.stats,
             config=UdpConfig(idle_timeout=dp.udpIdleTimeout, max_flows=dp.maxUDPFlows),
         )
+        self._transport: Any = None  # the API client (cluster mode), for the restart Event
+        self._restart_event: asyncio.Future[None] | None = None
         self.stop = asyncio.Event()  # set: every supervised task ends (the process is leaving)
         self.supervisor = Supervisor(self.stop)  # every long-lived task runs under it
-        self.life = ProcessLife(config, self.worker, self.node_name, self, early)
+        self.life = ProcessLife(config, self.worker, self.node_name, self, early, link)
         reader = ProxyReader(self.store, self.table, lambda: itertools.chain(self.relay.connections(),
                                                                              self.udp.connections()),
                              shutting_down=self.stop.is_set, worker=self.worker.index)
@@ -166,6 +172,7 @@ class ProxyApp:
             except SourceError as err:
                 raise StartupError(f"{err} (give --manifests DIR, --kubeconfig or --master)") from None
             kube = KubeSource(self.store, self.runner.request, transport, self.node_name, self.config.proxyName or None)
+            self._transport = transport
 
             async def follow_kube(job: Job) -> None:
                 job.probe = lambda: bool(kube.broken)  # a watch thread failing unexpectedly
@@ -200,8 +207,12 @@ class ProxyApp:
         try:
             source_name, follow_source = await self._load_source()
             if self.worker.programs_kernel:
-                await asyncio.to_thread(policy_routing(self.config).install)  # pyroute2 runs its own loop
-            if self.store.synced:  # handed over, restored, or the manifests: the table before the listener
+                install = asyncio.to_thread(policy_routing(self.config).install)  # pyroute2 runs its own loop
+                if self.life.link.respawned and self.store.synced:  # a crashed predecessor installed it
+                    await asyncio.gather(install, self.runner.run_now())  # so rewrite it beside the sync
+                else:
+                    await install
+            if self.store.synced and self.runner.last_success is None:  # the table before the listener
                 await self.runner.run_now()
             life.restore_affinity()
             await life.listen()
@@ -210,6 +221,8 @@ class ProxyApp:
             raise
         life.install_signals()
         log.info("pyproxy serving on node %s (TCP relay: %s)", self.node_name, self.relay.describe())
+        if self.life.link.restarts and self._transport is not None and self.worker.programs_kernel:
+            self._restart_event = asyncio.ensure_future(asyncio.to_thread(self._post_restart_event))
         self.runner.request()
         self.supervisor.start("sync-runner", self._run_sync)
         self.supervisor.start("health-metrics-debug", self._run_observer)  # workers: debug only
@@ -218,6 +231,17 @@ class ProxyApp:
             self.supervisor.start("state-snapshot", self._run_snapshots)
         await life.live()
         return 0
+
+    def _post_restart_event(self) -> None:
+        """Best effort, after serving (the log line of the supervisor is the record)."""
+        from pyproxy.sources.kube_events import restart_event
+
+        link = self.life.link
+        body = restart_event(self.node_name, link.restarts, link.crash_loop, datetime.datetime.now(datetime.timezone.utc))
+        try:
+            self._transport.post_event("default", body)
+        except Exception as err:  # noqa: BLE001 - an Event is a courtesy
+            log.warning("cannot post the %s Event: %s", body["reason"], err)
 
     # --- what the process offers its life (lifecycle.process.Process)
 

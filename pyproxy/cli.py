@@ -163,22 +163,31 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run(config: ProxyConfig) -> int:
-    early: dict[str, Any] = {}
-    if config.dataplane.workers == 1:  # listen before the imports (pyproxy/lifecycle/early.py)
-        from pyproxy.lifecycle.early import bind_early
+    """The supervisor (pyproxy/lifecycle/master.py) holds the listeners and runs the serving
+    processes, `--workers N` of them, as its children, starting another when one dies."""
+    from pyproxy.lifecycle.master import Master
 
-        early = bind_early(config.dataplane.tcpProxyPort, config.dataplane.udpProxyPort)
-    from pyproxy.app import ProxyApp, StartupError
-    from pyproxy.dataplane.workers import WorkerRole
-    from pyproxy.lifecycle.workers import predecessor_hands_over, run_workers
-    from pyproxy.sources.manifests import ManifestError
+    def prepare() -> None:  # a warm standby imports everything before it is needed
+        import pyproxy.app  # noqa: F401
+        import pyproxy.sources.manifests  # noqa: F401
+        from pyproxy.dataplane.routing import warm_up
 
-    async def _main(worker: WorkerRole | None = None) -> int:
-        return await ProxyApp(config, worker, early=early).run()
+        warm_up()  # pyroute2 loads most of itself at the first netlink socket
+        if config.eventLoop != "asyncio":
+            try:
+                import uvloop  # noqa: F401
+            except ImportError:
+                pass
 
-    def serve(worker: WorkerRole | None = None) -> int:
+    def serve(worker: Any, early: dict[str, Any], link: Any) -> int:
+        from pyproxy.app import ProxyApp, StartupError
+        from pyproxy.sources.manifests import ManifestError
+
+        async def _main() -> int:
+            return await ProxyApp(config, worker, early=early, link=link).run()
+
         try:
-            return _run_loop(_main(worker), config.eventLoop)
+            return _run_loop(_main(), config.eventLoop)
         except (StartupError, ManifestError) as err:
             log.error("cannot start: %s", err)
             return 1
@@ -186,14 +195,11 @@ def run(config: ProxyConfig) -> int:
             log.error("cannot start: %s (pyproxy needs root or CAP_NET_ADMIN)", err)
             return 1
 
-    if config.dataplane.workers > 1:  # fork before any event loop exists; each worker serves as above
-        try:
-            return run_workers(config.dataplane.workers, "127.0.0.1", config.dataplane.tcpProxyPort, serve,
-                               lambda: predecessor_hands_over(config))
-        except PermissionError as err:
-            log.error("cannot start: %s (pyproxy needs root or CAP_NET_ADMIN)", err)
-            return 1
-    return serve()
+    try:
+        return Master(config, serve, prepare).run()
+    except PermissionError as err:
+        log.error("cannot start: %s (pyproxy needs root or CAP_NET_ADMIN)", err)
+        return 1
 
 
 def _run_loop(coro: Any, event_loop: str = "auto") -> int:

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from bench.reporting.summary import Measurement
 from bench.runner import procs
-from bench.runner.contenders import BACKEND_PORT, HTTP_PORT, IPERF_PORT, Contender, threads_of
+from bench.runner.contenders import BACKEND_PORT, HTTP_PORT, IPERF_PORT, Contender, state_dir, threads_of
 from bench.runner.topology import NODE_ADDR, Topology, in_ns
 from bench.runner.workloads import Workload
 
@@ -223,7 +223,8 @@ class Harness:
     def measure_restart(self, c: Contender, w: Workload, restarts: int = 2) -> Measurement:
         """`bench.restart` from the client while the contender is restarted `restarts` times,
         a second apart: pyproxy by a successor started beside it (`restart`: it takes over,
-        the old one drains and exits) or by kill -9 and a new start (`crash`); dnat has no
+        the old one drains and exits) or by kill -9 of its serving process (`crash`: the supervisor
+        starts the next one on the listeners it holds); dnat has no
         process, its rules and conntrack are the kernel's and stay (kube-proxy's restart).
         `w.duration` bounds the whole run."""
         tag = f"{w.name}-{c.id}"
@@ -266,10 +267,14 @@ class Harness:
         log = self.workdir / c.id / "run.log"
         mark = "pyproxy serving on node" if how == "crash" else "this process stopped accepting"
         before = log.read_text().count(mark) if log.exists() else 0
-        if how == "crash":
-            procs.kill_group(old.pid)
-            old.popen.wait(10)
-        self.registry.start(c.id, self._proxy_argv(c), log, cwd=self.repo)
+        if how == "crash":  # kill -9 of the serving process(es); the supervisor starts the next one
+            serving = _serving_pids(state_dir(c.id))
+            if not serving:
+                return f"{c.id}: no serving process in its supervisor.json"
+            for pid in serving:
+                procs.kill_pid(pid)
+        else:
+            self.registry.start(c.id, self._proxy_argv(c), log, cwd=self.repo)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             if log.read_text().count(mark) > before:
@@ -321,3 +326,12 @@ class Harness:
             proxy_cpu_s=(cpu1 - cpu0) if cpu0 is not None and cpu1 is not None else None,
             backend_cpu_s=be1 - be0, wall_s=wall, pss_before=pss0, pss_peak=peak, rate=rate,
             proxy_cpu_by_process=by_process, machine_cpu_s=busy)
+
+
+def _serving_pids(state: Path) -> list[int]:
+    """The pids serving a pyproxy's slots (its supervisor writes them: pyproxy/lifecycle/master.py)."""
+    try:
+        slots = json.loads((state / "supervisor.json").read_text()).get("slots", {})
+    except (OSError, ValueError):
+        return []
+    return [int(s["pid"]) for s in slots.values() if s.get("pid") and s.get("state") == "serving"]

@@ -173,6 +173,14 @@ class Registry:
             self.stop(proc)
 
 
+def kill_pid(pid: int) -> None:
+    """SIGKILL to one process of a group this run started (a crash of pyproxy's serving process)."""
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
 def kill_group(pgid: int) -> None:
     """SIGKILL to a process group this run started (a crash of a contender)."""
     _signal_group(pgid, signal.SIGKILL)

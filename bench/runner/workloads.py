@@ -9,8 +9,9 @@ Rules kept here:
 - Quick: fewer rounds, shorter, a subset (stream-1, crr, latency@50%, idle), for a CI smoke
   run under 5 minutes with the five non-pyproxy families.
 - `restart` and `crash` (bench/loadtool/restart.py): one run per contender that can be restarted
-  (pyproxy: a successor started beside it takes over, twice; `crash`: kill -9 and start
-  again, twice; dnat: nothing to restart, its state is the kernel's, as kube-proxy's).
+  (pyproxy: a successor started beside it takes over, twice; `crash`: kill -9 of its serving
+  process(es), twice, its supervisor starting the next; dnat: nothing to restart, its state
+  is the kernel's, as kube-proxy's).
 - A workload with a `tool` runs a C/Go load generator (bench/loadtool/cload.py) against the service on
   `port` (contenders.HTTP_PORT or IPERF_PORT) instead of the Python load tool; `ref` names
   the crr workload whose HAProxy rate a latency fraction applies to.

@@ -115,6 +115,16 @@ class PolicyRouting:
                 _ignore(errno.ENODEV, lambda: ipr.link("del", index=index))
 
 
+def warm_up() -> None:
+    """Open and close one netlink socket: pyroute2 imports most of its modules then, which a
+    warm standby (pyproxy/lifecycle/master.py) does before it is needed, not after a crash."""
+    try:
+        with IPRoute() as ipr:
+            ipr.get_links(1)
+    except (OSError, NetlinkError) as err:
+        log.debug("netlink warm-up: %s", err)
+
+
 REENTRY_MTU = 65535  # the veth's maximum: an IP datagram's largest size fits
 
 

@@ -2,7 +2,7 @@
 
 Here: the worker's role (`WorkerRole`: which worker programs the kernel), the no-op nft
 runner of the others, and the reuseport group of listeners. Forking and supervising the
-workers is the process's life: `pyproxy/lifecycle/workers.py`.
+workers is the process's life: `pyproxy/lifecycle/master.py`.
 
 Design (the simplest correct one found; see the notes at the end):
 - The supervisor (the process `pyproxy` was started as) makes N listening sockets on the
@@ -18,16 +18,16 @@ Design (the simplest correct one found; see the notes at the end):
 - Only worker 0 programs the kernel (policy routing, the nftables table) and serves UDP;
   the others apply the same syncs to their own tables with a no-op nft runner. The
   kernel's rules never depend on which worker accepts.
-- The supervisor forwards SIGTERM/SIGINT to the workers (each drains as a single proxy
-  would); when any worker fails, it stops the others and exits with the first failure's
-  status. A worker that exits with 0 unasked has handed its socket to its counterpart in
-  a successor group (pyproxy/lifecycle): the reuseport group is intact, so the others are
-  left to finish their own hand-over.
+- The supervisor (pyproxy/lifecycle/master.py) keeps a copy of every socket of the group
+  and forwards SIGTERM/SIGINT to the workers (each drains as a single proxy would). A
+  worker that dies is started again alone on the same socket: the socket never left the
+  group (the supervisor holds it), so the numbering and the steering stay. A worker that
+  handed its socket to its counterpart in a successor group is not restarted.
 - A successor group makes no sockets: when a running group answers on the hand-over
   socket, worker i of the new group takes socket i over from worker i of the old one
-  (same socket, so the same place in the group and the same steering). It never restarts one worker alone: a closed socket leaves the reuseport group
-  and the kernel renumbers the rest, which would move clients between affinity tables, so
-  the whole set is restarted (by whatever runs pyproxy) instead.
+  (same socket, so the same place in the group and the same steering). A socket must never
+  be closed by everyone holding it: it would leave the reuseport group and the kernel would
+  renumber the rest, moving clients between affinity tables.
 
 Notes: the alternative, one control-plane parent streaming table updates to workers, would
 keep one watch on the API server instead of N, but needs a wire format for the table and its

@@ -11,6 +11,7 @@ Shared by the demo and the real-kernel tests. Rules kept here:
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -53,6 +54,22 @@ class Cluster:
         self.syncers[node] = int(extra[extra.index("--workers") + 1]) if "--workers" in extra else 1
         self.wait_for_log(node, "synced", self.syncers[node] - 1)  # every worker has its table
         return proc
+
+    def serving_pid(self, node: str, slot: int = 0) -> int:
+        """The pid of the process serving `slot` on `node` (pyproxy's supervisor, the process
+        started, names it in `<stateDir>/supervisor.json`); its fds and memory are the proxy's."""
+        path = self.workdir / node / "state" / "supervisor.json"
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                entry = json.loads(path.read_text())["slots"][str(slot)]
+                if entry.get("state") == "serving" and entry.get("pid"):
+                    return int(entry["pid"])
+            except (OSError, ValueError, KeyError):
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no serving process for slot {slot} on {node} in {path}")
+            time.sleep(0.05)
 
     def syncs(self, node: str) -> int:
         return self.log(node).count(" synced ")

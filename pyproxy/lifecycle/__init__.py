@@ -19,7 +19,10 @@ Theory of operation:
   /healthz truthfully until a successor takes over or `drainTimeout` passes; only then does
   it stop accepting and cut what is left (a successor refused for its version makes it
   release the listeners at once and drain as before).
-- Crash (`kill -9`): the kernel's rules stay; nothing listens until the next process does.
-  That process restores the sync state and affinity from the snapshot, rewrites the rules
-  in one transaction (never flushing them), and listens as soon as its table is built.
+- Crash (`kill -9`) of the serving process: its supervisor (`master.py`) holds the
+  listeners, so new connections and datagrams wait in the kernel's queues; it starts a warm
+  standby at once, which restores the sync state and affinity from the snapshot, rewrites
+  the rules in one transaction (never flushing them), and serves what waited. A crash of
+  the supervisor itself (the container killed) is the old crash: the next pyproxy binds
+  before its imports and serves once its table is built.
 """

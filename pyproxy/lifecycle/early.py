@@ -13,7 +13,9 @@ Theory of operation:
   path too, which reports it.
 - Only `socket` and `pyproxy/dataplane/sockets.py` (which imports only `socket`) run
   before the bind, so it is cheap.
-- `--workers N` makes its reuseport group in the supervisor and is not covered here.
+- The supervisor (master.py) binds them this way and holds them for its children; with
+  `--workers N` it makes the TCP reuseport group itself and the rest here
+  (`extra_listeners`).
 """
 
 from __future__ import annotations
@@ -43,6 +45,20 @@ def bind_early(tcp_port: int, udp_port: int) -> dict[str, socket.socket]:
     for name, port, kind in (("tcp6", tcp_port, socket.SOCK_STREAM), ("udp6", udp_port, socket.SOCK_DGRAM)):
         try:
             got[name] = _listener(port, kind, ipv6=True)
+        except OSError:
+            pass
+    return got
+
+
+def extra_listeners(tcp_port: int, udp_port: int) -> dict[str, socket.socket]:
+    """Beside a reuseport group of IPv4 TCP listeners: UDP, and [::1] TCP and UDP where the
+    node has IPv6 (what is missing is bound, or warned about, by the serving process)."""
+    got: dict[str, socket.socket] = {}
+    for name, port, kind, ipv6 in (("udp", udp_port, socket.SOCK_DGRAM, False),
+                                   ("tcp6", tcp_port, socket.SOCK_STREAM, True),
+                                   ("udp6", udp_port, socket.SOCK_DGRAM, True)):
+        try:
+            got[name] = _listener(port, kind, ipv6=ipv6)
         except OSError:
             pass
     return got

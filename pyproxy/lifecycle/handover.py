@@ -156,12 +156,15 @@ async def _thread(fn: Callable[..., Any], *args: Any) -> Any:
 class HandOverServer:
     """The old side: answers successors on the hand-over socket, one at a time."""
 
-    def __init__(self, path: str, giver: Giver, app: Any, timeout: float) -> None:
+    def __init__(self, path: str, giver: Giver, app: Any, timeout: float,
+                 notify: Callable[[str], None] = lambda _: None) -> None:
         self.path = path
         self.giver = giver
         self.app = app
         self.timeout = timeout
+        self.notify = notify  # "giving", "kept", "gone": told to the supervisor (link.py)
         self.sock: socket.socket | None = None
+        self.inode = 0  # of the path this process bound (the supervisor watches it for a successor)
         self.refused: str | None = None  # why the last successor was refused (drain on SIGTERM)
         self.handed_over = asyncio.Event()  # step 6 reached: this process no longer accepts
         self.finished = asyncio.Event()  # the whole sequence is over (successfully or not)
@@ -181,12 +184,20 @@ class HandOverServer:
             os.chmod(temporary, 0o600)
             sock.listen(4)
             sock.setblocking(False)
+            self.inode = os.stat(temporary).st_ino
             os.rename(temporary, self.path)
         except OSError:
             sock.close()
             raise
         self.sock = sock
         log.info("hand-over socket: %s (protocol %d)", self.path, spoken_protocol())
+
+    def adopt(self, sock: socket.socket) -> None:
+        """Listen on a socket bound by an earlier process of this supervisor (a respawn):
+        a successor that connected meanwhile waits in its backlog."""
+        sock.setblocking(False)
+        self.sock = sock
+        log.info("hand-over socket: %s (protocol %d, kept by the supervisor)", self.path, spoken_protocol())
 
     def close(self) -> None:
         if self.sock is not None:
@@ -209,11 +220,14 @@ class HandOverServer:
                     self.finished.set()
                 else:
                     log.error("hand-over aborted, still serving: %s", err)
+                    self.notify("kept")
             except Exception:  # noqa: BLE001 - a bug here must not end the hand-over server unseen
                 log.exception("hand-over failed unexpectedly%s",
                               "" if self.handed_over.is_set() else "; still serving")
                 if self.handed_over.is_set():
                     self.finished.set()
+                else:
+                    self.notify("kept")
             finally:
                 channel.close()
         self.close()
@@ -239,11 +253,13 @@ class HandOverServer:
         log.info("hand-over: pid %s (release %s) is taking over", theirs.get("pid"), theirs.get("release"))
         await _thread(channel.send, Message("state", self.giver.state_body()))
         named = self.giver.listener_sockets()
+        self.notify("giving")
         await _thread(channel.send, Message("listeners", {"names": [n for n, _ in named]}, tuple(fd for _, fd in named)))
         channel.settimeout(self.timeout * 3)  # the successor syncs before it answers
         body_of(await _thread(channel.receive, False), "serving")
         channel.settimeout(self.timeout)
         self.handed_over.set()  # point of no return: the successor serves
+        self.notify("gone")
         await self.giver.release_listeners()
         log.info("hand-over: the successor serves; this process stopped accepting")
         await _thread(channel.send, Message("affinity", self.giver.affinity_body()))
@@ -310,6 +326,7 @@ class Outcome:
     inherited: Inherited | None = None
     refused: str | None = None  # a predecessor runs but refused: bind once it lets go
     found: bool = False  # a predecessor answered at all
+    failed: bool = False  # it answered, then the attempt broke (it may have died: its supervisor respawns it)
 
 
 def take_over(path: str, mine: Identity, timeout: float) -> Outcome:
@@ -356,9 +373,9 @@ def take_over(path: str, mine: Identity, timeout: float) -> Outcome:
                  ", ".join(sockets) or "no listeners")
         return Outcome(Inherited(channel, theirs, state, sockets), found=True)
     except ChannelError as err:
-        log.error("hand-over from %s failed before anything was taken: %s; starting without it", path, err)
+        log.error("hand-over from %s failed before anything was taken: %s", path, err)
         channel.close()
-        return Outcome(refused=str(err), found=True)
+        return Outcome(refused=str(err), found=True, failed=True)
 
 
 class Taker(Protocol):

@@ -12,6 +12,10 @@ socket and take its listeners and state, or else read the state snapshot a crash
 refused predecessor still holds them). A failure before serving closes what was received,
 and a predecessor keeps serving (`abort`).
 
+Under a supervisor (master.py, through `link`): the listeners the process serves on are
+sent to it before a predecessor is told we serve, the hand-over socket once bound, and
+`serving`; a hand-over's `giving`, `kept` and `gone` are told to it too (link.py).
+
 Ends of a process (`live`): (1) a successor takes over (handover.py): this one stops
 accepting, hands over the rest, drains what it still holds, then exits (or waits for
 SIGTERM: `lifecycle.afterHandOver: wait`); (2) SIGTERM with no successor: it serves on --
@@ -31,7 +35,7 @@ import socket
 import time
 from typing import Any, Protocol
 
-from pyproxy.config import ProxyConfig
+from pyproxy.config import ProxyConfig, split_host_port
 from pyproxy.dataplane.dualstack import DualStackRelay
 from pyproxy.dataplane.udp import UdpRelay
 from pyproxy.dataplane.workers import WorkerRole
@@ -45,6 +49,7 @@ from pyproxy.lifecycle.handover import (
     socket_path,
     take_over,
 )
+from pyproxy.lifecycle.link import SupervisorLink
 from pyproxy.lifecycle.listeners import listener_names, serve_listeners
 from pyproxy.lifecycle.snapshot import SnapshotWriter, read_snapshot, snapshot_path
 from pyproxy.lifecycle.state import StateError, affinity_state, restore_affinity, restore_store, store_state
@@ -52,6 +57,9 @@ from pyproxy.model.store import ClusterStore
 from pyproxy.model.table import ServiceTable
 
 log = logging.getLogger("pyproxy")
+
+TAKE_OVER_ATTEMPTS = 3
+TAKE_OVER_PAUSE = 0.5  # seconds between attempts at a hand-over that broke off
 
 
 class Process(Protocol):
@@ -78,8 +86,9 @@ class Process(Protocol):
 
 class ProcessLife:
     def __init__(self, config: ProxyConfig, worker: WorkerRole, node_name: str, process: Process,
-                 early: dict[str, socket.socket] | None = None) -> None:
+                 early: dict[str, socket.socket] | None = None, link: SupervisorLink | None = None) -> None:
         self.config, self.worker, self.node_name, self.process = config, worker, node_name, process
+        self.link = link or SupervisorLink(None)  # the supervisor that holds the listeners (master.py)
         self.inherited: dict[str, socket.socket] = dict(early or {})  # until a server takes them
         self.terminating = asyncio.Event()  # SIGTERM/SIGINT: serve on until a successor or the drain bound
         self.forced = asyncio.Event()  # a second signal: leave now
@@ -102,8 +111,15 @@ class ProcessLife:
         life = self.config.lifecycle
         outcome = Outcome()
         if self.worker.listener is None and not self.inherited:  # bound here: nobody else holds them
-            outcome = await asyncio.to_thread(take_over, socket_path(life.stateDir, self.worker.index),
-                                              self.identity(), life.handOverTimeout)
+            path = socket_path(life.stateDir, self.worker.index)
+            for attempt in range(TAKE_OVER_ATTEMPTS):
+                outcome = await asyncio.to_thread(take_over, path, self.identity(), life.handOverTimeout)
+                if not outcome.failed:
+                    break
+                # the predecessor broke off (it may have crashed: its supervisor starts another, which
+                # answers on the same socket); else bind once it lets go, as for a refusal
+                log.info("asking for the hand-over again (%d of %d)", attempt + 2, TAKE_OVER_ATTEMPTS)
+                await asyncio.sleep(TAKE_OVER_PAUSE)
         self.handed = outcome.inherited
         self._affinity = self._restore(outcome)
 
@@ -130,6 +146,10 @@ class ProcessLife:
                               worker_listener=self.worker.listener)
         if self.handed is not None:
             self.process.udp.hold_listener()  # until the predecessor's UDP flows are here (dataplane/udp.py)
+        # the supervisor keeps copies before a predecessor is told we serve (it then lets go of its own)
+        http = [(name, sock.fileno()) for name, sock in self.inherited.items() if name in self._held_http()]
+        self.link.listeners(listener_names(self.process.relay, self.process.udp, []) + http)
+        self.link.send("serving")
 
     def abort(self) -> None:
         """Starting failed: close what was received; a predecessor keeps serving."""
@@ -141,8 +161,28 @@ class ProcessLife:
             self.handed.close_unused()
 
     def take_socket(self, port: int) -> socket.socket | None:
-        """An HTTP listener handed over or bound early, for the observer."""
-        return self.inherited.pop(f"http:{port}", None)
+        """An HTTP listener handed over or bound early, for the observer. Under a supervisor
+        (which holds a copy, so the port cannot be bound again) a copy is given and the
+        original kept: an HTTP server started again after a failure takes another."""
+        name = f"http:{port}"
+        if not self.link.supervised or name not in self._held_http():
+            return self.inherited.pop(name, None)
+        sock = self.inherited.get(name)
+        return sock.dup() if sock is not None else None
+
+    def _held_http(self) -> set[str]:
+        """The HTTP listeners a supervisor holds: /healthz and /metrics (health check node
+        ports come and go with Services: they stay this process's)."""
+        held = set()
+        for address in (self.config.healthzBindAddress, self.config.metricsBindAddress):
+            if address:
+                held.add(f"http:{split_host_port(address, 'bind address')[1]}")
+        return held
+
+    def _close_http(self) -> None:
+        """This process serves HTTP no more: its kept originals go (a successor has its own)."""
+        for name in [n for n in self.inherited if n.startswith("http:")]:
+            self.inherited.pop(name).close()
 
     def install_signals(self) -> None:
         loop = asyncio.get_running_loop()
@@ -195,6 +235,7 @@ class ProcessLife:
         self.process.relay.release_listener()
         self.process.udp.release_listener()
         await self.process.stop_work()  # the servers close their copies of the HTTP listeners
+        self._close_http()
 
     # --- internals
 
@@ -234,12 +275,18 @@ class ProcessLife:
     async def _serve_handover(self) -> None:
         life = self.config.lifecycle
         server = HandOverServer(socket_path(life.stateDir, self.worker.index), self, self.process,
-                                life.handOverTimeout)
-        try:
-            await asyncio.to_thread(server.bind)
-        except OSError as err:
-            log.error("cannot listen for a successor on %s: %s; a restart will not hand over", server.path, err)
-            return
+                                life.handOverTimeout, lambda what: self.link.send(what, {"why": "a successor serves"}))
+        kept = self.inherited.pop("handover", None)  # bound by an earlier process of our supervisor
+        if kept is not None:
+            server.adopt(kept)
+        else:
+            try:
+                await asyncio.to_thread(server.bind)
+            except OSError as err:
+                log.error("cannot listen for a successor on %s: %s; a restart will not hand over", server.path, err)
+                return
+            if server.sock is not None:
+                self.link.listeners([("handover", server.sock.fileno())], server.inode)
         self.handover = server
         await server.serve()
 
@@ -255,6 +302,7 @@ class ProcessLife:
                     log.info("stopping after refusing a successor (%s): releasing the listeners and draining",
                              server.refused)
                     await self._stop_handover()  # a waiting supervisor of workers sees nobody here any more
+                    self.link.send("gone", {"why": f"released for a refused successor: {server.refused}"})
                     self.process.relay.release_listener()
                     self.process.udp.release_listener()
                     return
@@ -321,6 +369,7 @@ class ProcessLife:
     async def _shutdown(self) -> None:
         self.process.relay.stop_accepting()  # reset from now on (a listener still held is closed by drain)
         await self.process.stop_work()
+        self._close_http()
         if not self.drained:
             if self.stop_now:
                 self.force = True  # serving went on to the drain bound: what is left is cut

@@ -57,6 +57,28 @@ def event_body(obj: Mapping[str, Any], err: InvalidObject, node_name: str, now: 
     }
 
 
+def restart_event(node_name: str, restarts: int, crash_loop: bool, now: datetime.datetime) -> dict[str, Any]:
+    """A Warning Event about this node: its serving process was started again after `restarts`
+    deaths (pyproxy/lifecycle/master.py), in a crash loop or not. Node Events live in
+    `default`, as the kubelet's do."""
+    reason = "ProxyCrashLoop" if crash_loop else "ProxyRestarted"
+    loop = " in a crash loop (restarts are backed off)" if crash_loop else ""
+    return {
+        "apiVersion": "events.k8s.io/v1",
+        "kind": "Event",
+        "metadata": {"name": f"{node_name[:200]}.pyproxy.{int(now.timestamp() * 1e9):x}", "namespace": "default"},
+        "eventTime": now.astimezone(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+        "type": "Warning",
+        "reason": reason,
+        "action": "Restart",
+        "note": (f"pyproxy on {node_name}: the serving process died and was started again "
+                 f"({restarts} restart(s) since the supervisor started){loop}")[:NOTE_LIMIT],
+        "reportingController": REPORTING_CONTROLLER,
+        "reportingInstance": f"pyproxy-{node_name}"[:128],
+        "regarding": {"apiVersion": "v1", "kind": "Node", "name": node_name},
+    }
+
+
 class EventBudget:
     """Decides which reports become Events: new ones only, and not too many per minute."""
 

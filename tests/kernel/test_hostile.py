@@ -57,7 +57,7 @@ def rss_kib(pid: int) -> int:
 def test_a_client_that_never_reads_cannot_grow_the_proxy(cluster: Cluster) -> None:
     cluster.apply(m.service("stall", "10.96.2.3", [m.port(80, 80)]),
                   m.endpoint_slice("stall", cluster.backends("pb"), [m.slice_port(80)]), name="stall.yaml")
-    proxy = cluster.proxies["node1"].pid
+    proxy = cluster.serving_pid("node1")
     before = rss_kib(proxy)
     line = cluster.run("client", "stall", "10.96.2.3:80", "--bytes", str(256 * MB), "--timeout", "2")[0]
     sent = int(re.search(r"sent=(\d+)", line).group(1))  # type: ignore[union-attr]

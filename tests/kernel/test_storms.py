@@ -116,7 +116,7 @@ def served(cluster: Cluster, count: int = 10) -> list[str]:
 
 def test_reset_storms_leave_no_socket_and_others_are_served_throughout(storm_cluster: Cluster) -> None:
     cluster = storm_cluster
-    pid = cluster.proxies["node1"].pid
+    pid = cluster.serving_pid("node1")
     assert all("pod=" in line for line in served(cluster, 3))
     baseline_fds, baseline_rss = fd_count(pid), rss_kib(pid)
     log_before = len(cluster.log("node1"))
@@ -144,7 +144,7 @@ def test_reset_storms_leave_no_socket_and_others_are_served_throughout(storm_clu
 
 def test_silent_and_half_closed_clients_are_closed_at_their_timeouts(storm_cluster: Cluster) -> None:
     cluster = storm_cluster
-    pid = cluster.proxies["node1"].pid
+    pid = cluster.serving_pid("node1")
     baseline = fd_count(pid)
     holders = [cluster.lab.spawn("client", [sys.executable, "-m", "pyproxy.demo.client", "silent", "10.96.5.1:80",
                                             "--count", "300", "--hold", "7", *extra], log=cluster.workdir / f"silent{i}.log")
@@ -182,7 +182,7 @@ def test_fd_exhaustion_is_logged_at_a_bounded_rate_and_service_comes_back(storm_
     syncs = cluster.syncs("node1")
     proc = cluster.start_proxy("node1", *variant, "--config", str(config), wrap=("prlimit", "--nofile=96:96", "--"))
     cluster.wait_for_log("node1", " synced ", syncs)  # the new process (the log file is the old one's)
-    pid = proc.pid
+    pid = cluster.serving_pid("node1")  # prlimit execs pyproxy, whose children inherit the limit
     assert "96" in Path(f"/proc/{pid}/limits").read_text().split("Max open files")[1].split("\n")[0]
     assert all("pod=" in line for line in served(cluster, 3))
     baseline = fd_count(pid)

@@ -274,7 +274,7 @@ def test_no_endpoints_is_refused_fast(udp: Cluster) -> None:
 
 def test_flows_are_bounded_and_expire_without_leaking_sockets(udp: Cluster) -> None:
     echo_service(udp)
-    pid = udp.proxies["node1"].pid
+    pid = udp.serving_pid("node1")
     time.sleep(IDLE_TIMEOUT + 1)  # earlier tests' flows are gone
     baseline = fds(pid)
     answered = python(udp, "client", FLOOD, ECHO_IP, "80", str(MAX_FLOWS * 4))
@@ -291,7 +291,7 @@ def test_flows_are_bounded_and_expire_without_leaking_sockets(udp: Cluster) -> N
 def test_flows_to_a_removed_endpoint_are_dropped(udp: Cluster) -> None:
     """A flow pinned to a pod that leaves gets no more answers from it; a new flow goes elsewhere."""
     echo_service(udp)
-    pid = udp.proxies["node1"].pid
+    pid = udp.serving_pid("node1")
     time.sleep(IDLE_TIMEOUT + 1)
     baseline = fds(pid)
     # one long-lived client port, talking every 0.3 s (well inside the idle timeout)

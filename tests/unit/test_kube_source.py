@@ -515,3 +515,15 @@ def test_a_silent_watch_ends_quietly_and_reads_raw_json(caplog: pytest.LogCaptur
             transport.close()
     assert events == [event("ADDED", service("raw", rv="3"))]  # camelCase dicts, as sent
     assert "no watch event for 0.3s" in caplog.text
+
+
+def test_the_restart_event_is_a_warning_about_the_node_in_default() -> None:
+    from pyproxy.sources.kube_events import restart_event
+
+    now = datetime.datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=datetime.timezone.utc)
+    body = restart_event("node1", 4, True, now)
+    assert body["metadata"]["namespace"] == "default" and body["metadata"]["name"].startswith("node1.pyproxy.")
+    assert body["regarding"] == {"apiVersion": "v1", "kind": "Node", "name": "node1"}
+    assert body["type"] == "Warning" and body["reason"] == "ProxyCrashLoop" and "4 restart(s)" in body["note"]
+    assert body["eventTime"] == "2026-01-02T03:04:05.678901Z"
+    assert restart_event("node1", 1, False, now)["reason"] == "ProxyRestarted"
