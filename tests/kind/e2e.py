@@ -66,16 +66,17 @@ SELECTIONS = {
                r"|serve endpoints on same port and different protocols"
                r"|be able to create a functioning NodePort service|be able to change the type from ClusterIP to NodePort"
                r"|fallback to local terminating endpoints when there are no ready endpoints with externalTrafficPolicy=Local"
+               r"|preserve source pod IP for traffic thru service cluster IP"
                r"|work with the pod containing more than 6 DNS search paths and longer than 256 search list characters)"
                r"|Networking Granular Checks: Services should (function for pod-Service|function for node-Service"
-               r"|update endpoints)|Conntrack should be able to preserve UDP traffic when server pod cycles"
+               r"|update endpoints|be able to handle large requests|function for service endpoints using hostNetwork)|Conntrack should be able to preserve UDP traffic when server pod cycles"
                r"|EndpointSlice should (support a Service with multiple|create Endpoints and EndpointSlices for Pods matching"
                r"|support multiple ports)|Networking should check kube-proxy urls)"),
         skip=NOT_A_PROXY.replace(r"|kube-proxy should", "")),
     # Every [sig-network] spec a Service proxy is to pass (see docs/e2e.md for what is left out).
     "broad": Selection(focus=r"\[sig-network\]", skip=NOT_A_PROXY),
     # The Service specs of dual-stack (the routed cluster only).
-    "dualstack": Selection(focus=r"\[Feature:IPv6DualStack\].*(service|Service)", skip=r"\[Serial\]|\[Disruptive\]"),
+    "dualstack": Selection(focus=r"\[Feature:IPv6DualStack\].*(service|Service)", skip=r"\[Serial\]|\[Disruptive\]|SCTP|sctp"),
 }
 
 
