@@ -23,9 +23,13 @@ Rules kept here:
   address (what the proxy did before it knew better).
 - The node itself, and a pod reaching itself through its Service (hairpin: the endpoint's
   address is the client's), get the node's address, as kube-proxy masquerades both.
-- An endpoint on one of this node's pod bridges gets `NODE`: it would answer a pod on the
-  same bridge directly, frame to frame, and the pod would reset a reply from an address
-  it never called. Only those endpoints fall back (docs/behaviour.md).
+- Two kinds of endpoint get `NODE`, since their replies to a pod would not pass this
+  node's prerouting (where the `socket transparent` rule finds the proxy's socket) and the
+  pod would reset a reply from an address it never called: one on this node's pod bridge
+  (it answers a pod on the same bridge frame to frame), and the node itself (a hostNetwork
+  endpoint here, such as the API server behind `kubernetes` on a control-plane node: its
+  replies leave by the output path, straight to the pod). Only those fall back
+  (docs/behaviour.md).
 """
 
 from __future__ import annotations
@@ -60,7 +64,7 @@ class SourcePolicy:
         """The mode of an upstream connection to `endpoint_ip` under a plan."""
         if transparent:
             return Source.CLIENT
-        if not self.pods or _inside(endpoint_ip, self.bridged):
+        if not self.pods or endpoint_ip in self.node_addresses or _inside(endpoint_ip, self.bridged):
             return Source.NODE
         return Source.POD
 

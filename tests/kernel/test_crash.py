@@ -13,18 +13,13 @@ import os
 import re
 import signal
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from pyproxy.demo import manifests as m
-from pyproxy.demo.lab import Lab, write_manifest
-from tests.conftest import privileged_reason, skip_or_fail
-from tests.kernel.test_handover import PODS, SVC, Node, read, results, wait_for
+from tests.kernel.test_handover import Node, read, results, sticky_lab, wait_for
 
 pytestmark = pytest.mark.privileged
 
@@ -33,31 +28,7 @@ FAST_SNAPSHOT = "apiVersion: pyproxy.io/v1alpha1\nkind: PyProxyConfiguration\nli
 
 @pytest.fixture(scope="module")
 def lab_node() -> Iterator[Node]:
-    reason = privileged_reason()
-    if reason:
-        skip_or_fail(reason)
-    lab = Lab()
-    workdir = Path(tempfile.mkdtemp(prefix="pyproxy-crash-"))
-    try:
-        lab.build_lan()
-        lab.add_node("node1", 1)
-        pods = [lab.add_pod(name, "node1") for name in PODS]
-        for name in PODS:
-            lab.start_echo(name, tcp=(80,), udp=(53,), log=workdir / f"{name}.log")
-        lab.route_client("10.96.0.0/16", "node1")
-        node = Node(lab, workdir)
-        node.manifests.mkdir()
-        write_manifest(node.manifests, "svc.yaml", m.dump(
-            m.service("sticky", SVC, [m.port(80, 80, name="http"), m.port(53, 53, name="dns", protocol="UDP")],
-                      affinity_timeout=10800),
-            m.endpoint_slice("sticky", [m.Backend(p.ip, "node1") for p in pods],
-                             [m.slice_port(80, name="http"), m.slice_port(53, name="dns", protocol="UDP")]),
-        ))
-        (workdir / "config.yaml").write_text(FAST_SNAPSHOT)
-        yield node
-    finally:
-        lab.close()
-        subprocess.run(["rm", "-rf", str(workdir)], check=False)
+    yield from sticky_lab("pyproxy-crash-", FAST_SNAPSHOT)
 
 
 @pytest.fixture

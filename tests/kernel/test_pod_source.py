@@ -53,6 +53,7 @@ def addresses_of(cluster: Cluster, ns: str) -> set[str]:
 def routed(cluster: Cluster) -> Cluster:
     if "cl" not in cluster.lab.pods:
         cluster.lab.add_pod("cl", "node1")
+        cluster.lab.start_echo("node1", tcp=(8088,))  # node1 itself as an endpoint (hostNetwork)
     cluster.apply(*services(cluster))
     return cluster
 
@@ -79,6 +80,21 @@ def test_a_pod_keeps_its_address_to_endpoints_on_both_nodes_tcp_and_udp(routed: 
     lines6 = cluster.run("cl", "who", f"[{SVC_IP6}]:80", "--count", "30")
     assert set(pods_of(lines6)) == {"pa", "pb", "pc"}, lines6
     assert set(client_ips_of(lines6)) == {cluster.lab.pods["cl"].ip6}, lines6
+
+
+def test_a_host_network_endpoint_on_the_pod_s_own_node_sees_the_node(routed: Cluster) -> None:
+    """An endpoint that is node1 itself (hostNetwork, like the API server on a control-plane
+    node) answers by the output path, straight to the pod: it sees the node's address, and
+    the connection works (with the pod's own address it was reset: kind's CoreDNS never
+    reached the API server). The same endpoint reached from node2's pods keeps their address."""
+    cluster = routed
+    cluster.apply(*NODES, name="node.yaml")
+    cluster.apply(m.service("host", "10.96.3.13", [m.port(80, 8088)]),
+                  m.endpoint_slice("host", [m.Backend(node_ip(1), "node1")], [m.slice_port(8088)]),
+                  name="host.yaml")
+    lines = cluster.run("cl", "who", "10.96.3.13:80", "--count", "4")
+    assert pods_of(lines) == ["node1"] * 4, lines
+    assert set(client_ips_of(lines)) <= addresses_of(cluster, "node1"), lines
 
 
 def test_the_node_itself_a_hairpin_and_outside_clients_get_the_node_address(routed: Cluster) -> None:

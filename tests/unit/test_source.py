@@ -20,6 +20,8 @@ POLICY = source_policy([NODE, "fd00:56::101"], ["10.244.1.0/24", "10.244.9.0/24"
     (False, "10.244.1.7", Source.POD),  # on this node, routed
     (False, "fd00:244:2::7", Source.POD),
     (False, "10.244.9.7", Source.NODE),  # on this node's pod bridge: it would answer the pod directly
+    (False, NODE, Source.NODE),  # the node itself (hostNetwork): its replies leave by output, to the pod
+    (False, "192.168.56.102", Source.POD),  # another node (hostNetwork there): replies come back routed
 ])
 def test_target_source(transparent: bool, endpoint: str, mode: Source) -> None:
     assert POLICY.target_source(transparent, endpoint) == mode

@@ -2154,95 +2154,41 @@ static PyObject *Engine_get_count(Engine *e, void *unused) {
     return PyLong_FromSsize_t(e->count);
 }
 
-/* The methods that change the engine's state, each inside enter() (see "Re-entrancy"). */
-static PyObject *Engine_run(Engine *e, PyObject *const *args, Py_ssize_t nargs) {
-    if (enter(e, "run") < 0)
-        return NULL;
-    PyObject *r = run_body(e, args, nargs);
+/* The methods that change the engine's state, each inside enter() (see "Re-entrancy") and
+ * giving back the SIGPIPE mask after (see "SIGPIPE"); `NAME_body` does the work. */
+static PyObject *leave(Engine *e, PyObject *result) {
     sigpipe_release(e);
     e->busy = 0;
-    return r;
+    return result;
 }
 
-static PyObject *Engine_sweep(Engine *e, PyObject *const *args, Py_ssize_t nargs) {
-    if (enter(e, "sweep") < 0)
-        return NULL;
-    PyObject *r = sweep_body(e, args, nargs);
-    sigpipe_release(e);
-    e->busy = 0;
-    return r;
-}
+#define GUARDED_FASTCALL(NAME)                                                               \
+    static PyObject *Engine_##NAME(Engine *e, PyObject *const *args, Py_ssize_t nargs) {     \
+        if (enter(e, #NAME) < 0)                                                             \
+            return NULL;                                                                     \
+        return leave(e, NAME##_body(e, args, nargs));                                        \
+    }
+#define GUARDED(NAME)                                                                        \
+    static PyObject *Engine_##NAME(Engine *e, PyObject *arg) {                               \
+        if (enter(e, #NAME) < 0)                                                             \
+            return NULL;                                                                     \
+        return leave(e, NAME##_body(e, arg));                                                \
+    }
 
-static PyObject *Engine_close_pair(Engine *e, PyObject *const *args, Py_ssize_t nargs) {
-    if (enter(e, "close_pair") < 0)
-        return NULL;
-    PyObject *r = close_pair_body(e, args, nargs);
-    sigpipe_release(e);
-    e->busy = 0;
-    return r;
-}
-
-static PyObject *Engine_flush(Engine *e, PyObject *unused) {
-    if (enter(e, "flush") < 0)
-        return NULL;
-    PyObject *r = flush_body(e, unused);
-    sigpipe_release(e);
-    e->busy = 0;
-    return r;
-}
-
-static PyObject *Engine_detach(Engine *e, PyObject *unused) {
-    if (enter(e, "detach") < 0)
-        return NULL;
-    PyObject *r = detach_body(e, unused);
-    sigpipe_release(e);
-    e->busy = 0;
-    return r;
-}
-
-static PyObject *Engine_close(Engine *e, PyObject *unused) {
-    if (enter(e, "close") < 0)
-        return NULL;
-    PyObject *r = close_body(e, unused);
-    sigpipe_release(e);
-    e->busy = 0;
-    return r;
-}
-
-static PyObject *Engine_close_all(Engine *e, PyObject *arg) {
-    if (enter(e, "close_all") < 0)
-        return NULL;
-    PyObject *r = close_all_body(e, arg);
-    sigpipe_release(e);
-    e->busy = 0;
-    return r;
-}
-
-static PyObject *Engine_add_listener(Engine *e, PyObject *arg) {
-    if (enter(e, "add_listener") < 0)
-        return NULL;
-    PyObject *r = add_listener_body(e, arg);
-    sigpipe_release(e);
-    e->busy = 0;
-    return r;
-}
-
-static PyObject *Engine_remove_listener(Engine *e, PyObject *arg) {
-    if (enter(e, "remove_listener") < 0)
-        return NULL;
-    PyObject *r = remove_listener_body(e, arg);
-    sigpipe_release(e);
-    e->busy = 0;
-    return r;
-}
+GUARDED_FASTCALL(run)
+GUARDED_FASTCALL(sweep)
+GUARDED_FASTCALL(close_pair)
+GUARDED(flush)
+GUARDED(detach)
+GUARDED(close)
+GUARDED(close_all)
+GUARDED(add_listener)
+GUARDED(remove_listener)
 
 static PyObject *Engine_adopt(Engine *e, PyObject *args) {
     if (enter(e, "adopt") < 0)
         return close_given(args); /* its fds are the engine's from the call on */
-    PyObject *r = adopt_body(e, args);
-    sigpipe_release(e);
-    e->busy = 0;
-    return r;
+    return leave(e, adopt_body(e, args));
 }
 
 static PyMethodDef engine_methods[] = {
