@@ -407,8 +407,9 @@ def test_traffic_distribution_from_hints(cluster: KubeCluster) -> None:
 
 def test_node_cidr_and_primary_nodeport_addresses_from_the_node_object(cluster: KubeCluster) -> None:
     """node1: its pods are the Node's spec.podCIDRs (so its pod `cl` short-circuits to a
-    Local-policy load-balancer IP whose pods are on node2), and NodePorts are served on the
-    Node's InternalIP only; node2 (defaults) serves them on every local address."""
+    Local-policy load-balancer IP whose pods are on node2, keeping its own address as a pod
+    of node1: SPEC.md §5), and NodePorts are served on the Node's InternalIP only; node2
+    (defaults) serves them on every local address."""
     name = unique("node-object")
     lb = "10.97.0.20"
 
@@ -424,7 +425,7 @@ def test_node_cidr_and_primary_nodeport_addresses_from_the_node_object(cluster: 
     assert "local pods (detect-local-mode NodeCIDR): 10.244.1.0/24" in cluster.log("node1")
     lines = cluster.run("cl", "http", f"{lb}:80", "--count", "4")
     assert set(pods_of(lines)) <= {"pb", "pc"}, "a pod of node1: served from the cluster set"
-    assert cluster.lab.pods["cl"].ip not in client_ips_of(lines)
+    assert set(client_ips_of(lines)) == {cluster.lab.pods["cl"].ip}, lines  # a pod of node1 keeps its address
     assert reaches(cluster, "client", f"{lb}:80") == "timeout", "from outside: no local endpoint on node1"
 
     assert reaches(cluster, "client", f"{node_ip(1)}:{node_port}") == "timeout", "Local, no pod on node1: dropped"
