@@ -104,6 +104,24 @@ def run_until(eng: Any, done: Callable[[], bool], seconds: float) -> bool:
     return done()
 
 
+def echo_hello(eng: Any, client: socket.socket, seconds: float) -> bytes:
+    """Send b"hello" through the engine on `client` and run the engine until it is echoed
+    whole, or for `seconds`; what came back."""
+    client.sendall(b"hello")
+    client.setblocking(False)
+    got = bytearray()
+
+    def echoed() -> bool:
+        try:
+            got.extend(client.recv(100))
+        except BlockingIOError:
+            pass
+        return bytes(got) == b"hello"
+
+    run_until(eng, echoed, seconds)
+    return bytes(got)
+
+
 def stale_redial() -> dict[str, object]:
     live, live_filler = full_listener(LIVE)
     dead, dead_filler = full_listener(DEAD)
@@ -135,22 +153,11 @@ def stale_redial() -> dict[str, object]:
     time.sleep(1.5)
     eng.run(0)
     threading.Thread(target=echo, args=(live,), daemon=True).start()
-    client.sendall(b"hello")
-    client.setblocking(False)
-    got = bytearray()
-
-    def echoed() -> bool:
-        try:
-            got.extend(client.recv(100))
-        except BlockingIOError:
-            pass
-        return bytes(got) == b"hello"
-
-    run_until(eng, echoed, 4.0)
+    got = echo_hello(eng, client, 4.0)
     eng.close()
     for sock in (client, listener, dead, dead_filler):
         sock.close()
-    return {"redials": redials, "echo": bytes(got).decode()}
+    return {"redials": redials, "echo": got.decode()}
 
 
 async def stale_poller_async() -> dict[str, object]:
@@ -348,19 +355,7 @@ def reenter() -> dict[str, object]:
     echoes = []
     for _ in range(2):  # the second connection: the engine still serves
         client = socket.create_connection(LISTEN, timeout=5)
-        client.sendall(b"hello")
-        client.setblocking(False)
-        got = bytearray()
-
-        def echoed() -> bool:
-            try:
-                got.extend(client.recv(100))
-            except BlockingIOError:
-                pass
-            return bytes(got) == b"hello"
-
-        run_until(eng, echoed, 3.0)
-        echoes.append(bytes(got).decode())
+        echoes.append(echo_hello(eng, client, 3.0).decode())
         client.close()
         run_until(eng, lambda: eng.count == 0, 3.0)
     eng.close()

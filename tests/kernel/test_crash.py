@@ -12,14 +12,13 @@ import json
 import os
 import re
 import signal
-import subprocess
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from tests.kernel.test_handover import Node, read, results, sticky_lab, wait_for
+from tests.kernel.test_handover import Node, clean_node, read, results, sticky_lab, wait_for
 
 pytestmark = pytest.mark.privileged
 
@@ -33,11 +32,7 @@ def lab_node() -> Iterator[Node]:
 
 @pytest.fixture
 def node(lab_node: Node) -> Iterator[Node]:
-    subprocess.run(["rm", "-rf", str(lab_node.state)], check=False)
-    try:
-        yield lab_node
-    finally:
-        lab_node.stop_all()
+    yield from clean_node(lab_node)
 
 
 def status(node: Node) -> dict[str, Any]:

@@ -131,6 +131,10 @@ def sticky_lab(prefix: str, config: str | None = None) -> Iterator[Node]:
 
 @pytest.fixture
 def node(lab_node: Node) -> Iterator[Node]:
+    yield from clean_node(lab_node)
+
+
+def clean_node(lab_node: Node) -> Iterator[Node]:
     """The lab's node with no pyproxy running and no state left from the test before."""
     subprocess.run(["rm", "-rf", str(lab_node.state)], check=False)
     try:
