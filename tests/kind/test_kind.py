@@ -319,6 +319,22 @@ def _restart_loop(kind: Cluster, client: str, probe: str, stop: str, out: list[s
     out.append(kind.kubectl("exec", client, "--", "sh", "-c", script, timeout=200).stdout)
 
 
+def _start_loops(kind: Cluster, probes: dict[str, str],
+                 stop: str) -> tuple[dict[tuple[str, str], list[str]], list[threading.Thread]]:
+    """One `_restart_loop` thread per (client pod, probe), started; each stops when its file
+    `{stop}-{probe name}` exists in its pod. Returns their outputs by (client, probe name)."""
+    outputs: dict[tuple[str, str], list[str]] = {}
+    loops = []
+    for client in sc.CLIENTS.values():
+        for kind_of, probe in probes.items():
+            out: list[str] = []
+            outputs[(client, kind_of)] = out
+            loops.append(threading.Thread(target=_restart_loop, args=(kind, client, probe, f"{stop}-{kind_of}", out)))
+    for loop in loops:
+        loop.start()
+    return outputs, loops
+
+
 def test_rollout_restart_of_pyproxy_fails_no_new_connection(kind: Cluster) -> None:
     """`kubectl rollout restart daemonset/pyproxy` under request loops from pods on both nodes,
     TCP (curl to a ClusterIP Service) and UDP (dig through the kube-dns ClusterIP): the new pod
@@ -333,16 +349,7 @@ def test_rollout_restart_of_pyproxy_fails_no_new_connection(kind: Cluster) -> No
         "udp": "dig +short +notcp +time=2 +tries=1 webpod.default.svc.cluster.local | grep -q . "
                "&& echo OK || echo FAIL",
     }
-    outputs: dict[tuple[str, str], list[str]] = {}
-    loops = []
-    for client in sc.CLIENTS.values():
-        for kind_of, probe in probes.items():
-            out: list[str] = []
-            outputs[(client, kind_of)] = out
-            loops.append(threading.Thread(target=_restart_loop,
-                                          args=(kind, client, probe, f"/tmp/stop-{kind_of}", out)))
-    for loop in loops:
-        loop.start()
+    outputs, loops = _start_loops(kind, probes, "/tmp/stop")
     try:
         kind.kubectl("-n", "kube-system", "rollout", "restart", "daemonset/pyproxy")
         kind.kubectl("-n", "kube-system", "rollout", "status", "daemonset/pyproxy", "--timeout=180s", timeout=190)
@@ -402,16 +409,7 @@ def test_kill_9_of_the_serving_process_in_the_pod_fails_no_new_request(kind: Clu
         "udp": "dig +short +notcp +time=2 +tries=1 webpod.default.svc.cluster.local | grep -q . "
                "&& echo OK || echo FAIL",
     }
-    outputs: dict[tuple[str, str], list[str]] = {}
-    loops = []
-    for client in sc.CLIENTS.values():
-        for kind_of, probe in probes.items():
-            out: list[str] = []
-            outputs[(client, kind_of)] = out
-            loops.append(threading.Thread(target=_restart_loop,
-                                          args=(kind, client, probe, f"/tmp/stop-crash-{kind_of}", out)))
-    for loop in loops:
-        loop.start()
+    outputs, loops = _start_loops(kind, probes, "/tmp/stop-crash")
     kills = 2
     killed: list[str] = []
     try:
