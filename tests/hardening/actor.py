@@ -8,6 +8,9 @@ Rules kept here:
   (SO_LINGER 0 and close: the peer gets a reset), `close` (a plain close), `until_got N`,
   `until_eof`, `echo on|off`.
 - After the last step the actor reads until the peer's EOF or reset, then closes.
+- Once a send fails or the peer resets, nothing more goes out: the bytes still queued and
+  those of later `send` steps are dropped, and the steps run on (else they would wait for
+  a write that can never happen, and the actor would hang to its deadline).
 - Bounded: every actor has a deadline; past it the socket is reset and `timed_out` set.
 - It records how the stream ended (`eof`, `reset`, the first send error), never raises
   for the peer's behaviour: judging is the scenarios' business (scenarios.py).
@@ -85,18 +88,23 @@ class Actor:
 
     def _ended(self) -> bool:
         o = self.outcome
-        return o.eof or o.reset or bool(o.send_error and (o.eof or o.reset))
+        return o.eof or o.reset
+
+    def _sending_over(self) -> bool:
+        """A send failed, or the peer reset: nothing more can go out (a later step's bytes
+        are dropped, or they would wait forever to be written)."""
+        return bool(self.outcome.send_error) or self.outcome.reset
 
     def _step(self, kind: str, arg: object, now: float) -> tuple[bool, float]:
         o = self.outcome
         if kind == "send":
             assert isinstance(arg, bytes)
-            if not o.send_error:
+            if not self._sending_over():
                 self.out += arg
             return True, 0.0
         if kind == "urgent":
             assert isinstance(arg, bytes)
-            if not o.send_error:
+            if not self._sending_over():
                 try:
                     self.sock.send(arg, socket.MSG_OOB)
                 except BlockingIOError:
@@ -108,7 +116,7 @@ class Actor:
             assert isinstance(arg, float)
             return True, now + arg
         if kind == "shut":
-            if not o.send_error:
+            if not self._sending_over():
                 try:
                     self.sock.shutdown(socket.SHUT_WR)
                 except OSError as err:
@@ -132,8 +140,8 @@ class Actor:
     def _wait(self, until: float) -> None:
         o = self.outcome
         reading = not (o.eof or o.reset)
-        writing = bool(self.out) and not o.send_error and not o.reset
-        if not self.out or o.send_error:
+        writing = bool(self.out) and not self._sending_over()
+        if not writing:
             self.out.clear()
         timeout = max(0.0, until - time.monotonic())
         r, w, _ = select.select([self.sock] if reading else [], [self.sock] if writing else [], [], timeout)
