@@ -71,7 +71,10 @@ def wait_pods(cluster: Cluster, selector: str, timeout_s: int = 120) -> None:
                     timeout=timeout_s + 10)
 
 
-CURL = "curl -s --max-time 3 {url} || echo FAIL $?"
+# A failed curl says how far it got (name lookup, connect, total, in seconds), so a timeout
+# shows whether the name, the connection or the answer took the time.
+CURL = ("out=$(curl -s --max-time 3 -w ' T=%{{time_namelookup}}/%{{time_connect}}/%{{time_total}}' {url}); rc=$?; "
+        "if [ $rc = 0 ]; then echo \"$out\"; else echo \"FAIL $rc$out\"; fi")
 
 
 def curl_loop(url: str, count: int, pause_s: float = 0.0) -> str:

@@ -312,26 +312,38 @@ def test_dual_stack_service_over_ipv6_from_a_pod_and_from_outside(kind: Cluster)
         assert "tproxy to [::1]" in kind.node_exec(node, "nft", "list", "table", "ip6", "pyproxy")
 
 
-def _restart_loop(kind: Cluster, client: str, probe: str, stop: str, out: list[str]) -> None:
-    """Inside `client`: `probe` (one line each, FAIL on failure) every 0.1 s until `stop`
-    exists, at most 900 times."""
-    script = f"rm -f {stop}; for i in $(seq 900); do [ -e {stop} ] && break; {probe}; sleep 0.1; done"
+def _restart_loop(kind: Cluster, client: str, probe: str, stop: str, least: int, out: list[str]) -> None:
+    """Inside `client`: `probe` (one line each, FAIL on failure) every 0.1 s, at most 900
+    times, until `stop` exists and it ran more than `least` times (a loaded node runs fewer
+    per second: the count is the loop's, not the clock's). `{stop}.running` says it started."""
+    script = (f"rm -f {stop}; touch {stop}.running; for i in $(seq 900); do "
+              f"[ -e {stop} ] && [ $i -gt {least + 1} ] && break; {probe}; sleep 0.1; done; rm -f {stop}.running")
     out.append(kind.kubectl("exec", client, "--", "sh", "-c", script, timeout=200).stdout)
 
 
-def _start_loops(kind: Cluster, probes: dict[str, str],
-                 stop: str) -> tuple[dict[tuple[str, str], list[str]], list[threading.Thread]]:
-    """One `_restart_loop` thread per (client pod, probe), started; each stops when its file
-    `{stop}-{probe name}` exists in its pod. Returns their outputs by (client, probe name)."""
+def _start_loops(kind: Cluster, probes: dict[str, str], stop: str,
+                 least: int) -> tuple[dict[tuple[str, str], list[str]], list[threading.Thread]]:
+    """One `_restart_loop` thread per (client pod, probe), started, and returned once every
+    loop runs in its pod (kubectl exec may take seconds to start one on a loaded node: what the
+    test does next must happen while they run). Each stops when its file `{stop}-{probe name}`
+    exists in its pod and it ran more than `least` probes. Returns their outputs by (client,
+    probe name)."""
     outputs: dict[tuple[str, str], list[str]] = {}
     loops = []
     for client in sc.CLIENTS.values():
         for kind_of, probe in probes.items():
             out: list[str] = []
             outputs[(client, kind_of)] = out
-            loops.append(threading.Thread(target=_restart_loop, args=(kind, client, probe, f"{stop}-{kind_of}", out)))
+            loops.append(threading.Thread(target=_restart_loop,
+                                          args=(kind, client, probe, f"{stop}-{kind_of}", least, out)))
     for loop in loops:
         loop.start()
+
+    def running() -> bool:
+        return all(kind.kubectl("exec", client, "--", "test", "-e", f"{stop}-{kind_of}.running",
+                                check=False).returncode == 0 for client, kind_of in outputs)
+
+    assert sc.until(running, 60, step_s=1), "the request loops did not start within 60 s"
     return outputs, loops
 
 
@@ -349,7 +361,7 @@ def test_rollout_restart_of_pyproxy_fails_no_new_connection(kind: Cluster) -> No
         "udp": "dig +short +notcp +time=2 +tries=1 webpod.default.svc.cluster.local | grep -q . "
                "&& echo OK || echo FAIL",
     }
-    outputs, loops = _start_loops(kind, probes, "/tmp/stop")
+    outputs, loops = _start_loops(kind, probes, "/tmp/stop", least=50)
     try:
         kind.kubectl("-n", "kube-system", "rollout", "restart", "daemonset/pyproxy")
         kind.kubectl("-n", "kube-system", "rollout", "status", "daemonset/pyproxy", "--timeout=180s", timeout=190)
@@ -409,7 +421,7 @@ def test_kill_9_of_the_serving_process_in_the_pod_fails_no_new_request(kind: Clu
         "udp": "dig +short +notcp +time=2 +tries=1 webpod.default.svc.cluster.local | grep -q . "
                "&& echo OK || echo FAIL",
     }
-    outputs, loops = _start_loops(kind, probes, "/tmp/stop-crash")
+    outputs, loops = _start_loops(kind, probes, "/tmp/stop-crash", least=30)
     kills = 2
     killed: list[str] = []
     try:
