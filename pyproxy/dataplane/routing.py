@@ -20,6 +20,10 @@ Rules kept here:
   route per pod bridge subnet `dev pyproxy-in` (`route_pod_bridges`, at every change of the
   bridges). Only the check's lookup ever matches those routes: forward lookups of marked
   packets are for service addresses, which the table does not hold, so they fall through.
+- Each pod bridge holds a `local` fdb entry of pyproxy's own, `replies.REPLY_MAC`
+  (`hold_reply_mac`, at every sync: a bridge made again gets it back): frames the `bridge
+  pyproxy` table sends to that MAC are delivered to the node, not forwarded to a port.
+  `release_reply_mac` (at `--cleanup`) takes it away.
 - Installing is idempotent; `remove` takes away exactly what `install` added.
 """
 
@@ -37,6 +41,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from pyproxy.dataplane.devconf import IPV4_DEVCONF_SRC_VMARK, set_ipv4_devconf
 from pyproxy.dataplane.nft import REENTRY_ADDRESS, REENTRY_DEVICE, REENTRY_MAC, REENTRY_PEER
+from pyproxy.dataplane.replies import REPLY_MAC
 from pyproxy.model.family import node_port_candidate
 
 log = logging.getLogger("pyproxy.routing")
@@ -123,6 +128,27 @@ def warm_up() -> None:
             ipr.get_links(1)
     except (OSError, NetlinkError) as err:
         log.debug("netlink warm-up: %s", err)
+
+
+NUD_PERMANENT = 0x80  # `bridge fdb ... local`
+NTF_SELF = 0x02  # the entry is the bridge's own, not a port's
+
+
+def hold_reply_mac(bridges: Iterable[str]) -> None:
+    """Each of the `bridges` that exists has REPLY_MAC as a local fdb entry."""
+    _reply_mac("add", errno.EEXIST, bridges)
+
+
+def release_reply_mac(bridges: Iterable[str]) -> None:
+    _reply_mac("del", errno.ENOENT, bridges)
+
+
+def _reply_mac(verb: str, done: int, bridges: Iterable[str]) -> None:
+    with IPRoute() as ipr:
+        for name in sorted(set(bridges)):
+            for index in ipr.link_lookup(ifname=name):
+                _ignore(done, lambda: ipr.fdb(verb, ifindex=index, lladdr=REPLY_MAC, state=NUD_PERMANENT,
+                                              flags=NTF_SELF))
 
 
 REENTRY_MTU = 65535  # the veth's maximum: an IP datagram's largest size fits
