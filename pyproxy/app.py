@@ -32,10 +32,10 @@ from pyproxy.dataplane.splice import make_splice_relay
 from pyproxy.dataplane.workers import NullNftRunner, WorkerRole
 from pyproxy.dataplane.routing import (
     PolicyRouting,
-    hold_reply_mac,
     interface_routes,
     local_addresses,
     pod_bridges,
+    reply_bridges,
 )
 from pyproxy.dataplane.stats import DataplaneStats
 from pyproxy.dataplane.udp import UdpConfig, UdpRelay
@@ -102,7 +102,7 @@ class ProxyApp:
             pod_bridges=lambda: pod_bridges(dp.podBridges),
             route_pod_bridges=(policy_routing(config).route_pod_bridges if self.worker.programs_kernel
                                else lambda _: None),
-            hold_reply_mac=hold_reply_mac if self.worker.programs_kernel else lambda _: None,
+            reply_bridges=lambda names: reply_bridges(names, hold=self.worker.programs_kernel),
         )
         self.runner = SyncRunner(self.proxier.sync, config.minSyncPeriod, config.syncPeriod)
         relay_config = RelayConfig(

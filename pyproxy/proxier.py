@@ -23,7 +23,8 @@ Rules kept here:
   recomputed for the Services a sync changes, or all when the bridges or the node's
   addresses change). New steered endpoints are written before the service table changes,
   so no relay keeps a pod's address towards an endpoint whose replies still pass it by;
-  gone ones go with the sync's own write. Each bridge's reply MAC is held at every sync.
+  gone ones go with the sync's own write. Each bridge's reply MAC is held at every sync;
+  a bridge that cannot hold one (routing.py's `reply_bridges`) is not steered.
 - With a setting that reads the Node (`NodeCIDR`, `--nodeport-addresses primary`), nothing
   is programmed until the Node has been looked up once, so the first rules already use it.
 """
@@ -72,11 +73,12 @@ class Proxier:
     interface_routes: Callable[[], list[tuple[str, str]]] = list  # (interface, destination) routes (netlink)
     pod_bridges: Callable[[], list[tuple[str, str]]] = list  # (bridge, subnet) on this node (netlink)
     route_pod_bridges: Callable[[list[str]], None] = lambda _: None  # their reverse-path routes (netlink)
-    hold_reply_mac: Callable[[list[str]], None] = lambda _: None  # their reply MAC (netlink; replies.py)
+    reply_bridges: Callable[[list[str]], list[str]] = list  # those that hold the reply MAC (netlink; replies.py)
     _routed: list[str] | None = None
     _local: frozenset[str] = field(default_factory=frozenset)
     _bridged: tuple[Network, ...] = ()
     _pods: tuple[Network, ...] = ()
+    _steered_subnets: tuple[Network, ...] = ()  # the bridged subnets whose endpoints' replies are steered
     _steer_by_service: dict[ServiceKey, frozenset[Steer]] = field(default_factory=dict)
     _steer_inputs: tuple[object, ...] = ()  # the bridges and addresses `_steer_by_service` was computed for
     _steered_written: frozenset[Steer] | None = None  # what the `bridge pyproxy` sets hold; None: no table
@@ -91,8 +93,8 @@ class Proxier:
             log.debug("not syncing: waiting for the first lookup of this node's Node object")
             return
         started = time.monotonic()
-        addresses, bridges, routes = await asyncio.to_thread(self._read_node)  # pyroute2 runs its own loop
-        self._use_pod_bridges(bridges)
+        addresses, bridges, held, routes = await asyncio.to_thread(self._read_node)  # pyroute2 runs its own loop
+        self._use_pod_bridges(bridges, held)
         self._use_local_sources(routes)
         changed = self.store.take_changes()
         if addresses != self.addresses:
@@ -118,27 +120,28 @@ class Proxier:
 
     _last_full: bool = False
 
-    def _read_node(self) -> tuple[tuple[str, ...], list[tuple[str, str]], list[tuple[str, str]]]:
-        """Netlink, in a thread: the node's addresses, pod bridges and (for the interface
-        modes of local detection) routes; bridge routes kept current."""
+    def _read_node(self) -> tuple[tuple[str, ...], list[tuple[str, str]], list[str], list[tuple[str, str]]]:
+        """Netlink, in a thread: the node's addresses, pod bridges (and which of them hold the
+        reply MAC) and (for the interface modes of local detection) routes; bridge routes kept
+        current."""
         addresses, bridges = tuple(self.node_addresses()), self.pod_bridges()
         routes = self.interface_routes() if self.detection.reads_interfaces else []
         subnets = sorted({cidr for _, cidr in bridges})
         if subnets != self._routed:
             self.route_pod_bridges(subnets)
             self._routed = subnets
-        self.hold_reply_mac(sorted({name for name, _ in bridges}))
-        return addresses, bridges, routes
+        held = self.reply_bridges(sorted({name for name, _ in bridges}))
+        return addresses, bridges, held, routes
 
     def _steering(self, changed: set[ServiceKey]) -> frozenset[Steer]:
         """The endpoints on pod bridges whose replies the kernel must steer (model/source.py)."""
-        inputs = (self._bridged, self.addresses)
+        inputs = (self._steered_subnets, self.addresses)
         if inputs != self._steer_inputs:
             self._steer_inputs, self._steer_by_service = inputs, {}
             changed = changed | set(self.store.services) | {s.service for s in self.store.slices.values()}
-        if self._bridged:
+        if self._steered_subnets:
             for key in changed:
-                found = bridged_endpoints(self.store.slices_of(key), self._bridged, self._local)
+                found = bridged_endpoints(self.store.slices_of(key), self._steered_subnets, self._local)
                 if found:
                     self._steer_by_service[key] = found
                 else:
@@ -180,7 +183,7 @@ class Proxier:
         relays' choice of source address; True when that changed."""
         node = self.store.node
         policy = source_policy(self.addresses, node.pod_cidrs if node else (), self._bridged,
-                               steered=bool(self.nft_config.pod_bridges))
+                               steered=self._steered_subnets)
         if policy == self.sources:
             return False
         log.info("pods of this node keep their address to Service endpoints: %s",
@@ -188,7 +191,7 @@ class Proxier:
         self.sources = policy
         return True
 
-    def _use_pod_bridges(self, bridges: list[tuple[str, str]]) -> None:
+    def _use_pod_bridges(self, bridges: list[tuple[str, str]], held: list[str]) -> None:
         names = tuple(sorted({name for name, _ in bridges}))
         subnets = tuple(sorted({cidr for _, cidr in bridges}))
         if names != self.nft_config.pod_bridges or subnets != self.nft_config.bridge_subnets:
@@ -196,6 +199,7 @@ class Proxier:
             self.nft_config = replace(self.nft_config, pod_bridges=names, bridge_subnets=subnets)
             self.full_sync_needed = True  # the chain's hook devices change with the table
         self._bridged = parse_cidrs(cidr for _, cidr in bridges)
+        self._steered_subnets = parse_cidrs(cidr for name, cidr in bridges if name in held)
 
     async def _write(self, added: set[Element], removed: set[Element], steered: frozenset[Steer]) -> None:
         self._last_full = self.full_sync_needed

@@ -21,9 +21,12 @@ Rules kept here:
   bridges). Only the check's lookup ever matches those routes: forward lookups of marked
   packets are for service addresses, which the table does not hold, so they fall through.
 - Each pod bridge holds a `local` fdb entry of pyproxy's own, `replies.REPLY_MAC`
-  (`hold_reply_mac`, at every sync: a bridge made again gets it back): frames the `bridge
+  (`reply_bridges`, at every sync: a bridge made again gets it back): frames the `bridge
   pyproxy` table sends to that MAC are delivered to the node, not forwarded to a port.
-  `release_reply_mac` (at `--cleanup`) takes it away.
+  Not on a bridge that filters VLANs: its lookups are per VLAN, so an entry of none is
+  never found; `reply_bridges` leaves such a bridge out, and its endpoints fall back to
+  the node's address (model/source.py). `release_reply_mac` (at `--cleanup`) takes the
+  entries away.
 - Installing is idempotent; `remove` takes away exactly what `install` added.
 """
 
@@ -35,6 +38,7 @@ import logging
 import socket
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -134,21 +138,37 @@ NUD_PERMANENT = 0x80  # `bridge fdb ... local`
 NTF_SELF = 0x02  # the entry is the bridge's own, not a port's
 
 
-def hold_reply_mac(bridges: Iterable[str]) -> None:
-    """Each of the `bridges` that exists has REPLY_MAC as a local fdb entry."""
-    _reply_mac("add", errno.EEXIST, bridges)
+def reply_bridges(bridges: Iterable[str], hold: bool = True) -> list[str]:
+    """The `bridges` that exist and filter no VLANs: those the `bridge pyproxy` table can
+    send replies up from. With `hold` (the process that programs the kernel), each of them
+    has REPLY_MAC as a local fdb entry."""
+    found = []
+    with IPRoute() as ipr:
+        for name in sorted(set(bridges)):
+            indexes = ipr.link_lookup(ifname=name)
+            for link in ipr.get_links(*indexes) if indexes else ():
+                if _filters_vlans(link):
+                    continue
+                found.append(name)
+                if hold:
+                    index = link["index"]
+                    _ignore(errno.EEXIST, lambda: ipr.fdb("add", ifindex=index, lladdr=REPLY_MAC,
+                                                          state=NUD_PERMANENT, flags=NTF_SELF))
+    return found
+
+
+def _filters_vlans(link: Any) -> bool:
+    info = link.get_attr("IFLA_LINKINFO")
+    data = info.get_attr("IFLA_INFO_DATA") if info is not None else None
+    return bool(data is not None and data.get_attr("IFLA_BR_VLAN_FILTERING"))
 
 
 def release_reply_mac(bridges: Iterable[str]) -> None:
-    _reply_mac("del", errno.ENOENT, bridges)
-
-
-def _reply_mac(verb: str, done: int, bridges: Iterable[str]) -> None:
     with IPRoute() as ipr:
         for name in sorted(set(bridges)):
             for index in ipr.link_lookup(ifname=name):
-                _ignore(done, lambda: ipr.fdb(verb, ifindex=index, lladdr=REPLY_MAC, state=NUD_PERMANENT,
-                                              flags=NTF_SELF))
+                _ignore(errno.ENOENT, lambda: ipr.fdb("del", ifindex=index, lladdr=REPLY_MAC, state=NUD_PERMANENT,
+                                                      flags=NTF_SELF))
 
 
 REENTRY_MTU = 65535  # the veth's maximum: an IP datagram's largest size fits

@@ -29,9 +29,10 @@ Rules kept here:
   finds the proxy's socket), and the pod would reset a reply from an address it never
   called.
 - An endpoint on this node's pod bridge would answer a pod of the same bridge frame to
-  frame, past the node, for the same reset. When the replies are steered up to the node
-  (`steered`: the `bridge pyproxy` table, dataplane/replies.py, on a node with pod
-  bridges) such an endpoint gets `POD` like any other; without it, `NODE`.
+  frame, past the node, for the same reset. Where the replies are steered up to the node
+  (`steered`: the subnets of the pod bridges the `bridge pyproxy` table serves,
+  dataplane/replies.py) such an endpoint gets `POD` like any other; on a bridge it cannot
+  serve (one that filters VLANs), `NODE`.
 - The endpoints whose replies are steered (`bridged_endpoints`) are every address and port
   of every EndpointSlice endpoint inside a pod bridge's subnet, whatever its conditions:
   an unready or terminating pod still answers the connections it has.
@@ -64,7 +65,7 @@ class SourcePolicy:
     node_addresses: frozenset[str] = frozenset()
     pods: tuple[Network, ...] = ()  # this Node's spec.podCIDRs
     bridged: tuple[Network, ...] = ()  # the pod bridges' subnets
-    steered: bool = False  # the bridged endpoints' replies go up to the node (dataplane/replies.py)
+    steered: tuple[Network, ...] = ()  # bridges whose endpoints' replies go up to the node (dataplane/replies.py)
 
     def is_pod(self, ip: str) -> bool:
         """A pod of this node: inside `pods`, and not the node's own address."""
@@ -76,7 +77,7 @@ class SourcePolicy:
             return Source.CLIENT
         if not self.pods or endpoint_ip in self.node_addresses:
             return Source.NODE
-        if not self.steered and _inside(endpoint_ip, self.bridged):
+        if _inside(endpoint_ip, self.bridged) and not _inside(endpoint_ip, self.steered):
             return Source.NODE
         return Source.POD
 
@@ -92,11 +93,11 @@ class SourcePolicy:
 
 
 def source_policy(node_addresses: Iterable[str], pod_cidrs: Iterable[str],
-                  bridged: Iterable[Network], steered: bool = False) -> SourcePolicy:
+                  bridged: Iterable[Network], steered: Iterable[Network] = ()) -> SourcePolicy:
     """The policy for a node with these addresses, Node podCIDRs and pod bridge subnets."""
     networks = {ipaddress.ip_network(c, strict=False) for c in pod_cidrs}
     pods = tuple(sorted((n for n in networks if n.prefixlen > 0), key=lambda n: (n.version, n)))
-    return SourcePolicy(frozenset(node_addresses), pods, tuple(bridged), steered)
+    return SourcePolicy(frozenset(node_addresses), pods, tuple(bridged), tuple(steered))
 
 
 def bridged_endpoints(slices: Iterable[EndpointSlice], bridged: Iterable[Network],
