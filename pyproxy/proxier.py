@@ -14,10 +14,9 @@ Rules kept here:
 - Local sources (kube-proxy's short-circuit: cluster set, node's address) are the node's
   addresses, this node's pods as `--detect-local-mode` finds them (model/localdetect.py:
   the cluster CIDRs, the Node's podCIDRs, or the routes through the pods' interfaces, read
-  at every sync), and the subnets of the pod bridges on this node: a pod on a bridge
-  cannot keep its own address towards an endpoint on the same bridge, which would answer
-  it directly over the bridge instead of through the proxy. The kernel's `local_sources`
-  set holds the same networks; when they change, the next write is a full one.
+  at every sync), and the subnets of the pod bridges on this node (their pods are this
+  node's whatever the mode finds). The kernel's `local_sources` set holds the same
+  networks; when they change, the next write is a full one.
 - On a node with pod bridges, the replies of endpoints on them are steered up to the node
   (dataplane/replies.py; model/source.py's `bridged_endpoints`, kept per Service and
   recomputed for the Services a sync changes, or all when the bridges or the node's
