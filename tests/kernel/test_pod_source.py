@@ -180,6 +180,23 @@ def test_a_same_bridge_endpoint_sees_the_pod_tcp_and_udp_of_any_size(same_bridge
             assert pods_of(answers) == ["pa"] * 2 and set(client_ips_of(answers)) == {own}, (size, answers)
 
 
+def test_a_same_bridge_endpoint_sees_the_pod_under_strict_reverse_path_filtering(same_bridge: Cluster) -> None:
+    """kind's nodes set rp_filter=1: the replies enter the node's IP layer on the bridge,
+    where the endpoint's own route points, so the check passes."""
+    cluster = same_bridge
+    lab, own = cluster.lab, cluster.lab.pods["bcl"].ip
+    before = lab.exec("node1", "sysctl", "-n", "net.ipv4.conf.all.rp_filter").stdout.strip()
+    lab.sysctl("node1", "net.ipv4.conf.all.rp_filter", "1")
+    try:
+        lines = cluster.run("bcl", "who", f"{PA_IP}:80", "--count", "5")
+        assert pods_of(lines) == ["pa"] * 5 and set(client_ips_of(lines)) == {own}, lines
+        answers = cluster.run("bcl", "udp", f"{PA_IP}:80", "--size", "2000", "--count", "2", "--timeout", "3")
+        assert len(answers) == 2 and all("whole=True" in line for line in answers), answers
+        assert set(client_ips_of(answers)) == {own}, answers
+    finally:
+        lab.sysctl("node1", "net.ipv4.conf.all.rp_filter", before)
+
+
 @pytest.mark.parametrize("netfilter", ["br_netfilter", "no_br_netfilter"])
 @pytest.mark.parametrize("family", ["ipv4", "ipv6"])
 def test_a_pod_still_reaches_a_same_bridge_endpoint_directly(same_bridge: Cluster, family: str,
