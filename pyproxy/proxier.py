@@ -78,6 +78,7 @@ class Proxier:
     _bridged: tuple[Network, ...] = ()
     _pods: tuple[Network, ...] = ()
     _steered_subnets: tuple[Network, ...] = ()  # the bridged subnets whose endpoints' replies are steered
+    _unsteered: tuple[str, ...] = ()  # pod bridges that cannot be (logged when that changes)
     _steer_by_service: dict[ServiceKey, frozenset[Steer]] = field(default_factory=dict)
     _steer_inputs: tuple[object, ...] = ()  # the bridges and addresses `_steer_by_service` was computed for
     _steered_written: frozenset[Steer] | None = None  # what the `bridge pyproxy` sets hold; None: no table
@@ -199,6 +200,11 @@ class Proxier:
             self.full_sync_needed = True  # the chain's hook devices change with the table
         self._bridged = parse_cidrs(cidr for _, cidr in bridges)
         self._steered_subnets = parse_cidrs(cidr for name, cidr in bridges if name in held)
+        unsteered = tuple(sorted(set(names) - set(held)))
+        if unsteered != self._unsteered and unsteered:  # routing.py's reply_bridges: they filter VLANs
+            log.warning("pod bridges %s filter VLANs: endpoints on them see the node's address, not a "
+                        "pod's (docs/behaviour.md#source-addresses)", ", ".join(unsteered))
+        self._unsteered = unsteered
 
     async def _write(self, added: set[Element], removed: set[Element], steered: frozenset[Steer]) -> None:
         self._last_full = self.full_sync_needed

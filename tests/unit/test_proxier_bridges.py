@@ -3,6 +3,7 @@ the table is rewritten for them (fake nft runner and a fake netlink view; no ker
 
 from __future__ import annotations
 
+import logging
 import random
 
 import pytest
@@ -134,10 +135,16 @@ async def test_a_new_same_bridge_endpoint_is_steered_before_the_relays_can_pick_
         "delete element bridge pyproxy steer_hosts { 10.244.1.5, 10.244.1.6 }\n"]
 
 
-async def test_a_bridge_that_holds_no_reply_mac_falls_back_to_the_node_address() -> None:
-    """A bridge that filters VLANs (routing.py's reply_bridges leaves it out)."""
+async def test_a_bridge_that_holds_no_reply_mac_falls_back_to_the_node_address(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A bridge that filters VLANs (routing.py's reply_bridges leaves it out): said once."""
     p, runner = steering_proxier("10.244.1.5", "10.244.2.5", reply_bridges=[])
-    await p.sync()
+    with caplog.at_level(logging.WARNING, logger="pyproxy.proxier"):
+        await p.sync()
+        await p.sync()
+    assert [r.getMessage() for r in caplog.records].count(
+        "pod bridges cni0 filter VLANs: endpoints on them see the node's address, not a pod's "
+        "(docs/behaviour.md#source-addresses)") == 1
     assert "add element bridge" not in runner.scripts[0]
     assert p.sources.target_source(False, "10.244.1.5") == Source.NODE
     assert p.sources.target_source(False, "10.244.2.5") == Source.POD
