@@ -15,6 +15,7 @@ talks to such an endpoint's address and port directly, past the Service, still r
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -212,3 +213,32 @@ def test_a_pod_still_reaches_a_same_bridge_endpoint_directly(same_bridge: Cluste
         assert pods_of(lines) == ["pa"] * 5 and set(client_ips_of(lines)) == {own}, lines
         answers = cluster.run("bcl", "udp", f"{address}:5353", "--size", "9000", "--count", "2", "--timeout", "3")
         assert len(answers) == 2 and all("whole=True" in line for line in answers), answers
+
+
+@pytest.mark.parametrize("family", ["ipv4", "ipv6"])
+def test_direct_same_bridge_traffic_passes_a_firewall_that_drops_invalid_forwards(same_bridge: Cluster,
+                                                                                 family: str) -> None:
+    """With br_netfilter on, the node's conntrack sees both directions of a direct
+    connection in the bridge's netfilter pass, so the replies it routes back are no
+    `INVALID` packets to a forward rule that drops them (a table of the test's own in node1,
+    removed after). Without br_netfilter such a rule breaks it (docs/behaviour.md)."""
+    cluster = same_bridge
+    pa, bcl = cluster.lab.pods["pa"], cluster.lab.pods["bcl"]
+    address, own = (pa.ip, bcl.ip) if family == "ipv4" else (f"[{pa.ip6}]", bcl.ip6)
+    lab = cluster.lab
+    lab.exec("node1", "nft", "add", "table", "inet", "labfw")
+    try:
+        lab.exec("node1", "nft", "add", "chain", "inet", "labfw", "forward",
+                 "{ type filter hook forward priority 0; policy accept; }")
+        lab.exec("node1", "nft", "add", "rule", "inet", "labfw", "forward", "ct", "state", "invalid", "counter", "drop")
+        lab.exec("node1", "nft", "add", "rule", "inet", "labfw", "forward", "counter")
+        lines = cluster.run("bcl", "who", f"{address}:80", "--count", "5")
+        assert pods_of(lines) == ["pa"] * 5 and set(client_ips_of(lines)) == {own}, lines
+        answers = cluster.run("bcl", "udp", f"{address}:5353", "--size", "9000", "--count", "2", "--timeout", "3")
+        assert len(answers) == 2 and all("whole=True" in line for line in answers), answers
+        # pa's replies really were routed back through the forward hook, and none was INVALID
+        counters = [int(n) for n in re.findall(r"counter packets (\d+)",
+                                                lab.exec("node1", "nft", "list", "table", "inet", "labfw").stdout)]
+        assert counters[0] == 0 and counters[1] > 0, counters
+    finally:
+        lab.exec("node1", "nft", "delete", "table", "inet", "labfw")
