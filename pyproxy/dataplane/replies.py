@@ -21,7 +21,7 @@ Rules kept here:
   address goes up alike, the first one included; the node reassembles them (TPROXY's
   rules turn defragmentation on) before the socket lookup.
 - What else matches (a pod talking to the endpoint's address and port directly, past the
-  Service) is routed by the node back onto the bridge: it arrives, one hop later (TTL - 1),
+  Service; any fragmented datagram from an endpoint's address to a bridged one) is routed by the node back onto the bridge: it arrives, one hop later (TTL - 1),
   and the node may send the endpoint an ICMP redirect, which it ignores (its route to the
   pod has no gateway). docs/behaviour.md says what that means for firewalls.
 - The sets change only by elements, at sync (the endpoints of the EndpointSlices, whatever
