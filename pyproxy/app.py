@@ -30,7 +30,13 @@ from pyproxy.dataplane.nft import NftConfig, NftRunner
 from pyproxy.dataplane.relay import RelayConfig, TcpRelay
 from pyproxy.dataplane.splice import make_splice_relay
 from pyproxy.dataplane.workers import NullNftRunner, WorkerRole
-from pyproxy.dataplane.routing import PolicyRouting, interface_routes, local_addresses, pod_bridges
+from pyproxy.dataplane.routing import (
+    PolicyRouting,
+    interface_routes,
+    local_addresses,
+    pod_bridges,
+    reply_bridges,
+)
 from pyproxy.dataplane.stats import DataplaneStats
 from pyproxy.dataplane.udp import UdpConfig, UdpRelay
 from pyproxy.inspect.reader import ProxyReader
@@ -96,6 +102,7 @@ class ProxyApp:
             pod_bridges=lambda: pod_bridges(dp.podBridges),
             route_pod_bridges=(policy_routing(config).route_pod_bridges if self.worker.programs_kernel
                                else lambda _: None),
+            reply_bridges=lambda names: reply_bridges(names, hold=self.worker.programs_kernel),
         )
         self.runner = SyncRunner(self.proxier.sync, config.minSyncPeriod, config.syncPeriod)
         relay_config = RelayConfig(

@@ -218,12 +218,19 @@ def _run_loop(coro: Any, event_loop: str = "auto") -> int:
 
 def cleanup(config: ProxyConfig) -> int:
     from pyproxy.app import policy_routing
-    from pyproxy.dataplane.nft import render_cleanup
+    from pyproxy.dataplane.nft import render_bridge_cleanup, render_cleanup
+    from pyproxy.dataplane.routing import release_reply_mac
 
     result = subprocess.run(["nft", "-f", "-"], input=render_cleanup(), text=True, capture_output=True)
     if result.returncode != 0:
         log.error("removing nftables table failed: %s", result.stderr.strip())
         return 1
+    # the bridge family's table exists only on a node with pod bridges (a kernel without the
+    # family refuses even to name it): its own transaction, and a failure is no error
+    bridge = subprocess.run(["nft", "-f", "-"], input=render_bridge_cleanup(), text=True, capture_output=True)
+    if bridge.returncode != 0:
+        log.debug("no bridge table removed: %s", bridge.stderr.strip())
+    release_reply_mac(config.dataplane.podBridges)
     policy_routing(config).remove()
     log.info("removed pyproxy's nftables table and policy routing")
     return 0

@@ -1,11 +1,12 @@
 """pyproxy's nftables tables: rendering them (pure) and applying them (`nft -f -`, the only I/O).
 
 Rules kept here (DATAPLANE.md):
-- pyproxy owns exactly three tables, `ip pyproxy` and `ip6 pyproxy` (one per address
+- pyproxy owns exactly four tables, `ip pyproxy` and `ip6 pyproxy` (one per address
   family, rendered from one template: the same sets and chains, each family's frontends
-  in its own table; TPROXY to the proxy's listener of that family, 127.0.0.1 or ::1) and
-  `netdev pyproxy` (pods on a bridge, below, with one set per family), and touches
-  nothing else.
+  in its own table; TPROXY to the proxy's listener of that family, 127.0.0.1 or ::1),
+  `netdev pyproxy` (pods on a bridge, below, with one set per family) and, on a node with
+  pod bridges, `bridge pyproxy` (replies.py: same-bridge endpoints' replies go up to the
+  node), and touches nothing else.
 - The rules never change while running (but for the pod bridges' hook devices, below);
   services come and go as set elements:
   `capture` (TPROXY to the proxy), `reject` (no endpoints: TCP reset / ICMP unreachable),
@@ -62,6 +63,8 @@ import ipaddress
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from pyproxy.dataplane import replies
+from pyproxy.model.source import Steer
 from pyproxy.model.family import Family, family_of
 from pyproxy.model.table import Allow, Element, Verdict
 
@@ -117,12 +120,17 @@ class NftConfig:
     local_sources: tuple[str, ...] = ()  # CIDRs (both families) whose traffic counts as "from this cluster"
     pod_bridges: tuple[str, ...] = ()  # existing bridges pods hang off (re-entry chain); none: no chain
     reentry_mark: int = 0  # set on re-entering frames (routing.py: their reverse-path route); 0: none
+    bridge_subnets: tuple[str, ...] = ()  # the pod bridges' subnets, both families (replies.py)
 
 
-def render_ruleset(config: NftConfig, elements: Iterable[Element], allows: Iterable[Allow] = ()) -> str:
-    """Every table, each replacing its previous version, all in one transaction."""
+def render_ruleset(config: NftConfig, elements: Iterable[Element], allows: Iterable[Allow] = (),
+                   steered: Iterable[Steer] = ()) -> str:
+    """Every table, each replacing its previous version, all in one transaction; the
+    `bridge pyproxy` table (replies.py, with the endpoints `steered`) only with pod bridges."""
     lines = [line for rules in FAMILIES.values() for line in _render_family(config, rules)]
     lines += _render_reentry(config)
+    if config.pod_bridges:
+        lines += replies.render_table(config.bridge_subnets, steered)
     elements = list(elements)
     keys = _keys(elements)
     lines += _element_lines("add", elements) + _services_lines("add", keys) + _reentry_lines("add", keys)
@@ -221,8 +229,10 @@ def _reentry_mark(config: NftConfig) -> str:
 
 
 def render_update(added: Iterable[Element], removed: Iterable[Element],
-                  allows_added: Iterable[Allow] = (), allows_removed: Iterable[Allow] = ()) -> str:
-    """An incremental transaction: only set elements change."""
+                  allows_added: Iterable[Allow] = (), allows_removed: Iterable[Allow] = (),
+                  steered_before: frozenset[Steer] = frozenset(), steered: frozenset[Steer] = frozenset()) -> str:
+    """An incremental transaction: only set elements change (the `bridge pyproxy` table's
+    from `steered_before` to `steered`, when those differ: only a node with pod bridges has it)."""
     added, removed = list(added), list(removed)
     # a frontend that only changes verdict stays in the services and re-entry sets
     keys_added, keys_removed = _keys(added), _keys(removed)
@@ -232,11 +242,18 @@ def render_update(added: Iterable[Element], removed: Iterable[Element],
     lines += _services_lines("delete", gone) + _services_lines("add", new)
     lines += _reentry_lines("delete", gone) + _reentry_lines("add", new)
     lines += _allow_lines("add", allows_added)
+    lines += replies.update_lines(steered_before, steered)
     return "\n".join(lines) + "\n" if lines else ""
 
 
 def render_cleanup() -> str:
+    """The tables every node has (the bridge family's is `render_bridge_cleanup`'s: a
+    kernel without it must still clean up the rest)."""
     return "".join(f"table {family} {TABLE}\ndelete table {family} {TABLE}\n" for family in ("ip", "ip6", "netdev"))
+
+
+def render_bridge_cleanup() -> str:
+    return f"table bridge {TABLE}\ndelete table bridge {TABLE}\n"
 
 
 def _keys(elements: Iterable[Element]) -> set[tuple[str, str, int]]:

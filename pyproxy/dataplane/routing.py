@@ -20,6 +20,13 @@ Rules kept here:
   route per pod bridge subnet `dev pyproxy-in` (`route_pod_bridges`, at every change of the
   bridges). Only the check's lookup ever matches those routes: forward lookups of marked
   packets are for service addresses, which the table does not hold, so they fall through.
+- Each pod bridge holds a `local` fdb entry of pyproxy's own, `replies.REPLY_MAC`
+  (`reply_bridges`, at every sync: a bridge made again gets it back): frames the `bridge
+  pyproxy` table sends to that MAC are delivered to the node, not forwarded to a port.
+  Not on a bridge that filters VLANs: its lookups are per VLAN, so an entry of none is
+  never found; `reply_bridges` leaves such a bridge out, and its endpoints fall back to
+  the node's address (model/source.py). `release_reply_mac` (at `--cleanup`) takes the
+  entries away.
 - Installing is idempotent; `remove` takes away exactly what `install` added.
 """
 
@@ -31,12 +38,14 @@ import logging
 import socket
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from pyproxy.dataplane.devconf import IPV4_DEVCONF_SRC_VMARK, set_ipv4_devconf
 from pyproxy.dataplane.nft import REENTRY_ADDRESS, REENTRY_DEVICE, REENTRY_MAC, REENTRY_PEER
+from pyproxy.dataplane.replies import REPLY_MAC
 from pyproxy.model.family import node_port_candidate
 
 log = logging.getLogger("pyproxy.routing")
@@ -123,6 +132,43 @@ def warm_up() -> None:
             ipr.get_links(1)
     except (OSError, NetlinkError) as err:
         log.debug("netlink warm-up: %s", err)
+
+
+NUD_PERMANENT = 0x80  # `bridge fdb ... local`
+NTF_SELF = 0x02  # the entry is the bridge's own, not a port's
+
+
+def reply_bridges(bridges: Iterable[str], hold: bool = True) -> list[str]:
+    """The `bridges` that exist and filter no VLANs: those the `bridge pyproxy` table can
+    send replies up from. With `hold` (the process that programs the kernel), each of them
+    has REPLY_MAC as a local fdb entry."""
+    found = []
+    with IPRoute() as ipr:
+        for name in sorted(set(bridges)):
+            indexes = ipr.link_lookup(ifname=name)
+            for link in ipr.get_links(*indexes) if indexes else ():
+                if _filters_vlans(link):
+                    continue
+                found.append(name)
+                if hold:
+                    index = link["index"]
+                    _ignore(errno.EEXIST, lambda: ipr.fdb("add", ifindex=index, lladdr=REPLY_MAC,
+                                                          state=NUD_PERMANENT, flags=NTF_SELF))
+    return found
+
+
+def _filters_vlans(link: Any) -> bool:
+    info = link.get_attr("IFLA_LINKINFO")
+    data = info.get_attr("IFLA_INFO_DATA") if info is not None else None
+    return bool(data is not None and data.get_attr("IFLA_BR_VLAN_FILTERING"))
+
+
+def release_reply_mac(bridges: Iterable[str]) -> None:
+    with IPRoute() as ipr:
+        for name in sorted(set(bridges)):
+            for index in ipr.link_lookup(ifname=name):
+                _ignore(errno.ENOENT, lambda: ipr.fdb("del", ifindex=index, lladdr=REPLY_MAC, state=NUD_PERMANENT,
+                                                      flags=NTF_SELF))
 
 
 REENTRY_MTU = 65535  # the veth's maximum: an IP datagram's largest size fits

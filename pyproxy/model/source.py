@@ -23,23 +23,33 @@ Rules kept here:
   address (what the proxy did before it knew better).
 - The node itself, and a pod reaching itself through its Service (hairpin: the endpoint's
   address is the client's), get the node's address, as kube-proxy masquerades both.
-- Two kinds of endpoint get `NODE`, since their replies to a pod would not pass this
-  node's prerouting (where the `socket transparent` rule finds the proxy's socket) and the
-  pod would reset a reply from an address it never called: one on this node's pod bridge
-  (it answers a pod on the same bridge frame to frame), and the node itself (a hostNetwork
-  endpoint here, such as the API server behind `kubernetes` on a control-plane node: its
-  replies leave by the output path, straight to the pod). Only those fall back
-  (docs/behaviour.md).
+- The node itself as an endpoint gets `NODE` (a hostNetwork endpoint here, such as the API
+  server behind `kubernetes` on a control-plane node): its replies to a pod leave by the
+  output path, never through this node's prerouting (where the `socket transparent` rule
+  finds the proxy's socket), and the pod would reset a reply from an address it never
+  called.
+- An endpoint on this node's pod bridge would answer a pod of the same bridge frame to
+  frame, past the node, for the same reset. Where the replies are steered up to the node
+  (`steered`: the subnets of the pod bridges the `bridge pyproxy` table serves,
+  dataplane/replies.py) such an endpoint gets `POD` like any other; on a bridge it cannot
+  serve (one that filters VLANs), `NODE`.
+- The endpoints whose replies are steered (`bridged_endpoints`) are every address and port
+  of every EndpointSlice endpoint inside a pod bridge's subnet, whatever its conditions:
+  an unready or terminating pod still answers the connections it has.
 """
 
 from __future__ import annotations
 
 import enum
 import ipaddress
-from collections.abc import Iterable
+from collections.abc import Iterable, Set
 from dataclasses import dataclass
 
 from pyproxy.model.localdetect import Network
+from pyproxy.model.objects import EndpointSlice
+
+Steer = tuple[str, str, int]  # an endpoint on a pod bridge: (ip, protocol, port)
+PROTOCOLS = ("TCP", "UDP")  # what the proxy relays
 
 
 class Source(enum.IntEnum):
@@ -55,6 +65,7 @@ class SourcePolicy:
     node_addresses: frozenset[str] = frozenset()
     pods: tuple[Network, ...] = ()  # this Node's spec.podCIDRs
     bridged: tuple[Network, ...] = ()  # the pod bridges' subnets
+    steered: tuple[Network, ...] = ()  # bridges whose endpoints' replies go up to the node (dataplane/replies.py)
 
     def is_pod(self, ip: str) -> bool:
         """A pod of this node: inside `pods`, and not the node's own address."""
@@ -64,7 +75,9 @@ class SourcePolicy:
         """The mode of an upstream connection to `endpoint_ip` under a plan."""
         if transparent:
             return Source.CLIENT
-        if not self.pods or endpoint_ip in self.node_addresses or _inside(endpoint_ip, self.bridged):
+        if not self.pods or endpoint_ip in self.node_addresses:
+            return Source.NODE
+        if _inside(endpoint_ip, self.bridged) and not _inside(endpoint_ip, self.steered):
             return Source.NODE
         return Source.POD
 
@@ -80,11 +93,29 @@ class SourcePolicy:
 
 
 def source_policy(node_addresses: Iterable[str], pod_cidrs: Iterable[str],
-                  bridged: Iterable[Network]) -> SourcePolicy:
+                  bridged: Iterable[Network], steered: Iterable[Network] = ()) -> SourcePolicy:
     """The policy for a node with these addresses, Node podCIDRs and pod bridge subnets."""
     networks = {ipaddress.ip_network(c, strict=False) for c in pod_cidrs}
     pods = tuple(sorted((n for n in networks if n.prefixlen > 0), key=lambda n: (n.version, n)))
-    return SourcePolicy(frozenset(node_addresses), pods, tuple(bridged))
+    return SourcePolicy(frozenset(node_addresses), pods, tuple(bridged), tuple(steered))
+
+
+def bridged_endpoints(slices: Iterable[EndpointSlice], bridged: Iterable[Network],
+                      node_addresses: Set[str] = frozenset()) -> frozenset[Steer]:
+    """(ip, protocol, port) of every endpoint of `slices`, whatever its conditions, whose
+    address is inside a pod bridge's subnet (`bridged`) and not the node's own."""
+    networks = tuple(bridged)
+    if not networks:
+        return frozenset()
+    found: set[Steer] = set()
+    for endpoint_slice in slices:
+        ports = [(p.protocol, p.port) for p in endpoint_slice.ports if p.protocol in PROTOCOLS and p.port]
+        if not ports:
+            continue
+        for endpoint in endpoint_slice.endpoints:
+            if endpoint.ip not in node_addresses and _inside(endpoint.ip, networks):
+                found.update((endpoint.ip, protocol, port) for protocol, port in ports)
+    return frozenset(found)
 
 
 def _inside(ip: str, networks: Iterable[Network]) -> bool:

@@ -111,9 +111,10 @@ def test_cluster_dns_over_udp_through_the_cluster_ip_from_a_bridged_pod(bridged:
 
 
 def test_local_nodeport_from_a_bridged_pod_to_its_own_node_is_a_hairpin(bridged: Cluster) -> None:
-    """The pod cannot keep its address: the endpoint pa sits on the same bridge and would
-    answer it directly. Like kube-proxy's short-circuit, it is served from the cluster set
-    with the node's address (pyproxy counts the pod bridge's subnet as local sources)."""
+    """Like kube-proxy's short-circuit, a pod on the bridge is served from the cluster set
+    (pyproxy counts the pod bridge's subnet as local sources, whatever the detection mode
+    finds); this module writes no Node, so no client counts as a pod and the endpoints see
+    the node's address (test_pod_source.py has the pods' own addresses)."""
     lines = bridged.run("bcl", "http", f"{node_ip(1)}:30181", "--count", "20", "--timeout", "3")
     assert set(pods_of(lines)) == set(ALL), lines
     assert bridged.lab.pods["bcl"].ip not in client_ips_of(lines)

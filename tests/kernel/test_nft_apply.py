@@ -8,10 +8,12 @@ the root namespace's firewall is never touched.
 from __future__ import annotations
 
 import json
+import re
 import os
 import subprocess
 import uuid
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +24,12 @@ from pyproxy.dataplane.nft import (
     NftConfig,
     NftError,
     NftRunner,
+    render_bridge_cleanup,
     render_cleanup,
     render_ruleset,
     render_update,
 )
+from pyproxy.dataplane.replies import REPLY_MAC
 from pyproxy.model.table import Element, Verdict
 from tests.conftest import private_netns, privileged_reason, skip_or_fail
 
@@ -98,7 +102,8 @@ async def test_full_then_incremental_write(netns: Netns) -> None:
     # the guard in front of the per-service rules holds every frontend, whatever its verdict
     assert sets["services"] == {key for v in kernel_view(first).values() for key in v}
     tables = netns.nft("list", "tables").stdout.split()
-    assert tables == ["table", "ip", "pyproxy", "table", "ip6", "pyproxy", "table", "netdev", "pyproxy"]
+    assert tables == ["table", "ip", "pyproxy", "table", "ip6", "pyproxy", "table", "netdev", "pyproxy",
+                      "table", "bridge", "pyproxy"]
     ruleset = netns.nft("list", "table", "ip", "pyproxy").stdout
     assert "tproxy to 127.0.0.1:15001" in ruleset and "socket transparent 1" in ruleset
     # the pod bridges' chain is accepted for bridges that do not exist (yet), and its set
@@ -171,9 +176,34 @@ async def test_failed_incremental_write_raises_and_changes_nothing(netns: Netns)
 async def test_cleanup_removes_the_table_and_is_idempotent(netns: Netns) -> None:
     await netns.runner.apply(render_ruleset(CONFIG, ()))
     await netns.runner.apply(render_cleanup())
+    assert netns.nft("list", "tables").stdout.strip() == "table bridge pyproxy"  # its own transaction
+    await netns.runner.apply(render_bridge_cleanup())
     assert netns.nft("list", "tables").stdout.strip() == ""
     await netns.runner.apply(render_cleanup())  # nothing to remove: still fine
+    await netns.runner.apply(render_bridge_cleanup())
     assert netns.nft("list", "tables").stdout.strip() == ""
+
+
+async def test_the_bridge_table_and_its_steering_updates(netns: Netns) -> None:
+    """replies.py's table as the kernel takes it: the chain, the subnets, the endpoints and
+    their hosts, then an incremental change that keeps a host with one port left."""
+    config = replace(CONFIG, bridge_subnets=("10.244.1.0/24", "fd00:244:1::/64"))
+    first = frozenset({("10.244.1.5", "TCP", 80), ("10.244.1.5", "UDP", 53), ("fd00:244:1::5", "TCP", 80)})
+    await netns.runner.apply(render_ruleset(config, (), steered=first))
+    listed = netns.nft("list", "table", "bridge", "pyproxy").stdout
+    # -300, which nft names `dstnat` in the bridge family: before br_netfilter's 0
+    assert re.search(r"type filter hook prerouting priority (-300|dstnat); policy accept;", listed), listed
+    assert f"ether daddr set {REPLY_MAC} meta pkttype set host" in listed
+    assert "elements = { 10.244.1.0/24 }" in listed and "elements = { fd00:244:1::/64 }" in listed
+    assert netns.sets("bridge")["steer"] == {("10.244.1.5", "tcp", 80), ("10.244.1.5", "udp", 53)}
+    assert netns.sets("bridge")["steer6"] == {("fd00:244:1::5", "tcp", 80)}
+    second = frozenset({("10.244.1.5", "TCP", 80), ("10.244.1.6", "TCP", 80)})
+    await netns.runner.apply(render_update((), (), steered_before=first, steered=second))
+    assert netns.sets("bridge")["steer"] == {("10.244.1.5", "tcp", 80), ("10.244.1.6", "tcp", 80)}
+    assert netns.sets("bridge")["steer6"] == set()
+    hosts = netns.nft("list", "set", "bridge", "pyproxy", "steer_hosts").stdout
+    assert "10.244.1.5" in hosts and "10.244.1.6" in hosts
+    assert "fd00:244:1::5" not in netns.nft("list", "set", "bridge", "pyproxy", "steer_hosts6").stdout
 
 
 async def test_source_range_firewall_sets_take_overlapping_ranges_of_many_frontends(netns: Netns) -> None:

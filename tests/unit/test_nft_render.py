@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 
 from pyproxy.dataplane.nft import (
     REENTRY_DEVICE,
     REENTRY_MAC,
     SETS,
     NftConfig,
+    render_bridge_cleanup,
     render_cleanup,
     render_ruleset,
     render_update,
 )
+from pyproxy.dataplane.replies import REPLY_MAC, update_lines
 from pyproxy.model.table import Element, Verdict
 
 CONFIG = NftConfig(mark=0x1F, tcp_port=15001, udp_port=15002, local_sources=("10.244.0.0/16", "10.250.0.0/16"))
@@ -296,3 +299,53 @@ def test_elements_go_to_the_table_of_their_family() -> None:
         "delete element ip6 pyproxy svc_capture { fd00:96::10 . tcp . 80 }",
         "add element ip6 pyproxy svc_reject { fd00:96::10 . tcp . 80 }",
     ]  # a verdict change keeps the re-entry element
+
+
+def test_no_pod_bridges_no_bridge_table() -> None:
+    """A routed node needs no bridge family (a kernel may lack it)."""
+    assert "bridge" not in render_ruleset(CONFIG, ELEMENTS, steered=[("10.244.1.5", "TCP", 80)])
+
+
+def test_the_bridge_table_sends_steered_endpoints_replies_up_to_the_node() -> None:
+    config = replace(BRIDGED, bridge_subnets=("10.244.1.0/24", "fd00:244:1::/64", "10.88.0.0/16"))
+    text = render_ruleset(config, (), steered=[("10.244.1.5", "TCP", 80), ("10.244.1.5", "UDP", 53),
+                                               ("fd00:244:1::5", "TCP", 80)])
+    lines = [line.strip() for line in text.splitlines()]
+    start = lines.index("table bridge pyproxy {")
+    assert lines[start - 2:start] == ["table bridge pyproxy", "delete table bridge pyproxy"]
+    assert "set bridged { type ipv4_addr; flags interval; elements = { 10.244.1.0/24, 10.88.0.0/16 }; }" in lines
+    assert "set bridged6 { type ipv6_addr; flags interval; elements = { fd00:244:1::/64 }; }" in lines
+    chain = lines[lines.index("chain prerouting {", start) + 1:]
+    up = f"ether daddr set {REPLY_MAC} meta pkttype set host"
+    assert chain[:6] == [
+        "type filter hook prerouting priority -300; policy accept;",
+        f"meta pkttype other ip saddr . meta l4proto . th sport @steer ip daddr @bridged {up}",
+        f"meta pkttype other ip frag-off & 0x3fff != 0 ip saddr @steer_hosts ip daddr @bridged {up}",
+        f"meta pkttype other ip6 saddr . meta l4proto . th sport @steer6 ip6 daddr @bridged6 {up}",
+        f"meta pkttype other exthdr frag exists ip6 saddr @steer_hosts6 ip6 daddr @bridged6 {up}",
+        "}",
+    ]
+    assert lines[-4:] == [
+        "add element bridge pyproxy steer { 10.244.1.5 . tcp . 80, 10.244.1.5 . udp . 53 }",
+        "add element bridge pyproxy steer6 { fd00:244:1::5 . tcp . 80 }",
+        "add element bridge pyproxy steer_hosts { 10.244.1.5 }",
+        "add element bridge pyproxy steer_hosts6 { fd00:244:1::5 }",
+    ]
+
+
+def test_steering_updates_keep_a_host_while_any_of_its_ports_is_steered() -> None:
+    before = frozenset({("10.244.1.5", "TCP", 80), ("10.244.1.5", "UDP", 53), ("10.244.1.6", "TCP", 80)})
+    after = frozenset({("10.244.1.5", "TCP", 80), ("10.244.1.7", "TCP", 80)})
+    assert update_lines(before, after) == [
+        "delete element bridge pyproxy steer { 10.244.1.5 . udp . 53, 10.244.1.6 . tcp . 80 }",
+        "delete element bridge pyproxy steer_hosts { 10.244.1.6 }",
+        "add element bridge pyproxy steer { 10.244.1.7 . tcp . 80 }",
+        "add element bridge pyproxy steer_hosts { 10.244.1.7 }",
+    ]
+    assert update_lines(after, after) == []
+    text = render_update((), (), steered_before=before, steered=after)
+    assert text == "\n".join(update_lines(before, after)) + "\n"
+
+
+def test_cleanup_of_the_bridge_table_is_its_own() -> None:
+    assert render_bridge_cleanup() == "table bridge pyproxy\ndelete table bridge pyproxy\n"
