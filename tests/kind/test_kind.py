@@ -388,6 +388,9 @@ KILL_SERVING = ("import json, os, signal\n"
                 "pids = [s['pid'] for s in slots.values() if s['state'] == 'serving' and s['pid']]\n"
                 "[os.kill(p, signal.SIGKILL) for p in pids]\n"
                 "print(*pids)")
+SERVING = ("import json\n"
+           "slots = json.load(open('/run/pyproxy/supervisor.json'))['slots']\n"
+           "print(all(s['state'] == 'serving' for s in slots.values()))")
 
 
 def test_kill_9_of_the_serving_process_in_the_pod_fails_no_new_request(kind: Cluster) -> None:
@@ -424,15 +427,21 @@ def test_kill_9_of_the_serving_process_in_the_pod_fails_no_new_request(kind: Clu
     outputs, loops = _start_loops(kind, probes, "/tmp/stop-crash", least=30)
     kills = 2
     killed: list[str] = []
+    def serving() -> bool:  # each pod's supervisor has its slots served (again, after a kill)
+        return all(kind.kubectl("-n", "kube-system", "exec", pod.removeprefix("pod/"), "--", "/opt/pyproxy/bin/python",
+                                "-c", SERVING, check=False).stdout.strip() == "True" for pod in pods)
+
     try:
         time.sleep(3)
         for _ in range(kills):
+            assert sc.until(serving, 60, step_s=1), "a serving process did not come back within 60 s"
             for pod in pods:
                 done = kind.kubectl("-n", "kube-system", "exec", pod.removeprefix("pod/"), "--",
                                     "/opt/pyproxy/bin/python", "-c", KILL_SERVING)
                 assert done.stdout.strip(), (pod, done.stdout, done.stderr)
                 killed.extend(done.stdout.split())
             time.sleep(3)
+        assert sc.until(serving, 60, step_s=1), "a serving process did not come back within 60 s"
     finally:
         for client in sc.CLIENTS.values():
             kind.kubectl("exec", client, "--", "touch", "/tmp/stop-crash-tcp", "/tmp/stop-crash-udp", check=False)
