@@ -97,7 +97,7 @@ def cpu_seconds(pid: int) -> float:
         try:
             with open(f"/proc/{p}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])  # utime, stime
+            total += sum(int(v) for v in fields[11:15])  # utime, stime, cutime, cstime (reaped children: nft)
         except (OSError, ValueError, IndexError):
             continue
     return total / CLK_TCK
@@ -145,6 +145,29 @@ class Prober:
         """Monotonic seconds of the first answer of the running probe, or None."""
         words = self._line(timeout + 5).split()
         return int(words[1]) / 1e9 if len(words) == 2 and words[0] == "ok" else None
+
+
+class Profiler:
+    """py-spy on pyproxy's process tree for one phase (`--pyspy DIR`; its own CPU is not
+    pyproxy's, but it slows the sampled process a little: profile runs are not measurement runs)."""
+
+    def __init__(self, directory: str | None, pid: int, phase: str) -> None:
+        self.proc: subprocess.Popen[Any] | None = None
+        if directory:
+            Path(directory).mkdir(parents=True, exist_ok=True)
+            spy = Path(sys.executable).parent / "py-spy"
+            self.proc = subprocess.Popen([str(spy), "record", "--pid", str(pid), "--subprocesses", "--rate", "100",
+                                          "--format", "raw", "-o", str(Path(directory) / f"{phase}.txt"),
+                                          "--nonblocking"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
 
 
 def start_forwarder(lab: Lab, kube: KubeAPIServer, workdir: Path) -> None:
@@ -231,6 +254,7 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         api.create_slice("sentinel", [BACKEND_IP], 80)
         probers = {name: Prober(lab, node) for name, (node, _) in NODES.items()}
         contenders = start_contenders(args, lab, kube, workdir, kube_proxy_bin)
+        profiler = Profiler(args.pyspy, contenders["pyproxy"].proc.pid, "start")
         # first served
         for name, prober in probers.items():
             prober.start(sentinel, 80, SERVE_TIMEOUT)
@@ -241,6 +265,7 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                 raise RuntimeError(f"{name} did not serve in {SERVE_TIMEOUT}s: {c.log.read_text()[-3000:]}")
             c.figures["first_served_s"] = round(answered - c.started, 2)
             c.figures["cpu_to_first_served_s"] = round(cpu_seconds(c.proc.pid), 2)
+        profiler.stop()
         synced = first_sync(contenders["pyproxy"].log, contenders["pyproxy"].started_wall)
         if synced is not None:
             contenders["pyproxy"].figures["first_sync_s"] = round(synced[0], 2)
@@ -249,8 +274,12 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         for c in contenders.values():
             c.figures["rss_after_first_sync_mib"] = round(memory_mib(c.proc.pid)[0], 1)
         print(f"[scale] first served: {[(c.name, c.figures) for c in contenders.values()]}", file=sys.stderr)
+        profiler = Profiler(args.pyspy, contenders["pyproxy"].proc.pid, "routed")
         routed(args, api, probers, contenders)
+        profiler.stop()
+        profiler = Profiler(args.pyspy, contenders["pyproxy"].proc.pid, "updates")
         updates(args, api, contenders)
+        profiler.stop()
         for c in contenders.values():
             rss, peak = memory_mib(c.proc.pid)
             c.figures["rss_end_mib"], c.figures["peak_rss_mib"] = round(rss, 1), round(peak, 1)
@@ -280,6 +309,8 @@ def start_contenders(args: argparse.Namespace, lab: Lab, kube: KubeAPIServer, wo
     for name, node, argv in (("pyproxy", node1, pyproxy_args), ("kube-proxy", node2, kp_args)):
         log = workdir / f"{name}.log"
         started, wall = time.monotonic(), time.time()
+        if name == "pyproxy" and args.pyproxy_tree:  # another pyproxy source tree (a before/after comparison)
+            argv = ["env", "-C", args.pyproxy_tree, *argv]  # `-m` puts the working directory first
         out[name] = Contender(name, node, lab.spawn(node, argv, log=log), log, started, wall)
     return out
 
@@ -372,6 +403,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--settle", type=float, default=5.0, help="seconds after first served before measuring")
     p.add_argument("--threads", type=int, default=16, help="API writer threads")
     p.add_argument("--json", help="write the result here")
+    p.add_argument("--pyspy", help="profile pyproxy with py-spy per phase into this directory (raw stacks)")
+    p.add_argument("--pyproxy-tree", help="run pyproxy from this source tree (default: this checkout)")
     p.add_argument("--keep-logs", help="copy the proxies' logs into this directory")
     args = p.parse_args(argv)
     if os.geteuid() != 0:

@@ -25,6 +25,7 @@ from typing import Any
 
 ENDPOINTS_PER_SLICE = 10
 REQUEST_TIMEOUT = 30.0
+IDLE_REOPEN = 20.0  # a keep-alive connection idle this long is replaced before use
 NAMESPACE = "default"
 SERVICES = f"/api/v1/namespaces/{NAMESPACE}/services"
 SLICES = f"/apis/discovery.k8s.io/v1/namespaces/{NAMESPACE}/endpointslices"
@@ -74,6 +75,11 @@ class Api:
 
     def _conn(self) -> http.client.HTTPSConnection:
         conn: http.client.HTTPSConnection | None = getattr(self.local, "conn", None)
+        now = time.monotonic()
+        if conn is not None and now - getattr(self.local, "used", now) > IDLE_REOPEN:
+            conn.close()  # the server may have closed it meanwhile: a new one, not a retry
+            conn = None
+        self.local.used = now
         if conn is None:
             conn = http.client.HTTPSConnection(self.host, self.port, context=self.context, timeout=REQUEST_TIMEOUT)
             self.local.conn = conn
@@ -122,10 +128,14 @@ class Api:
 
 
 def run_parallel(tasks: Iterable[Callable[[], object]], threads: int) -> None:
-    """Run every task on `threads` threads; the first failure is raised."""
-    with ThreadPoolExecutor(threads) as pool:
+    """Run every task on `threads` threads; the first failure (or a signal's exit) is raised
+    at once, the tasks not yet started are dropped."""
+    pool = ThreadPoolExecutor(threads)
+    try:
         for future in [pool.submit(t) for t in tasks]:
             future.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def populate(api: Api, first: int, count: int, threads: int = 16) -> float:

@@ -51,8 +51,15 @@ from pyproxy.lifecycle.handover import (
 )
 from pyproxy.lifecycle.link import SupervisorLink
 from pyproxy.lifecycle.listeners import listener_names, serve_listeners
-from pyproxy.lifecycle.snapshot import SnapshotWriter, read_snapshot, snapshot_path
-from pyproxy.lifecycle.state import StateError, affinity_state, restore_affinity, restore_store, store_state
+from pyproxy.lifecycle.snapshot import Deferred, SnapshotWriter, read_snapshot, snapshot_path
+from pyproxy.lifecycle.state import (
+    StateError,
+    StoreEncoder,
+    affinity_state,
+    restore_affinity,
+    restore_store,
+    store_state,
+)
 from pyproxy.model.store import ClusterStore
 from pyproxy.model.table import ServiceTable
 
@@ -101,7 +108,8 @@ class ProcessLife:
         self._affinity: tuple[Any, float] | None = None
         self._handover_task: asyncio.Task[None] | None = None
         life = config.lifecycle
-        self.snapshots = SnapshotWriter(snapshot_path(life.stateDir, worker.index), node_name, self.state_body,
+        self._encoder = StoreEncoder()
+        self.snapshots = SnapshotWriter(snapshot_path(life.stateDir, worker.index), node_name, self.snapshot_body,
                                         self._generation, life.snapshotInterval)
 
     # --- start
@@ -214,6 +222,12 @@ class ProcessLife:
 
     def state_body(self) -> dict[str, Any]:
         return {"sync": store_state(self.process.store),
+                "affinity": affinity_state(self.process.table, time.monotonic())}
+
+    def snapshot_body(self) -> dict[str, Any]:
+        """`state_body` for the file: the store captured here, encoded in the writer's thread."""
+        captured = StoreEncoder.capture(self.process.store)
+        return {"sync": Deferred(lambda: self._encoder.encode(captured)),
                 "affinity": affinity_state(self.process.table, time.monotonic())}
 
     def affinity_body(self) -> dict[str, Any]:

@@ -12,8 +12,10 @@ Theory of operation:
   or whose parts do not decode is ignored with one log line saying which and why; the
   process then starts as if there were none. The age the file lay on disk is added to
   every pin's age, so expiry is exactly where it would have been.
-- Serializing runs on the loop (the state must be read consistently), the file I/O in a
-  thread.
+- What the state is, is read on the loop (consistently, between two callbacks); a part
+  given as `Deferred` (the store: `state.StoreEncoder`, incremental) is turned into JSON in
+  the writer's thread, with the rest of the encoding and the file I/O, so that nothing on
+  the loop grows with the store beyond copying references.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,9 +52,26 @@ def write_atomically(path: Path, data: bytes) -> None:
     os.replace(temporary, path)
 
 
+@dataclass(frozen=True)
+class Deferred:
+    """A part of a snapshot's body whose JSON bytes `produce()` makes, in the writer's thread."""
+
+    produce: Callable[[], bytes]
+
+
 def encode_snapshot(node: str, body: Mapping[str, Any], wall: float) -> bytes:
-    return json.dumps({"format": FORMAT, "protocol": spoken_protocol(), "node": node, "written": wall, **body},
+    plain = {k: v for k, v in body.items() if not isinstance(v, Deferred)}
+    data = json.dumps({"format": FORMAT, "protocol": spoken_protocol(), "node": node, "written": wall, **plain},
                       separators=(",", ":")).encode()
+    deferred = [(k, v) for k, v in body.items() if isinstance(v, Deferred)]
+    if not deferred:
+        return data
+    tail = b"".join(b"," + json.dumps(k).encode() + b":" + v.produce() for k, v in deferred)
+    return data[:-1] + tail + b"}"
+
+
+def encode_and_write(path: Path, node: str, body: Mapping[str, Any], wall: float) -> None:
+    write_atomically(path, encode_snapshot(node, body, wall))
 
 
 def decode_snapshot(data: bytes, node: str, path: str) -> dict[str, Any] | None:
@@ -112,9 +132,9 @@ class SnapshotWriter:
         generation = self.generation()
         if generation == self._written:
             return
-        data = encode_snapshot(self.node, self.body(), time.time())
+        body = self.body()  # on the loop: a consistent view; the encoding and I/O in a thread
         try:
-            await asyncio.to_thread(write_atomically, self.path, data)
+            await asyncio.to_thread(encode_and_write, self.path, self.node, body, time.time())
         except OSError as err:
             if not self._failed:
                 log.error("cannot write the state snapshot %s: %s (retrying every %.0fs)", self.path, err, self.interval)
