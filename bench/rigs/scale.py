@@ -254,7 +254,7 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         api.create_slice("sentinel", [BACKEND_IP], 80)
         probers = {name: Prober(lab, node) for name, (node, _) in NODES.items()}
         contenders = start_contenders(args, lab, kube, workdir, kube_proxy_bin)
-        profiler = Profiler(args.pyspy, contenders["pyproxy"].proc.pid, "start")
+        profiler = Profiler(args.pyspy if args.profile_start else None, contenders["pyproxy"].proc.pid, "start")
         # first served
         for name, prober in probers.items():
             prober.start(sentinel, 80, SERVE_TIMEOUT)
@@ -274,18 +274,24 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         for c in contenders.values():
             c.figures["rss_after_first_sync_mib"] = round(memory_mib(c.proc.pid)[0], 1)
         print(f"[scale] first served: {[(c.name, c.figures) for c in contenders.values()]}", file=sys.stderr)
-        profiler = Profiler(args.pyspy, contenders["pyproxy"].proc.pid, "routed")
         routed(args, api, probers, contenders)
-        profiler.stop()
-        profiler = Profiler(args.pyspy, contenders["pyproxy"].proc.pid, "updates")
         updates(args, api, contenders)
-        profiler.stop()
         for c in contenders.values():
             rss, peak = memory_mib(c.proc.pid)
             c.figures["rss_end_mib"], c.figures["peak_rss_mib"] = round(rss, 1), round(peak, 1)
             if c.proc.poll() is not None:
                 raise RuntimeError(f"{c.name} exited: {c.log.read_text()[-3000:]}")
         result["contenders"] = {c.name: c.figures for c in contenders.values()}
+        if args.pyspy:  # after the measurements, which py-spy would slow: the same phases again, profiled
+            profiled = argparse.Namespace(**{**vars(args), "rounds": 3, "duration": min(args.duration, 20.0)})
+            scratch = {name: Contender(c.name, c.node, c.proc, c.log, c.started, c.started_wall)
+                       for name, c in contenders.items()}
+            profiler = Profiler(args.pyspy, contenders["pyproxy"].proc.pid, "routed")
+            routed(profiled, api, probers, scratch, prefix="prof")
+            profiler.stop()
+            profiler = Profiler(args.pyspy, contenders["pyproxy"].proc.pid, "updates")
+            updates(profiled, api, scratch)
+            profiler.stop()
         for prober in probers.values():
             assert prober.proc.stdin is not None
             prober.proc.stdin.write("quit\n")
@@ -315,10 +321,11 @@ def start_contenders(args: argparse.Namespace, lab: Lab, kube: KubeAPIServer, wo
     return out
 
 
-def routed(args: argparse.Namespace, api: Api, probers: dict[str, Prober], contenders: dict[str, Contender]) -> None:
+def routed(args: argparse.Namespace, api: Api, probers: dict[str, Prober], contenders: dict[str, Contender],
+           prefix: str = "probe") -> None:
     samples: dict[str, list[float]] = {name: [] for name in contenders}
     for i in range(args.rounds):
-        name = f"probe{i}"
+        name = f"{prefix}{i}"
         ip = api.create_service(name, 80, 80)
         time.sleep(1.5)  # both proxies know the Service (without endpoints) first
         for prober in probers.values():
@@ -403,7 +410,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--settle", type=float, default=5.0, help="seconds after first served before measuring")
     p.add_argument("--threads", type=int, default=16, help="API writer threads")
     p.add_argument("--json", help="write the result here")
-    p.add_argument("--pyspy", help="profile pyproxy with py-spy per phase into this directory (raw stacks)")
+    p.add_argument("--pyspy", help="after measuring, profile pyproxy with py-spy through the phases again "
+                   "(raw stacks per phase into this directory)")
+    p.add_argument("--profile-start", action="store_true", help="with --pyspy: also profile the start (slows it)")
     p.add_argument("--pyproxy-tree", help="run pyproxy from this source tree (default: this checkout)")
     p.add_argument("--keep-logs", help="copy the proxies' logs into this directory")
     args = p.parse_args(argv)

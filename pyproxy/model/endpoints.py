@@ -87,7 +87,12 @@ def merge_slices(
             previous = merged.get(endpoint.address)
             if previous is None or (previous.terminating and not endpoint.terminating):
                 merged[endpoint.address] = endpoint
-    return tuple(sorted(merged.values()))
+    # (ip, port) is unique here, so this is the dataclass order, without its field-by-field __lt__
+    return tuple(sorted(merged.values(), key=_address_order))
+
+
+def _address_order(endpoint: Endpoint) -> tuple[str, int]:
+    return (endpoint.ip, endpoint.port)
 
 
 PREFER_SAME_NODE = "PreferSameNode"
