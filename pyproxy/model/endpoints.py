@@ -25,7 +25,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from pyproxy.model.family import Family, family_of, join_host_port
+from pyproxy.model.family import FAMILIES, Family, family_of, join_host_port
 from pyproxy.model.objects import EndpointSlice, ServicePortName
 
 
@@ -74,21 +74,28 @@ def merge_slices(
         if not numbers:
             continue
         for raw in endpoint_slice.endpoints:
-            endpoint = Endpoint(
-                ip=raw.ip,
-                port=numbers[0],
-                ready=raw.ready,
-                serving=raw.serving,
-                terminating=raw.terminating,
-                is_local=raw.node_name == node_name,
-                zone_hints=raw.zone_hints,
-                node_hints=raw.node_hints,
-            )
+            endpoint = _endpoint(raw.ip, numbers[0], raw.ready, raw.serving, raw.terminating,
+                                 raw.node_name == node_name, raw.zone_hints, raw.node_hints)
             previous = merged.get(endpoint.address)
             if previous is None or (previous.terminating and not endpoint.terminating):
                 merged[endpoint.address] = endpoint
     # (ip, port) is unique here, so this is the dataclass order, without its field-by-field __lt__
     return tuple(sorted(merged.values(), key=_address_order))
+
+
+_new = object.__new__
+
+
+def _endpoint(ip: str, port: int, ready: bool, serving: bool, terminating: bool, is_local: bool,
+              zone_hints: frozenset[str] | None, node_hints: frozenset[str] | None) -> Endpoint:
+    """`Endpoint(...)`, for the sync's inner loop (every endpoint of a Service, every change):
+    the frozen dataclass's generated __init__ sets each field through object.__setattr__,
+    four times the cost of filling the instance's fields at once. The result is the same
+    value (equal, same hash, frozen from here on); tests/unit/test_endpoints.py compares."""
+    endpoint: Endpoint = _new(Endpoint)
+    endpoint.__dict__.update(ip=ip, port=port, ready=ready, serving=serving, terminating=terminating,
+                             is_local=is_local, zone_hints=zone_hints, node_hints=node_hints)
+    return endpoint
 
 
 def _address_order(endpoint: Endpoint) -> tuple[str, int]:
@@ -101,8 +108,13 @@ PREFER_SAME_ZONE = "PreferSameZone"
 
 def categorize(endpoints: tuple[Endpoint, ...], zone: str | None, node_name: str = "") -> EndpointSets:
     """Split a service port's endpoints into the cluster and local sets (see module doc)."""
+    if not endpoints:
+        return EndpointSets(all=endpoints, cluster=(), local=())
     mode = topology_mode(endpoints, node_name, zone)
-    cluster = tuple(e for e in endpoints if e.ready and _available(e, mode, node_name, zone))
+    if mode is None:  # every ready endpoint is available: no call per endpoint
+        cluster = tuple(e for e in endpoints if e.ready)
+    else:
+        cluster = tuple(e for e in endpoints if e.ready and _available(e, mode, node_name, zone))
     if not cluster:  # no ready endpoint anywhere (a mode always leaves one): terminating ones
         cluster = tuple(e for e in endpoints if e.serving and e.terminating)
     return EndpointSets(all=endpoints, cluster=cluster, local=_usable(tuple(e for e in endpoints if e.is_local)))
@@ -132,15 +144,18 @@ def categorize_families(
     endpoints: tuple[Endpoint, ...], zone: str | None, node_name: str = ""
 ) -> dict[Family, EndpointSets]:
     """`categorize` for each family on its own (every family present, empty or not)."""
-    return {f: categorize(tuple(e for e in endpoints if e.family is f), zone, node_name) for f in Family}
+    groups: dict[Family, list[Endpoint]] = {f: [] for f in FAMILIES}
+    for e in endpoints:  # each address's family worked out once
+        groups[family_of(e.ip)].append(e)
+    return {f: categorize(tuple(groups[f]), zone, node_name) for f in FAMILIES}
 
 
 def combine(endpoints: tuple[Endpoint, ...], families: Mapping[Family, EndpointSets]) -> EndpointSets:
     """A port's sets over every family: what it may use at all (affinity pins, flows, views)."""
     return EndpointSets(
         all=endpoints,
-        cluster=tuple(e for f in Family for e in families[f].cluster),
-        local=tuple(e for f in Family for e in families[f].local),
+        cluster=tuple(e for f in FAMILIES for e in families[f].cluster),
+        local=tuple(e for f in FAMILIES for e in families[f].local),
     )
 
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 from pyproxy.model.affinity import Balancer
 from pyproxy.model.endpoints import Endpoint, EndpointSets, categorize_families, combine, merge_slices
-from pyproxy.model.family import Family, family_of
+from pyproxy.model.family import FAMILIES, Family, family_of
 from pyproxy.model.firewall import allowed_sources
 from pyproxy.model.objects import Service, ServiceKey, ServicePort, ServicePortName
 from pyproxy.model.store import ClusterStore
@@ -149,8 +149,10 @@ class ServiceTable:
         allows_added: set[Allow] = set()
         allows_removed: set[Allow] = set()
         pending = sorted(set(changed))
-        while pending:
-            key = pending.pop(0)
+        done = 0  # pending[:done] are rebuilt (an index: pop(0) would move the whole list per key)
+        while done < len(pending):
+            key = pending[done]
+            done += 1
             old = self._elements.pop(key, frozenset())
             old_allows = self._allows.pop(key, frozenset())
             old_ports = self._forget(key)
@@ -167,7 +169,8 @@ class ServiceTable:
             removed |= old - new
             allows_added |= new_allows - old_allows
             allows_removed |= old_allows - new_allows
-            pending += self._claimants_of_released(pending)
+            if self._waiting:
+                pending += self._claimants_of_released(pending[done:])
         self.allow_changes = (allows_added - allows_removed, allows_removed - allows_added)
         return added - removed, removed - added
 
@@ -222,7 +225,7 @@ class ServiceTable:
             self.ports[state.name] = state
             self._ports_of.setdefault(service.key, []).append(state.name)
             self._configure_balancer(state)
-            by_family = {f: verdicts(state, f) for f in Family}
+            by_family = {f: verdicts(state, f) for f in FAMILIES}
             for frontend, external in _frontends(service, service_port, addresses):
                 family = family_of(frontend[0])
                 if self._claim(service.key, frontend, Route(state, external, family)):
