@@ -273,7 +273,7 @@ class ProcessLife:
             return None, 0.0  # a predecessor runs (refused): its state is its own
         else:
             path = snapshot_path(self.config.lifecycle.stateDir, self.worker.index)
-            state = read_snapshot(path, self.node_name)
+            state = read_snapshot(path, self.node_name, self.config.lifecycle.snapshotMaxAge)
             if state is None:
                 return None, 0.0
             age = float(state["age"])

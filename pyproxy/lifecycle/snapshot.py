@@ -7,7 +7,11 @@ Theory of operation:
   of `state.py`, with the wall-clock time of writing. The write is atomic: a temporary file
   in the same directory, flushed, then renamed over the old one, so a reader sees a whole
   old snapshot or a whole new one, never a torn one, even after `kill -9` mid-write.
-- A process starting without a predecessor to hand over from reads it once. A snapshot
+- A process starting without a predecessor to hand over from reads it once. One older than
+  `lifecycle.snapshotMaxAge` (1 h) is not restored: a crashed process's successor finds one
+  a few seconds old; an old one would program Services long gone. A restored snapshot serves
+  until the first complete list from the API server replaces it (if the API server stays
+  away, as kube-proxy keeps its rules: the last good state goes on serving). A snapshot
   that is not JSON, not ours (`format`), of another hand-over protocol, of another node,
   or whose parts do not decode is ignored with one log line saying which and why; the
   process then starts as if there were none. The age the file lay on disk is added to
@@ -100,7 +104,18 @@ def decode_snapshot(data: bytes, node: str, path: str) -> dict[str, Any] | None:
     return doc
 
 
-def read_snapshot(path: Path, node: str) -> dict[str, Any] | None:
+def read_snapshot(path: Path, node: str, max_age: float = 0.0) -> dict[str, Any] | None:
+    """The snapshot at `path` (None, with a log line saying why, when it cannot be used:
+    including one older than `max_age` seconds, unless that is 0)."""
+    doc = _read_snapshot(path, node)
+    if doc is not None and max_age > 0 and doc["age"] > max_age:
+        log.error("ignoring the state snapshot %s: written %.0fs ago, more than lifecycle.snapshotMaxAge (%.0fs); "
+                  "starting without it", path, doc["age"], max_age)
+        return None
+    return doc
+
+
+def _read_snapshot(path: Path, node: str) -> dict[str, Any] | None:
     try:
         with open(path, "rb") as f:
             data = f.read(MAX_SIZE + 1)

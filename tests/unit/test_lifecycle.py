@@ -255,6 +255,15 @@ def test_the_snapshot_round_trips_and_knows_its_age(tmp_path: Path) -> None:
     assert [p.name for p in path.parent.iterdir()] == ["state.json"]  # no temporary left behind
 
 
+def test_a_snapshot_older_than_the_bound_is_not_restored(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "state.json"
+    write_atomically(path, encode_snapshot("node1", {"sync": {"a": 1}}, time.time() - 120))
+    assert read_snapshot(path, "node1", max_age=600) is not None
+    assert read_snapshot(path, "node1", max_age=0) is not None  # 0: any age
+    assert read_snapshot(path, "node1", max_age=60) is None
+    assert "more than lifecycle.snapshotMaxAge (60s)" in caplog.text
+
+
 @pytest.mark.parametrize("data, line", [
     (b'{"format": "pyproxy-state", "protocol": 1, "node": "node1", "writ', "not valid JSON"),
     (b'{"some": "other file"}', "not a pyproxy state snapshot"),
