@@ -227,7 +227,7 @@ class ProcessLife:
     def snapshot_body(self) -> dict[str, Any]:
         """`state_body` for the file: the store captured here, encoded in the writer's thread."""
         captured = StoreEncoder.capture(self.process.store)
-        return {"sync": Deferred(lambda: self._encoder.encode(captured)),
+        return {"sync": Deferred(lambda: self._encoder.chunks(captured)),
                 "affinity": affinity_state(self.process.table, time.monotonic())}
 
     def affinity_body(self) -> dict[str, Any]:

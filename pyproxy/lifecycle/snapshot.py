@@ -29,7 +29,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,11 +46,11 @@ def snapshot_path(state_dir: str, index: int = 0) -> Path:
     return Path(state_dir) / ("state.json" if index == 0 else f"state-{index}.json")
 
 
-def write_atomically(path: Path, data: bytes) -> None:
+def write_atomically(path: Path, data: bytes | Iterable[bytes]) -> None:
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(temporary, "wb") as f:
-        f.write(data)
+        f.writelines([data] if isinstance(data, bytes) else data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(temporary, path)
@@ -58,24 +58,33 @@ def write_atomically(path: Path, data: bytes) -> None:
 
 @dataclass(frozen=True)
 class Deferred:
-    """A part of a snapshot's body whose JSON bytes `produce()` makes, in the writer's thread."""
+    """A part of a snapshot's body whose JSON `produce()` makes, in the writer's thread, as
+    pieces written one after the other (a large store is never copied into one buffer)."""
 
-    produce: Callable[[], bytes]
+    produce: Callable[[], Iterable[bytes]]
 
 
-def encode_snapshot(node: str, body: Mapping[str, Any], wall: float) -> bytes:
+def snapshot_chunks(node: str, body: Mapping[str, Any], wall: float) -> list[bytes]:
     plain = {k: v for k, v in body.items() if not isinstance(v, Deferred)}
-    data = json.dumps({"format": FORMAT, "protocol": spoken_protocol(), "node": node, "written": wall, **plain},
+    head = json.dumps({"format": FORMAT, "protocol": spoken_protocol(), "node": node, "written": wall, **plain},
                       separators=(",", ":")).encode()
     deferred = [(k, v) for k, v in body.items() if isinstance(v, Deferred)]
     if not deferred:
-        return data
-    tail = b"".join(b"," + json.dumps(k).encode() + b":" + v.produce() for k, v in deferred)
-    return data[:-1] + tail + b"}"
+        return [head]
+    chunks = [head[:-1]]
+    for key, part in deferred:
+        chunks.append(b"," + json.dumps(key).encode() + b":")
+        chunks.extend(part.produce())
+    chunks.append(b"}")
+    return chunks
+
+
+def encode_snapshot(node: str, body: Mapping[str, Any], wall: float) -> bytes:
+    return b"".join(snapshot_chunks(node, body, wall))
 
 
 def encode_and_write(path: Path, node: str, body: Mapping[str, Any], wall: float) -> None:
-    write_atomically(path, encode_snapshot(node, body, wall))
+    write_atomically(path, snapshot_chunks(node, body, wall))
 
 
 def decode_snapshot(data: bytes, node: str, path: str) -> dict[str, Any] | None:

@@ -152,21 +152,27 @@ class StoreEncoder:
         return list(store.services.values()), list(store.slices.values()), store.node
 
     def encode(self, captured: Captured) -> bytes:
+        return b"".join(self.chunks(captured))
+
+    def chunks(self, captured: Captured) -> list[bytes]:
+        """The JSON as pieces to write one after the other (no copy of the whole)."""
         services, slices, node = captured
         cache, fresh = self._cache, {}
-        parts: list[list[bytes]] = [[], []]
-        objects: tuple[list[Any], list[Any]] = (services, slices)
-        for part, group in zip(parts, objects):
-            for obj in group:
+        out: list[bytes] = []
+        groups: tuple[tuple[bytes, list[Any]], ...] = ((b'{"services":[', services), (b'],"slices":[', slices))
+        for opening, group in groups:
+            out.append(opening)
+            for i, obj in enumerate(group):
                 entry = cache.get(id(obj))
                 if entry is None or entry[0] is not obj:  # the identity check: ids are reused
                     entry = (obj, _compact(encode_obj(obj)))
                 fresh[id(obj)] = entry
-                part.append(entry[1])
+                if i:
+                    out.append(b",")
+                out.append(entry[1])
         self._cache = fresh  # objects gone from the store are forgotten
-        node_json = _compact(encode_obj(node) if node is not None else None)
-        return (b'{"services":[' + b",".join(parts[0]) + b'],"slices":[' + b",".join(parts[1])
-                + b'],"node":' + node_json + b"}")
+        out += [b'],"node":', _compact(encode_obj(node) if node is not None else None), b"}"]
+        return out
 
 
 def _compact(tree: Any) -> bytes:

@@ -192,6 +192,10 @@ class ServiceTable:
         how many went. Lookups drop stale entries too; this keeps idle tables honest."""
         return sum(b.affinity.expire(now) for b in self.balancers.values() if b.affinity is not None)
 
+    def ports_of(self, key: ServiceKey) -> list[ServicePortName]:
+        """The port names of a Service in the table (none when it is not)."""
+        return list(self._ports_of.get(key, ()))
+
     def balancer(self, name: ServicePortName) -> Balancer:
         return self.balancers[name]
 

@@ -188,7 +188,7 @@ def test_the_incremental_encoder_writes_what_store_state_says_and_reencodes_only
 
 
 def test_a_deferred_part_is_spliced_into_the_snapshot() -> None:
-    data = encode_snapshot("node1", {"sync": Deferred(lambda: b'{"a":[1]}'), "affinity": []}, 5.0)
+    data = encode_snapshot("node1", {"sync": Deferred(lambda: [b'{"a":', b"[1]}"]), "affinity": []}, 5.0)
     doc = json.loads(data)
     assert doc["sync"] == {"a": [1]} and doc["affinity"] == [] and doc["node"] == "node1" and doc["written"] == 5.0
 
