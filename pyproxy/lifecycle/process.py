@@ -256,7 +256,7 @@ class ProcessLife:
     def _generation(self) -> object:
         """Changes whenever the snapshot would (a sync, any affinity hit, miss or eviction)."""
         marks: list[object] = [self.process.state_mark()]
-        for balancer in self.process.table.balancers.values():
+        for balancer in self.process.table.affine.values():  # not every port: those with affinity
             if balancer.affinity is not None:
                 stats = balancer.affinity.stats
                 marks.append((stats.hits, stats.misses, stats.evictions, len(balancer.affinity)))

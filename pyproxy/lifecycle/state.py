@@ -197,7 +197,7 @@ def restore_store(store: ClusterStore, raw: Any) -> int:
 def affinity_state(table: ServiceTable, now: float) -> list[dict[str, Any]]:
     """Every pin as (port, client, endpoint, age); stale ones are left out."""
     out: list[dict[str, Any]] = []
-    for name, balancer in table.balancers.items():
+    for name, balancer in table.affine.items():
         if balancer.affinity is None:
             continue
         timeout = balancer.affinity.timeout
