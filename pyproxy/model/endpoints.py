@@ -29,7 +29,7 @@ from pyproxy.model.family import FAMILIES, Family, family_of, join_host_port
 from pyproxy.model.objects import EndpointSlice, ServicePortName
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True, order=True, slots=True)  # slots: a cluster holds one per endpoint and port
 class Endpoint:
     ip: str
     port: int
@@ -74,28 +74,13 @@ def merge_slices(
         if not numbers:
             continue
         for raw in endpoint_slice.endpoints:
-            endpoint = _endpoint(raw.ip, numbers[0], raw.ready, raw.serving, raw.terminating,
-                                 raw.node_name == node_name, raw.zone_hints, raw.node_hints)
+            endpoint = Endpoint(raw.ip, numbers[0], raw.ready, raw.serving, raw.terminating,
+                                raw.node_name == node_name, raw.zone_hints, raw.node_hints)
             previous = merged.get(endpoint.address)
             if previous is None or (previous.terminating and not endpoint.terminating):
                 merged[endpoint.address] = endpoint
     # (ip, port) is unique here, so this is the dataclass order, without its field-by-field __lt__
     return tuple(sorted(merged.values(), key=_address_order))
-
-
-_new = object.__new__
-
-
-def _endpoint(ip: str, port: int, ready: bool, serving: bool, terminating: bool, is_local: bool,
-              zone_hints: frozenset[str] | None, node_hints: frozenset[str] | None) -> Endpoint:
-    """`Endpoint(...)`, for the sync's inner loop (every endpoint of a Service, every change):
-    the frozen dataclass's generated __init__ sets each field through object.__setattr__,
-    four times the cost of filling the instance's fields at once. The result is the same
-    value (equal, same hash, frozen from here on); tests/unit/test_endpoints.py compares."""
-    endpoint: Endpoint = _new(Endpoint)
-    endpoint.__dict__.update(ip=ip, port=port, ready=ready, serving=serving, terminating=terminating,
-                             is_local=is_local, zone_hints=zone_hints, node_hints=node_hints)
-    return endpoint
 
 
 def _address_order(endpoint: Endpoint) -> tuple[str, int]:

@@ -92,7 +92,7 @@ class Service:
     source_ranges: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: a cluster holds one per endpoint
 class SliceEndpoint:
     ip: str
     ready: bool
