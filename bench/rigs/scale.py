@@ -16,7 +16,7 @@ Measured, for both proxies in the same run, as ratios to kube-proxy:
 - endpoints to routed, `--rounds` times: a new Service (given 1.5 s to be known), then its
   slice; from the API server's 201 for the slice to the first answer at each node's prober
   (probing every ms since before the create);
-- CPU under `--rate` slice updates per second for `--duration` s (utime+stime of the
+- CPU under `--rate` slice updates per second for `--duration` s (utime+stime+cutime+cstime of the
   process and its descendants from /proc, over the wall time), and RSS / peak RSS at the end.
 
 Rules kept: every wait bounded; the lab's namespaces and every process started here (API
