@@ -13,7 +13,7 @@ from importlib import import_module
 
 from bench.loadtool.loadargs import MODES
 
-TOOLS = ("load", "run", "backend", "probe", "controlplane", "relayrig")
+TOOLS = ("load", "run", "backend", "probe", "controlplane", "relayrig", "scale")
 HELP = """usage: pyproxy-bench TOOL [options]
 
 pyproxy's benchmark kit: a load generator, and a runner that measures pyproxy beside
@@ -32,6 +32,7 @@ tools:
         check that a full request and answer get through a path
   pyproxy-bench controlplane ...   time from an endpoint change to the next connection routed by it
   pyproxy-bench relayrig ...       one pyproxy relay without kernel rules (profiling)
+  pyproxy-bench scale --services N pyproxy against kube-proxy through a real API server (root)
 
 'pyproxy-bench TOOL --help' describes each tool's options."""
 

@@ -82,6 +82,9 @@ class LifecycleConfig:
     stateDir: str = "/run/pyproxy"  # hand-over socket and snapshot (a hostPath in daemonset.yaml)
     snapshotInterval: float = 2.0  # the snapshot on disk is at most this old (0: no snapshot)
     handOverTimeout: float = 10.0  # each step of a hand-over; past it, the old process keeps serving
+    # An older snapshot is not restored (0: any age). A restored one serves only until the
+    # first complete list from the API server replaces it.
+    snapshotMaxAge: float = 3600.0
     afterHandOver: str = "exit"  # "exit", or "wait" for SIGTERM (a DaemonSet pod: no restart loop)
 
 
@@ -265,8 +268,8 @@ def validate(config: ProxyConfig) -> None:
     if not life.stateDir.startswith("/") or len(life.stateDir) > 80:
         raise ConfigError("lifecycle.stateDir", f"{life.stateDir!r} must be an absolute path of at most 80 characters"
                           " (the hand-over socket's path must fit a unix socket address)")
-    if life.snapshotInterval < 0 or life.handOverTimeout <= 0:
-        raise ConfigError("lifecycle", "snapshotInterval must be >= 0 and handOverTimeout positive")
+    if life.snapshotInterval < 0 or life.handOverTimeout <= 0 or life.snapshotMaxAge < 0:
+        raise ConfigError("lifecycle", "snapshotInterval and snapshotMaxAge must be >= 0 and handOverTimeout positive")
     if config.minSyncPeriod < 0 or config.syncPeriod <= 0:
         raise ConfigError("syncPeriod", "sync periods must be positive")
 
@@ -334,6 +337,6 @@ def config_document(config: ProxyConfig) -> dict[str, Any]:
     for key in ("tcpIdleTimeout", "tcpHalfCloseTimeout", "udpIdleTimeout", "drainTimeout"):
         dp[key] = format_duration(dp[key])
     dp["dialTimeouts"] = [format_duration(t) for t in dp["dialTimeouts"]]
-    for key in ("snapshotInterval", "handOverTimeout"):
+    for key in ("snapshotInterval", "handOverTimeout", "snapshotMaxAge"):
         body["lifecycle"][key] = format_duration(body["lifecycle"][key])
     return {"apiVersion": API_VERSION, "kind": KIND, **body}

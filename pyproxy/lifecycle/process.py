@@ -51,8 +51,15 @@ from pyproxy.lifecycle.handover import (
 )
 from pyproxy.lifecycle.link import SupervisorLink
 from pyproxy.lifecycle.listeners import listener_names, serve_listeners
-from pyproxy.lifecycle.snapshot import SnapshotWriter, read_snapshot, snapshot_path
-from pyproxy.lifecycle.state import StateError, affinity_state, restore_affinity, restore_store, store_state
+from pyproxy.lifecycle.snapshot import Deferred, SnapshotWriter, read_snapshot, snapshot_path
+from pyproxy.lifecycle.state import (
+    StateError,
+    StoreEncoder,
+    affinity_state,
+    restore_affinity,
+    restore_store,
+    store_state,
+)
 from pyproxy.model.store import ClusterStore
 from pyproxy.model.table import ServiceTable
 
@@ -101,7 +108,8 @@ class ProcessLife:
         self._affinity: tuple[Any, float] | None = None
         self._handover_task: asyncio.Task[None] | None = None
         life = config.lifecycle
-        self.snapshots = SnapshotWriter(snapshot_path(life.stateDir, worker.index), node_name, self.state_body,
+        self._encoder = StoreEncoder()
+        self.snapshots = SnapshotWriter(snapshot_path(life.stateDir, worker.index), node_name, self.snapshot_body,
                                         self._generation, life.snapshotInterval)
 
     # --- start
@@ -216,6 +224,12 @@ class ProcessLife:
         return {"sync": store_state(self.process.store),
                 "affinity": affinity_state(self.process.table, time.monotonic())}
 
+    def snapshot_body(self) -> dict[str, Any]:
+        """`state_body` for the file: the store captured here, encoded in the writer's thread."""
+        captured = StoreEncoder.capture(self.process.store)
+        return {"sync": Deferred(lambda: self._encoder.chunks(captured)),
+                "affinity": affinity_state(self.process.table, time.monotonic())}
+
     def affinity_body(self) -> dict[str, Any]:
         return {"affinity": affinity_state(self.process.table, time.monotonic())}
 
@@ -242,7 +256,7 @@ class ProcessLife:
     def _generation(self) -> object:
         """Changes whenever the snapshot would (a sync, any affinity hit, miss or eviction)."""
         marks: list[object] = [self.process.state_mark()]
-        for balancer in self.process.table.balancers.values():
+        for balancer in self.process.table.affine.values():  # not every port: those with affinity
             if balancer.affinity is not None:
                 stats = balancer.affinity.stats
                 marks.append((stats.hits, stats.misses, stats.evictions, len(balancer.affinity)))
@@ -259,7 +273,7 @@ class ProcessLife:
             return None, 0.0  # a predecessor runs (refused): its state is its own
         else:
             path = snapshot_path(self.config.lifecycle.stateDir, self.worker.index)
-            state = read_snapshot(path, self.node_name)
+            state = read_snapshot(path, self.node_name, self.config.lifecycle.snapshotMaxAge)
             if state is None:
                 return None, 0.0
             age = float(state["age"])

@@ -7,13 +7,19 @@ Theory of operation:
   of `state.py`, with the wall-clock time of writing. The write is atomic: a temporary file
   in the same directory, flushed, then renamed over the old one, so a reader sees a whole
   old snapshot or a whole new one, never a torn one, even after `kill -9` mid-write.
-- A process starting without a predecessor to hand over from reads it once. A snapshot
+- A process starting without a predecessor to hand over from reads it once. One older than
+  `lifecycle.snapshotMaxAge` (1 h) is not restored: a crashed process's successor finds one
+  a few seconds old; an old one would program Services long gone. A restored snapshot serves
+  until the first complete list from the API server replaces it (if the API server stays
+  away, as kube-proxy keeps its rules: the last good state goes on serving). A snapshot
   that is not JSON, not ours (`format`), of another hand-over protocol, of another node,
   or whose parts do not decode is ignored with one log line saying which and why; the
   process then starts as if there were none. The age the file lay on disk is added to
   every pin's age, so expiry is exactly where it would have been.
-- Serializing runs on the loop (the state must be read consistently), the file I/O in a
-  thread.
+- What the state is, is read on the loop (consistently, between two callbacks); a part
+  given as `Deferred` (the store: `state.StoreEncoder`, incremental) is turned into JSON in
+  the writer's thread, with the rest of the encoding and the file I/O, so that nothing on
+  the loop grows with the store beyond copying references.
 """
 
 from __future__ import annotations
@@ -23,7 +29,8 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,19 +46,45 @@ def snapshot_path(state_dir: str, index: int = 0) -> Path:
     return Path(state_dir) / ("state.json" if index == 0 else f"state-{index}.json")
 
 
-def write_atomically(path: Path, data: bytes) -> None:
+def write_atomically(path: Path, data: bytes | Iterable[bytes]) -> None:
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(temporary, "wb") as f:
-        f.write(data)
+        f.writelines([data] if isinstance(data, bytes) else data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(temporary, path)
 
 
-def encode_snapshot(node: str, body: Mapping[str, Any], wall: float) -> bytes:
-    return json.dumps({"format": FORMAT, "protocol": spoken_protocol(), "node": node, "written": wall, **body},
+@dataclass(frozen=True)
+class Deferred:
+    """A part of a snapshot's body whose JSON `produce()` makes, in the writer's thread, as
+    pieces written one after the other (a large store is never copied into one buffer)."""
+
+    produce: Callable[[], Iterable[bytes]]
+
+
+def snapshot_chunks(node: str, body: Mapping[str, Any], wall: float) -> list[bytes]:
+    plain = {k: v for k, v in body.items() if not isinstance(v, Deferred)}
+    head = json.dumps({"format": FORMAT, "protocol": spoken_protocol(), "node": node, "written": wall, **plain},
                       separators=(",", ":")).encode()
+    deferred = [(k, v) for k, v in body.items() if isinstance(v, Deferred)]
+    if not deferred:
+        return [head]
+    chunks = [head[:-1]]
+    for key, part in deferred:
+        chunks.append(b"," + json.dumps(key).encode() + b":")
+        chunks.extend(part.produce())
+    chunks.append(b"}")
+    return chunks
+
+
+def encode_snapshot(node: str, body: Mapping[str, Any], wall: float) -> bytes:
+    return b"".join(snapshot_chunks(node, body, wall))
+
+
+def encode_and_write(path: Path, node: str, body: Mapping[str, Any], wall: float) -> None:
+    write_atomically(path, snapshot_chunks(node, body, wall))
 
 
 def decode_snapshot(data: bytes, node: str, path: str) -> dict[str, Any] | None:
@@ -80,7 +113,18 @@ def decode_snapshot(data: bytes, node: str, path: str) -> dict[str, Any] | None:
     return doc
 
 
-def read_snapshot(path: Path, node: str) -> dict[str, Any] | None:
+def read_snapshot(path: Path, node: str, max_age: float = 0.0) -> dict[str, Any] | None:
+    """The snapshot at `path` (None, with a log line saying why, when it cannot be used:
+    including one older than `max_age` seconds, unless that is 0)."""
+    doc = _read_snapshot(path, node)
+    if doc is not None and max_age > 0 and doc["age"] > max_age:
+        log.error("ignoring the state snapshot %s: written %.0fs ago, more than lifecycle.snapshotMaxAge (%.0fs); "
+                  "starting without it", path, doc["age"], max_age)
+        return None
+    return doc
+
+
+def _read_snapshot(path: Path, node: str) -> dict[str, Any] | None:
     try:
         with open(path, "rb") as f:
             data = f.read(MAX_SIZE + 1)
@@ -112,9 +156,9 @@ class SnapshotWriter:
         generation = self.generation()
         if generation == self._written:
             return
-        data = encode_snapshot(self.node, self.body(), time.time())
+        body = self.body()  # on the loop: a consistent view; the encoding and I/O in a thread
         try:
-            await asyncio.to_thread(write_atomically, self.path, data)
+            await asyncio.to_thread(encode_and_write, self.path, self.node, body, time.time())
         except OSError as err:
             if not self._failed:
                 log.error("cannot write the state snapshot %s: %s (retrying every %.0fs)", self.path, err, self.interval)

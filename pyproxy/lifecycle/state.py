@@ -14,6 +14,10 @@ Theory of operation:
   so the state of the release before one that added it still decodes): nothing is pickled, so a corrupt or hostile file can
   only fail to decode, never run code. Any decode failure is a `StateError` naming the
   part; the caller ignores that part and logs why.
+- The snapshot on disk encodes the store incrementally (`StoreEncoder`): each object's JSON
+  is kept beside the (immutable) object it came from and reused while the store holds that
+  same object, so a write after one change encodes one object, and the encoding runs in the
+  writer's thread from a capture taken on the loop (shallow copies of the store's dicts).
 - Affinity is restored into balancers that exist after the first sync (a pin for a port
   that no longer exists, or to an endpoint no longer usable, is dropped); a pin already
   present and younger wins (the successor may have served that client meanwhile).
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import json
 import types
 import typing
 from collections.abc import Mapping
@@ -38,10 +43,18 @@ class StateError(ValueError):
     pass
 
 
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}  # a dataclass's field names, looked up once per class
+
+
 def encode_obj(obj: Any) -> Any:
     """A model dataclass (or a tuple/frozenset/scalar inside one) as a JSON tree."""
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: encode_obj(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if obj is None or type(obj) in (str, int, float, bool):
+        return obj
+    names = _FIELD_NAMES.get(type(obj))
+    if names is None and dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        names = _FIELD_NAMES[type(obj)] = tuple(f.name for f in dataclasses.fields(obj))
+    if names is not None:
+        return {name: encode_obj(getattr(obj, name)) for name in names}
     if isinstance(obj, (tuple, list)):
         return [encode_obj(v) for v in obj]
     if isinstance(obj, frozenset):
@@ -121,6 +134,51 @@ def store_state(store: ClusterStore) -> dict[str, Any]:
     }
 
 
+Captured = tuple[list[Service], list[EndpointSlice], Node | None]
+
+
+class StoreEncoder:
+    """`store_state` as compact JSON bytes, re-encoding only objects not seen at the last call.
+
+    `capture` runs on the loop (C-speed shallow copies); `encode` may run in another thread,
+    one call at a time: model objects are frozen, so a captured one never changes under it.
+    """
+
+    def __init__(self) -> None:
+        self._cache: dict[int, tuple[object, bytes]] = {}  # id -> (the object itself, its JSON)
+
+    @staticmethod
+    def capture(store: ClusterStore) -> Captured:
+        return list(store.services.values()), list(store.slices.values()), store.node
+
+    def encode(self, captured: Captured) -> bytes:
+        return b"".join(self.chunks(captured))
+
+    def chunks(self, captured: Captured) -> list[bytes]:
+        """The JSON as pieces to write one after the other (no copy of the whole)."""
+        services, slices, node = captured
+        cache, fresh = self._cache, {}
+        out: list[bytes] = []
+        groups: tuple[tuple[bytes, list[Any]], ...] = ((b'{"services":[', services), (b'],"slices":[', slices))
+        for opening, group in groups:
+            out.append(opening)
+            for i, obj in enumerate(group):
+                entry = cache.get(id(obj))
+                if entry is None or entry[0] is not obj:  # the identity check: ids are reused
+                    entry = (obj, _compact(encode_obj(obj)))
+                fresh[id(obj)] = entry
+                if i:
+                    out.append(b",")
+                out.append(entry[1])
+        self._cache = fresh  # objects gone from the store are forgotten
+        out += [b'],"node":', _compact(encode_obj(node) if node is not None else None), b"}"]
+        return out
+
+
+def _compact(tree: Any) -> bytes:
+    return json.dumps(tree, separators=(",", ":")).encode()
+
+
 def restore_store(store: ClusterStore, raw: Any) -> int:
     """Fill the store from `store_state`'s output; returns the number of Services."""
     if not isinstance(raw, Mapping):
@@ -139,7 +197,7 @@ def restore_store(store: ClusterStore, raw: Any) -> int:
 def affinity_state(table: ServiceTable, now: float) -> list[dict[str, Any]]:
     """Every pin as (port, client, endpoint, age); stale ones are left out."""
     out: list[dict[str, Any]] = []
-    for name, balancer in table.balancers.items():
+    for name, balancer in table.affine.items():
         if balancer.affinity is None:
             continue
         timeout = balancer.affinity.timeout
@@ -187,5 +245,5 @@ def restore_affinity(table: ServiceTable, raw: Any, now: float, extra_age: float
     return len(pins)
 
 
-__all__ = ["ServiceKey", "StateError", "affinity_state", "decode_obj", "encode_obj", "restore_affinity",
+__all__ = ["ServiceKey", "StateError", "StoreEncoder", "affinity_state", "decode_obj", "encode_obj", "restore_affinity",
            "restore_store", "store_state"]

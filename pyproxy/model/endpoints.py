@@ -25,11 +25,11 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from pyproxy.model.family import Family, family_of, join_host_port
+from pyproxy.model.family import FAMILIES, Family, family_of, join_host_port
 from pyproxy.model.objects import EndpointSlice, ServicePortName
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True, order=True, slots=True)  # slots: a cluster holds one per endpoint and port
 class Endpoint:
     ip: str
     port: int
@@ -74,20 +74,17 @@ def merge_slices(
         if not numbers:
             continue
         for raw in endpoint_slice.endpoints:
-            endpoint = Endpoint(
-                ip=raw.ip,
-                port=numbers[0],
-                ready=raw.ready,
-                serving=raw.serving,
-                terminating=raw.terminating,
-                is_local=raw.node_name == node_name,
-                zone_hints=raw.zone_hints,
-                node_hints=raw.node_hints,
-            )
+            endpoint = Endpoint(raw.ip, numbers[0], raw.ready, raw.serving, raw.terminating,
+                                raw.node_name == node_name, raw.zone_hints, raw.node_hints)
             previous = merged.get(endpoint.address)
             if previous is None or (previous.terminating and not endpoint.terminating):
                 merged[endpoint.address] = endpoint
-    return tuple(sorted(merged.values()))
+    # (ip, port) is unique here, so this is the dataclass order, without its field-by-field __lt__
+    return tuple(sorted(merged.values(), key=_address_order))
+
+
+def _address_order(endpoint: Endpoint) -> tuple[str, int]:
+    return (endpoint.ip, endpoint.port)
 
 
 PREFER_SAME_NODE = "PreferSameNode"
@@ -96,8 +93,13 @@ PREFER_SAME_ZONE = "PreferSameZone"
 
 def categorize(endpoints: tuple[Endpoint, ...], zone: str | None, node_name: str = "") -> EndpointSets:
     """Split a service port's endpoints into the cluster and local sets (see module doc)."""
+    if not endpoints:
+        return EndpointSets(all=endpoints, cluster=(), local=())
     mode = topology_mode(endpoints, node_name, zone)
-    cluster = tuple(e for e in endpoints if e.ready and _available(e, mode, node_name, zone))
+    if mode is None:  # every ready endpoint is available: no call per endpoint
+        cluster = tuple(e for e in endpoints if e.ready)
+    else:
+        cluster = tuple(e for e in endpoints if e.ready and _available(e, mode, node_name, zone))
     if not cluster:  # no ready endpoint anywhere (a mode always leaves one): terminating ones
         cluster = tuple(e for e in endpoints if e.serving and e.terminating)
     return EndpointSets(all=endpoints, cluster=cluster, local=_usable(tuple(e for e in endpoints if e.is_local)))
@@ -127,15 +129,18 @@ def categorize_families(
     endpoints: tuple[Endpoint, ...], zone: str | None, node_name: str = ""
 ) -> dict[Family, EndpointSets]:
     """`categorize` for each family on its own (every family present, empty or not)."""
-    return {f: categorize(tuple(e for e in endpoints if e.family is f), zone, node_name) for f in Family}
+    groups: dict[Family, list[Endpoint]] = {f: [] for f in FAMILIES}
+    for e in endpoints:  # each address's family worked out once
+        groups[family_of(e.ip)].append(e)
+    return {f: categorize(tuple(groups[f]), zone, node_name) for f in FAMILIES}
 
 
 def combine(endpoints: tuple[Endpoint, ...], families: Mapping[Family, EndpointSets]) -> EndpointSets:
     """A port's sets over every family: what it may use at all (affinity pins, flows, views)."""
     return EndpointSets(
         all=endpoints,
-        cluster=tuple(e for f in Family for e in families[f].cluster),
-        local=tuple(e for f in Family for e in families[f].local),
+        cluster=tuple(e for f in FAMILIES for e in families[f].cluster),
+        local=tuple(e for f in FAMILIES for e in families[f].local),
     )
 
 

@@ -36,6 +36,9 @@ class Family(enum.Enum):
         return "ip" if self is Family.IPV4 else "ip6"
 
 
+FAMILIES: tuple[Family, ...] = tuple(Family)  # iterating the Enum class itself is slow, and this runs per port
+
+
 def family_of(ip: str) -> Family:
     """The family of a canonical address (or of any address text: only the colon decides)."""
     return Family.IPV6 if ":" in ip else Family.IPV4

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pyproxy.model.family import Family, family_of
-from pyproxy.model.fields import MAX_NAME, Field, InvalidObject
+from pyproxy.model.fields import MAX_ITEMS, MAX_NAME, Field, InvalidObject
 
 __all__ = ["InvalidObject"]  # re-exported: callers catch it from here
 log = logging.getLogger("pyproxy.objects")
@@ -92,7 +92,7 @@ class Service:
     source_ranges: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: a cluster holds one per endpoint
 class SliceEndpoint:
     ip: str
     ready: bool
@@ -391,6 +391,10 @@ def parse_endpoint_slice(obj: Mapping[str, Any], report: Report = log_part) -> E
             ports.append(slice_port)
     endpoints = []
     for raw in meta.root.get("endpoints").items(limit=MAX_ENDPOINTS):
+        fast = _plain_endpoint(raw.value) if family is Family.IPV4 else None
+        if fast is not None:
+            endpoints.append(fast)
+            continue
         try:
             endpoints.append(_slice_endpoint(raw, family))
         except InvalidObject as err:
@@ -438,6 +442,53 @@ def _slice_endpoint(raw: Field, family: Family) -> SliceEndpoint:
         zone_hints=zones,
         node_hints=nodes,
     )
+
+
+_CONDITIONS = ("ready", "serving", "terminating")
+
+
+def _plain_endpoint(raw: Any) -> SliceEndpoint | None:
+    """`_slice_endpoint` for the common shape, without `Field`s: an IPv4 endpoint whose first
+    address is already canonical, conditions absent or booleans, no hints. Anything else is
+    None, and the careful path reads it (and names what is wrong). Same result either way:
+    a first sync parses every endpoint of the cluster."""
+    if type(raw) is not dict or len(raw) > MAX_ITEMS or raw.get("hints") is not None:
+        return None
+    addresses = raw.get("addresses")
+    if type(addresses) is not list or not 1 <= len(addresses) <= 100:
+        return None
+    ip = addresses[0]
+    if type(ip) is not str or not _canonical_ipv4(ip):
+        return None
+    conditions = raw.get("conditions")
+    if conditions is None:
+        ready = serving = terminating = None
+    elif type(conditions) is dict and len(conditions) <= MAX_ITEMS:
+        ready, serving, terminating = (conditions.get(c) for c in _CONDITIONS)
+        if any(v is not None and type(v) is not bool for v in (ready, serving, terminating)):
+            return None
+    else:
+        return None
+    node = raw.get("nodeName")
+    if node == "":
+        node = None
+    elif node is not None and (type(node) is not str or len(node) > MAX_NAME):
+        return None
+    return SliceEndpoint(ip=ip, ready=True if ready is None else ready, serving=True if serving is None else serving,
+                         terminating=False if terminating is None else terminating, node_name=node,
+                         zone_hints=None, node_hints=None)
+
+
+def _canonical_ipv4(text: str) -> bool:
+    """Dotted quad as `ipaddress` prints it: four decimal octets, no leading zero, <= 255."""
+    parts = text.split(".")
+    if len(parts) != 4:
+        return False
+    for part in parts:
+        if not (part.isascii() and part.isdigit()) or len(part) > 3 or (part[0] == "0" and len(part) > 1) \
+                or int(part) > 255:
+            return False
+    return True
 
 
 def _hints(f: Field) -> frozenset[str] | None:

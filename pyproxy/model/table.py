@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 from pyproxy.model.affinity import Balancer
 from pyproxy.model.endpoints import Endpoint, EndpointSets, categorize_families, combine, merge_slices
-from pyproxy.model.family import Family, family_of
+from pyproxy.model.family import FAMILIES, Family, family_of
 from pyproxy.model.firewall import allowed_sources
 from pyproxy.model.objects import Service, ServiceKey, ServicePort, ServicePortName
 from pyproxy.model.store import ClusterStore
@@ -136,6 +136,9 @@ class ServiceTable:
     _waiting: dict[ServiceKey, set[Frontend]] = field(default_factory=dict)  # claims lost to an owner
     _allows: dict[ServiceKey, frozenset[Allow]] = field(default_factory=dict)
     allow_changes: tuple[set[Allow], set[Allow]] = field(default_factory=lambda: (set(), set()))
+    # kept by `update`, so that nothing run per sync walks every Service or port:
+    affine: dict[ServicePortName, Balancer] = field(default_factory=dict)  # balancers with ClientIP affinity
+    health_checked: dict[ServiceKey, Service] = field(default_factory=dict)  # with a healthCheckNodePort
 
     def update(
         self, changed: Iterable[ServiceKey], store: ClusterStore, node_addresses: Iterable[str]
@@ -149,16 +152,23 @@ class ServiceTable:
         allows_added: set[Allow] = set()
         allows_removed: set[Allow] = set()
         pending = sorted(set(changed))
-        while pending:
-            key = pending.pop(0)
+        done = 0  # pending[:done] are rebuilt (an index: pop(0) would move the whole list per key)
+        while done < len(pending):
+            key = pending[done]
+            done += 1
             old = self._elements.pop(key, frozenset())
             old_allows = self._allows.pop(key, frozenset())
             old_ports = self._forget(key)
             service = store.services.get(key)
+            if service is not None and service.health_check_node_port is not None:
+                self.health_checked[key] = service
+            else:
+                self.health_checked.pop(key, None)
             new = self._build(service, store, addresses, zone) if service else frozenset()
             new_allows = _allows(service, new, node_ips) if service else frozenset()
             for name in old_ports - set(self._ports_of.get(key, ())):
                 del self.balancers[name]  # the port is gone: so is its affinity state
+                self.affine.pop(name, None)
             if new:
                 self._elements[key] = new
             if new_allows:
@@ -167,7 +177,8 @@ class ServiceTable:
             removed |= old - new
             allows_added |= new_allows - old_allows
             allows_removed |= old_allows - new_allows
-            pending += self._claimants_of_released(pending)
+            if self._waiting:
+                pending += self._claimants_of_released(pending[done:])
         self.allow_changes = (allows_added - allows_removed, allows_removed - allows_added)
         return added - removed, removed - added
 
@@ -187,7 +198,11 @@ class ServiceTable:
     def expire_affinity(self, now: float) -> int:
         """Drop stale affinity entries of every service port (bounded per port); returns
         how many went. Lookups drop stale entries too; this keeps idle tables honest."""
-        return sum(b.affinity.expire(now) for b in self.balancers.values() if b.affinity is not None)
+        return sum(b.affinity.expire(now) for b in self.affine.values() if b.affinity is not None)
+
+    def ports_of(self, key: ServiceKey) -> list[ServicePortName]:
+        """The port names of a Service in the table (none when it is not)."""
+        return list(self._ports_of.get(key, ()))
 
     def balancer(self, name: ServicePortName) -> Balancer:
         return self.balancers[name]
@@ -222,7 +237,7 @@ class ServiceTable:
             self.ports[state.name] = state
             self._ports_of.setdefault(service.key, []).append(state.name)
             self._configure_balancer(state)
-            by_family = {f: verdicts(state, f) for f in Family}
+            by_family = {f: verdicts(state, f) for f in FAMILIES}
             for frontend, external in _frontends(service, service_port, addresses):
                 family = family_of(frontend[0])
                 if self._claim(service.key, frontend, Route(state, external, family)):
@@ -241,6 +256,10 @@ class ServiceTable:
             self.balancers[state.name] = balancer
         usable = {e.address for e in state.endpoints.cluster + state.endpoints.local}
         balancer.configure(state.affinity_timeout, usable)
+        if balancer.affinity is not None:
+            self.affine[state.name] = balancer
+        else:
+            self.affine.pop(state.name, None)
 
     def _claim(self, key: ServiceKey, frontend: Frontend, route: Route) -> bool:
         owner = self._owners.get(frontend)

@@ -78,7 +78,7 @@ class Observer:
 
     def synced(self, seconds: float) -> None:
         self.metrics.synced(seconds)
-        self.health.update(self.store.services.values(), self.table.ports)
+        self.health.update(self.table.health_checked.values(), self.table.ports, self.table.ports_of)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until `stop`: bind both listeners (retrying), reconcile health checks."""

@@ -114,13 +114,18 @@ class HealthServers:
 
     # per-Service health checks
 
-    def update(self, services: Iterable[Service], ports: Mapping[ServicePortName, PortState]) -> None:
-        """After a sync: new endpoint counts now, server changes soon (by `run()`)."""
+    def update(self, services: Iterable[Service], ports: Mapping[ServicePortName, PortState],
+               ports_of: Callable[[ServiceKey], Iterable[ServicePortName]] | None = None) -> None:
+        """After a sync: new endpoint counts now, server changes soon (by `run()`). With
+        `ports_of` (a Service's port names), only the checked Services' ports are read."""
         plan = health.desired_health_checks(services)
         for loser, port, owner in plan.conflicts:
             log.error("Service %s: healthCheckNodePort %d is already used by Service %s; not serving it",
                       loser, port, owner)
-        self.counts = health.local_endpoint_counts(ports, only=set(plan.wanted.values()))
+        checked = set(plan.wanted.values())
+        if ports_of is not None:
+            ports = {name: ports[name] for key in checked for name in ports_of(key) if name in ports}
+        self.counts = health.local_endpoint_counts(ports, only=checked)
         self.wanted = plan.wanted
         self._nudge.set()
 

@@ -165,3 +165,14 @@ def test_hints_only_judged_on_ready_endpoints() -> None:
 def test_hints_do_not_narrow_the_local_set() -> None:
     eps = (ep("10.0.0.0", zones=ZA), ep("10.0.0.1", zones=ZB))
     assert [e.ip for e in categorize(eps, "a").local] == ["10.0.0.0", "10.0.0.1"]
+
+
+
+def test_endpoints_are_slotted_frozen_values() -> None:
+    from dataclasses import FrozenInstanceError
+
+    made = Endpoint("10.0.0.1", 80, True, False, True, False, frozenset({"zone-a"}), None)
+    assert not hasattr(made, "__dict__")  # a cluster holds one per endpoint and port
+    assert made == Endpoint("10.0.0.1", 80, True, False, True, False, frozenset({"zone-a"}), None)
+    with pytest.raises(FrozenInstanceError):
+        made.port = 81  # type: ignore[misc]

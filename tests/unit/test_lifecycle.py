@@ -15,8 +15,15 @@ import pytest
 from pyproxy.demo import manifests as m
 from pyproxy.lifecycle.channel import HEADER, MAGIC, Channel, ChannelError, Message
 from pyproxy.lifecycle.handover import PROTOCOL, Identity, refusal
-from pyproxy.lifecycle.snapshot import decode_snapshot, encode_snapshot, read_snapshot, write_atomically
-from pyproxy.lifecycle.state import StateError, affinity_state, restore_affinity, restore_store, store_state
+from pyproxy.lifecycle.snapshot import Deferred, decode_snapshot, encode_snapshot, read_snapshot, write_atomically
+from pyproxy.lifecycle.state import (
+    StateError,
+    StoreEncoder,
+    affinity_state,
+    restore_affinity,
+    restore_store,
+    store_state,
+)
 from pyproxy.model.objects import ServicePortName, parse_endpoint_slice, parse_service
 from pyproxy.model.store import ClusterStore
 from pyproxy.model.table import ServiceTable
@@ -157,6 +164,35 @@ def test_the_store_round_trips_through_json() -> None:
     assert again.services == store.services and again.slices == store.slices and again.synced
 
 
+def test_the_incremental_encoder_writes_what_store_state_says_and_reencodes_only_changes(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import pyproxy.lifecycle.state as state_module
+
+    store = filled_store()
+    encoder = StoreEncoder()
+    assert json.loads(encoder.encode(StoreEncoder.capture(store))) == store_state(store)
+    expected = store_state(store)
+    encoded: list[object] = []
+    real = state_module.encode_obj
+    monkeypatch.setattr(state_module, "encode_obj", lambda obj: encoded.append(obj) or real(obj))
+    assert json.loads(encoder.encode(StoreEncoder.capture(store))) == expected
+    assert encoded == []  # every object's JSON was reused
+    svc = parse_service(m.service("web", "10.96.0.11", [m.port(80, 8080, name="http")]))
+    assert svc is not None
+    store.upsert_service(svc.key, svc)
+    captured = StoreEncoder.capture(store)
+    store.upsert_service(svc.key, None)  # a change after the capture does not reach its encoding
+    again = ClusterStore()
+    assert restore_store(again, json.loads(encoder.encode(captured))) == 1
+    assert again.services == {svc.key: svc} and encoded[0] is svc and not any(o is store_obj for o in encoded for store_obj in store.slices.values())
+
+
+def test_a_deferred_part_is_spliced_into_the_snapshot() -> None:
+    data = encode_snapshot("node1", {"sync": Deferred(lambda: [b'{"a":', b"[1]}"]), "affinity": []}, 5.0)
+    doc = json.loads(data)
+    assert doc["sync"] == {"a": [1]} and doc["affinity"] == [] and doc["node"] == "node1" and doc["written"] == 5.0
+
+
 @pytest.mark.parametrize("broken", [
     {"services": [{"key": "not an object"}], "slices": [], "node": None},
     {"slices": [], "node": None},
@@ -217,6 +253,15 @@ def test_the_snapshot_round_trips_and_knows_its_age(tmp_path: Path) -> None:
     got = read_snapshot(path, "node1")
     assert got is not None and got["sync"] == {"a": 1} and 4.5 < got["age"] < 30
     assert [p.name for p in path.parent.iterdir()] == ["state.json"]  # no temporary left behind
+
+
+def test_a_snapshot_older_than_the_bound_is_not_restored(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "state.json"
+    write_atomically(path, encode_snapshot("node1", {"sync": {"a": 1}}, time.time() - 120))
+    assert read_snapshot(path, "node1", max_age=600) is not None
+    assert read_snapshot(path, "node1", max_age=0) is not None  # 0: any age
+    assert read_snapshot(path, "node1", max_age=60) is None
+    assert "more than lifecycle.snapshotMaxAge (60s)" in caplog.text
 
 
 @pytest.mark.parametrize("data, line", [

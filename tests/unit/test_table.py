@@ -388,3 +388,33 @@ def test_source_matters_exactly_where_the_plan_reads_it(external: bool, internal
     route = Route(state(BOTH, internal_local, external_local), external)
     differs = plan_connection(route, True) != plan_connection(route, False)
     assert source_matters(route) == differs
+
+
+def test_the_affinity_and_health_check_indexes_follow_every_update() -> None:
+    from pyproxy.demo import manifests as m
+    from pyproxy.model.objects import parse_service
+
+    def svc(name: str, ip: str, **kw: Any) -> Any:
+        parsed = parse_service(m.service(name, ip, [m.port(80, 8080, name="http")], **kw))
+        assert parsed is not None
+        return parsed
+
+    store = ClusterStore()
+    table = ServiceTable("node1", rng=random.Random(1))
+    plain = svc("plain", "10.96.0.1")
+    sticky = svc("sticky", "10.96.0.2", affinity_timeout=60)
+    checked = svc("checked", "10.96.0.3", type="LoadBalancer", external_policy="Local", health_check_node_port=32000)
+    store.replace_all([plain, sticky, checked], [])
+
+    def scan() -> tuple[set[Any], set[Any]]:  # what a walk over everything finds
+        return ({n for n, b in table.balancers.items() if b.affinity is not None},
+                {k for k, s in store.services.items() if s.health_check_node_port is not None})
+
+    table.update(store.take_changes(), store, ["192.168.56.101"])
+    assert (set(table.affine), set(table.health_checked)) == scan() != (set(), set())
+    store.upsert_service(sticky.key, svc("sticky", "10.96.0.2"))  # affinity off
+    store.upsert_service(checked.key, None)  # gone
+    store.upsert_service(plain.key, svc("plain", "10.96.0.1", affinity_timeout=30))  # affinity on
+    table.update(store.take_changes(), store, ["192.168.56.101"])
+    assert (set(table.affine), set(table.health_checked)) == scan()
+    assert {n.service.name for n in table.affine} == {"plain"} and not table.health_checked
