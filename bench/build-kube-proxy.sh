@@ -28,24 +28,6 @@ fi
 WORKDIR=""
 cleanup() { [[ -z "${WORKDIR}" ]] || rm -rf "${WORKDIR}"; rm -f "${BIN}/kube-proxy.new"; }
 
-write_module() {
-    local dir="$1" kmod sv staging m v="${K8S_VERSION#v}"
-    sv="v0.${v#*.}"
-    (cd "${dir}" && "${GO_BIN}" mod init pyproxy.invalid/build-kube-proxy >/dev/null 2>&1)
-    kmod="$(cd "${dir}" && "${GO_BIN}" mod download -json "k8s.io/kubernetes@${K8S_VERSION}" |
-        sed -n 's/^[[:space:]]*"GoMod": "\(.*\)",$/\1/p')"
-    [[ -f "${kmod}" ]] || { log "cannot download k8s.io/kubernetes@${K8S_VERSION}"; exit 1; }
-    staging="$(sed -n 's|^[[:space:]]*\(k8s.io/[A-Za-z0-9._-]*\) => \./staging/.*|\1|p' "${kmod}")"
-    [[ -n "${staging}" ]] || { log "no staging replaces found in ${kmod}"; exit 1; }
-    {
-        echo
-        echo "require k8s.io/kubernetes ${K8S_VERSION}"
-        echo
-        echo "replace ("
-        for m in ${staging}; do echo "	${m} => ${m} ${sv}"; done
-        echo ")"
-    } >>"${dir}/go.mod"
-}
 
 main() {
     mkdir -p "${BIN}"
@@ -56,7 +38,7 @@ main() {
     setup_go_env
     local start=${SECONDS} v="${K8S_VERSION#v}" flags="-s -w" pkg
     WORKDIR="$(mktemp -d "${CACHE}/work.kube-proxy.XXXXXX")"
-    write_module "${WORKDIR}"
+    write_k8s_module "${WORKDIR}" build-kube-proxy
     for pkg in k8s.io/client-go/pkg/version k8s.io/component-base/version; do
         flags+=" -X ${pkg}.gitVersion=${K8S_VERSION} -X ${pkg}.gitMajor=${v%%.*}"
         flags+=" -X ${pkg}.gitMinor=$(echo "${v}" | cut -d. -f2) -X ${pkg}.gitTreeState=clean"

@@ -37,23 +37,9 @@ WORKDIRS=()
 cleanup() { local d; for d in "${WORKDIRS[@]}"; do rm -rf "${d}"; done; rm -rf "${BIN}/new"; }
 
 write_module() {
-    local dir="$1" kmod sv staging m v="${K8S_VERSION#v}"
-    sv="v0.${v#*.}"
-    (cd "${dir}" && "${GO_BIN}" mod init pyproxy.invalid/build-e2e >/dev/null 2>&1)
-    kmod="$(cd "${dir}" && "${GO_BIN}" mod download -json "k8s.io/kubernetes@${K8S_VERSION}" |
-        sed -n 's/^[[:space:]]*"GoMod": "\(.*\)",$/\1/p')"
-    [[ -f "${kmod}" ]] || { log "cannot download k8s.io/kubernetes@${K8S_VERSION}"; exit 1; }
-    staging="$(sed -n 's|^[[:space:]]*\(k8s.io/[A-Za-z0-9._-]*\) => \./staging/.*|\1|p' "${kmod}")"
-    GINKGO_VERSION="$(sed -n 's|^[[:space:]]*github.com/onsi/ginkgo/v2 \(v[^ ]*\).*|\1|p' "${kmod}" | head -n 1)"
-    [[ -n "${staging}" && -n "${GINKGO_VERSION}" ]] || { log "cannot read ${kmod}"; exit 1; }
-    {
-        echo
-        echo "require k8s.io/kubernetes ${K8S_VERSION}"
-        echo
-        echo "replace ("
-        for m in ${staging}; do echo "	${m} => ${m} ${sv}"; done
-        echo ")"
-    } >>"${dir}/go.mod"
+    write_k8s_module "$1" build-e2e
+    GINKGO_VERSION="$(sed -n 's|^[[:space:]]*github.com/onsi/ginkgo/v2 \(v[^ ]*\).*|\1|p' "${K8S_GOMOD}" | head -n 1)"
+    [[ -n "${GINKGO_VERSION}" ]] || { log "cannot read ginkgo's version from ${K8S_GOMOD}"; exit 1; }
 }
 
 main() {

@@ -1,9 +1,10 @@
-# Sourced by the Go build scripts (tests/realapi/build-binaries.sh, tests/kind/build-tools.sh).
+# Sourced by the Go build scripts (tests/realapi/build-binaries.sh, tests/kind/build-tools.sh,
+# tests/kind/build-e2e.sh, bench/build-kube-proxy.sh).
 # Sets the Go environment for offline-safe, cached builds under $CACHE:
 #   GOMODCACHE, GOCACHE, GOPATH in the cache; GOTOOLCHAIN=local; CGO off;
 #   GOPROXY = the configured module proxy without the "direct" fallback (a direct fetch would
 #   try modules' own hosts, which are unreachable here and must not be tried).
-# Defines GO_BIN and log(); expects CACHE and LOG_TAG to be set.
+# Defines GO_BIN, log() and write_k8s_module(); expects CACHE and LOG_TAG to be set.
 
 log() { printf '[%s] %s\n' "${LOG_TAG}" "$*" >&2; }
 
@@ -43,4 +44,33 @@ setup_go_env() {
 # (pipefail makes go's own exit status the function's.)
 quiet_go() {
     "${GO_BIN}" "$@" 2>&1 | { grep -v '^go: \(upgraded\|added\|downloading\|finding\)' >&2 || true; }
+}
+
+# v1.37.2 -> v0.37.2: the published tag of Kubernetes' staging modules (k8s.io/api, ...).
+staging_version() {
+    local v="${K8S_VERSION#v}"
+    echo "v0.${v#*.}"
+}
+
+# write_k8s_module DIR NAME: a throwaway module pyproxy.invalid/NAME in DIR that requires
+# k8s.io/kubernetes at K8S_VERSION and replaces each module its go.mod maps to ./staging with
+# the published tag (Kubernetes itself cannot be required otherwise). Sets K8S_GOMOD to the
+# path of Kubernetes' own go.mod in the module cache, for what else a caller reads from it.
+write_k8s_module() {
+    local dir="$1" name="$2" sv staging m
+    sv="$(staging_version)"
+    (cd "${dir}" && "${GO_BIN}" mod init "pyproxy.invalid/${name}" >/dev/null 2>&1)
+    K8S_GOMOD="$(cd "${dir}" && "${GO_BIN}" mod download -json "k8s.io/kubernetes@${K8S_VERSION}" |
+        sed -n 's/^[[:space:]]*"GoMod": "\(.*\)",$/\1/p')"
+    [[ -f "${K8S_GOMOD}" ]] || { log "cannot download k8s.io/kubernetes@${K8S_VERSION}"; exit 1; }
+    staging="$(sed -n 's|^[[:space:]]*\(k8s.io/[A-Za-z0-9._-]*\) => \./staging/.*|\1|p' "${K8S_GOMOD}")"
+    [[ -n "${staging}" ]] || { log "no staging replaces found in ${K8S_GOMOD}"; exit 1; }
+    {
+        echo
+        echo "require k8s.io/kubernetes ${K8S_VERSION}"
+        echo
+        echo "replace ("
+        for m in ${staging}; do echo "	${m} => ${m} ${sv}"; done
+        echo ")"
+    } >>"${dir}/go.mod"
 }

@@ -61,34 +61,7 @@ if is_current; then
 fi
 
 # k8s.io/kubernetes vX.Y.Z -> staging modules are tagged v0.Y.Z
-staging_version() {
-    local v="${K8S_VERSION#v}"
-    echo "v0.${v#*.}"
-}
 
-# Throwaway module that requires k8s.io/kubernetes and maps staging modules.
-write_k8s_module() {
-    local dir="$1" kmod
-    (cd "${dir}" && "${GO_BIN}" mod init pyproxy.invalid/build-kube-apiserver >/dev/null 2>&1)
-    kmod="$(cd "${dir}" && "${GO_BIN}" mod download -json "k8s.io/kubernetes@${K8S_VERSION}" |
-        sed -n 's/^[[:space:]]*"GoMod": "\(.*\)",$/\1/p')"
-    [[ -f "${kmod}" ]] || { log "cannot download k8s.io/kubernetes@${K8S_VERSION}"; exit 1; }
-    local sv staging
-    sv="$(staging_version)"
-    staging="$(sed -n 's|^[[:space:]]*\(k8s.io/[A-Za-z0-9._-]*\) => \./staging/.*|\1|p' "${kmod}")"
-    [[ -n "${staging}" ]] || { log "no staging replaces found in ${kmod}"; exit 1; }
-    {
-        echo
-        echo "require k8s.io/kubernetes ${K8S_VERSION}"
-        echo
-        echo "replace ("
-        local m
-        for m in ${staging}; do
-            echo "	${m} => ${m} ${sv}"
-        done
-        echo ")"
-    } >>"${dir}/go.mod"
-}
 
 k8s_ldflags() {
     local v="${K8S_VERSION#v}" major minor date
@@ -116,7 +89,7 @@ build_kubernetes() {
     WORKDIRS+=("${dir}")
     for b in "${K8S_BINARIES[@]}"; do pkgs+=("k8s.io/kubernetes/cmd/${b}"); done
     log "building ${K8S_BINARIES[*]} ${K8S_VERSION} (staging $(staging_version)); cold: about 16 min on 2 cores, quiet"
-    write_k8s_module "${dir}"
+    write_k8s_module "${dir}" build-kube-apiserver
     (
         cd "${dir}"
         quiet_go get "k8s.io/kubernetes@${K8S_VERSION}"
