@@ -57,12 +57,12 @@ def apply_pyproxy(c: cluster.Cluster, timeout_s: int = 180) -> None:
               timeout=timeout_s + 10)
 
 
-def up(cni: str, with_pyproxy: bool) -> cluster.Cluster:
+def up(cni: str, with_pyproxy: bool, workers: int = 1) -> cluster.Cluster:
     start = time.monotonic()
     daemon = dockerd.start()
     build_images(daemon)
-    log(f"cluster {cluster.NAME!r} on the {cni} pod network")
-    c = cluster.create(daemon, cni)
+    log(f"cluster {cluster.NAME!r} on the {cni} pod network, {workers + 1} nodes")
+    c = cluster.create(daemon, cni, workers)
     cluster.load(daemon, images.PYPROXY_IMAGE)
     if with_pyproxy:
         log("kubectl apply -f daemonset.yaml")
@@ -83,14 +83,14 @@ def kubectl(args: Sequence[str]) -> int:
     return subprocess.run(argv).returncode
 
 
-def run_e2e(select: str, focus: str | None, skip: str | None, cni: str, out: Path) -> int:
+def run_e2e(select: str, focus: str | None, skip: str | None, cni: str, out: Path, workers: int = 1) -> int:
     """The e2e specs against the running cluster (or one brought up on `cni`): junit in `out`,
     a one-line summary, and each failed spec with the start of its reason."""
     daemon = dockerd.start()
     if cluster.exists(daemon):
         c = current()
     else:
-        c = up(cni, with_pyproxy=True)
+        c = up(cni, with_pyproxy=True, workers=workers)
         (dockerd.RUN / "cni").write_text(cni)
     chosen = e2e.SELECTIONS[select]
     selection = e2e.Selection(focus or chosen.focus, skip if skip is not None else chosen.skip, chosen.procs)
@@ -110,6 +110,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_up = sub.add_parser("up", help="make the cluster, with pyproxy in it")
     p_up.add_argument("--cni", choices=cluster.CNIS, default="routed", help="pod network (default: routed)")
     p_up.add_argument("--no-pyproxy", action="store_true", help="stop before applying daemonset.yaml")
+    p_up.add_argument("--workers", type=int, default=1,
+                      help=f"worker nodes beside the control plane (default 1, at most {cluster.MAX_WORKERS})")
     sub.add_parser("load", help="rebuild pyproxy:dev and load it into the nodes")
     p_kubectl = sub.add_parser("kubectl", help="kubectl against the cluster")
     p_kubectl.add_argument("args", nargs=argparse.REMAINDER)
@@ -121,6 +123,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_e2e.add_argument("--skip", help="a ginkgo skip regex instead of the set's")
     p_e2e.add_argument("--cni", choices=cluster.CNIS, default="routed",
                        help="pod network of a cluster brought up for the run (default: routed)")
+    p_e2e.add_argument("--workers", type=int, default=1,
+                       help="worker nodes of a cluster brought up for the run (default 1; 6 for the zone specs)")
     p_e2e.add_argument("--out", type=Path, default=Path("/tmp/pyproxy-e2e"), help="junit and logs (default: %(default)s)")
     sub.add_parser("down", help="delete the cluster and stop the docker daemon")
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -129,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "up":
-        up(args.cni, not args.no_pyproxy)
+        up(args.cni, not args.no_pyproxy, args.workers)
         (dockerd.RUN / "cni").write_text(args.cni)
     elif args.command == "load":
         daemon = dockerd.start()
@@ -139,7 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from tests.kind import demo
         return demo.main(current())
     elif args.command == "e2e":
-        return run_e2e(args.select, args.focus, args.skip, args.cni, args.out)
+        return run_e2e(args.select, args.focus, args.skip, args.cni, args.out, args.workers)
     elif args.command == "down":
         if Path(f"/run/netns/{dockerd.NETNS}").exists() and dockerd.SOCKET.exists():
             cluster.delete(dockerd.start())

@@ -4,7 +4,9 @@
 #   ginkgo     github.com/onsi/ginkgo/v2/ginkgo at the version Kubernetes' go.mod requires
 #              (runs the specs in parallel processes)
 #   agnhost    k8s.io/kubernetes/test/images/agnhost (the specs' workhorse image; its root fs
-#              is made by tests/kind/e2e_images.py)
+#              is made by tests/kind/e2e.py)
+#   regression-issue-74839  k8s.io/kubernetes/test/images/regression-issue-74839 (the
+#              invalid-conntrack-state spec's server, which injects out-of-window segments)
 # From the same Kubernetes release as the rest of the cluster (tests/realapi/build-binaries.sh),
 # in a throwaway module that replaces the staging modules with their published tags, from
 # the Go module proxy only. Idempotent (a stamp per recipe); progress on stderr; the last
@@ -15,7 +17,7 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 CACHE="${PYPROXY_CACHE:-/var/cache/pyproxy}"
 BIN="${CACHE}/bin-e2e"
 K8S_VERSION="${PYPROXY_K8S_VERSION:-v1.37.2}"
-RECIPE=1
+RECIPE=2
 WANT="recipe=${RECIPE} kubernetes=${K8S_VERSION}"
 STAMP="${BIN}/.versions"
 LOG_TAG=build-e2e
@@ -24,7 +26,7 @@ source "${HERE}/goenv.sh"
 
 is_current() {
     local b
-    for b in e2e.test ginkgo agnhost; do [[ -x "${BIN}/${b}" ]] || return 1; done
+    for b in e2e.test ginkgo agnhost regression-issue-74839; do [[ -x "${BIN}/${b}" ]] || return 1; done
     [[ -f "${STAMP}" && "$(<"${STAMP}")" == "${WANT}" ]]
 }
 
@@ -55,7 +57,7 @@ main() {
     rm -rf "${BIN}/new"
     mkdir -p "${BIN}/new"
     write_module "${dir}"
-    log "building e2e.test, agnhost and ginkgo ${GINKGO_VERSION} from Kubernetes ${K8S_VERSION}"
+    log "building e2e.test, agnhost, regression-issue-74839 and ginkgo ${GINKGO_VERSION} from Kubernetes ${K8S_VERSION}"
     (
         cd "${dir}"
         quiet_go get "k8s.io/kubernetes@${K8S_VERSION}"
@@ -64,10 +66,12 @@ main() {
         flags+=" -X k8s.io/client-go/pkg/version.gitVersion=${K8S_VERSION}"
         quiet_go test -c -trimpath -ldflags "${flags}" -o "${BIN}/new/e2e.test" k8s.io/kubernetes/test/e2e
         quiet_go build -trimpath -ldflags "-s -w" -o "${BIN}/new/agnhost" k8s.io/kubernetes/test/images/agnhost
+        quiet_go build -trimpath -ldflags "-s -w" -o "${BIN}/new/regression-issue-74839" \
+            k8s.io/kubernetes/test/images/regression-issue-74839
         quiet_go build -trimpath -ldflags "-s -w" -o "${BIN}/new/ginkgo" github.com/onsi/ginkgo/v2/ginkgo
     )
     local b
-    for b in e2e.test agnhost ginkgo; do mv -f "${BIN}/new/${b}" "${BIN}/${b}"; done
+    for b in e2e.test agnhost regression-issue-74839 ginkgo; do mv -f "${BIN}/new/${b}" "${BIN}/${b}"; done
     # agnhost's porter serves TLS with the certificate the image carries at /localhost.{crt,key}
     cp "${GOMODCACHE}/k8s.io/kubernetes@${K8S_VERSION}/test/images/agnhost/porter/localhost.crt" \
        "${GOMODCACHE}/k8s.io/kubernetes@${K8S_VERSION}/test/images/agnhost/porter/localhost.key" "${BIN}/"

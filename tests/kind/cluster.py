@@ -1,4 +1,4 @@
-"""A two-node kind cluster with kube-proxy off, on one of two pod networks, offline.
+"""A kind cluster (a control plane and one worker, or more) with kube-proxy off, on one of two pod networks, offline.
 
 Rules it keeps:
 - The cluster is kind's own (`kind create cluster`), from the node image of images.py, with
@@ -17,6 +17,9 @@ Rules it keeps:
   is removed first (kind reuses an existing network as it is).
 - The API server is reached through the daemon's namespace (`kubectl()` enters it), with a
   kubeconfig in /run/pyproxy-kind, never root's ~/.kube/config.
+- Two nodes by default (`workers=1`: every tier's shape); more workers for the e2e specs
+  that need three zones of two nodes (`cmd/kind up --workers 6`). Every node routes every
+  other node's pod CIDRs.
 - `delete()` removes the cluster, and /lib/modules where docker made it for kind's mount.
 """
 
@@ -36,23 +39,25 @@ KUBECONFIG = RUN / "kubeconfig"
 CNIS = ("routed", "bridge")
 DUAL_STACK = frozenset({"routed"})  # the pod networks whose cluster is dual-stack (IPv4 and IPv6)
 MODULES_MARK = RUN / "made-lib-modules"
+MAX_WORKERS = 6  # three zones of two workers: what the largest e2e specs ask for
 
 
 class ClusterError(RuntimeError):
     """The cluster could not be made, reached or removed."""
 
 
-def kind_config(dual_stack: bool = False) -> str:
-    """kind's cluster config: two nodes, no kube-proxy, no default CNI, local images."""
+def kind_config(dual_stack: bool = False, workers: int = 1) -> str:
+    """kind's cluster config: a control plane and `workers` workers, no kube-proxy, no
+    default CNI, local images."""
     family = "\n  ipFamily: dual" if dual_stack else ""
+    worker_nodes = "".join("\n  - role: worker" for _ in range(workers))
     return f"""kind: Cluster
 apiVersion: kind.x-k8s.io/v1alpha4
 networking:{family}
   kubeProxyMode: none
   disableDefaultCNI: true
 nodes:
-  - role: control-plane
-  - role: worker
+  - role: control-plane{worker_nodes}
 kubeadmConfigPatches:
   - |
     kind: ClusterConfiguration
@@ -143,20 +148,20 @@ def exists(daemon: Daemon) -> bool:
     return NAME in _kind(daemon, "get", "clusters").split()
 
 
-def _wait_pod_cidrs(cluster: Cluster, timeout_s: float = 120) -> list[Node]:
+def _wait_pod_cidrs(cluster: Cluster, count: int, timeout_s: float = 120) -> list[Node]:
     deadline = time.monotonic() + timeout_s
     families = 2 if cluster.cni in DUAL_STACK else 1
     while time.monotonic() < deadline:
         nodes = cluster.nodes()
-        if len(nodes) == 2 and all(n.pod_cidr and len(n.pod_cidrs) >= families for n in nodes):
+        if len(nodes) == count and all(n.pod_cidr and len(n.pod_cidrs) >= families for n in nodes):
             return nodes
         time.sleep(1)
     raise ClusterError("nodes got no spec.podCIDR in time")
 
 
-def install_cni(cluster: Cluster) -> None:
-    """Write each node's CNI config and the routes to the other node's pods."""
-    nodes = _wait_pod_cidrs(cluster)
+def install_cni(cluster: Cluster, count: int) -> None:
+    """Write each node's CNI config and the routes to the other nodes' pods."""
+    nodes = _wait_pod_cidrs(cluster, count)
     for node in nodes:
         conf = cni_config(cluster.cni, list(node.pod_cidrs) or [node.pod_cidr])
         cluster.node_exec(node.name, "sh", "-c", f"cat > /etc/cni/net.d/10-pyproxy.conflist <<'EOF'\n{conf}\nEOF")
@@ -173,10 +178,13 @@ def wait_ready(cluster: Cluster, timeout_s: float = 180) -> None:
                     timeout=timeout_s + 10)
 
 
-def create(daemon: Daemon, cni: str) -> Cluster:
-    """Make the cluster on pod network `cni` (deleting an old one first); nodes Ready."""
+def create(daemon: Daemon, cni: str, workers: int = 1) -> Cluster:
+    """Make the cluster on pod network `cni` with `workers` workers (deleting an old one
+    first); nodes Ready."""
     if cni not in CNIS:
         raise ValueError(f"unknown pod network {cni!r} (one of {', '.join(CNIS)})")
+    if not 1 <= workers <= MAX_WORKERS:
+        raise ValueError(f"workers: {workers} is not between 1 and {MAX_WORKERS}")
     if exists(daemon):
         delete(daemon)
     if not Path("/lib/modules").exists():
@@ -185,11 +193,11 @@ def create(daemon: Daemon, cni: str) -> Cluster:
     if cni in DUAL_STACK:
         _network_with_ipv6(daemon)
     config = RUN / "kind-config.yaml"
-    config.write_text(kind_config(dual_stack=cni in DUAL_STACK))
+    config.write_text(kind_config(dual_stack=cni in DUAL_STACK, workers=workers))
     _kind(daemon, "create", "cluster", f"--name={NAME}", f"--image={images.NODE_IMAGE}",
           f"--config={config}", f"--kubeconfig={KUBECONFIG}", "--retain")
     cluster = Cluster(daemon, cni)
-    install_cni(cluster)
+    install_cni(cluster, workers + 1)
     wait_ready(cluster)
     return cluster
 
@@ -204,8 +212,10 @@ def _network_with_ipv6(daemon: Daemon) -> None:
                        timeout=30, check=True)
 
 
-def load(daemon: Daemon, image: str) -> None:
-    _kind(daemon, "load", "docker-image", f"--name={NAME}", image)
+def load(daemon: Daemon, *names: str) -> None:
+    """Load docker images into every node: one `kind load` for them all, so that the layers
+    they share are saved and imported once."""
+    _kind(daemon, "load", "docker-image", f"--name={NAME}", *names)
 
 
 def delete(daemon: Daemon) -> None:

@@ -19,6 +19,7 @@ Rules it keeps (../shared/E2E.md has the facts they rest on):
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import tempfile
@@ -35,6 +36,10 @@ E2E_REGISTRY = "registry.k8s.io/e2e-test-images"
 AGNHOST = f"{E2E_REGISTRY}/agnhost:2.66.1"
 BUSYBOX = f"{E2E_REGISTRY}/busybox:1.37.0-2"
 NGINX = f"{E2E_REGISTRY}/nginx:1.27.0-2"
+REGRESSION_74839 = f"{E2E_REGISTRY}/regression-issue-74839:1.5"
+PAUSE = f"registry.k8s.io/pause:{images.PAUSE_TAG}"  # the sandbox image's binary, under the specs' name
+# test/utils/image/manifest.go of the module the suite is built from: where the names come from
+MANIFEST = images.CACHE / "gomod" / "k8s.io" / f"kubernetes@{images.K8S_VERSION}" / "test/utils/image/manifest.go"
 
 # Specs that test something other than a Service proxy, never run: kube-proxy's own pods,
 # flags and conntrack settings, cloud or hardware load balancers, NetworkPolicy, DNS servers,
@@ -50,7 +55,7 @@ NOT_A_PROXY = (
 class Selection:
     focus: str
     skip: str
-    procs: int = 3
+    procs: int = 6
 
 
 SELECTIONS = {
@@ -93,8 +98,8 @@ def build() -> Path:
 
 
 AGNHOST_DOCKERFILE = """FROM {base}
-COPY agnhost localhost.crt localhost.key /
-RUN set -eu; chmod 755 /agnhost; chmod 644 /localhost.crt /localhost.key; mkdir -p /uploads; \\
+COPY agnhost localhost.crt localhost.key regression-issue-74839 /
+RUN set -eu; chmod 755 /agnhost /regression-issue-74839; chmod 644 /localhost.crt /localhost.key; mkdir -p /uploads; \\
     groupadd -g 50000 agnhost; useradd -u 1000 -g 50000 -M -s /bin/sh agnhost
 ENTRYPOINT ["/agnhost"]
 CMD ["pause"]
@@ -109,20 +114,40 @@ def _docker(daemon: Daemon, *args: str) -> str:
     return proc.stdout.strip()
 
 
+def manifest_images(manifest: Path = MANIFEST) -> set[str]:
+    """Every `registry/name:tag` the suite's image manifest names (default registries)."""
+    text = manifest.read_text()
+    registries = dict(re.findall(r'(\w+Registry):\s+"([^"]+)"', text))
+    found = set()
+    for registry, name, tag in re.findall(r'Config\{list\.(\w+), "([^"]+)", "([^"]+)"\}', text):
+        if registry in registries:
+            found.add(f"{registries[registry]}/{name}:{tag}")
+    return found
+
+
 def spec_images(daemon: Daemon) -> list[str]:
-    """agnhost, busybox and nginx under the names the specs use (rebuilt when a part changed)."""
+    """The images the selected specs run, under the names the suite uses (rebuilt when a
+    part changed): agnhost, busybox, nginx, the pause binary, and the #74839 server."""
     build()
+    wanted = [AGNHOST, BUSYBOX, NGINX, REGRESSION_74839, PAUSE]
+    unknown = sorted(set(wanted) - manifest_images())
+    if unknown:
+        raise E2EError(f"{MANIFEST} no longer names {', '.join(unknown)}: update tests/kind/e2e.py")
     base = images.import_rootfs(daemon, rootfs.AGNHOST, "pyproxy.local/agnhost-base:bookworm")
-    key = images._digest(BIN / "agnhost", BIN / "localhost.crt", Path(__file__), extra=rootfs.AGNHOST.key)
+    derived = ((BUSYBOX, ('ENTRYPOINT []', 'CMD ["sh"]')),
+               (NGINX, ('ENTRYPOINT ["/agnhost"]', 'CMD ["netexec", "--http-port=80"]')),
+               (REGRESSION_74839, ('ENTRYPOINT ["/regression-issue-74839"]', 'CMD []')))
+    key = images._digest(BIN / "agnhost", BIN / "localhost.crt", BIN / "regression-issue-74839",
+                         extra=rootfs.AGNHOST.key + AGNHOST_DOCKERFILE + repr(derived))
     if not images._fresh(daemon, AGNHOST, key):
         with tempfile.TemporaryDirectory(prefix="pyproxy-agnhost.") as tmp:
-            for name in ("agnhost", "localhost.crt", "localhost.key"):
+            for name in ("agnhost", "localhost.crt", "localhost.key", "regression-issue-74839"):
                 shutil.copy2(BIN / name, Path(tmp) / name)
             (Path(tmp) / "Dockerfile").write_text(AGNHOST_DOCKERFILE.format(base=base))
             _docker(daemon, "build", "--network=none", "-q", "--label", f"{images.KEY_LABEL}={key}", "-t", AGNHOST, tmp)
-    # busybox: only `sh -c ...` runs in it; nginx: its pods need to run and answer on :80
-    for name, change in ((BUSYBOX, ('ENTRYPOINT []', 'CMD ["sh"]')),
-                         (NGINX, ('ENTRYPOINT ["/agnhost"]', 'CMD ["netexec", "--http-port=80"]'))):
+    # busybox: only `sh -c ...` runs in it; nginx: its pods need to run and answer on :80;
+    # regression-issue-74839: its own binary (carried in the agnhost image) as entrypoint
+    for name, change in derived:
         if images._label(daemon, name, images.KEY_LABEL) != key:
             context = f"FROM {AGNHOST}\n{change[0]}\n{change[1]}\nLABEL {images.KEY_LABEL}={key}\n"
             proc = subprocess.run(["docker", "build", "--network=none", "-q", "-t", name, "-"], input=context,
@@ -130,7 +155,10 @@ def spec_images(daemon: Daemon) -> list[str]:
                                   timeout=600)
             if proc.returncode != 0:
                 raise E2EError(f"{name}: {proc.stderr[-2000:]}")
-    return [AGNHOST, BUSYBOX, NGINX]
+    # the pause image: the nodes' sandbox image (already in them), a pod's container in some specs
+    sandbox = next(c.image for c in images.COMPONENTS if c.name == "pause")
+    _docker(daemon, "tag", sandbox, PAUSE)
+    return wanted
 
 
 @dataclass
@@ -174,11 +202,32 @@ def read_junit(path: Path) -> Result:
     return result
 
 
+ZONE_LABEL = "topology.kubernetes.io/zone"
+CONTROL_PLANE_TAINT = "node-role.kubernetes.io/control-plane"
+
+
+def zones(workers: list[str]) -> dict[str, str]:
+    """A zone per worker, dealt round the sorted workers into three zones (six workers:
+    three zones of two, what the multi-node Traffic Distribution specs ask for)."""
+    return {name: f"zone-{'abc'[i % 3]}" for i, name in enumerate(sorted(workers))}
+
+
 def prepare(c: cluster.Cluster, daemon: Daemon) -> None:
-    """Load the spec images and make both nodes schedulable."""
-    for image in spec_images(daemon):
-        cluster.load(daemon, image)
-    c.kubectl("taint", "nodes", "--all", "node-role.kubernetes.io/control-plane-", check=False)
+    """Load the spec images and lay the nodes out for the specs.
+
+    Two nodes: the control plane's taint is removed, so that specs wanting two schedulable
+    nodes run; no zones (the topology specs then skip: one node cannot make two zones).
+    More nodes: the control plane keeps its taint and the workers get zones. The
+    EndpointSlice controller leaves control-plane nodes out of its zone shares, so an
+    untainted control plane would carry endpoints that no zone's share accounts for, and
+    Topology Hints' even distribution could never hold."""
+    cluster.load(daemon, *spec_images(daemon))
+    names = [n.name for n in c.nodes()]
+    if len(names) <= 2:
+        c.kubectl("taint", "nodes", "--all", f"{CONTROL_PLANE_TAINT}-", check=False)
+        return
+    for name, zone in zones([n for n in names if n != f"{cluster.NAME}-control-plane"]).items():
+        c.kubectl("label", "node", name, "--overwrite", f"{ZONE_LABEL}={zone}")
 
 
 def run(c: cluster.Cluster, daemon: Daemon, selection: Selection, out: Path, timeout_s: int = 3600) -> Result:
