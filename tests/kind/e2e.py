@@ -83,6 +83,11 @@ SELECTIONS = {
     # The Service specs of dual-stack (the routed cluster only).
     "dualstack": Selection(focus=r"\[Feature:IPv6DualStack\].*(service|Service)", skip=r"\[Serial\]|\[Disruptive\]|SCTP|sctp"),
 }
+# The dual-stack cluster's CI run: `focused` and `dualstack` in one ginkgo run, so that their
+# longest specs overlap (test_e2e.py checks that it picks exactly the union of the two).
+SELECTIONS["focused+dualstack"] = Selection(
+    focus=f"({SELECTIONS['focused'].focus})|({SELECTIONS['dualstack'].focus})",
+    skip=SELECTIONS["focused"].skip.replace(r"\[Feature:|", "", 1))
 
 
 class E2EError(RuntimeError):
