@@ -171,7 +171,8 @@ class ProxyApp:
             # imported here: standalone never needs the API client, and a restart after a
             # crash serves sooner without loading it (lifecycle/early.py)
             from pyproxy.sources.kube import KubeSource
-            from pyproxy.sources.kube_client import SourceError, open_transport
+            from pyproxy.sources.kube_client import SourceError
+            from pyproxy.sources.kube_http import open_transport
 
             client = self.config.clientConnection
             try:

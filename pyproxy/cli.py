@@ -172,11 +172,9 @@ def run(config: ProxyConfig) -> int:
         import pyproxy.sources.manifests  # noqa: F401
         from pyproxy.dataplane.routing import warm_up
 
-        if not config.manifests:  # the API client: most of a second of imports, seconds on a busy node
-            import kubernetes.client  # noqa: F401
-            import kubernetes.config  # noqa: F401
-
+        if not config.manifests:  # the API client (standard library HTTP: kube_http)
             import pyproxy.sources.kube  # noqa: F401
+            import pyproxy.sources.kube_http  # noqa: F401
 
         warm_up()  # pyroute2 loads most of itself at the first netlink socket
         if config.eventLoop != "asyncio":
