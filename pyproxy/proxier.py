@@ -8,8 +8,11 @@ Rules kept here:
   as the sync that applied it returns (the kernel write happens first for new frontends,
   last for removed ones, within the same sync).
 - A change of node addresses re-applies every Service (NodePort frontends move).
-- The pod bridges (the configured names that exist with an IPv4 address) are read at every
-  sync; when they change, the next write is a full one, whose `netdev pyproxy` chain hooks
+- The node (its addresses, the pod bridges, routes) is read by netlink at a sync when the
+  kernel reported a change of links, addresses or routes since the last read, when the Node
+  object changed, and at every sync while pod bridges exist (netlinkwatch.py; the first sync
+  always reads). The pod bridges are the configured names that exist with an IPv4 address;
+  when they change, the next write is a full one, whose `netdev pyproxy` chain hooks
   exactly those (older kernels refuse a hook on a device that does not exist).
 - Local sources (kube-proxy's short-circuit: cluster set, node's address) are the node's
   addresses, this node's pods as `--detect-local-mode` finds them (model/localdetect.py:
@@ -49,6 +52,9 @@ from pyproxy.model.table import Element, ServiceTable
 log = logging.getLogger("pyproxy.proxier")
 
 
+NodeRead = tuple[tuple[str, ...], list[tuple[str, str]], list[str], list[tuple[str, str]]]  # see _read_node
+
+
 @dataclass
 class SyncResult:
     changed: int
@@ -84,6 +90,9 @@ class Proxier:
     _steer_inputs: tuple[object, ...] = ()  # the bridges and addresses `_steer_by_service` was computed for
     _steered_written: frozenset[Steer] | None = None  # what the `bridge pyproxy` sets hold; None: no table
     _warned_no_pod_cidrs: bool = False
+    node_changes: Callable[[], bool] = lambda: True  # netlink reported a change (dataplane/netlinkwatch.py)
+    _node_read: NodeRead | None = None
+    _node_read_for: object = None  # the Node object `_node_read` was made with (node addresses read it)
     sources: SourcePolicy = field(default_factory=SourcePolicy)  # whose address endpoints see (model/source.py)
 
     async def sync(self) -> None:
@@ -94,7 +103,7 @@ class Proxier:
             log.debug("not syncing: waiting for the first lookup of this node's Node object")
             return
         started = time.monotonic()
-        addresses, bridges, held, routes = await asyncio.to_thread(self._read_node)  # pyroute2 runs its own loop
+        addresses, bridges, held, routes = await self._node_state()
         self._use_pod_bridges(bridges, held)
         self._use_local_sources(routes)
         changed = self.store.take_changes()
@@ -121,7 +130,20 @@ class Proxier:
 
     _last_full: bool = False
 
-    def _read_node(self) -> tuple[tuple[str, ...], list[tuple[str, str]], list[str], list[tuple[str, str]]]:
+    async def _node_state(self) -> NodeRead:
+        """The node's addresses, pod bridges and routes: read again only when netlink reported a
+        change since the last read, the Node object changed, or pod bridges exist (whose reply
+        MAC is held at every sync)."""
+        changed = self.node_changes()  # drained at every sync
+        node = self.store.node
+        cached = self._node_read
+        if cached is not None and not changed and node is self._node_read_for and not cached[1]:
+            return cached
+        self._node_read = await asyncio.to_thread(self._read_node)  # pyroute2 runs its own loop
+        self._node_read_for = node
+        return self._node_read
+
+    def _read_node(self) -> NodeRead:
         """Netlink, in a thread: the node's addresses, pod bridges (and which of them hold the
         reply MAC) and (for the interface modes of local detection) routes; bridge routes kept
         current."""
