@@ -26,6 +26,7 @@ from typing import Any
 from pyproxy.config import ProxyConfig, node_name_of
 from pyproxy.dataplane.dualstack import DualStackRelay
 from pyproxy.dataplane.errors import ErrorLog
+from pyproxy.dataplane.libnft import open_runner
 from pyproxy.dataplane.netlinkwatch import ChangeWatch
 from pyproxy.dataplane.nft import NftConfig, NftRunner
 from pyproxy.dataplane.relay import RelayConfig, TcpRelay
@@ -89,7 +90,7 @@ class ProxyApp:
         self.proxier = Proxier(
             store=self.store,
             table=self.table,
-            nft=NftRunner() if self.worker.programs_kernel else NullNftRunner(),
+            nft=open_runner(dp.nftables) if self.worker.programs_kernel else NullNftRunner(),
             nft_config=NftConfig(
                 mark=dp.mark,
                 tcp_port=dp.tcpProxyPort,
