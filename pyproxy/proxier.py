@@ -42,7 +42,7 @@ from dataclasses import dataclass, field, replace
 
 from pyproxy.dataplane.nft import NftConfig, NftError, NftRunner, render_ruleset, render_update
 from pyproxy.dataplane.replies import update_lines
-from pyproxy.heap import settle
+from pyproxy.heap import settle, trim
 from pyproxy.model.localdetect import NODE_CIDR, LocalDetection, Network, pod_networks
 from pyproxy.model.objects import ServiceKey
 from pyproxy.model.source import SourcePolicy, Steer, bridged_endpoints, source_policy
@@ -246,6 +246,7 @@ class Proxier:
         self.full_sync_needed = False
         self._last_full = True
         settle()  # the whole table was just built and stays: later collections skip it (heap.py)
+        trim()  # and what building it (and the lists before it) freed goes back to the kernel
 
     def _tabled(self) -> set[ServiceKey]:
         return {name.service for name in self.table.ports}
