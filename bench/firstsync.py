@@ -4,8 +4,8 @@ What the scale bench's "first sync" costs pyproxy, without an API server: the ob
 built as the API server returns them (the scale bench's shapes, with the fields the server
 adds), then timed in the order the proxy meets them: JSON decoding of the list pages,
 parsing into the store (the watch threads' work, a page at a time), `ServiceTable.update` over every Service,
-the nftables text, and (root, `--nft`) `nft -f` of that text in a network namespace made for
-the run and deleted after it. `--profile FILE` writes a cProfile of the table update and the
+the nftables text, and (root, `--nft`) that text applied by `nft -f` and by libnftables in a
+network namespace made for the run and deleted after it. `--profile FILE` writes a cProfile of the table update and the
 text (pstats). Nothing here touches the root namespace's firewall.
 """
 
@@ -87,7 +87,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-freeze", action="store_true", help="leave the collector alone (before pyproxy/heap.py)")
     args = p.parse_args(argv)
 
-    from pyproxy import heap
     from pyproxy.dataplane.nft import NftConfig, render_ruleset
     from pyproxy.model.objects import parse_endpoint_slice, parse_service
     from pyproxy.model.store import ClusterStore
@@ -98,7 +97,12 @@ def main(argv: list[str] | None = None) -> int:
              for s in range(0, n, 500)]
     pages += [json.dumps({"items": [api_slice(i) for i in range(s, min(n, s + 500))]}).encode()
               for s in range(0, n, 500)]
-    settle: Callable[[], None] = heap.settle if not args.no_freeze else (lambda: None)  # as the proxy does
+    settle: Callable[[], None] = lambda: None
+    if not args.no_freeze:
+        try:  # as the proxy does; a tree from before pyproxy/heap.py has none (--pyproxy-tree runs)
+            from pyproxy.heap import settle
+        except ImportError:
+            pass
 
     def parse(pages: list[bytes], parser: Callable[[Any], Any]) -> list[Any]:
         parsed: list[Any] = []
@@ -129,12 +133,18 @@ def main(argv: list[str] | None = None) -> int:
         try:
             timed("nft -f (full table)", lambda: subprocess.run(["ip", "netns", "exec", ns, "nft", "-f", "-"],
                                                                input=text.encode(), check=True), results)
+            code = ("import sys, time; from pyproxy.dataplane.libnft import LibNftRunner, load_library; "
+                    "r = LibNftRunner(load_library()); t = time.process_time(); r.apply_now(sys.stdin.read()); "
+                    "print(time.process_time() - t)")
+            done = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", code], input=text,
+                                  capture_output=True, text=True, check=True)
+            results["libnftables (full table, CPU)"] = float(done.stdout)
         finally:
             subprocess.run(["ip", "netns", "del", ns], check=False)
-    sync = sum(v for k, v in results.items() if not k.startswith("decode") and "collector" not in k)
+    sync = sum(v for k, v in results.items() if not k.startswith(("decode", "nft")) and "collector" not in k)
     for label, seconds in results.items():
         print(f"{label:50s} {seconds * 1000:8.0f} ms")
-    print(f"{'the sync (take, update, text, nft)':50s} {sync * 1000:8.0f} ms   ({len(text) / 1e6:.1f} MB of nft text)")
+    print(f"{'the sync (take, update, text, libnftables)':50s} {sync * 1000:8.0f} ms   ({len(text) / 1e6:.1f} MB of nft text)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"services": n, "seconds": results, "sync": sync}, f, indent=2)

@@ -151,7 +151,7 @@ class ServiceTable:
         removed: set[Element] = set()
         allows_added: set[Allow] = set()
         allows_removed: set[Allow] = set()
-        pending = sorted(set(changed))
+        pending = sorted(set(changed), key=_key_order)  # the dataclass order, without its __lt__ per comparison
         queued = set(pending)  # the keys of pending[done:], for membership tests in O(1)
         done = 0  # pending[:done] are rebuilt (an index: pop(0) would move the whole list per key)
         while done < len(pending):
@@ -189,8 +189,9 @@ class ServiceTable:
     def _claimants_of_released(self, pending: set[ServiceKey]) -> list[ServiceKey]:
         """Services that lost a frontend claim to an owner that has since let go of it."""
         return sorted(
-            key for key, frontends in self._waiting.items()
-            if key not in pending and any(f not in self._owners for f in frontends)
+            (key for key, frontends in self._waiting.items()
+             if key not in pending and any(f not in self._owners for f in frontends)),
+            key=_key_order,
         )
 
     def all_elements(self) -> set[Element]:
@@ -279,6 +280,10 @@ class ServiceTable:
             self._frontends_of.setdefault(key, []).append(frontend)
         self.routes[frontend] = route
         return True
+
+
+def _key_order(key: ServiceKey) -> tuple[str, str]:
+    return (key.namespace, key.name)
 
 
 def _frontends(
