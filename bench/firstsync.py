@@ -12,6 +12,7 @@ text (pstats). Nothing here touches the root namespace's firewall.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import gc
 import json
@@ -98,9 +99,14 @@ def main(argv: list[str] | None = None) -> int:
     pages += [json.dumps({"items": [api_slice(i) for i in range(s, min(n, s + 500))]}).encode()
               for s in range(0, n, 500)]
     settle: Callable[[], None] = lambda: None
+    building: Callable[[], Any] = contextlib.nullcontext
     if not args.no_freeze:
-        try:  # as the proxy does; a tree from before pyproxy/heap.py has none (--pyproxy-tree runs)
+        try:  # as the proxy does; a tree from before pyproxy/heap.py has none (main's)
             from pyproxy.heap import settle
+        except ImportError:
+            pass
+        try:
+            from pyproxy.heap import building
         except ImportError:
             pass
 
@@ -121,7 +127,11 @@ def main(argv: list[str] | None = None) -> int:
     if profile:
         profile.enable()
     changed = timed("store.take_changes", store.take_changes, results)
-    timed("ServiceTable.update", lambda: table.update(changed, store, ("192.168.56.11",)), results)
+    def update() -> None:
+        with building():  # the proxier's full sync pauses the collector (pyproxy/heap.py)
+            table.update(changed, store, ("192.168.56.11",))
+
+    timed("ServiceTable.update", update, results)
     config = NftConfig(mark=0x200000, tcp_port=15001, udp_port=15001)
     text = timed("render_ruleset", lambda: render_ruleset(config, table.all_elements(), table.all_allows()), results)
     if profile:

@@ -12,6 +12,10 @@ Rules kept here:
 - The price: a reference cycle among frozen objects that later becomes garbage is not
   collected (objects without cycles are still freed at once by reference counting, and the
   model's objects hold no cycles). Nothing else changes: the collector stays on.
+- `building()`: a block that builds long-lived objects in one go (a full sync's table) runs
+  with the collector paused and settles what it built before the collector resumes: no
+  collection walks the new objects while they are being made (a fifth of the table update's
+  CPU at 10,000 Services otherwise).
 - `trim()` gives the C heap's free pages back to the kernel (glibc's malloc_trim): after a
   first sync the list pages' buffers are freed, but glibc keeps the pages (about 12 MiB at
   10,000 Services); libnftables' parser leaves 35 MiB after a full table. Elsewhere
@@ -23,12 +27,27 @@ from __future__ import annotations
 import ctypes
 import functools
 import gc
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 
 def settle() -> None:
     """Everything alive now is long-lived: later collections skip it (see the module doc)."""
     gc.freeze()
+
+
+@contextmanager
+def building() -> Iterator[None]:
+    """The collector paused for the block; what it built is settled before it resumes."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        settle()
+        if was_enabled:
+            gc.enable()
 
 
 def frozen() -> int:

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field, replace
 
 from pyproxy.dataplane.nft import NftConfig, NftError, NftRunner, render_ruleset, render_update
 from pyproxy.dataplane.replies import update_lines
-from pyproxy.heap import settle, trim
+from pyproxy.heap import building, settle, trim
 from pyproxy.model.localdetect import NODE_CIDR, LocalDetection, Network, pod_networks
 from pyproxy.model.objects import ServiceKey
 from pyproxy.model.source import SourcePolicy, Steer, bridged_endpoints, source_policy
@@ -117,7 +117,11 @@ class Proxier:
         if self._use_source_policy():
             changed |= set(self.store.services) | self._tabled()  # new routes: the relays plan again
         try:
-            added, removed = self.table.update(changed, self.store, addresses)
+            if self.full_sync_needed:  # the whole table is built anew: no collection walks it meanwhile
+                with building():
+                    added, removed = self.table.update(changed, self.store, addresses)
+            else:
+                added, removed = self.table.update(changed, self.store, addresses)
             await self._write(added, removed, steered)
             self.table.expire_affinity(time.monotonic())  # the relay's clock: time.monotonic
         except Exception:

@@ -46,6 +46,8 @@ class Verdict(enum.Enum):
     DROP_EXTERNAL = "drop_external"  # externalTrafficPolicy Local, no local endpoint (non-local clients)
     FIREWALL = "firewall"  # a load-balancer IP with source ranges: only its Allows may reach it
 
+    __hash__ = object.__hash__  # by identity, in C (see Family): elements are hashed by the 10,000
+
 
 Element = tuple[Verdict, Frontend]
 Allow = tuple[Frontend, str]  # (firewalled frontend, a source CIDR allowed to reach it)

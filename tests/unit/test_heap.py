@@ -26,3 +26,19 @@ def test_trim_is_glibcs_malloc_trim_here() -> None:
         return
     assert heap._malloc_trim() is not None
     heap.trim()
+
+
+def test_building_pauses_the_collector_and_settles_what_was_built() -> None:
+    before = heap.frozen()
+    try:
+        with heap.building():
+            assert not gc.isenabled()
+            built = [[i] for i in range(500)]
+        assert gc.isenabled() and heap.frozen() >= before + 500 and len(built) == 500
+        gc.disable()
+        with heap.building():
+            pass
+        assert not gc.isenabled()  # left as it was found
+    finally:
+        gc.enable()
+        gc.unfreeze()
