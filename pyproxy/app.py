@@ -26,6 +26,8 @@ from typing import Any
 from pyproxy.config import ProxyConfig, node_name_of
 from pyproxy.dataplane.dualstack import DualStackRelay
 from pyproxy.dataplane.errors import ErrorLog
+from pyproxy.dataplane.libnft import open_runner
+from pyproxy.dataplane.netlinkwatch import ChangeWatch
 from pyproxy.dataplane.nft import NftConfig, NftRunner
 from pyproxy.dataplane.relay import RelayConfig, TcpRelay
 from pyproxy.dataplane.splice import make_splice_relay
@@ -84,10 +86,11 @@ class ProxyApp:
             rng=random.Random(),
             on_conflict=_log_conflict,
         )
+        self._node_changes = ChangeWatch()  # before the first read of the node (dataplane/netlinkwatch.py)
         self.proxier = Proxier(
             store=self.store,
             table=self.table,
-            nft=NftRunner() if self.worker.programs_kernel else NullNftRunner(),
+            nft=open_runner(dp.nftables) if self.worker.programs_kernel else NullNftRunner(),
             nft_config=NftConfig(
                 mark=dp.mark,
                 tcp_port=dp.tcpProxyPort,
@@ -103,6 +106,7 @@ class ProxyApp:
             route_pod_bridges=(policy_routing(config).route_pod_bridges if self.worker.programs_kernel
                                else lambda _: None),
             reply_bridges=lambda names: reply_bridges(names, hold=self.worker.programs_kernel),
+            node_changes=self._node_changes.changed,
         )
         self.runner = SyncRunner(self.proxier.sync, config.minSyncPeriod, config.syncPeriod)
         relay_config = RelayConfig(
@@ -171,7 +175,8 @@ class ProxyApp:
             # imported here: standalone never needs the API client, and a restart after a
             # crash serves sooner without loading it (lifecycle/early.py)
             from pyproxy.sources.kube import KubeSource
-            from pyproxy.sources.kube_client import SourceError, open_transport
+            from pyproxy.sources.kube_client import SourceError
+            from pyproxy.sources.kube_http import open_transport
 
             client = self.config.clientConnection
             try:
@@ -261,6 +266,7 @@ class ProxyApp:
     async def stop_work(self) -> None:
         self.stop.set()
         await self.supervisor.close()
+        self._node_changes.close()
 
     # --- the long-lived jobs
 

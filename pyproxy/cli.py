@@ -167,23 +167,24 @@ def run(config: ProxyConfig) -> int:
     processes, `--workers N` of them, as its children, starting another when one dies."""
     from pyproxy.lifecycle.master import Master
 
-    def prepare() -> None:  # a warm standby imports everything before it is needed
+    def preload() -> None:  # in the supervisor, once: its children share these pages (copy-on-write)
         import pyproxy.app  # noqa: F401
         import pyproxy.sources.manifests  # noqa: F401
-        from pyproxy.dataplane.routing import warm_up
 
-        if not config.manifests:  # the API client: most of a second of imports, seconds on a busy node
-            import kubernetes.client  # noqa: F401
-            import kubernetes.config  # noqa: F401
-
+        if not config.manifests:  # the API client (standard library HTTP: kube_http)
             import pyproxy.sources.kube  # noqa: F401
-
-        warm_up()  # pyroute2 loads most of itself at the first netlink socket
+            import pyproxy.sources.kube_http  # noqa: F401
         if config.eventLoop != "asyncio":
             try:
                 import uvloop  # noqa: F401
             except ImportError:
                 pass
+
+    def prepare() -> None:  # in each child: what must not be shared (a warm standby does it beforehand)
+        from pyproxy.dataplane.routing import warm_up
+
+        preload()  # imported already (the supervisor's preload): cheap, and kept for a child without it
+        warm_up()  # pyroute2 loads most of itself at the first netlink socket
 
     def serve(worker: Any, early: dict[str, Any], link: Any) -> int:
         from pyproxy.app import ProxyApp, StartupError
@@ -202,7 +203,7 @@ def run(config: ProxyConfig) -> int:
             return 1
 
     try:
-        return Master(config, serve, prepare).run()
+        return Master(config, serve, prepare, preload=preload).run()
     except PermissionError as err:
         log.error("cannot start: %s (pyproxy needs root or CAP_NET_ADMIN)", err)
         return 1

@@ -58,6 +58,7 @@ class DataplaneConfig:
     spliceAfter: int = 65536  # relay "splice": bytes of bulk reads in a row before a direction moves to os.splice
     workers: int = 1  # processes sharing the listener (SO_REUSEPORT, steered by client address)
     podBridges: tuple[str, ...] = ("cni0", "cbr0")  # Linux bridges pods hang off (hooked when they appear)
+    nftables: str = "library"  # how transactions are applied: "library" (libnftables in-process) or "command" (nft)
 
 
 @dataclass(frozen=True)
@@ -252,6 +253,8 @@ def validate(config: ProxyConfig) -> None:
                                              "the relay is splice (the compiled engine or its pure-Python twin)")
     if dp.relay != "splice":
         raise ConfigError("dataplane.relay", f"{dp.relay!r} must be splice")
+    if dp.nftables not in ("library", "command"):
+        raise ConfigError("dataplane.nftables", f"{dp.nftables!r} must be library or command")
     for i, name in enumerate(dp.podBridges):
         if not re.fullmatch(r"[A-Za-z0-9_.:@-]{1,15}", name):
             raise ConfigError(f"dataplane.podBridges[{i}]", f"{name!r} is not an interface name")

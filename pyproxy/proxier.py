@@ -8,8 +8,11 @@ Rules kept here:
   as the sync that applied it returns (the kernel write happens first for new frontends,
   last for removed ones, within the same sync).
 - A change of node addresses re-applies every Service (NodePort frontends move).
-- The pod bridges (the configured names that exist with an IPv4 address) are read at every
-  sync; when they change, the next write is a full one, whose `netdev pyproxy` chain hooks
+- The node (its addresses, the pod bridges, routes) is read by netlink at a sync when the
+  kernel reported a change of links, addresses or routes since the last read, when the Node
+  object changed, and at every sync while pod bridges exist (netlinkwatch.py; the first sync
+  always reads). The pod bridges are the configured names that exist with an IPv4 address;
+  when they change, the next write is a full one, whose `netdev pyproxy` chain hooks
   exactly those (older kernels refuse a hook on a device that does not exist).
 - Local sources (kube-proxy's short-circuit: cluster set, node's address) are the node's
   addresses, this node's pods as `--detect-local-mode` finds them (model/localdetect.py:
@@ -39,6 +42,7 @@ from dataclasses import dataclass, field, replace
 
 from pyproxy.dataplane.nft import NftConfig, NftError, NftRunner, render_ruleset, render_update
 from pyproxy.dataplane.replies import update_lines
+from pyproxy.heap import building, settle, trim
 from pyproxy.model.localdetect import NODE_CIDR, LocalDetection, Network, pod_networks
 from pyproxy.model.objects import ServiceKey
 from pyproxy.model.source import SourcePolicy, Steer, bridged_endpoints, source_policy
@@ -46,6 +50,9 @@ from pyproxy.model.store import ClusterStore
 from pyproxy.model.table import Element, ServiceTable
 
 log = logging.getLogger("pyproxy.proxier")
+
+
+NodeRead = tuple[tuple[str, ...], list[tuple[str, str]], list[str], list[tuple[str, str]]]  # see _read_node
 
 
 @dataclass
@@ -83,6 +90,9 @@ class Proxier:
     _steer_inputs: tuple[object, ...] = ()  # the bridges and addresses `_steer_by_service` was computed for
     _steered_written: frozenset[Steer] | None = None  # what the `bridge pyproxy` sets hold; None: no table
     _warned_no_pod_cidrs: bool = False
+    node_changes: Callable[[], bool] = lambda: True  # netlink reported a change (dataplane/netlinkwatch.py)
+    _node_read: NodeRead | None = None
+    _node_read_for: object = None  # the Node object `_node_read` was made with (node addresses read it)
     sources: SourcePolicy = field(default_factory=SourcePolicy)  # whose address endpoints see (model/source.py)
 
     async def sync(self) -> None:
@@ -93,7 +103,7 @@ class Proxier:
             log.debug("not syncing: waiting for the first lookup of this node's Node object")
             return
         started = time.monotonic()
-        addresses, bridges, held, routes = await asyncio.to_thread(self._read_node)  # pyroute2 runs its own loop
+        addresses, bridges, held, routes = await self._node_state()
         self._use_pod_bridges(bridges, held)
         self._use_local_sources(routes)
         changed = self.store.take_changes()
@@ -107,7 +117,11 @@ class Proxier:
         if self._use_source_policy():
             changed |= set(self.store.services) | self._tabled()  # new routes: the relays plan again
         try:
-            added, removed = self.table.update(changed, self.store, addresses)
+            if self.full_sync_needed:  # the whole table is built anew: no collection walks it meanwhile
+                with building():
+                    added, removed = self.table.update(changed, self.store, addresses)
+            else:
+                added, removed = self.table.update(changed, self.store, addresses)
             await self._write(added, removed, steered)
             self.table.expire_affinity(time.monotonic())  # the relay's clock: time.monotonic
         except Exception:
@@ -120,7 +134,20 @@ class Proxier:
 
     _last_full: bool = False
 
-    def _read_node(self) -> tuple[tuple[str, ...], list[tuple[str, str]], list[str], list[tuple[str, str]]]:
+    async def _node_state(self) -> NodeRead:
+        """The node's addresses, pod bridges and routes: read again only when netlink reported a
+        change since the last read, the Node object changed, or pod bridges exist (whose reply
+        MAC is held at every sync)."""
+        changed = self.node_changes()  # drained at every sync
+        node = self.store.node
+        cached = self._node_read
+        if cached is not None and not changed and node is self._node_read_for and not cached[1]:
+            return cached
+        self._node_read = await asyncio.to_thread(self._read_node)  # pyroute2 runs its own loop
+        self._node_read_for = node
+        return self._node_read
+
+    def _read_node(self) -> NodeRead:
         """Netlink, in a thread: the node's addresses, pod bridges (and which of them hold the
         reply MAC) and (for the interface modes of local detection) routes; bridge routes kept
         current."""
@@ -222,6 +249,8 @@ class Proxier:
         self._steered_written = steered if self.nft_config.pod_bridges else None
         self.full_sync_needed = False
         self._last_full = True
+        settle()  # the whole table was just built and stays: later collections skip it (heap.py)
+        trim()  # and what building it (and the lists before it) freed goes back to the kernel
 
     def _tabled(self) -> set[ServiceKey]:
         return {name.service for name in self.table.ports}

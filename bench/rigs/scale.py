@@ -18,6 +18,9 @@ Measured, for both proxies in the same run, as ratios to kube-proxy:
   (probing every ms since before the create);
 - CPU under `--rate` slice updates per second for `--duration` s (utime+stime+cutime+cstime of the
   process and its descendants from /proc, over the wall time), and RSS / peak RSS at the end.
+- memory: RSS summed over the process tree (a page shared by pyproxy's supervisor, serving
+  process and standby counts three times) and PSS summed over it (each page once, shared
+  ones divided among their processes: what the node pays), with each process's share.
 
 Rules kept: every wait bounded; the lab's namespaces and every process started here (API
 server, etcd, forwarder, proxies, probers, echo) are ended by PID and deleted on any exit,
@@ -104,7 +107,7 @@ def cpu_seconds(pid: int) -> float:
 
 
 def memory_mib(pid: int) -> tuple[float, float]:
-    """(RSS, peak RSS) in MiB, summed over the tree."""
+    """(RSS, peak RSS) in MiB, summed over the tree (pages shared by two processes count twice)."""
     rss = hwm = 0
     for p in tree(pid):
         try:
@@ -117,6 +120,27 @@ def memory_mib(pid: int) -> tuple[float, float]:
         except (OSError, ValueError):
             continue
     return rss / 1024, hwm / 1024
+
+
+def pss_mib(pid: int) -> tuple[float, dict[str, dict[str, float]]]:
+    """PSS summed over the tree, in MiB: each shared page counted once in all, divided among the
+    processes that map it (what the node pays), and each process's RSS / PSS / private pages."""
+    total, each = 0, {}
+    for p in tree(pid):
+        try:
+            with open(f"/proc/{p}/smaps_rollup") as f:
+                fields = {k: int(v.split()[0]) for k, _, v in (line.partition(":") for line in f) if v.strip()
+                          and v.split()[0].isdigit()}
+            with open(f"/proc/{p}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        total += fields.get("Pss", 0)
+        private = fields.get("Private_Clean", 0) + fields.get("Private_Dirty", 0)
+        name = f"{p} {b' '.join(argv[:4]).decode(errors='replace')[:80]}"
+        each[name] = {"rss": round(fields.get("Rss", 0) / 1024, 1), "pss": round(fields.get("Pss", 0) / 1024, 1),
+                      "private": round(private / 1024, 1)}
+    return total / 1024, each
 
 
 # the lab's helpers
@@ -273,12 +297,15 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         time.sleep(args.settle)
         for c in contenders.values():
             c.figures["rss_after_first_sync_mib"] = round(memory_mib(c.proc.pid)[0], 1)
+            pss, each = pss_mib(c.proc.pid)
+            c.figures["pss_after_first_sync_mib"], c.figures["memory_after_first_sync"] = round(pss, 1), each
         print(f"[scale] first served: {[(c.name, c.figures) for c in contenders.values()]}", file=sys.stderr)
         routed(args, api, probers, contenders)
         updates(args, api, contenders)
         for c in contenders.values():
             rss, peak = memory_mib(c.proc.pid)
             c.figures["rss_end_mib"], c.figures["peak_rss_mib"] = round(rss, 1), round(peak, 1)
+            c.figures["pss_end_mib"] = round(pss_mib(c.proc.pid)[0], 1)
             if c.proc.poll() is not None:
                 raise RuntimeError(f"{c.name} exited: {c.log.read_text()[-3000:]}")
         result["contenders"] = {c.name: c.figures for c in contenders.values()}
@@ -381,7 +408,8 @@ RATIO_ROWS: tuple[tuple[str, Callable[[dict[str, Any]], float]], ...] = (
     ("CPU under updates (% of a core)", lambda f: f["cpu_under_updates_pct"]),
     ("start to first served (s)", lambda f: f["first_served_s"]),
     ("CPU to first served (s)", lambda f: f["cpu_to_first_served_s"]),
-    ("RSS after first sync (MiB)", lambda f: f["rss_after_first_sync_mib"]),
+    ("RSS after first sync, summed over the processes (MiB)", lambda f: f["rss_after_first_sync_mib"]),
+    ("PSS after first sync, summed over the processes (MiB)", lambda f: f["pss_after_first_sync_mib"]),
     ("peak RSS (MiB)", lambda f: f["peak_rss_mib"]),
 )
 

@@ -40,6 +40,8 @@ Design (HAProxy's master-worker, for a proxy whose kernel rules stay when it die
   second one too. Children still there `STOP_GRACE` seconds later are killed. A child
   asks the kernel to kill it if this parent dies (PR_SET_PDEATHSIG), so a `kill -9` of the
   parent is the old crash (the container restarts), never orphans.
+- It imports the serving code once after binding (`preload`), before the first fork, so
+  that its children share those pages rather than each importing a copy; it runs none of it.
 - This process does nothing that can fail under load: no API watch, no relay, no C engine,
   no event loop; a `selectors` loop over the control channels, a signal wake-up pipe and,
   only while no child serves, the /healthz listener. `<stateDir>/supervisor.json` says
@@ -63,6 +65,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pyproxy.config import ProxyConfig, split_host_port
+from pyproxy.heap import settle
 from pyproxy.lifecycle.channel import Channel, ChannelError, Message, close_fds
 from pyproxy.lifecycle.handover import socket_path
 from pyproxy.lifecycle.link import SupervisorLink
@@ -109,8 +112,9 @@ class Slot:
 
 class Master:
     def __init__(self, config: ProxyConfig, serve: Serve, prepare: Callable[[], None],
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, preload: Callable[[], None] = lambda: None) -> None:
         self.config, self.serve, self.prepare, self.clock = config, serve, prepare, clock
+        self.preload = preload
         self.count = config.dataplane.workers
         self.slots = [Slot(i) for i in range(self.count)]
         self.children: dict[int, Child] = {}
@@ -172,6 +176,7 @@ class Master:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
             signal.signal(sig, self._on_signal)
         self.selector.register(self.wake_r, selectors.EVENT_READ, "wake")
+        self._preload()
         for slot in self.slots:
             self._start(slot)
         self._write_status()
@@ -225,6 +230,16 @@ class Master:
                     _kill(slot.child.pid, signum)
 
     # --- children
+
+    def _preload(self) -> None:
+        """The serving code's imports, once, here: every child forked after shares their pages
+        instead of importing its own copy (a standby and the serving process: tens of MiB).
+        Frozen for the collector (heap.py), so that no child's collection writes to them."""
+        try:
+            self.preload()
+        except Exception:  # noqa: BLE001 - a child imports again and reports what fails
+            log.exception("preloading the serving code failed; each serving process imports it")
+        settle()
 
     def _fork(self) -> Child:
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)

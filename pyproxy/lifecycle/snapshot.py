@@ -20,6 +20,12 @@ Theory of operation:
   given as `Deferred` (the store: `state.StoreEncoder`, incremental) is turned into JSON in
   the writer's thread, with the rest of the encoding and the file I/O, so that nothing on
   the loop grows with the store beyond copying references.
+- The file is the JSON document gzipped, as a series of gzip members (RFC 1952 allows any
+  number, and their concatenation decompresses to the concatenation of their contents):
+  the store's encoder keeps each object's member, compressed once when the object is new
+  (at 10,000 Services 5 MB kept and written every interval instead of 18.5 MB of JSON). A
+  plain JSON snapshot (an older release's) is read as well; decompression stops at
+  MAX_SIZE.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import json
 import logging
 import os
 import time
+import zlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +47,32 @@ log = logging.getLogger("pyproxy.lifecycle")
 
 FORMAT = "pyproxy-state"
 MAX_SIZE = 256 << 20
+GZIP_MAGIC = b"\x1f\x8b"
+
+
+def member(data: bytes) -> bytes:
+    """`data` as one gzip member (level 1: the snapshot is rewritten often, read rarely)."""
+    return zlib.compress(data, 1, wbits=31)
+
+
+def gunzip(data: bytes, limit: int = MAX_SIZE) -> bytes:
+    """The concatenated contents of a series of gzip members; ValueError past `limit` bytes
+    or on anything that is not whole gzip members."""
+    out = bytearray()
+    for _ in range(len(data)):  # bounded: every member is at least 18 bytes long
+        if not data:
+            return bytes(out)
+        unzip = zlib.decompressobj(wbits=31)
+        try:
+            out += unzip.decompress(data, limit + 1 - len(out))
+        except zlib.error as err:
+            raise ValueError(f"not gzip: {err}") from None
+        if len(out) > limit or unzip.unconsumed_tail:
+            raise ValueError(f"larger than {limit} bytes once decompressed")
+        if not unzip.eof:
+            raise ValueError("a gzip member is cut short")
+        data = unzip.unused_data
+    return bytes(out)
 
 
 def snapshot_path(state_dir: str, index: int = 0) -> Path:
@@ -59,23 +92,25 @@ def write_atomically(path: Path, data: bytes | Iterable[bytes]) -> None:
 @dataclass(frozen=True)
 class Deferred:
     """A part of a snapshot's body whose JSON `produce()` makes, in the writer's thread, as
-    pieces written one after the other (a large store is never copied into one buffer)."""
+    gzip members (`member`) written one after the other (a large store is never copied into
+    one buffer)."""
 
     produce: Callable[[], Iterable[bytes]]
 
 
 def snapshot_chunks(node: str, body: Mapping[str, Any], wall: float) -> list[bytes]:
+    """The snapshot file as gzip members (see the module doc)."""
     plain = {k: v for k, v in body.items() if not isinstance(v, Deferred)}
     head = json.dumps({"format": FORMAT, "protocol": spoken_protocol(), "node": node, "written": wall, **plain},
                       separators=(",", ":")).encode()
     deferred = [(k, v) for k, v in body.items() if isinstance(v, Deferred)]
     if not deferred:
-        return [head]
-    chunks = [head[:-1]]
+        return [member(head)]
+    chunks = [member(head[:-1])]
     for key, part in deferred:
-        chunks.append(b"," + json.dumps(key).encode() + b":")
+        chunks.append(member(b"," + json.dumps(key).encode() + b":"))
         chunks.extend(part.produce())
-    chunks.append(b"}")
+    chunks.append(member(b"}"))
     return chunks
 
 
@@ -90,7 +125,7 @@ def encode_and_write(path: Path, node: str, body: Mapping[str, Any], wall: float
 def decode_snapshot(data: bytes, node: str, path: str) -> dict[str, Any] | None:
     """The snapshot's body (with `age`: seconds since it was written), or None with a log line."""
     try:
-        doc = json.loads(data)
+        doc = json.loads(gunzip(data) if data.startswith(GZIP_MAGIC) else data)
     except ValueError as err:
         log.error("ignoring the state snapshot %s: not valid JSON (%s); starting without it", path, err)
         return None

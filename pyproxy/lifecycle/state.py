@@ -33,6 +33,7 @@ import typing
 from collections.abc import Mapping
 from typing import Any
 
+from pyproxy.lifecycle.snapshot import gunzip, member
 from pyproxy.model.affinity import AffinityTable
 from pyproxy.model.objects import EndpointSlice, Node, Service, ServiceKey, ServicePortName
 from pyproxy.model.store import ClusterStore
@@ -138,40 +139,42 @@ Captured = tuple[list[Service], list[EndpointSlice], Node | None]
 
 
 class StoreEncoder:
-    """`store_state` as compact JSON bytes, re-encoding only objects not seen at the last call.
+    """`store_state` as compact JSON in gzip members (snapshot.py), compressing only objects not
+    seen at the last call.
 
-    `capture` runs on the loop (C-speed shallow copies); `encode` may run in another thread,
+    `capture` runs on the loop (C-speed shallow copies); `chunks` may run in another thread,
     one call at a time: model objects are frozen, so a captured one never changes under it.
+    Each object's member is kept with the comma before it (the first of a group: without).
     """
 
     def __init__(self) -> None:
-        self._cache: dict[int, tuple[object, bytes]] = {}  # id -> (the object itself, its JSON)
+        self._cache: dict[int, tuple[object, bytes]] = {}  # id -> (the object itself, its member)
 
     @staticmethod
     def capture(store: ClusterStore) -> Captured:
         return list(store.services.values()), list(store.slices.values()), store.node
 
     def encode(self, captured: Captured) -> bytes:
-        return b"".join(self.chunks(captured))
+        """The plain JSON (tests, tools)."""
+        return gunzip(b"".join(self.chunks(captured)))
 
     def chunks(self, captured: Captured) -> list[bytes]:
-        """The JSON as pieces to write one after the other (no copy of the whole)."""
+        """The JSON as gzip members to write one after the other (no copy of the whole)."""
         services, slices, node = captured
         cache, fresh = self._cache, {}
         out: list[bytes] = []
         groups: tuple[tuple[bytes, list[Any]], ...] = ((b'{"services":[', services), (b'],"slices":[', slices))
         for opening, group in groups:
-            out.append(opening)
+            out.append(member(opening))
             for i, obj in enumerate(group):
-                entry = cache.get(id(obj))
+                key = id(obj) if i else -id(obj)  # the first of a group has no comma before it
+                entry = cache.get(key)
                 if entry is None or entry[0] is not obj:  # the identity check: ids are reused
-                    entry = (obj, _compact(encode_obj(obj)))
-                fresh[id(obj)] = entry
-                if i:
-                    out.append(b",")
+                    entry = (obj, member(b"," + _compact(encode_obj(obj)) if i else _compact(encode_obj(obj))))
+                fresh[key] = entry
                 out.append(entry[1])
         self._cache = fresh  # objects gone from the store are forgotten
-        out += [b'],"node":', _compact(encode_obj(node) if node is not None else None), b"}"]
+        out.append(member(b'],"node":' + _compact(encode_obj(node) if node is not None else None) + b"}"))
         return out
 
 

@@ -30,6 +30,10 @@ class Family(enum.Enum):
     IPV4 = "IPv4"  # the names the API uses (ipFamilies, addressType)
     IPV6 = "IPv6"
 
+    # Members are singletons compared by identity: hash them by identity too, in C. Enum's own
+    # __hash__ is a Python call, paid at every dict lookup keyed by a family, per service port.
+    __hash__ = object.__hash__
+
     @property
     def nft(self) -> str:
         """The nftables table family that holds this family's rules."""

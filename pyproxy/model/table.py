@@ -46,6 +46,8 @@ class Verdict(enum.Enum):
     DROP_EXTERNAL = "drop_external"  # externalTrafficPolicy Local, no local endpoint (non-local clients)
     FIREWALL = "firewall"  # a load-balancer IP with source ranges: only its Allows may reach it
 
+    __hash__ = object.__hash__  # by identity, in C (see Family): elements are hashed by the 10,000
+
 
 Element = tuple[Verdict, Frontend]
 Allow = tuple[Frontend, str]  # (firewalled frontend, a source CIDR allowed to reach it)
@@ -151,11 +153,13 @@ class ServiceTable:
         removed: set[Element] = set()
         allows_added: set[Allow] = set()
         allows_removed: set[Allow] = set()
-        pending = sorted(set(changed))
+        pending = sorted(set(changed), key=_key_order)  # the dataclass order, without its __lt__ per comparison
+        queued = set(pending)  # the keys of pending[done:], for membership tests in O(1)
         done = 0  # pending[:done] are rebuilt (an index: pop(0) would move the whole list per key)
         while done < len(pending):
             key = pending[done]
             done += 1
+            queued.discard(key)
             old = self._elements.pop(key, frozenset())
             old_allows = self._allows.pop(key, frozenset())
             old_ports = self._forget(key)
@@ -178,15 +182,18 @@ class ServiceTable:
             allows_added |= new_allows - old_allows
             allows_removed |= old_allows - new_allows
             if self._waiting:
-                pending += self._claimants_of_released(pending[done:])
+                claimants = self._claimants_of_released(queued)
+                pending += claimants
+                queued.update(claimants)
         self.allow_changes = (allows_added - allows_removed, allows_removed - allows_added)
         return added - removed, removed - added
 
-    def _claimants_of_released(self, pending: list[ServiceKey]) -> list[ServiceKey]:
+    def _claimants_of_released(self, pending: set[ServiceKey]) -> list[ServiceKey]:
         """Services that lost a frontend claim to an owner that has since let go of it."""
         return sorted(
-            key for key, frontends in self._waiting.items()
-            if key not in pending and any(f not in self._owners for f in frontends)
+            (key for key, frontends in self._waiting.items()
+             if key not in pending and any(f not in self._owners for f in frontends)),
+            key=_key_order,
         )
 
     def all_elements(self) -> set[Element]:
@@ -254,8 +261,11 @@ class ServiceTable:
         if balancer is None:
             balancer = Balancer(self.capacity, rng=self.rng, consistent_seed=self.consistent_seed)
             self.balancers[state.name] = balancer
-        usable = {e.address for e in state.endpoints.cluster + state.endpoints.local}
-        balancer.configure(state.affinity_timeout, usable)
+        if state.affinity_timeout is None:  # most ports: no affinity, no set of usable addresses to build
+            balancer.configure(None, ())
+        else:
+            usable = {(e.ip, e.port) for e in state.endpoints.cluster + state.endpoints.local}
+            balancer.configure(state.affinity_timeout, usable)
         if balancer.affinity is not None:
             self.affine[state.name] = balancer
         else:
@@ -272,6 +282,10 @@ class ServiceTable:
             self._frontends_of.setdefault(key, []).append(frontend)
         self.routes[frontend] = route
         return True
+
+
+def _key_order(key: ServiceKey) -> tuple[str, str]:
+    return (key.namespace, key.name)
 
 
 def _frontends(

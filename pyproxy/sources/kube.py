@@ -30,6 +30,7 @@ from contextlib import closing
 from dataclasses import dataclass, field
 from typing import Any
 
+from pyproxy.heap import settle
 from pyproxy.model.objects import (
     EndpointSlice,
     InvalidObject,
@@ -197,6 +198,7 @@ class Watcher:
                 if isinstance(obj, Mapping):
                     key = _key(obj)
                     items[key] = self.handler.value(obj)
+            settle()  # the page's objects stay in the store: later collections skip them (heap.py)
             meta = body.get("metadata") or {}
             continue_token = meta.get("continue") or None
             if continue_token is None:

@@ -1,13 +1,15 @@
-"""The cluster source's connection to the API server: settings, and raw list/watch calls.
+"""The cluster source's interface to the API server, and its fallback on the official client.
 
 Rules kept here:
+- `Transport` is the only interface the watch loop sees (a fake implements it in tests).
+  `kube_http.HttpTransport` implements it on the standard library (the serving path);
+  `ClientTransport` implements it on the official, synchronous `kubernetes` client, only for
+  kubeconfigs whose user needs an `auth-provider` plug-in, reading raw JSON
+  (`_preload_content=False`): objects stay API-shaped dicts (camelCase), never models.
 - Connect by kubeconfig, by an explicit master (kube-proxy's --master: it overrides the
   kubeconfig's server, and with no kubeconfig uses the pod's service-account credentials
   when present), or in-cluster. An explicit master never depends on the `kubernetes`
   ClusterIP, which this very proxy programs.
-- `Transport` is the only interface the watch loop sees (a fake implements it in tests).
-  `ClientTransport` implements it on the official, synchronous client, reading raw JSON
-  (`_preload_content=False`): objects stay API-shaped dicts (camelCase), never models.
 - Every call has a connect timeout and a read timeout; on a watch the read timeout is the
   silence after which the connection is presumed dead.
 - Non-2xx answers become `StatusError(code, message)`; the loop decides what they mean.
@@ -15,6 +17,7 @@ Rules kept here:
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import os
@@ -23,13 +26,12 @@ from collections.abc import Callable, Generator, Mapping
 from contextlib import closing
 from typing import Any, Protocol
 
-import urllib3.exceptions
-
+from pyproxy.sources.kube_config import SERVICE_ACCOUNT_DIR, master_url
 from pyproxy.sources.kube_watch import Kind, WatchTiming, json_lines
 
 log = logging.getLogger("pyproxy.kube")
 
-SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+__all__ = ["SERVICE_ACCOUNT_DIR", "master_url"]  # re-exported: the fallback's settings use them
 
 
 class SourceError(RuntimeError):
@@ -44,11 +46,6 @@ class StatusError(SourceError):
 
 
 # -- connecting ---------------------------------------------------------------------------
-
-
-def master_url(master: str) -> str:
-    """`host:port` (kube-proxy's --master) or a full URL -> a URL; https unless told."""
-    return master if "://" in master else f"https://{master}"
 
 
 def client_configuration(kubeconfig: str, master: str) -> Any:
@@ -97,8 +94,9 @@ def _load_service_account(cfg: Any, url: str) -> None:
     ).load_and_set(cfg)
 
 
-def open_transport(kubeconfig: str, master: str) -> ClientTransport:
-    """Connect settings -> a transport (reads files: call it off the event loop)."""
+def client_transport(kubeconfig: str, master: str) -> ClientTransport:
+    """Connect settings -> a transport on the `kubernetes` package (reads files: call it off
+    the event loop). Only for what `kube_config` does not handle (auth-provider users)."""
     from kubernetes import client
 
     try:
@@ -144,6 +142,7 @@ class ClientTransport:
         self._open: set[Any] = set()
 
     def _call(self, kind: Kind, **kwargs: Any) -> Any:
+        import urllib3.exceptions
         from kubernetes.client.exceptions import ApiException
 
         selectors = {"label_selector": kind.label_selector, "field_selector": kind.field_selector}
@@ -152,7 +151,9 @@ class ClientTransport:
                 **{k: v for k, v in selectors.items() if v}, _preload_content=False, **kwargs
             )
         except ApiException as err:
-            raise StatusError(int(err.status or 0), _status_message(err.body, str(err.reason))) from None
+            raise StatusError(int(err.status or 0), status_message(err.body, str(err.reason))) from None
+        except urllib3.exceptions.HTTPError as err:
+            raise SourceError(f"{type(err).__name__}: {err}") from None
 
     def list_page(self, kind: Kind, continue_token: str | None, timing: WatchTiming) -> Mapping[str, Any]:
         extra = {"_continue": continue_token} if continue_token else {}
@@ -170,6 +171,8 @@ class ClientTransport:
             kind, watch=True, resource_version=resource_version, allow_watch_bookmarks=True,
             timeout_seconds=timeout, _request_timeout=(timing.connect_timeout, timing.silence_timeout),
         )
+        import urllib3.exceptions
+
         with self._lock:
             self._open.add(response)
         try:
@@ -179,6 +182,8 @@ class ClientTransport:
             # Silent for `silence_timeout`: the connection may be dead. End this watch; the
             # loop watches again from the last resourceVersion (and backs off if that fails).
             log.info("%s: no watch event for %gs; watching again", kind.name, timing.silence_timeout)
+        except urllib3.exceptions.HTTPError as err:
+            raise SourceError(f"{type(err).__name__}: {err}") from None
         finally:
             with self._lock:
                 self._open.discard(response)
@@ -206,13 +211,13 @@ class ClientTransport:
         response = self.api_client.call_api(*request, _request_timeout=(5, 5))
         data = response.read()
         if not 200 <= response.status <= 299:
-            raise StatusError(int(response.status), _status_message(data, "posting an Event failed"))
+            raise StatusError(int(response.status), status_message(data, "posting an Event failed"))
 
     def close(self) -> None:
         self.api_client.close()
 
 
-def _status_message(body: Any, default: str) -> str:
+def status_message(body: Any, default: str) -> str:
     try:
         status = json.loads(body) if body else None
     except (TypeError, ValueError):
@@ -222,4 +227,4 @@ def _status_message(body: Any, default: str) -> str:
 
 def is_transient(err: BaseException) -> bool:
     """Errors after which the loop reconnects (anything the network or server can cause)."""
-    return isinstance(err, (SourceError, OSError, ValueError, urllib3.exceptions.HTTPError))
+    return isinstance(err, (SourceError, OSError, ValueError, http.client.HTTPException))

@@ -47,6 +47,7 @@ def test_scale_bench_tiny(tmp_path: Path) -> None:
         assert 0 < figures["routed_ms"]["max"] < 30_000, (name, figures)  # the probe's bound
         assert figures["cpu_under_updates_pct"] > 0, (name, figures)
         assert 0 < figures["rss_end_mib"] <= figures["peak_rss_mib"], (name, figures)
+        assert 0 < figures["pss_after_first_sync_mib"] <= figures["rss_after_first_sync_mib"], (name, figures)
     assert result["contenders"]["pyproxy"]["first_sync_s"] > 0
     assert "| endpoints to routed p50 (ms) |" in done.stdout
     assert not (namespaces() - before), "the bench left namespaces behind"

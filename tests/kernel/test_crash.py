@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from tests.kernel.test_handover import Node, clean_node, read, results, sticky_lab, wait_for
+from tests.kernel.test_handover import Node, clean_node, read, read_snapshot_file, results, sticky_lab, wait_for
 
 pytestmark = pytest.mark.privileged
 
@@ -63,7 +63,7 @@ def in_flight(failure: str) -> bool:
 
 def pins_written(node: Node) -> bool:
     try:
-        doc = json.loads(read(node.state / "state.json"))
+        doc = read_snapshot_file(node.state / "state.json")
     except ValueError:
         return False
     return {len(part["pins"]) for part in doc.get("affinity", [])} == {1}

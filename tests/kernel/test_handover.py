@@ -75,7 +75,18 @@ class Node:
 
 
 def read(path: Path) -> str:
-    return path.read_text() if path.exists() else ""
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+def read_snapshot_file(path: Path) -> dict[str, Any]:
+    """A state snapshot's JSON ({} when there is none yet); ValueError when it is not whole."""
+    from pyproxy.lifecycle.snapshot import GZIP_MAGIC, gunzip
+
+    data = path.read_bytes() if path.exists() else b"{}"
+    doc = json.loads(gunzip(data) if data.startswith(GZIP_MAGIC) else data)
+    if not isinstance(doc, dict):
+        raise ValueError("not an object")
+    return doc
 
 
 def wait_for(check: Any, timeout: float, detail: Any = lambda: "", proc: subprocess.Popen[Any] | None = None) -> None:
@@ -178,7 +189,7 @@ def test_two_hand_overs_lose_no_new_connection_and_keep_affinity(node: Node, rel
 def snapshot_pins(node: Node) -> list[int]:
     """The number of pins of each service port in the node's snapshot ([] if there is none yet)."""
     try:
-        state = json.loads(read(node.state / "state.json") or "{}")
+        state = read_snapshot_file(node.state / "state.json")
     except ValueError:  # the torn snapshot the test starts with
         return []
     return sorted(len(part["pins"]) for part in state.get("affinity", ()))

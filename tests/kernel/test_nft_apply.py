@@ -11,6 +11,7 @@ import json
 import re
 import os
 import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import replace
@@ -40,13 +41,59 @@ CONFIG = NftConfig(mark=0x1F, tcp_port=15001, udp_port=15002, local_sources=("10
 CAP, REJ, DI, DE = Verdict.CAPTURE, Verdict.REJECT, Verdict.DROP_INTERNAL, Verdict.DROP_EXTERNAL
 
 
+# libnftables applies scripts in the calling process's namespace: a helper process in the
+# test's namespace runs them through LibNftRunner, one JSON line per script.
+LIBRARY_SERVER = """
+import json, sys
+from pyproxy.dataplane.libnft import LibNftRunner, load_library
+from pyproxy.dataplane.nft import NftError
+runner = LibNftRunner(load_library())
+for line in sys.stdin:
+    try:
+        runner.apply_now(json.loads(line))
+        print(json.dumps(None), flush=True)
+    except NftError as err:
+        print(json.dumps(str(err)), flush=True)
+runner.close()
+"""
+
+
+class LibraryInNetns(NftRunner):
+    """LibNftRunner, run in the namespace by a helper process (see LIBRARY_SERVER)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.proc = subprocess.Popen(["ip", "netns", "exec", name, sys.executable, "-c", LIBRARY_SERVER],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=os.getcwd())
+
+    async def apply(self, script: str) -> None:
+        if not script:
+            return
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(json.dumps(script) + "\n")
+        self.proc.stdin.flush()
+        answer = self.proc.stdout.readline()
+        assert answer, "the library helper exited"
+        error = json.loads(answer)
+        if error is not None:
+            raise NftError(error)
+
+    def close(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        self.proc.wait(10)
+        assert self.proc.stdout is not None
+        self.proc.stdout.close()
+
+
 class Netns:
-    def __init__(self, name: str, workdir: Path) -> None:
+    def __init__(self, name: str, workdir: Path, runner: str = "command") -> None:
         self.name = name
         wrapper = workdir / "nft-in-netns"
         wrapper.write_text(f'#!/bin/sh\nexec ip netns exec {name} nft "$@"\n')
         wrapper.chmod(0o755)
-        self.runner = NftRunner(binary=str(wrapper))  # NftRunner's own I/O, inside the namespace
+        # NftRunner's own I/O, inside the namespace; or libnftables in a process there
+        self.runner = NftRunner(binary=str(wrapper)) if runner == "command" else LibraryInNetns(name)
 
     def nft(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return subprocess.run(["ip", "netns", "exec", self.name, "nft", *args], capture_output=True, text=True,
@@ -67,8 +114,8 @@ class Netns:
         return found
 
 
-@pytest.fixture
-def netns(tmp_path: Path) -> Iterator[Netns]:
+@pytest.fixture(params=["command", "library"])
+def netns(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Netns]:
     reason = privileged_reason()
     if reason:
         skip_or_fail(reason)
@@ -76,7 +123,12 @@ def netns(tmp_path: Path) -> Iterator[Netns]:
         # the re-entry veth the pod-bridge chain forwards into (routing.py makes it in pyproxy)
         subprocess.run(["ip", "-n", name, "link", "add", REENTRY_DEVICE, "type", "veth", "peer", "name", "in0"],
                        check=True, timeout=10)
-        yield Netns(name, tmp_path)
+        made = Netns(name, tmp_path, request.param)
+        try:
+            yield made
+        finally:
+            if isinstance(made.runner, LibraryInNetns):
+                made.runner.close()
 
 
 def kernel_view(elements: set[Element]) -> dict[str, set[tuple[str, str, int]]]:

@@ -154,6 +154,10 @@ extendedKeyUsage = serverAuth
 subjectAltName = {sans}
 subjectKeyIdentifier = hash
 authorityKeyIdentifier = keyid
+[v3_client]
+basicConstraints = critical,CA:FALSE
+keyUsage = critical,digitalSignature,keyEncipherment
+extendedKeyUsage = clientAuth
 """
 
 
@@ -191,6 +195,19 @@ def make_pki(directory: Path, extra_ips: Sequence[str] = ()) -> Pki:
         sa_private_key=directory / "sa.key",
         sa_public_key=directory / "sa.pub",
     )
+
+
+def make_client_cert(directory: Path, user: str, group: str) -> tuple[Path, Path]:
+    """A client certificate for `user` in `group`, signed by make_pki's CA in `directory`."""
+    stem = f"client-{user}"
+    ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+    _openssl("req", "-new", *ec, "-keyout", f"{stem}.key", "-out", f"{stem}.csr",
+             "-config", "openssl.cnf", "-subj", f"/O={group}/CN={user}", cwd=directory)
+    _openssl("x509", "-req", "-in", f"{stem}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+             "-set_serial", str(int.from_bytes(os.urandom(8), "big")), "-days", "7",
+             "-extfile", "openssl.cnf", "-extensions", "v3_client",
+             "-out", f"{stem}.crt", cwd=directory)
+    return directory / f"{stem}.crt", directory / f"{stem}.key"
 
 
 class ManagedProcess:
@@ -350,6 +367,11 @@ class KubeAPIServer:
         self._start_apiserver()
 
     # -- clients -----------------------------------------------------------
+
+    def client_cert(self, user: str = ADMIN_USER, group: str = ADMIN_GROUP) -> tuple[Path, Path]:
+        """(cert, key) files of a client certificate the API server accepts as `user`."""
+        assert self.pki is not None, "not started"
+        return make_client_cert(self.pki.ca_cert.parent, user, group)
 
     def client_configuration(self) -> Any:
         """A kubernetes.client.Configuration for the admin token."""

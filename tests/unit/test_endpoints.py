@@ -168,11 +168,26 @@ def test_hints_do_not_narrow_the_local_set() -> None:
 
 
 
-def test_endpoints_are_slotted_frozen_values() -> None:
-    from dataclasses import FrozenInstanceError
-
+def test_endpoints_are_compact_immutable_values() -> None:
     made = Endpoint("10.0.0.1", 80, True, False, True, False, frozenset({"zone-a"}), None)
     assert not hasattr(made, "__dict__")  # a cluster holds one per endpoint and port
     assert made == Endpoint("10.0.0.1", 80, True, False, True, False, frozenset({"zone-a"}), None)
-    with pytest.raises(FrozenInstanceError):
+    assert hash(made) == hash(Endpoint("10.0.0.1", 80, True, False, True, False, frozenset({"zone-a"}), None))
+    with pytest.raises(AttributeError):
         made.port = 81  # type: ignore[misc]
+    # ordered field by field, as the frozen dataclass it replaces was
+    assert sorted([Endpoint("10.0.0.2", 80, True, True, False, False), made]) == [made, Endpoint("10.0.0.2", 80, True, True, False, False)]
+    assert (made.address, str(made)) == (("10.0.0.1", 80), "10.0.0.1:80")
+
+
+def test_one_family_ports_share_their_sets() -> None:
+    from pyproxy.model.endpoints import NO_ENDPOINTS, categorize_families, combine
+    from pyproxy.model.family import Family
+
+    v4 = (ep("10.0.0.1"), ep("10.0.0.2", **NR))
+    families = categorize_families(v4, None)
+    assert families[Family.IPV6] is NO_ENDPOINTS and combine(v4, families) == categorize(v4, None)
+    mixed = (ep("10.0.0.1"), ep("fd00::1"))
+    families = categorize_families(mixed, None)
+    assert [e.ip for e in families[Family.IPV4].all] == ["10.0.0.1"] and [e.ip for e in families[Family.IPV6].all] == ["fd00::1"]
+    assert [e.ip for e in combine(mixed, families).cluster] == ["10.0.0.1", "fd00::1"]

@@ -18,7 +18,7 @@ import pyproxy
 PACKAGE = Path(pyproxy.__file__).resolve().parent
 
 FLOORS: dict[str, int] = {
-    "pyproxy": 0, "model": 0,  # pure: the model, and the version
+    "pyproxy": 0, "model": 0, "heap": 0,  # pure: the model, and the version; the collector's policy
     "config": 1, "sync": 1, "supervisor": 1,  # leaf helpers: config schema, sync runner, task supervisor
     "dataplane": 2, "sources": 2,  # the edges: kernel and sockets; API server and manifest files
     "proxier": 3, "inspect": 3,  # the sync's executor; read-only views of the proxy

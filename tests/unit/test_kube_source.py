@@ -470,7 +470,8 @@ def test_an_invalid_object_gets_one_event_and_failures_to_post_are_swallowed() -
 
 @pytest.mark.parametrize("text", ["just a string", "clusters: [", "{}"])
 def test_a_bad_kubeconfig_is_a_clear_startup_error(tmp_path: Path, text: str) -> None:
-    from pyproxy.sources.kube_client import SourceError, open_transport
+    from pyproxy.sources.kube_client import SourceError
+    from pyproxy.sources.kube_http import open_transport
 
     path = tmp_path / "kubeconfig"
     path.write_text(text)
@@ -480,41 +481,55 @@ def test_a_bad_kubeconfig_is_a_clear_startup_error(tmp_path: Path, text: str) ->
         open_transport(str(tmp_path / "missing"), "")
 
 
-def test_a_silent_watch_ends_quietly_and_reads_raw_json(caplog: pytest.LogCaptureFixture) -> None:
-    """ClientTransport against a loopback server that sends one event, then falls silent."""
+@pytest.mark.parametrize("lean", [True, False])
+def test_a_silent_watch_ends_quietly_and_reads_raw_json(caplog: pytest.LogCaptureFixture, lean: bool) -> None:
+    """Both transports against a loopback server that sends one event, then falls silent."""
     import socket
-
-    from kubernetes import client
-
-    from pyproxy.sources.kube_client import ClientTransport
 
     line = json.dumps(event("ADDED", service("raw", rv="3"))).encode() + b"\n"
     with socket.create_server(("127.0.0.1", 0)) as server:
         release = threading.Event()
+        requests: list[bytes] = []
 
         def serve() -> None:
             conn, _ = server.accept()
             with conn:
-                conn.recv(65536)
+                requests.append(conn.recv(65536))
                 conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
                              + f"{len(line):x}\r\n".encode() + line + b"\r\n")
                 release.wait(5)  # silent, until the test is done
 
         thread = threading.Thread(target=serve)
         thread.start()
-        cfg = client.Configuration()
-        cfg.host = f"http://127.0.0.1:{server.getsockname()[1]}"
-        transport = ClientTransport(client.ApiClient(cfg))
+        transport = _loopback_transport(f"http://127.0.0.1:{server.getsockname()[1]}", lean)
         try:
             timing = WatchTiming(connect_timeout=2, silence_timeout=0.3)
             with caplog.at_level(logging.INFO, logger="pyproxy.kube"):
-                events = list(transport.watch(Kind("Service"), "1", timing, 60))
+                events = list(transport.watch(Kind("Service", label_selector="!a"), "1", timing, 60))
         finally:
             release.set()
             thread.join(5)
             transport.close()
     assert events == [event("ADDED", service("raw", rv="3"))]  # camelCase dicts, as sent
     assert "no watch event for 0.3s" in caplog.text
+    request_line = requests[0].split(b"\r\n")[0].decode()
+    assert request_line.startswith("GET /api/v1/services?") and "watch=true" in request_line
+    assert "resourceVersion=1" in request_line and "labelSelector=%21a" in request_line
+
+
+def _loopback_transport(url: str, lean: bool) -> Any:
+    if lean:
+        from pyproxy.sources.kube_config import Connection
+        from pyproxy.sources.kube_http import HttpTransport
+
+        return HttpTransport(Connection(url))
+    from kubernetes import client
+
+    from pyproxy.sources.kube_client import ClientTransport
+
+    cfg = client.Configuration()
+    cfg.host = url
+    return ClientTransport(client.ApiClient(cfg))
 
 
 def test_the_restart_event_is_a_warning_about_the_node_in_default() -> None:

@@ -188,9 +188,35 @@ def test_the_incremental_encoder_writes_what_store_state_says_and_reencodes_only
 
 
 def test_a_deferred_part_is_spliced_into_the_snapshot() -> None:
-    data = encode_snapshot("node1", {"sync": Deferred(lambda: [b'{"a":', b"[1]}"]), "affinity": []}, 5.0)
-    doc = json.loads(data)
+    from pyproxy.lifecycle.snapshot import gunzip, member
+
+    data = encode_snapshot("node1", {"sync": Deferred(lambda: [member(b'{"a":'), member(b"[1]}")]), "affinity": []},
+                           5.0)
+    doc = json.loads(gunzip(data))
     assert doc["sync"] == {"a": [1]} and doc["affinity"] == [] and doc["node"] == "node1" and doc["written"] == 5.0
+    decoded = decode_snapshot(data, "node1", "state.json")
+    assert decoded is not None and decoded["sync"] == {"a": [1]}
+
+
+def test_gzip_members_are_bounded_and_whole() -> None:
+    from pyproxy.lifecycle.snapshot import gunzip, member
+
+    assert gunzip(member(b"ab") + member(b"") + member(b"c")) == b"abc"
+    assert gunzip(b"") == b""
+    with pytest.raises(ValueError, match="larger than 10 bytes"):
+        gunzip(member(b"x" * 11), limit=10)
+    assert gunzip(member(b"x" * 10), limit=10) == b"x" * 10
+    with pytest.raises(ValueError, match="cut short"):
+        gunzip(member(b"hello")[:-5])
+    with pytest.raises(ValueError, match="not gzip"):
+        gunzip(member(b"hello") + b"\x1f\x8bjunkjunkjunkjunkjunk")
+
+
+def test_a_plain_json_snapshot_of_an_older_release_still_reads() -> None:
+    from pyproxy.lifecycle.snapshot import gunzip
+
+    data = gunzip(encode_snapshot("node1", {"affinity": []}, time.time()))
+    assert data.startswith(b"{") and decode_snapshot(data, "node1", "state.json") is not None
 
 
 @pytest.mark.parametrize("broken", [

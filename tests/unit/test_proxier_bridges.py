@@ -169,3 +169,38 @@ async def test_a_failed_write_rewrites_the_steering_in_full() -> None:
     await p.sync()
     assert runner.scripts[-1].startswith("table ip pyproxy")
     assert "add element bridge pyproxy steer { 10.244.1.5 . tcp . 8080, 10.244.1.6 . tcp . 8080 }" in runner.scripts[-1]
+
+
+async def test_the_node_is_read_again_only_after_a_netlink_change_or_a_new_node() -> None:
+    from pyproxy.model.objects import parse_node
+
+    store = ClusterStore()
+    store.services_synced = store.slices_synced = True
+    reads: list[int] = []
+    changes = iter([True, False, False, True, False, False, False])
+    p = Proxier(
+        store=store, table=ServiceTable("node1", rng=random.Random(1)), nft=RecordingRunner(),
+        nft_config=NftConfig(mark=0x200000, tcp_port=15001, udp_port=15001),
+        node_addresses=lambda: reads.append(1) or ["192.168.56.101"], node_changes=lambda: next(changes),
+    )
+    await p.sync()  # the first: read
+    await p.sync()
+    await p.sync()
+    assert len(reads) == 1 and p.addresses == ("192.168.56.101",)
+    await p.sync()  # netlink said something changed: read
+    assert len(reads) == 2
+    store.set_node(parse_node({"metadata": {"name": "node1"}}))
+    await p.sync()  # a new Node object (node addresses may read it): read
+    await p.sync()
+    assert len(reads) == 3
+
+
+async def test_with_pod_bridges_the_node_is_read_at_every_sync() -> None:
+    cni0 = [("cni0", "10.244.1.0/24")]
+    p, _ = proxier([cni0, cni0, cni0])
+    p.node_changes = lambda: False
+    await p.sync()
+    await p.sync()
+    await p.sync()
+    with pytest.raises(StopIteration):  # every view was read
+        p.pod_bridges()

@@ -53,3 +53,25 @@ def test_the_fast_path_takes_the_common_shape_and_leaves_the_rest() -> None:
     assert objects._plain_endpoint({"addresses": ["10.0.0.1"], "conditions": {"ready": True}}) is not None
     assert objects._plain_endpoint({"addresses": ["10.0.0.01"]}) is None
     assert objects._plain_endpoint({"addresses": ["10.0.0.1"], "hints": {}}) is None
+
+
+def test_canonical_ipv4_is_exactly_what_ipaddress_prints() -> None:
+    """Every octet spelling 0-999 with and without leading zeros, in every position, and the
+    shapes a regular expression could get wrong (a trailing newline, non-ASCII digits)."""
+    import ipaddress
+    import itertools
+
+    from pyproxy.model.objects import _canonical_ipv4
+
+    spellings = [str(n) for n in range(1000)] + [f"0{n}" for n in range(100)] + ["00", "", "a", "١", "1 "]
+    for position, spelling in itertools.product(range(4), spellings):
+        parts = ["10", "1", "2", "3"]
+        parts[position] = spelling
+        text = ".".join(parts)
+        try:
+            expected = str(ipaddress.IPv4Address(text)) == text
+        except ValueError:
+            expected = False
+        assert _canonical_ipv4(text) is expected, text
+    for text in ("1.2.3.4\n", "1.2.3", "1.2.3.4.5", "1..2.3", " 1.2.3.4", "1.2.3.4 "):
+        assert not _canonical_ipv4(text), text
