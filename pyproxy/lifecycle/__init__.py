@@ -18,7 +18,8 @@ Theory of operation:
 - Stopped with no successor (SIGTERM): the process serves on, follows the API and answers
   /healthz truthfully until a successor takes over or `drainTimeout` passes; only then does
   it stop accepting and cut what is left (a successor refused for its version makes it
-  release the listeners at once and drain as before).
+  release the listeners at once and drain as before: it first refuses new handshakes,
+  accepts what is queued, then closes, so nothing queued is reset; dataplane/letgo.py).
 - Crash (`kill -9`) of the serving process: its supervisor (`master.py`) holds the
   listeners, so new connections and datagrams wait in the kernel's queues; it starts a warm
   standby at once, which restores the sync state and affinity from the snapshot, rewrites

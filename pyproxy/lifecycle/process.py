@@ -37,6 +37,7 @@ from typing import Any, Protocol
 
 from pyproxy.config import ProxyConfig, split_host_port
 from pyproxy.dataplane.dualstack import DualStackRelay
+from pyproxy.dataplane.letgo import empty_the_queues
 from pyproxy.dataplane.udp import UdpRelay
 from pyproxy.dataplane.workers import WorkerRole
 from pyproxy.lifecycle.handover import (
@@ -316,8 +317,10 @@ class ProcessLife:
                     log.info("stopping after refusing a successor (%s): releasing the listeners and draining",
                              server.refused)
                     await self._stop_handover()  # a waiting supervisor of workers sees nobody here any more
+                    relay = self.process.relay
+                    await empty_the_queues([s for s in (relay.listener, relay.listener6) if s is not None])
                     self.link.send("gone", {"why": f"released for a refused successor: {server.refused}"})
-                    self.process.relay.release_listener()
+                    relay.release_listener()
                     self.process.udp.release_listener()
                     return
                 drain = self.config.dataplane.drainTimeout
