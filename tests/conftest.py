@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -38,3 +40,14 @@ def private_netns(name: str) -> Iterator[str]:
         yield name
     finally:
         subprocess.run(["ip", "netns", "delete", name], check=False, timeout=30)
+
+
+def run_in_private_netns(prefix: str, script: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Python `script` run in a private namespace of its own (skipped, or failed in CI, without
+    the privileges); its output captured. The namespace is deleted afterwards."""
+    reason = privileged_reason()
+    if reason:
+        skip_or_fail(reason)
+    with private_netns(f"{prefix}-{os.getpid()}-{uuid.uuid4().hex[:8]}") as name:
+        return subprocess.run(["ip", "netns", "exec", name, sys.executable, "-c", script],
+                              capture_output=True, text=True, timeout=timeout, cwd=os.getcwd())

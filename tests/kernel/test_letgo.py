@@ -4,14 +4,9 @@ refused nor reset but retransmits its SYN and reaches the listener bound after t
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import uuid
-
 import pytest
 
-from tests.conftest import private_netns, privileged_reason, skip_or_fail
+from tests.conftest import run_in_private_netns
 
 pytestmark = pytest.mark.privileged
 
@@ -75,10 +70,5 @@ print("ok")
 
 
 def test_a_let_go_listener_resets_nothing_and_late_syns_reach_the_next_one() -> None:
-    reason = privileged_reason()
-    if reason:
-        skip_or_fail(reason)
-    with private_netns(f"pyproxy-letgo-{os.getpid()}-{uuid.uuid4().hex[:8]}") as name:
-        done = subprocess.run(["ip", "netns", "exec", name, sys.executable, "-c", SCRIPT],
-                              capture_output=True, text=True, timeout=60, cwd=os.getcwd())
+    done = run_in_private_netns("pyproxy-letgo", SCRIPT)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr

@@ -7,14 +7,9 @@ and is removed afterwards.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import uuid
-
 import pytest
 
-from tests.conftest import private_netns, privileged_reason, skip_or_fail
+from tests.conftest import run_in_private_netns
 
 pytestmark = pytest.mark.privileged
 
@@ -51,10 +46,5 @@ print("ok")
 
 
 def test_the_watch_sees_links_addresses_and_routes() -> None:
-    reason = privileged_reason()
-    if reason:
-        skip_or_fail(reason)
-    with private_netns(f"pyproxy-nlw-{os.getpid()}-{uuid.uuid4().hex[:8]}") as name:
-        done = subprocess.run(["ip", "netns", "exec", name, sys.executable, "-c", SCRIPT],
-                              capture_output=True, text=True, timeout=60, cwd=os.getcwd())
+    done = run_in_private_netns("pyproxy-nlw", SCRIPT)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
