@@ -83,13 +83,21 @@ def kubectl(args: Sequence[str]) -> int:
     return subprocess.run(argv).returncode
 
 
-def run_e2e(select: str, focus: str | None, skip: str | None, cni: str, out: Path, workers: int = 1) -> int:
-    """The e2e specs against the running cluster (or one brought up on `cni`): junit in `out`,
-    a one-line summary, and each failed spec with the start of its reason."""
+def run_e2e(select: str, focus: str | None, skip: str | None, cni: str | None, out: Path,
+            workers: int | None = None) -> int:
+    """The e2e specs against the running cluster (or one brought up on `cni`, default routed,
+    with `workers`, default 1): junit in `out`, a one-line summary, and each failed spec with
+    the start of its reason. A running cluster of another shape than asked for is an error."""
     daemon = dockerd.start()
     if cluster.exists(daemon):
         c = current()
+        nodes = len(c.nodes()) if workers is not None else 0
+        if (cni is not None and cni != c.cni) or (workers is not None and workers + 1 != nodes):
+            shape = f"--cni {c.cni}" + (f" --workers {nodes - 1}" if workers is not None else "")
+            raise SystemExit(f"cmd/kind e2e: a cluster runs already ({shape}), not the one asked for; "
+                             "`cmd/kind down` first, or leave out --cni/--workers to use it")
     else:
+        cni, workers = cni or "routed", workers or 1
         c = up(cni, with_pyproxy=True, workers=workers)
         (dockerd.RUN / "cni").write_text(cni)
     chosen = e2e.SELECTIONS[select]
@@ -121,10 +129,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                        help="a named set of specs (default: focused, the CI set)")
     p_e2e.add_argument("--focus", help="a ginkgo focus regex instead of the set's")
     p_e2e.add_argument("--skip", help="a ginkgo skip regex instead of the set's")
-    p_e2e.add_argument("--cni", choices=cluster.CNIS, default="routed",
-                       help="pod network of a cluster brought up for the run (default: routed)")
-    p_e2e.add_argument("--workers", type=int, default=1,
-                       help="worker nodes of a cluster brought up for the run (default 1; 6 for the zone specs)")
+    p_e2e.add_argument("--cni", choices=cluster.CNIS,
+                       help="pod network of a cluster brought up for the run (default: routed; "
+                            "with a cluster running, it must be that one's)")
+    p_e2e.add_argument("--workers", type=int,
+                       help="worker nodes of a cluster brought up for the run (default 1; 6 for the zone "
+                            "specs; with a cluster running, it must have that many)")
     p_e2e.add_argument("--out", type=Path, default=Path("/tmp/pyproxy-e2e"), help="junit and logs (default: %(default)s)")
     sub.add_parser("down", help="delete the cluster and stop the docker daemon")
     argv = list(sys.argv[1:] if argv is None else argv)
