@@ -161,8 +161,7 @@ def spec_images(daemon: Daemon) -> list[str]:
             if proc.returncode != 0:
                 raise E2EError(f"{name}: {proc.stderr[-2000:]}")
     # the pause image: the nodes' sandbox image (already in them), a pod's container in some specs
-    sandbox = next(c.image for c in images.COMPONENTS if c.name == "pause")
-    _docker(daemon, "tag", sandbox, PAUSE)
+    _docker(daemon, "tag", images.PAUSE_IMAGE, PAUSE)
     return wanted
 
 

@@ -71,6 +71,7 @@ COMPONENTS = (
     Component("coredns", COREDNS_TAG, "coredns", "/coredns"),
     Component("pause", PAUSE_TAG, "pause", "/pause"),
 )
+PAUSE_IMAGE = COMPONENTS[-1].image  # the nodes' sandbox image
 
 
 class BuildError(RuntimeError):
@@ -221,8 +222,7 @@ def _node_context(ctx: Path, base: str) -> None:
     (ctx / "k8s").mkdir()
     for name in ("kubeadm", "kubelet", "kubectl"):
         shutil.copy2(BIN / name, ctx / "k8s" / name)
-    pause = next(c.image for c in COMPONENTS if c.name == "pause")
-    (ctx / "Dockerfile").write_text(NODE_DOCKERFILE.format(base=base, pause=pause, version=K8S_VERSION))
+    (ctx / "Dockerfile").write_text(NODE_DOCKERFILE.format(base=base, pause=PAUSE_IMAGE, version=K8S_VERSION))
 
 
 def _preload(daemon: Daemon, image: str, images: list[str], key: str) -> None:
