@@ -154,9 +154,9 @@ class ProxyApp:
         self.observer.synced(result.seconds)  # sync metrics; health check endpoint counts
         self.udp.on_sync()  # flows to endpoints that just left are dropped
         log.info(
-            "synced %d services (%s write: +%d -%d elements) in %.1f ms",
+            "synced %d services (%s write: +%d -%d elements) in %.1f ms (%.1f ms of CPU)",
             result.changed, "full" if result.full else "incremental", result.added, result.removed,
-            result.seconds * 1000,
+            result.seconds * 1000, result.cpu_seconds * 1000,
         )
 
     def apply_manifests(self, snapshot: ManifestSnapshot) -> None:

@@ -62,6 +62,7 @@ class SyncResult:
     removed: int
     full: bool
     seconds: float
+    cpu_seconds: float = 0.0  # the process's CPU time meanwhile (all its threads: the watches are idle then, mostly)
 
 
 @dataclass
@@ -102,7 +103,7 @@ class Proxier:
         if self.needs_node and not self.store.node_listed:
             log.debug("not syncing: waiting for the first lookup of this node's Node object")
             return
-        started = time.monotonic()
+        started, cpu_started = time.monotonic(), time.process_time()
         addresses, bridges, held, routes = await self._node_state()
         self._use_pod_bridges(bridges, held)
         self._use_local_sources(routes)
@@ -129,7 +130,8 @@ class Proxier:
             self.store.mark_all_changed()
             self._steered_written = None
             raise
-        result = SyncResult(len(changed), len(added), len(removed), self._last_full, time.monotonic() - started)
+        result = SyncResult(len(changed), len(added), len(removed), self._last_full, time.monotonic() - started,
+                            time.process_time() - cpu_started)
         self.on_synced(result)
 
     _last_full: bool = False

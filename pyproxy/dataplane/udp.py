@@ -10,9 +10,14 @@ Rules kept here:
 - A flow is (client ip:port, service address). Its first datagram looks up the route,
   plans it (`plan_connection`: Cluster or Local set, keep the client's address or not) and
   picks the endpoint (`Balancer.pick`, so ClientIP affinity applies to new flows). The flow
-  gets its own socket, connected to the endpoint; with Local policy it is IP_TRANSPARENT and
-  bound to (client ip, 0), so the pod sees the client's address and its reply comes back
-  through the `socket transparent` rule.
+  gets its own socket, connected to the endpoint; when the endpoint sees the client's address
+  (Local policy, a pod's own address) it is IP_TRANSPARENT and bound to the client's address
+  *and port*, as DNAT leaves them, and its reply comes back through the `socket transparent`
+  rule. The port matters: the client's kernel keeps that port to itself, so a datagram the
+  client sends straight to the endpoint (past the Service) never leaves from it, and its
+  answer cannot be taken for this flow's. Bound to a node-chosen port it could (the pod's
+  own kernel knows nothing of it), once in ~28,000 per flow open. When the port is taken
+  here already (the same client socket reaching two Services), the kernel picks one.
 - Replies go back to the client *from the service address*, through one IP_TRANSPARENT
   socket bound to that address (shared by its flows, closed with the last of them): a
   connected resolver accepts nothing else.
@@ -41,6 +46,7 @@ Rules kept here:
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import resource
@@ -101,15 +107,21 @@ def original_destination(ancillary: list[tuple[int, int, bytes]]) -> Address | N
     return None
 
 
-def upstream_socket(source_ip: str | None, endpoint: Address, buffer: int) -> socket.socket:
-    """A UDP socket connected to the endpoint; transparent and bound to `source_ip` if given."""
+def upstream_socket(source: Address | None, endpoint: Address, buffer: int) -> socket.socket:
+    """A UDP socket connected to the endpoint; transparent and bound to the client's `source`
+    if given (its port if free here, else one the kernel picks)."""
     sock = family_socket(":" in endpoint[0], socket.SOCK_DGRAM)
     try:
         sock.setblocking(False)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffer)
-        if source_ip is not None:
+        if source is not None:
             set_transparent(sock)
-            sock.bind((source_ip, 0))
+            try:
+                sock.bind(source)
+            except OSError as err:
+                if err.errno != errno.EADDRINUSE:
+                    raise
+                sock.bind((source[0], 0))
         sock.connect(endpoint)
     except OSError:
         sock.close()
@@ -141,7 +153,7 @@ class UdpRelay:
     stats: DataplaneStats
     config: UdpConfig = field(default_factory=UdpConfig)
     clock: Callable[[], float] = time.monotonic
-    open_upstream: Callable[[str | None, Address, int], socket.socket] = upstream_socket
+    open_upstream: Callable[[Address | None, Address, int], socket.socket] = upstream_socket
     open_reply: Callable[[Address], socket.socket] = reply_socket
     flows: FlowTable[FlowIO] = field(init=False)
     _listeners: list[socket.socket] = field(default_factory=list)  # one per family
@@ -400,7 +412,7 @@ class UdpRelay:
         keep = sources.keeps_client(sources.target_source(plan.transparent, endpoint.ip), client[0], endpoint.ip)
         try:
             self._reply_socket(destination)
-            upstream = self.open_upstream(client[0] if keep else None, endpoint.address,
+            upstream = self.open_upstream(client if keep else None, endpoint.address,
                                           self.config.upstream_buffer)
         except OSError as err:
             self._drop("socket_error")

@@ -49,5 +49,19 @@ def test_scale_bench_tiny(tmp_path: Path) -> None:
         assert 0 < figures["rss_end_mib"] <= figures["peak_rss_mib"], (name, figures)
         assert 0 < figures["pss_after_first_sync_mib"] <= figures["rss_after_first_sync_mib"], (name, figures)
     assert result["contenders"]["pyproxy"]["first_sync_s"] > 0
+    assert 0 < result["contenders"]["pyproxy"]["first_sync_cpu_ms"] < 60_000
     assert "| endpoints to routed p50 (ms) |" in done.stdout
     assert not (namespaces() - before), "the bench left namespaces behind"
+
+
+def test_first_sync_reads_the_log_line_with_and_without_its_cpu(tmp_path: Path) -> None:
+    from bench.rigs.scale import first_sync
+
+    log = tmp_path / "pyproxy.log"
+    log.write_text("2026-12-08 01:27:12,811 INFO pyproxy: synced 3 services (full write: +3 -0 elements) "
+                   "in 456.9 ms (101.5 ms of CPU)\n")
+    found = first_sync(log, 0.0)
+    assert found is not None and found[1:] == (456.9, 101.5)
+    log.write_text("2026-12-08 01:27:12,811 INFO pyproxy: synced 3 services (full write: +3 -0 elements) in 456.9 ms\n")
+    found = first_sync(log, 0.0)
+    assert found is not None and found[1:] == (456.9, None)

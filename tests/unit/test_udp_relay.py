@@ -44,10 +44,11 @@ class FakeReply:
 class Sockets:
     """The fake OS: upstream socketpairs (relay end, endpoint end) and reply sockets, as opened."""
 
-    upstreams: list[tuple[str | None, tuple[str, int], socket.socket, socket.socket]] = field(default_factory=list)
+    upstreams: list[tuple[tuple[str, int] | None, tuple[str, int], socket.socket, socket.socket]] = field(
+        default_factory=list)
     replies: list[FakeReply] = field(default_factory=list)
 
-    def open_upstream(self, source: str | None, endpoint: tuple[str, int], buffer: int) -> socket.socket:
+    def open_upstream(self, source: tuple[str, int] | None, endpoint: tuple[str, int], buffer: int) -> socket.socket:
         relay_end, endpoint_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
         relay_end.setblocking(False)
         endpoint_end.settimeout(1)
@@ -257,7 +258,8 @@ async def test_local_policy_keeps_the_clients_address_for_remote_clients(sockets
     relay.forward(b"x", ("192.168.56.100", 40000), ("192.168.56.101", 30053))
     relay.forward(b"x", ("10.244.1.9", 40000), ("192.168.56.101", 30053))  # a pod here: hairpin
     (remote_source, remote_endpoint, _, _), (pod_source, _, _, _) = sockets.upstreams
-    assert remote_source == "192.168.56.100" and remote_endpoint == ("10.244.1.2", 53), "local endpoint only"
+    assert remote_source == ("192.168.56.100", 40000), "the client's address and port, as DNAT leaves them"
+    assert remote_endpoint == ("10.244.1.2", 53), "local endpoint only"
     assert pod_source is None
     relay.close()
 
