@@ -21,12 +21,27 @@ Rules kept here:
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import logging
 import socket
 import struct
 import time
 from collections.abc import Sequence
+
+from pyproxy.dataplane import cbpf
+from pyproxy.dataplane.cbpf import (
+    BPF_ABS,
+    BPF_ALU,
+    BPF_AND,
+    BPF_B,
+    BPF_JEQ,
+    BPF_JMP,
+    BPF_K,
+    BPF_LD,
+    BPF_RET,
+    SO_ATTACH_FILTER,
+    Instruction,
+    assemble,
+)
 
 log = logging.getLogger("pyproxy")
 
@@ -34,35 +49,26 @@ HANDSHAKE_GRACE = 0.25  # seconds for a SYN-ACK already sent to be answered
 EMPTY_WITHIN = 2.0  # seconds at most to accept what is queued
 POLL = 0.005
 
-SO_ATTACH_FILTER = 26  # <asm-generic/socket.h>
-
 TCP_FLAGS_OFFSET = 13  # in the TCP header, where a socket filter's data starts
 SYN, ACK = 0x02, 0x10
 TCP_INFO_UNACKED = struct.Struct("=I")  # tcpi_unacked, at byte 24 of struct tcp_info
 TCP_INFO_UNACKED_AT = 24
 TCP_INFO_SIZE = 104
 
-# classic BPF opcodes (linux/filter.h)
-BPF_LD_B_ABS = 0x00 | 0x10 | 0x20
-BPF_ALU_AND_K = 0x04 | 0x50 | 0x00
-BPF_JMP_JEQ_K = 0x05 | 0x10 | 0x00
-BPF_RET_K = 0x06 | 0x00
-INSTRUCTION = struct.Struct("=HBBI")  # struct sock_filter: code, jt, jf, k
 
-
-def instructions() -> list[tuple[int, int, int, int]]:
+def instructions() -> list[Instruction]:
     """Drop (return 0) a segment whose flags have SYN without ACK; keep anything else whole."""
     return [
-        (BPF_LD_B_ABS, 0, 0, TCP_FLAGS_OFFSET),
-        (BPF_ALU_AND_K, 0, 0, SYN | ACK),
-        (BPF_JMP_JEQ_K, 0, 1, SYN),
-        (BPF_RET_K, 0, 0, 0),
-        (BPF_RET_K, 0, 0, 0xFFFFFFFF),
+        (BPF_LD | BPF_B | BPF_ABS, 0, 0, TCP_FLAGS_OFFSET),
+        (BPF_ALU | BPF_AND | BPF_K, 0, 0, SYN | ACK),
+        (BPF_JMP | BPF_JEQ | BPF_K, 0, 1, SYN),
+        (BPF_RET | BPF_K, 0, 0, 0),
+        (BPF_RET | BPF_K, 0, 0, 0xFFFFFFFF),
     ]
 
 
 def program() -> bytes:
-    return b"".join(INSTRUCTION.pack(*ins) for ins in instructions())
+    return assemble(instructions())
 
 
 def passes(flags: int) -> bool:
@@ -72,10 +78,7 @@ def passes(flags: int) -> bool:
 
 def refuse_handshakes(sock: socket.socket) -> None:
     """Attach the filter: from now on new SYNs to `sock` are dropped (and retransmitted)."""
-    code = program()
-    buf = ctypes.create_string_buffer(code, len(code))
-    fprog = struct.pack("HL", len(code) // INSTRUCTION.size, ctypes.addressof(buf))  # struct sock_fprog
-    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
+    cbpf.attach(sock, SO_ATTACH_FILTER, program())
 
 
 def unacked(info: bytes) -> int:

@@ -17,27 +17,33 @@ Rules kept here:
 
 from __future__ import annotations
 
-import ctypes
 import ipaddress
 import socket
-import struct
 
-SO_ATTACH_REUSEPORT_CBPF = 51
+from pyproxy.dataplane import cbpf
+from pyproxy.dataplane.cbpf import (
+    BPF_A,
+    BPF_ABS,
+    BPF_ALU,
+    BPF_K,
+    BPF_LD,
+    BPF_MOD,
+    BPF_MUL,
+    BPF_RET,
+    BPF_RSH,
+    BPF_W,
+    SO_ATTACH_REUSEPORT_CBPF,
+    Instruction,
+    assemble,
+)
+
 SKF_NET_OFF = -0x100000
 SADDR_OFFSET = 12  # in the IPv4 header
 MIX = 0x9E3779B1  # 2^32 / golden ratio, odd
 MAX_WORKERS = 64
 
-# classic BPF opcodes (linux/filter.h)
-BPF_LD, BPF_ALU, BPF_RET = 0x00, 0x04, 0x06
-BPF_W, BPF_ABS = 0x00, 0x20
-BPF_MUL, BPF_RSH, BPF_MOD = 0x20, 0x70, 0x90
-BPF_K, BPF_A = 0x00, 0x10
 
-INSTRUCTION = struct.Struct("=HBBI")  # struct sock_filter: code, jt, jf, k
-
-
-def instructions(workers: int) -> list[tuple[int, int, int, int]]:
+def instructions(workers: int) -> list[Instruction]:
     """The program as (code, jt, jf, k) tuples."""
     if not 1 <= workers <= MAX_WORKERS:
         raise ValueError(f"workers must be in [1, {MAX_WORKERS}], not {workers}")
@@ -52,7 +58,7 @@ def instructions(workers: int) -> list[tuple[int, int, int, int]]:
 
 def program(workers: int) -> bytes:
     """The `struct sock_filter[]` bytes for `workers` sockets."""
-    return b"".join(INSTRUCTION.pack(*insn) for insn in instructions(workers))
+    return assemble(instructions(workers))
 
 
 def worker_for(client_ip: str, workers: int) -> int:
@@ -64,7 +70,4 @@ def worker_for(client_ip: str, workers: int) -> int:
 
 def attach(sock: socket.socket, workers: int) -> None:
     """Attach the steering program to a socket of the reuseport group (applies to all)."""
-    code = program(workers)
-    buffer = ctypes.create_string_buffer(code, len(code))
-    fprog = struct.pack("@HP", len(code) // INSTRUCTION.size, ctypes.addressof(buffer))
-    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, fprog)
+    cbpf.attach(sock, SO_ATTACH_REUSEPORT_CBPF, program(workers))
