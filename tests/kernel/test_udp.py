@@ -16,7 +16,6 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -129,40 +128,32 @@ def udp(cluster: Cluster) -> Iterator[Cluster]:
     yield cluster
 
 
-def apply(cluster: Cluster, name: str, *docs: dict[str, Any]) -> None:
-    """Apply a manifest file; a node whose file already holds exactly these documents is left
-    alone (no change, no sync to wait for). That check reads the node's own file: a cache
-    in the test module, keyed by `id(cluster)`, once told the second variant's new cluster
-    (given the first one's freed id) that its file was written when it was not."""
-    cluster.apply(*docs, name=name)
-
-
 def dns_log(cluster: Cluster, pod: str) -> str:
     return Path(cluster.workdir / f"{pod}.log").read_text()
 
 
 def kube_dns(cluster: Cluster, external_policy: str | None = None, dns_pods: tuple[str, ...] = ("dns1", "dns2")) -> None:
     """A kube-dns look-alike: port 53 on UDP and TCP (the same number), a NodePort each."""
-    apply(
-        cluster, "kube-dns.yaml",
+    cluster.apply(
         m.service("kube-dns", DNS_IP, [m.port(53, 53, name="dns", protocol="UDP", node_port=30053),
                                        m.port(53, 53, name="dns-tcp", protocol="TCP", node_port=30053)],
                   type="NodePort", external_policy=external_policy, namespace="kube-system"),
         m.endpoint_slice("kube-dns", cluster.backends(*dns_pods),
                          [m.slice_port(53, name="dns", protocol="UDP"),
                           m.slice_port(53, name="dns-tcp", protocol="TCP")], namespace="kube-system"),
+        name="kube-dns.yaml",
     )
 
 
 def echo_service(cluster: Cluster, external_policy: str | None = None) -> None:
     """UDP and TCP on the same service port 80: UDP goes to the pods' UDP 5353, TCP to their TCP 80."""
-    apply(
-        cluster, "uecho.yaml",
+    cluster.apply(
         m.service("uecho", ECHO_IP, [m.port(80, 5353, name="u", protocol="UDP", node_port=30054),
                                      m.port(80, 80, name="t", protocol="TCP", node_port=30054)],
                   type="NodePort", external_policy=external_policy),
         m.endpoint_slice("uecho", cluster.backends(*ECHO),
                          [m.slice_port(5353, name="u", protocol="UDP"), m.slice_port(80, name="t", protocol="TCP")]),
+        name="uecho.yaml",
     )
 
 
@@ -252,10 +243,10 @@ def test_no_endpoints_is_refused_fast(udp: Cluster) -> None:
     The kernel rate-limits ICMP errors per destination (net.ipv4.icmp_ratelimit: a burst of
     about 6, then one a second), so each client here sends only a handful of probes.
     """
-    apply(
-        udp, "uempty.yaml",
+    udp.apply(
         m.service("uempty", EMPTY_IP, [m.port(53, 53, protocol="UDP", node_port=30055)], type="NodePort"),
         m.endpoint_slice("uempty", [], [m.slice_port(53, protocol="UDP")]),
+        name="uempty.yaml",
     )
     time.sleep(1.5)  # a fresh ICMP budget for the client
     assert dns.lookup(udp.lab, "client", f"{EMPTY_IP}:53", "web") == ["refused"]
@@ -313,13 +304,13 @@ with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         assert first.startswith("pod="), first
         pinned = first.removeprefix("pod=")
         rest = [p for p in ECHO if p != pinned]
-        apply(
-            udp, "uecho.yaml",
+        udp.apply(
             m.service("uecho", ECHO_IP, [m.port(80, 5353, name="u", protocol="UDP", node_port=30054),
                                          m.port(80, 80, name="t", protocol="TCP", node_port=30054)],
                       type="NodePort"),
             m.endpoint_slice("uecho", udp.backends(*rest),
                              [m.slice_port(5353, name="u", protocol="UDP"), m.slice_port(80, name="t", protocol="TCP")]),
+            name="uecho.yaml",
         )
         proc_lines = [line.strip() for line in proc.stdout]
         proc.wait(30)
